@@ -1,0 +1,68 @@
+//! The bts-guru daemon: flags and environment, logging, then `bts_guru::run`.
+//!
+//! stdout carries exactly one line, `ready <addr>`, once every shard accepts; logs go to stderr.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use bts_guru::config::{Cli, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Non-blocking writer: a slow stderr never stalls a shard's reactor.
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BTS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(false)
+        .init();
+
+    let cfg =
+        match ProcessEnv::load(cli.env_file.as_ref()).and_then(|env| Config::resolve(&cli, &env)) {
+            Ok(cfg) => cfg,
+            Err(e) => return fail(&format!("configuration error: {e}")),
+        };
+    if cfg.dev_credentials {
+        tracing::warn!(
+            app_id = DEV_APP_ID,
+            app_key = DEV_APP_KEY,
+            app_secret = DEV_APP_SECRET,
+            "no app configured: using the built-in development credentials (set REVERB_APP_ID, \
+             REVERB_APP_KEY and REVERB_APP_SECRET for real use)"
+        );
+    }
+    for app in &cfg.apps {
+        tracing::info!(
+            app_id = %app.id,
+            app_key = %app.key,
+            max_message_size = app.max_message_size,
+            activity_timeout = app.activity_timeout,
+            "app"
+        );
+    }
+    let running = match bts_guru::run(cfg) {
+        Ok(r) => r,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready {}", running.addr);
+    let _ = out.flush();
+    drop(out);
+    running.wait();
+    ExitCode::SUCCESS
+}
+
+/// One clear line on stderr and a non-zero exit. Written directly: the log writer is
+/// asynchronous and may not flush before exit.
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("bts-guru: {msg}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,570 @@
+//! Configuration in two stages: what the user wrote (CLI flags, environment, an optional `.env`
+//! file and an optional TOML file), then the validated `Config` the server runs with.
+//!
+//! Precedence, highest first: CLI flags, process environment, the `.env` file, the TOML file,
+//! built-in defaults. Environment names are the ones a Laravel `.env` already has for Reverb.
+//! This module may not open sockets or spawn threads; bad settings fail here, at start-up.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags of the daemon.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "bts-guru",
+    version,
+    about = "Pusher-protocol WebSocket broadcast server"
+)]
+pub struct Cli {
+    /// Address to bind (overrides REVERB_SERVER_HOST; default 0.0.0.0, or 127.0.0.1 while running
+    /// with the built-in development credentials).
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Port to bind (overrides REVERB_SERVER_PORT; default 8080; 0 picks a free port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Number of shards, one glommio executor pinned to its own CPU each (default: one per CPU
+    /// this process may run on).
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// TOML file with several apps and every limit (see README).
+    #[arg(long, env = "BTS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A dotenv file to read REVERB_* settings from (default: ./.env when it exists).
+    #[arg(long, env = "BTS_ENV_FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Allow the built-in development credentials on a non-loopback address.
+    #[arg(long)]
+    pub allow_dev_credentials: bool,
+}
+
+/// One Pusher app: credentials and per-app limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct App {
+    pub id: String,
+    pub key: String,
+    pub secret: String,
+    /// Seconds of silence before the server pings, also sent to clients in
+    /// `connection_established` (pusher-js refuses a handshake without it).
+    pub activity_timeout: u32,
+    /// Largest WebSocket message and largest HTTP-published event `data`, in bytes.
+    pub max_message_size: usize,
+    /// Most simultaneous connections, all shards together (4004 beyond).
+    pub max_connections: Option<usize>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// CPU each shard is pinned to; its length is the shard count.
+    pub shard_cpus: Vec<usize>,
+    pub apps: Vec<App>,
+    /// Largest HTTP request body (REVERB_MAX_REQUEST_SIZE).
+    pub max_request_size: usize,
+    /// How long a pinged connection may stay silent before it is closed with 4201.
+    pub pong_timeout: Duration,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4100).
+    pub max_outbound_bytes: usize,
+    /// Commands each shard's inbox holds before new broadcasts for it are dropped and counted.
+    pub inbox_capacity: usize,
+    /// A request head must arrive within this time.
+    pub handshake_timeout: Duration,
+    /// True when running with the built-in development app.
+    pub dev_credentials: bool,
+}
+
+pub const DEV_APP_ID: &str = "bts-guru-dev";
+pub const DEV_APP_KEY: &str = "bts-guru-dev-key";
+pub const DEV_APP_SECRET: &str = "bts-guru-dev-secret";
+
+pub const DEFAULT_PORT: u16 = 8080;
+pub const DEFAULT_ACTIVITY_TIMEOUT: u32 = 30;
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_000;
+/// Upper bound on any configured message size: far above the "at least 1 MB" users ask for,
+/// low enough that one connection cannot hold a large share of memory.
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 16 << 20;
+pub const DEFAULT_MAX_REQUEST_SIZE: usize = 10_000;
+pub const DEFAULT_OUTBOUND_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot read env file {path}: {message}")]
+    EnvFile { path: PathBuf, message: String },
+    #[error("{name}={value:?} is not valid: {why}")]
+    BadValue {
+        name: String,
+        value: String,
+        why: &'static str,
+    },
+    #[error("app {app:?}: {why}")]
+    BadApp { app: String, why: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The TOML file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub shards: Option<usize>,
+    pub max_request_size: Option<usize>,
+    pub pong_timeout_secs: Option<u64>,
+    pub max_outbound_bytes: Option<usize>,
+    pub inbox_capacity: Option<usize>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub allow_dev_credentials: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: Option<String>,
+    pub key: Option<String>,
+    pub secret: Option<String>,
+    pub activity_timeout: Option<u32>,
+    pub max_message_size: Option<usize>,
+    pub max_connections: Option<usize>,
+}
+
+/// Environment lookups; the process environment in production, a map in tests.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+/// The process environment layered over a `.env` file's values.
+pub struct ProcessEnv {
+    file: HashMap<String, String>,
+}
+
+impl ProcessEnv {
+    /// Reads `env_file`, or `./.env` when none is named and one exists.
+    pub fn load(env_file: Option<&PathBuf>) -> Result<ProcessEnv, ConfigError> {
+        let path = match env_file {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(".env")).filter(|p| p.is_file()),
+        };
+        let mut file = HashMap::new();
+        if let Some(path) = path {
+            let iter = dotenvy::from_path_iter(&path).map_err(|e| ConfigError::EnvFile {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| ConfigError::EnvFile {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                file.insert(k, v);
+            }
+        }
+        Ok(ProcessEnv { file })
+    }
+}
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name)
+            .ok()
+            .or_else(|| self.file.get(name).cloned())
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    name: &str,
+    why: &'static str,
+) -> Result<Option<T>, ConfigError> {
+    match env.get(name).filter(|v| !v.trim().is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::BadValue {
+                name: name.to_owned(),
+                value: v,
+                why,
+            }),
+    }
+}
+
+fn env_str(env: &dyn Env, name: &str) -> Option<String> {
+    env.get(name).filter(|v| !v.trim().is_empty())
+}
+
+/// CPUs this process may run on, in order.
+pub fn available_cpus() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    crate::sys::allowed_cpus().unwrap_or_else(|| (0..n).collect())
+}
+
+impl Config {
+    /// Resolves CLI flags, environment and files into a validated configuration.
+    pub fn resolve(cli: &Cli, env: &dyn Env) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<RawFile>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.message().to_owned(),
+                })?
+            }
+            None => RawFile::default(),
+        };
+        Self::from_parts(cli, env, file, available_cpus())
+    }
+
+    pub fn from_parts(
+        cli: &Cli,
+        env: &dyn Env,
+        file: RawFile,
+        cpus: Vec<usize>,
+    ) -> Result<Config, ConfigError> {
+        let s = &file.server;
+        let mut apps = file.apps.clone();
+        // The single app a Laravel .env describes (REVERB_APP_*): it overrides the file's app
+        // with the same id, or is added to the file's apps.
+        let env_app = RawApp {
+            id: env_str(env, "REVERB_APP_ID"),
+            key: env_str(env, "REVERB_APP_KEY"),
+            secret: env_str(env, "REVERB_APP_SECRET"),
+            activity_timeout: env_parse(env, "REVERB_APP_ACTIVITY_TIMEOUT", "seconds")?,
+            max_message_size: env_parse(env, "REVERB_APP_MAX_MESSAGE_SIZE", "bytes")?,
+            max_connections: env_parse(env, "REVERB_APP_MAX_CONNECTIONS", "a count")?,
+        };
+        let env_has_creds =
+            env_app.id.is_some() || env_app.key.is_some() || env_app.secret.is_some();
+        if env_has_creds {
+            match apps
+                .iter_mut()
+                .find(|a| a.id.is_some() && a.id == env_app.id)
+            {
+                Some(a) => {
+                    a.key = env_app.key.clone().or(a.key.take());
+                    a.secret = env_app.secret.clone().or(a.secret.take());
+                    a.activity_timeout = env_app.activity_timeout.or(a.activity_timeout);
+                    a.max_message_size = env_app.max_message_size.or(a.max_message_size);
+                    a.max_connections = env_app.max_connections.or(a.max_connections);
+                }
+                None => apps.push(env_app.clone()),
+            }
+        }
+        let dev_credentials = apps.is_empty();
+        if dev_credentials {
+            apps.push(RawApp {
+                id: Some(DEV_APP_ID.into()),
+                key: Some(DEV_APP_KEY.into()),
+                secret: Some(DEV_APP_SECRET.into()),
+                ..env_app
+            });
+        }
+        let apps = apps
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| resolve_app(i, a, env_has_creds))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut ids = HashSet::new();
+        let mut keys = HashSet::new();
+        for a in &apps {
+            if !ids.insert(&a.id) {
+                return Err(ConfigError::BadApp {
+                    app: a.id.clone(),
+                    why: "app id is used twice".into(),
+                });
+            }
+            if !keys.insert(&a.key) {
+                return Err(ConfigError::BadApp {
+                    app: a.id.clone(),
+                    why: "app key is used by another app".into(),
+                });
+            }
+        }
+
+        let allow_dev = cli.allow_dev_credentials
+            || s.allow_dev_credentials.unwrap_or(false)
+            || env_parse::<bool>(env, "BTS_ALLOW_DEV_CREDENTIALS", "true or false")?
+                .unwrap_or(false);
+        let host_given = cli
+            .host
+            .or(env_parse(env, "REVERB_SERVER_HOST", "an IP address")?)
+            .or(s.host);
+        let host = match host_given {
+            Some(h) => h,
+            // With the public development secret, stay on loopback unless told otherwise.
+            None if dev_credentials => IpAddr::from([127, 0, 0, 1]),
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+        if dev_credentials && !host.is_loopback() && !allow_dev {
+            return Err(ConfigError::Other(format!(
+                "refusing to listen on {host} with the built-in development credentials (secret \
+                 {DEV_APP_SECRET:?} is public): set REVERB_APP_ID, REVERB_APP_KEY and \
+                 REVERB_APP_SECRET (or [[apps]] in --config), or pass --allow-dev-credentials"
+            )));
+        }
+        let port = cli
+            .port
+            .or(env_parse(env, "REVERB_SERVER_PORT", "a port number")?)
+            .or(s.port)
+            .unwrap_or(DEFAULT_PORT);
+
+        let shards = cli
+            .shards
+            .or(env_parse(env, "BTS_SHARDS", "a count")?)
+            .or(s.shards)
+            .unwrap_or(cpus.len().max(1));
+        if shards == 0 || shards > 1024 {
+            return Err(ConfigError::Other(format!(
+                "--shards must be between 1 and 1024 (got {shards})"
+            )));
+        }
+        let cpus = if cpus.is_empty() { vec![0] } else { cpus };
+        let shard_cpus = (0..shards).map(|i| cpus[i % cpus.len()]).collect();
+
+        let max_request_size = env_parse(env, "REVERB_MAX_REQUEST_SIZE", "bytes")?
+            .or(s.max_request_size)
+            .unwrap_or(DEFAULT_MAX_REQUEST_SIZE);
+        if !(100..=64 << 20).contains(&max_request_size) {
+            return Err(ConfigError::Other(format!(
+                "max request size must be between 100 bytes and 64 MiB (got {max_request_size})"
+            )));
+        }
+        let max_outbound_bytes = s.max_outbound_bytes.unwrap_or(DEFAULT_OUTBOUND_BYTES);
+        let biggest_message = apps.iter().map(|a| a.max_message_size).max().unwrap_or(0);
+        if max_outbound_bytes < biggest_message + 64 {
+            return Err(ConfigError::Other(format!(
+                "max_outbound_bytes ({max_outbound_bytes}) must exceed the largest max_message_size \
+                 ({biggest_message}), or no event that size could ever be delivered"
+            )));
+        }
+        let pong_timeout = s.pong_timeout_secs.unwrap_or(30);
+        let handshake_timeout = s.handshake_timeout_secs.unwrap_or(10);
+        if pong_timeout == 0 || handshake_timeout == 0 {
+            return Err(ConfigError::Other(
+                "pong_timeout_secs and handshake_timeout_secs must be at least 1".into(),
+            ));
+        }
+        let inbox_capacity = s.inbox_capacity.unwrap_or(65_536);
+        if inbox_capacity < 16 {
+            return Err(ConfigError::Other(
+                "inbox_capacity must be at least 16".into(),
+            ));
+        }
+        Ok(Config {
+            listen: SocketAddr::new(host, port),
+            shard_cpus,
+            apps,
+            max_request_size,
+            pong_timeout: Duration::from_secs(pong_timeout),
+            max_outbound_bytes,
+            inbox_capacity,
+            handshake_timeout: Duration::from_secs(handshake_timeout),
+            dev_credentials,
+        })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shard_cpus.len()
+    }
+}
+
+fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigError> {
+    let label = a.id.clone().unwrap_or_else(|| format!("#{}", index + 1));
+    let missing = |field: &str, env: &str| ConfigError::BadApp {
+        app: label.clone(),
+        why: if from_env {
+            format!("missing {field} (set {env}, or give the app in --config)")
+        } else {
+            format!("missing {field}")
+        },
+    };
+    let id = a.id.clone().ok_or_else(|| missing("id", "REVERB_APP_ID"))?;
+    let key = a
+        .key
+        .clone()
+        .ok_or_else(|| missing("key", "REVERB_APP_KEY"))?;
+    let secret = a
+        .secret
+        .clone()
+        .ok_or_else(|| missing("secret", "REVERB_APP_SECRET"))?;
+    let bad = |why: String| ConfigError::BadApp {
+        app: label.clone(),
+        why,
+    };
+    if key.contains(['/', '?', '#', ' ']) {
+        return Err(bad("app key may not contain '/', '?', '#' or spaces".into()));
+    }
+    if id.contains(['/', '?', '#', ' ']) {
+        return Err(bad("app id may not contain '/', '?', '#' or spaces".into()));
+    }
+    let activity_timeout = a.activity_timeout.unwrap_or(DEFAULT_ACTIVITY_TIMEOUT);
+    if activity_timeout == 0 || activity_timeout > 3600 {
+        return Err(bad(format!(
+            "activity_timeout must be 1..=3600 seconds (got {activity_timeout})"
+        )));
+    }
+    let max_message_size = a.max_message_size.unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+    if !(100..=MAX_MESSAGE_SIZE_LIMIT).contains(&max_message_size) {
+        return Err(bad(format!(
+            "max_message_size must be between 100 and {MAX_MESSAGE_SIZE_LIMIT} bytes (got {max_message_size})"
+        )));
+    }
+    Ok(App {
+        id,
+        key,
+        secret,
+        activity_timeout,
+        max_message_size,
+        max_connections: a.max_connections,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn resolve(cli: &Cli, e: &[(&str, &str)], file: &str) -> Result<Config, ConfigError> {
+        let file: RawFile = toml::from_str(file).unwrap();
+        Config::from_parts(cli, &env(e), file, vec![0, 1])
+    }
+
+    #[test]
+    fn nothing_set_means_dev_app_on_loopback() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert!(c.dev_credentials);
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.apps[0].key, DEV_APP_KEY);
+        assert_eq!(c.shards(), 2);
+    }
+
+    #[test]
+    fn dev_credentials_refused_on_public_address() {
+        let e = resolve(&Cli::default(), &[("REVERB_SERVER_HOST", "0.0.0.0")], "");
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("--allow-dev-credentials"));
+        let cli = Cli {
+            allow_dev_credentials: true,
+            ..Cli::default()
+        };
+        assert!(resolve(&cli, &[("REVERB_SERVER_HOST", "0.0.0.0")], "").is_ok());
+    }
+
+    #[test]
+    fn reverb_env_configures_app_and_bind() {
+        let e = [
+            ("REVERB_APP_ID", "123"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+            ("REVERB_SERVER_PORT", "9000"),
+            ("REVERB_HOST", "example.com"),
+            ("REVERB_PORT", "443"),
+            ("REVERB_APP_MAX_MESSAGE_SIZE", "1000000"),
+            ("REVERB_APP_ACTIVITY_TIMEOUT", "120"),
+            ("REVERB_APP_MAX_CONNECTIONS", "5"),
+            ("REVERB_MAX_REQUEST_SIZE", "2000000"),
+        ];
+        let c = resolve(&Cli::default(), &e, "").unwrap();
+        assert!(!c.dev_credentials);
+        assert_eq!(c.listen, "0.0.0.0:9000".parse().unwrap());
+        let a = &c.apps[0];
+        assert_eq!(
+            (a.id.as_str(), a.key.as_str(), a.secret.as_str()),
+            ("123", "k", "s")
+        );
+        assert_eq!(a.max_message_size, 1_000_000);
+        assert_eq!(a.activity_timeout, 120);
+        assert_eq!(a.max_connections, Some(5));
+        assert_eq!(c.max_request_size, 2_000_000);
+        // CLI beats env.
+        let cli = Cli {
+            port: Some(1),
+            shards: Some(3),
+            ..Cli::default()
+        };
+        let c = resolve(&cli, &e, "").unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.shard_cpus, vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn missing_secret_is_named() {
+        let e = [("REVERB_APP_ID", "1"), ("REVERB_APP_KEY", "k")];
+        let err = resolve(&Cli::default(), &e, "").unwrap_err().to_string();
+        assert!(err.contains("REVERB_APP_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn file_with_several_apps() {
+        let f = r#"
+            [server]
+            port = 7000
+            max_outbound_bytes = 200000
+            [[apps]]
+            id = "a"
+            key = "ka"
+            secret = "sa"
+            [[apps]]
+            id = "b"
+            key = "kb"
+            secret = "sb"
+            max_message_size = 100000
+        "#;
+        let c = resolve(&Cli::default(), &[], f).unwrap();
+        assert_eq!(c.apps.len(), 2);
+        assert_eq!(c.listen, "0.0.0.0:7000".parse().unwrap());
+        let dup = f.replace("\"kb\"", "\"ka\"");
+        assert!(resolve(&Cli::default(), &[], &dup).is_err());
+        let too_small_queue = f.replace("200000", "1000");
+        assert!(resolve(&Cli::default(), &[], &too_small_queue).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = resolve(&Cli::default(), &[("REVERB_SERVER_PORT", "http")], "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REVERB_SERVER_PORT"), "{err}");
+        assert!(toml::from_str::<RawFile>("[server]\nbogus = 1").is_err());
+    }
+}

@@ -1,0 +1,72 @@
+//! Builds the one WebSocket frame every subscriber of a channel is sent.
+
+use bytes::Bytes;
+
+use crate::protocol::outbound;
+use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT};
+
+/// A complete, unmasked WebSocket text frame carrying one Pusher event. Built once per event and
+/// channel per node; every recipient is sent these exact bytes, so the payload is never copied
+/// per subscriber (possible because server frames are unmasked and permessage-deflate is never
+/// negotiated).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedFrame(pub Bytes);
+
+impl SharedFrame {
+    /// `{"event":E,"channel":C,"data":D}` framed, where `data_json` is the event's data already
+    /// escaped as a JSON string literal (escape it once per event with
+    /// [`outbound::push_json_str`], then build one frame per channel).
+    ///
+    /// Serializes after `MAX_SERVER_HEADER` bytes of headroom, then writes the real header
+    /// right-aligned into the headroom, so the payload is written exactly once.
+    pub fn event(event: &str, channel: &str, data_json: &[u8]) -> SharedFrame {
+        let mut buf = Vec::with_capacity(
+            MAX_SERVER_HEADER + 40 + event.len() + channel.len() + data_json.len(),
+        );
+        buf.resize(MAX_SERVER_HEADER, 0);
+        outbound::channel_event(&mut buf, event, channel, data_json);
+        Self::finish(buf)
+    }
+
+    /// Frames a text payload that was written after `MAX_SERVER_HEADER` bytes of headroom.
+    fn finish(mut buf: Vec<u8>) -> SharedFrame {
+        let mut hdr = [0u8; MAX_SERVER_HEADER];
+        let n = encode_header(OP_TEXT, buf.len() - MAX_SERVER_HEADER, &mut hdr);
+        let start = MAX_SERVER_HEADER - n;
+        buf[start..MAX_SERVER_HEADER].copy_from_slice(&hdr[..n]);
+        SharedFrame(Bytes::from(buf).slice(start..))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn frame_parses_with_tungstenite() {
+        for size in [10usize, 200, 70_000] {
+            let data = "x".repeat(size);
+            let mut esc = Vec::new();
+            outbound::push_json_str(&mut esc, &data);
+            let f = SharedFrame::event("match.update", "sports.football", &esc);
+            let mut cur = Cursor::new(f.0.to_vec());
+            let (hdr, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut cur)
+                .unwrap()
+                .unwrap();
+            assert!(hdr.is_final && hdr.mask.is_none());
+            let payload = &f.0[cur.position() as usize..];
+            assert_eq!(len as usize, payload.len());
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            assert_eq!(v["data"].as_str().unwrap().len(), size);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! One bounded inbox per shard, fed from any thread (other shards' HTTP API handlers today; the
+//! Redis ingest thread later) and drained by its shard.
+//!
+//! A crossbeam `ArrayQueue` plus an `AtomicWaker`: measured in `notes/glommio-findings.md` §2 to
+//! beat glommio's own channels, and the only option a plain std thread can feed. The queue wakes
+//! its shard itself: no polling timer. Wakes coalesce: after the first, later pushes are no-ops
+//! until the shard parks again, which batches bursts for free.
+//!
+//! Overflow policy: a push to a full inbox fails at once (producers never block); the command is
+//! dropped for that shard, counted in `Inbox::dropped`, and reported to the producer (the HTTP
+//! API answers 503 so the publisher knows its event did not reach everyone).
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use crossbeam_utils::CachePadded;
+
+use crate::protocol::SocketId;
+
+/// An event for one channel of one app, framed and ready to write.
+#[derive(Debug, Clone)]
+pub struct Broadcast {
+    /// Index of the app in `Config::apps`.
+    pub app: usize,
+    pub channel: Arc<str>,
+    /// The complete WebSocket frame; cloned once per shard, never per subscriber.
+    pub frame: Bytes,
+    /// Pusher `socket_id` exclusion: this connection does not get the event.
+    pub except: Option<SocketId>,
+}
+
+/// Everything that can make a shard do work from outside: a closed set.
+#[derive(Debug)]
+pub enum ShardCmd {
+    Broadcast(Broadcast),
+}
+
+/// A shard's inbox. Padded so two shards' queue heads never share a cache line.
+pub struct Inbox {
+    queue: ArrayQueue<ShardCmd>,
+    waker: AtomicWaker,
+    /// Commands refused because the queue was full (cold path only).
+    dropped: AtomicU64,
+}
+
+/// The set of shard inboxes, created once at start-up and shared by every producer.
+pub struct Router {
+    inboxes: Box<[CachePadded<Inbox>]>,
+}
+
+impl Router {
+    pub fn new(shards: usize, capacity: usize) -> Router {
+        Router {
+            inboxes: (0..shards)
+                .map(|_| {
+                    CachePadded::new(Inbox {
+                        queue: ArrayQueue::new(capacity),
+                        waker: AtomicWaker::new(),
+                        dropped: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Queues `cmd` for `shard` and wakes it. Never blocks; `Err` gives the command back when the
+    /// inbox is full (already counted as dropped).
+    pub fn try_push(&self, shard: usize, cmd: ShardCmd) -> Result<(), ShardCmd> {
+        let inbox = &self.inboxes[shard];
+        let r = inbox.queue.push(cmd);
+        inbox.waker.wake();
+        if r.is_err() {
+            inbox.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Hands `b` to every shard: one `Bytes` clone per shard. Returns how many shards dropped it.
+    pub fn broadcast(&self, b: Broadcast) -> usize {
+        let n = self.inboxes.len();
+        let mut dropped = 0;
+        for shard in 0..n - 1 {
+            dropped += usize::from(
+                self.try_push(shard, ShardCmd::Broadcast(b.clone()))
+                    .is_err(),
+            );
+        }
+        dropped += usize::from(self.try_push(n - 1, ShardCmd::Broadcast(b)).is_err());
+        dropped
+    }
+
+    /// Takes the next queued command for `shard` without waiting.
+    pub fn try_pop(&self, shard: usize) -> Option<ShardCmd> {
+        self.inboxes[shard].queue.pop()
+    }
+
+    /// Waits until `shard`'s inbox is non-empty. Registers before the second check, so a push
+    /// that races with parking is never missed: a shard never sleeps with commands queued.
+    pub async fn ready(&self, shard: usize) {
+        let inbox = &self.inboxes[shard];
+        poll_fn(|cx| {
+            if !inbox.queue.is_empty() {
+                return Poll::Ready(());
+            }
+            inbox.waker.register(cx.waker());
+            if inbox.queue.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    /// Commands dropped for `shard` because its inbox was full.
+    pub fn dropped(&self, shard: usize) -> u64 {
+        self.inboxes[shard].dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self, shard: usize) -> usize {
+        self.inboxes[shard].queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(i: u8) -> Broadcast {
+        Broadcast {
+            app: 0,
+            channel: "c".into(),
+            frame: Bytes::from(vec![i]),
+            except: None,
+        }
+    }
+
+    #[test]
+    fn bounded_and_counted() {
+        let r = Router::new(2, 2);
+        assert_eq!(r.broadcast(b(1)), 0);
+        assert_eq!(r.broadcast(b(2)), 0);
+        assert_eq!(r.broadcast(b(3)), 2);
+        assert_eq!(r.dropped(0), 1);
+        assert_eq!(r.dropped(1), 1);
+        let ShardCmd::Broadcast(first) = r.try_pop(1).unwrap();
+        assert_eq!(&first.frame[..], &[1]);
+    }
+
+    #[test]
+    fn std_thread_wakes_a_parked_consumer() {
+        let r = Arc::new(Router::new(1, 1024));
+        let r2 = Arc::clone(&r);
+        let producer = std::thread::spawn(move || {
+            for i in 0..10_000u32 {
+                while r2.try_push(0, ShardCmd::Broadcast(b(i as u8))).is_err() {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let mut got = 0;
+        futures_lite::future::block_on(async {
+            while got < 10_000 {
+                r.ready(0).await;
+                while r.try_pop(0).is_some() {
+                    got += 1;
+                }
+            }
+        });
+        producer.join().unwrap();
+        assert_eq!(got, 10_000);
+    }
+}

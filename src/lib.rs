@@ -1,0 +1,183 @@
+//! bts-guru: a thread-per-core WebSocket broadcast server speaking the Pusher Channels protocol
+//! 7 and the Pusher HTTP API, a drop-in replacement for Laravel Reverb.
+//!
+//! # Layout, in data-flow order
+//! - [`config`]: CLI flags, Reverb's environment names and a TOML file, resolved into a validated
+//!   [`config::Config`]. No sockets, no threads.
+//! - [`protocol`]: the Pusher wire contract (channel names, signatures, client and server
+//!   messages, error codes). Pure: no I/O, no clock.
+//! - [`ws`]: WebSocket handshake and frame codec. Knows nothing of Pusher.
+//! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
+//! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
+//! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
+//!
+//! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
+//! returns once all of them accept connections.
+
+pub mod config;
+pub mod fanout;
+pub mod protocol;
+pub mod shard;
+pub mod sys;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub use config::Config;
+
+/// glommio registers `io_memory` with 3 io_uring rings per executor, pinned against
+/// RLIMIT_MEMLOCK (notes/glommio-findings.md §1). Our sockets never use those buffers (they are
+/// for DMA file I/O), so a small amount is enough: 512 KiB pins 1.5 MiB per executor, and 3
+/// executors fit in an 8 MiB limit with room to spare.
+pub const IO_MEMORY: usize = 512 << 10;
+/// Smallest `io_memory` we will shrink to when many shards share a tight memlock limit.
+pub const MIN_IO_MEMORY: usize = 64 << 10;
+/// glommio refuses to start below this RLIMIT_MEMLOCK, whatever `io_memory` is.
+pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 << 10;
+/// Backlog for each shard's listener (the kernel caps it at net.core.somaxconn).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "locked-memory limit too low: {shards} shard(s) need {need_kib} KiB of locked memory for \
+         glommio's io_uring buffers (3 rings x {per_kib} KiB each) but RLIMIT_MEMLOCK is \
+         {limit_kib} KiB; raise it (`ulimit -l`, LimitMEMLOCK= in systemd, memlock in \
+         limits.conf; see tuning/) or run fewer shards with --shards"
+    )]
+    Memlock {
+        shards: usize,
+        need_kib: u64,
+        per_kib: u64,
+        limit_kib: u64,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
+    Executor {
+        shard: usize,
+        cpu: usize,
+        message: String,
+    },
+    #[error("shards did not become ready within 30 s")]
+    NotReady,
+}
+
+/// How much `io_memory` each executor gets, so that `shards` executors fit the memlock limit.
+pub fn plan_io_memory(
+    shards: usize,
+    limit: Option<u64>,
+    cap_ipc_lock: bool,
+) -> Result<usize, StartError> {
+    let Some(limit) = limit.filter(|_| !cap_ipc_lock) else {
+        return Ok(IO_MEMORY);
+    };
+    let per = (limit / (3 * shards as u64)).min(IO_MEMORY as u64) & !4095;
+    if limit < GLOMMIO_MIN_MEMLOCK || per < MIN_IO_MEMORY as u64 {
+        let per_kib = (MIN_IO_MEMORY as u64).max(per) >> 10;
+        return Err(StartError::Memlock {
+            shards,
+            need_kib: 3 * shards as u64 * per_kib.max(MIN_IO_MEMORY as u64 >> 10),
+            per_kib,
+            limit_kib: limit >> 10,
+        });
+    }
+    Ok(per as usize)
+}
+
+/// A started server.
+pub struct Running {
+    /// The address every shard listens on (port 0 resolved).
+    pub addr: SocketAddr,
+    pub shared: Arc<shard::Shared>,
+    handles: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Running {
+    /// Blocks until every shard stops (today: never, short of the process ending).
+    pub fn wait(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts the server: binds one SO_REUSEPORT listener per shard on the same address, starts one
+/// glommio executor per shard pinned to its CPU, and returns once all of them accept.
+pub fn run(cfg: Config) -> Result<Running, StartError> {
+    let shards = cfg.shards();
+    let io_memory = plan_io_memory(shards, sys::memlock_limit(), sys::has_cap_ipc_lock())?;
+    if let Some(nofile) = sys::raise_nofile() {
+        tracing::info!(nofile, "open-files limit");
+    }
+    // Bind every listener here so that a port in use fails start-up, and port 0 becomes one
+    // concrete port that every shard shares.
+    let mut listeners = Vec::with_capacity(shards);
+    let mut addr = cfg.listen;
+    for _ in 0..shards {
+        let sk = sys::reuseport_listener(addr, LISTEN_BACKLOG)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        if addr.port() == 0 {
+            if let Some(local) = sk.local_addr().ok().and_then(|a| a.as_socket()) {
+                addr = local;
+            }
+        }
+        listeners.push(sk);
+    }
+    let shared = Arc::new(shard::Shared::new(cfg));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let mut handles = Vec::with_capacity(shards);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let cpu = shared.cfg.shard_cpus[id];
+        let shared2 = Arc::clone(&shared);
+        let ready = ready_tx.clone();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("bts-shard-{id}"))
+            .io_memory(io_memory)
+            .spawn(move || shard::run(id, shared2, listener, ready))
+            .map_err(|e| StartError::Executor {
+                shard: id,
+                cpu,
+                message: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| StartError::NotReady)?;
+    }
+    tracing::info!(%addr, shards, io_memory_kib = io_memory >> 10, "all shards accepting");
+    Ok(Running {
+        addr,
+        shared,
+        handles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_executors_fit_8_mib() {
+        assert_eq!(plan_io_memory(3, Some(8 << 20), false).unwrap(), IO_MEMORY);
+        let per = plan_io_memory(16, Some(8 << 20), false).unwrap();
+        assert!(3 * 16 * per as u64 <= 8 << 20);
+        assert_eq!(plan_io_memory(64, Some(8 << 20), true).unwrap(), IO_MEMORY);
+        assert_eq!(plan_io_memory(64, None, false).unwrap(), IO_MEMORY);
+        let err = plan_io_memory(3, Some(256 << 10), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RLIMIT_MEMLOCK is 256 KiB"), "{err}");
+        assert!(plan_io_memory(64, Some(8 << 20), false).is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Channel names and kinds.
+
+use std::fmt;
+
+/// Longest channel name accepted (sockudo, Soketi and Reverb deployments use 200).
+pub const MAX_CHANNEL_NAME: usize = 200;
+
+/// What a channel's name prefix makes it. Order of checks matters: `private-encrypted-` is a
+/// `private-` prefix too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelKind {
+    Public,
+    Private,
+    Presence,
+    PrivateEncrypted,
+}
+
+impl ChannelKind {
+    pub fn of(name: &str) -> ChannelKind {
+        if name.starts_with("private-encrypted-") {
+            ChannelKind::PrivateEncrypted
+        } else if name.starts_with("private-") {
+            ChannelKind::Private
+        } else if name.starts_with("presence-") {
+            ChannelKind::Presence
+        } else {
+            ChannelKind::Public
+        }
+    }
+
+    /// Does subscribing need an `auth` signature?
+    pub fn needs_auth(self) -> bool {
+        !matches!(self, ChannelKind::Public)
+    }
+}
+
+/// A validated channel name: 1..=200 bytes of `[A-Za-z0-9_\-=@,.;]`, optionally led by `#`
+/// (reserved for server-to-user channels), as the Pusher SDKs validate
+/// (`^#?[-a-zA-Z0-9_=@,.;]+$`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelName(String);
+
+/// Why a channel name was refused; the text goes to the client verbatim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelNameError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is longer than 200 characters")]
+    TooLong,
+    #[error("channel name may only contain A-Z, a-z, 0-9, '_', '-', '=', '@', ',', '.' and ';'")]
+    BadChar,
+}
+
+impl ChannelName {
+    pub fn parse(s: &str) -> Result<ChannelName, ChannelNameError> {
+        validate(s)?;
+        Ok(ChannelName(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn kind(&self) -> ChannelKind {
+        ChannelKind::of(&self.0)
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates without allocating.
+pub fn validate(s: &str) -> Result<(), ChannelNameError> {
+    if s.is_empty() {
+        return Err(ChannelNameError::Empty);
+    }
+    if s.len() > MAX_CHANNEL_NAME {
+        return Err(ChannelNameError::TooLong);
+    }
+    let body = s.strip_prefix('#').unwrap_or(s);
+    if body.is_empty() {
+        return Err(ChannelNameError::Empty);
+    }
+    if body.bytes().all(is_channel_byte) {
+        Ok(())
+    } else {
+        Err(ChannelNameError::BadChar)
+    }
+}
+
+fn is_channel_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let ok = [
+            "sports.football",
+            "sports.football.leagues.premier-league.matches.12345",
+            "private-sports.basketball.leagues.nba.matches.12345",
+            "presence-x",
+            "a=b@c,d;e_f-g",
+            "#server-to-user-42",
+        ];
+        for n in ok {
+            assert_eq!(validate(n), Ok(()), "{n}");
+        }
+        assert_eq!(validate(""), Err(ChannelNameError::Empty));
+        assert_eq!(validate("#"), Err(ChannelNameError::Empty));
+        assert_eq!(validate("a b"), Err(ChannelNameError::BadChar));
+        assert_eq!(validate("a/b"), Err(ChannelNameError::BadChar));
+        assert_eq!(validate("é"), Err(ChannelNameError::BadChar));
+        assert_eq!(validate(&"a".repeat(200)), Ok(()));
+        assert_eq!(validate(&"a".repeat(201)), Err(ChannelNameError::TooLong));
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(ChannelKind::of("sports.x"), ChannelKind::Public);
+        assert_eq!(ChannelKind::of("private-x"), ChannelKind::Private);
+        assert_eq!(
+            ChannelKind::of("private-encrypted-x"),
+            ChannelKind::PrivateEncrypted
+        );
+        assert_eq!(ChannelKind::of("presence-x"), ChannelKind::Presence);
+    }
+}

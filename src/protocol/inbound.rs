@@ -1,0 +1,176 @@
+//! Client → server Pusher messages, parsed with simd-json in place.
+
+use std::borrow::Cow;
+
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// A message a client sent, borrowing from the (unmasked, in-place parsed) frame payload.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage<'a> {
+    Ping,
+    Pong,
+    Subscribe {
+        channel: Cow<'a, str>,
+        auth: Option<Cow<'a, str>>,
+        channel_data: Option<Cow<'a, str>>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    /// `client-*` events (whispers).
+    ClientEvent {
+        event: Cow<'a, str>,
+        channel: Option<Cow<'a, str>>,
+    },
+    /// Any other `event` name: answered with `pusher:error`, connection kept.
+    Unknown {
+        event: Cow<'a, str>,
+    },
+}
+
+/// Why a client message could not be understood. The connection is kept (Reverb: 4200
+/// "Invalid message format").
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    #[error("message is not a JSON object with an \"event\" string")]
+    NotAnEvent,
+    #[error("{0} needs data.channel as a string")]
+    MissingChannel(&'static str),
+}
+
+/// Parses one text frame's payload. `buf` is scratch: simd-json rewrites it while parsing.
+pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
+    let value = simd_json::to_borrowed_value(buf).map_err(|_| InboundError::NotAnEvent)?;
+    let BorrowedValue::Object(mut obj) = value else {
+        return Err(InboundError::NotAnEvent);
+    };
+    let event = match obj.remove("event") {
+        Some(BorrowedValue::String(e)) => e,
+        _ => return Err(InboundError::NotAnEvent),
+    };
+    let data = obj.remove("data");
+    Ok(match event.as_ref() {
+        "pusher:ping" => ClientMessage::Ping,
+        "pusher:pong" => ClientMessage::Pong,
+        "pusher:subscribe" => {
+            let data = data_object(data);
+            let channel =
+                field(&data, "channel").ok_or(InboundError::MissingChannel("pusher:subscribe"))?;
+            ClientMessage::Subscribe {
+                channel,
+                auth: field(&data, "auth"),
+                channel_data: field(&data, "channel_data"),
+            }
+        }
+        "pusher:unsubscribe" => {
+            let data = data_object(data);
+            let channel = field(&data, "channel")
+                .ok_or(InboundError::MissingChannel("pusher:unsubscribe"))?;
+            ClientMessage::Unsubscribe { channel }
+        }
+        e if e.starts_with("client-") => ClientMessage::ClientEvent {
+            channel: match obj.remove("channel") {
+                Some(BorrowedValue::String(c)) => Some(c),
+                _ => None,
+            },
+            event,
+        },
+        _ => ClientMessage::Unknown { event },
+    })
+}
+
+/// Pusher clients send `data` as an object; a few send it JSON-encoded as a string. Both work.
+fn data_object(data: Option<BorrowedValue<'_>>) -> Option<BorrowedValue<'_>> {
+    match data {
+        Some(BorrowedValue::String(s)) => {
+            let mut bytes = s.as_bytes().to_vec();
+            simd_json::to_owned_value(&mut bytes)
+                .ok()
+                .map(|v| BorrowedValue::from(v).into_static())
+        }
+        other => other,
+    }
+}
+
+fn field<'a>(data: &Option<BorrowedValue<'a>>, name: &str) -> Option<Cow<'a, str>> {
+    match data.as_ref()?.get(name)? {
+        BorrowedValue::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expect: Result<ClientMessage<'_>, InboundError>) {
+        let mut buf = input.as_bytes().to_vec();
+        assert_eq!(parse(&mut buf), expect, "{input}");
+    }
+
+    #[test]
+    fn table() {
+        check(
+            r#"{"event":"pusher:ping","data":{}}"#,
+            Ok(ClientMessage::Ping),
+        );
+        check(r#"{"event":"pusher:pong"}"#, Ok(ClientMessage::Pong));
+        check(
+            r#"{"event":"pusher:subscribe","data":{"channel":"sports.football"}}"#,
+            Ok(ClientMessage::Subscribe {
+                channel: "sports.football".into(),
+                auth: None,
+                channel_data: None,
+            }),
+        );
+        check(
+            r#"{"event":"pusher:subscribe","data":{"channel":"private-a","auth":"k:s","channel_data":"{\"user_id\":1}"}}"#,
+            Ok(ClientMessage::Subscribe {
+                channel: "private-a".into(),
+                auth: Some("k:s".into()),
+                channel_data: Some(r#"{"user_id":1}"#.into()),
+            }),
+        );
+        check(
+            r#"{"event":"pusher:subscribe","data":"{\"channel\":\"x\"}"}"#,
+            Ok(ClientMessage::Subscribe {
+                channel: "x".into(),
+                auth: None,
+                channel_data: None,
+            }),
+        );
+        check(
+            r#"{"event":"pusher:unsubscribe","data":{"channel":"x"}}"#,
+            Ok(ClientMessage::Unsubscribe {
+                channel: "x".into(),
+            }),
+        );
+        check(
+            r#"{"event":"client-typing","channel":"private-x","data":{"a":1}}"#,
+            Ok(ClientMessage::ClientEvent {
+                event: "client-typing".into(),
+                channel: Some("private-x".into()),
+            }),
+        );
+        check(
+            r#"{"event":"hello"}"#,
+            Ok(ClientMessage::Unknown {
+                event: "hello".into(),
+            }),
+        );
+        check(
+            r#"{"event":"pusher:subscribe","data":{}}"#,
+            Err(InboundError::MissingChannel("pusher:subscribe")),
+        );
+        check(
+            r#"{"event":"pusher:subscribe","data":{"channel":5}}"#,
+            Err(InboundError::MissingChannel("pusher:subscribe")),
+        );
+        check("not json", Err(InboundError::NotAnEvent));
+        check("[]", Err(InboundError::NotAnEvent));
+        check(r#"{"data":{}}"#, Err(InboundError::NotAnEvent));
+        check(r#"{"event":5}"#, Err(InboundError::NotAnEvent));
+        check("", Err(InboundError::NotAnEvent));
+    }
+}

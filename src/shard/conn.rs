@@ -1,0 +1,725 @@
+//! One client connection: the request head, the WebSocket upgrade, the Pusher session, and the
+//! byte-bounded outbound queue that broadcasts are written from.
+//!
+//! Writes are synchronous `sendmsg` calls with every queued frame as an iovec, made by whoever
+//! queued (the shard after a burst, or this connection's task after answering its client). The
+//! connection's task only waits for writability when the socket's send buffer is full, and for
+//! reads.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::{AppConnGuard, ConnId, Shard};
+use crate::protocol::inbound::{self, ClientMessage};
+use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError, SocketId};
+use crate::sys;
+use crate::ws::codec::{self, Decoder, Inbound, Text};
+use crate::ws::handshake::{self, Request};
+
+/// Most channels one connection may be subscribed to at once; bounds the index per connection.
+pub const MAX_CHANNELS_PER_CONN: usize = 1000;
+/// How long a closing connection may take to drain its queue and finish the close handshake.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Bytes read per `recv`; a stack buffer, so idle connections hold no read buffer at all.
+const READ_CHUNK: usize = 2048;
+
+/// A queued frame: shared by every subscriber (broadcasts) or this connection's own (replies).
+enum Chunk {
+    Shared(Rc<Bytes>),
+    Own(Vec<u8>),
+}
+
+impl Chunk {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Shared(b) => b,
+            Chunk::Own(v) => v,
+        }
+    }
+}
+
+#[derive(Default)]
+struct OutQueue {
+    chunks: VecDeque<Chunk>,
+    /// Bytes of the front chunk already sent.
+    head_off: usize,
+    /// Unsent bytes in `chunks`; bounded by `max_outbound_bytes`.
+    bytes: usize,
+    /// The last send hit a full socket buffer; the task is waiting for writability.
+    blocked: bool,
+}
+
+impl OutQueue {
+    fn push(&mut self, c: Chunk) {
+        self.bytes += c.as_slice().len();
+        self.chunks.push_back(c);
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let front_left = self.chunks[0].as_slice().len() - self.head_off;
+            if n >= front_left {
+                n -= front_left;
+                self.chunks.pop_front();
+                self.head_off = 0;
+            } else {
+                self.head_off += n;
+                n = 0;
+            }
+        }
+    }
+
+    fn front(&self) -> Option<&[u8]> {
+        self.chunks.front().map(|c| &c.as_slice()[self.head_off..])
+    }
+
+    /// Drops every frame not yet started, keeping a partly sent one so the stream stays valid.
+    fn discard_unsent(&mut self) {
+        let keep = usize::from(self.head_off > 0);
+        while self.chunks.len() > keep {
+            if let Some(c) = self.chunks.pop_back() {
+                self.bytes -= c.as_slice().len();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Open,
+    /// We sent (or queued) our close frame; the connection ends once it is flushed and the peer
+    /// answers, or at `deadline`.
+    Closing {
+        deadline: Instant,
+    },
+    Dead,
+}
+
+pub(super) enum Enqueued {
+    Yes,
+    /// Over `max_outbound_bytes`: the connection is being closed with 4100.
+    Overflow,
+    /// Closing or dead: nothing queued.
+    Closed,
+}
+
+pub(super) enum Flush {
+    Idle,
+    Blocked,
+    Failed,
+}
+
+/// What a connection's task was woken for.
+enum Io {
+    Read,
+    Done,
+}
+
+/// A WebSocket connection's state shared between its task and its shard.
+pub struct Conn {
+    pub id: ConnId,
+    pub socket_id: SocketId,
+    /// Index of its app in `Config::apps`.
+    pub app: usize,
+    fd: RawFd,
+    out: RefCell<OutQueue>,
+    /// The connection task's waker, woken when the shard needs it (blocked, closing, dead).
+    task: RefCell<Option<Waker>>,
+    state: Cell<State>,
+    /// The peer sent its close frame.
+    peer_closed: Cell<bool>,
+    write_shut: Cell<bool>,
+    last_seen: Cell<Instant>,
+    /// When the server pinged, if the client has not answered since.
+    ping_sent: Cell<Option<Instant>>,
+    /// Already on the shard's dirty list for the current burst.
+    pub(super) in_dirty: Cell<bool>,
+}
+
+impl Conn {
+    pub(super) fn new(id: ConnId, socket_id: SocketId, app: usize, fd: RawFd) -> Conn {
+        Conn {
+            id,
+            socket_id,
+            app,
+            fd,
+            out: RefCell::default(),
+            task: RefCell::new(None),
+            state: Cell::new(State::Open),
+            peer_closed: Cell::new(false),
+            write_shut: Cell::new(false),
+            last_seen: Cell::new(Instant::now()),
+            ping_sent: Cell::new(None),
+            in_dirty: Cell::new(false),
+        }
+    }
+
+    /// Queues a broadcast frame. Over `max` unsent bytes, the connection is a slow consumer: its
+    /// unsent frames are dropped and it is closed with 4100 so its client reconnects with backoff
+    /// instead of this shard's memory growing.
+    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>, max: usize) -> Enqueued {
+        if self.state.get() != State::Open {
+            return Enqueued::Closed;
+        }
+        let mut out = self.out.borrow_mut();
+        if out.bytes + frame.len() > max {
+            out.discard_unsent();
+            drop(out);
+            tracing::debug!(socket_id = %self.socket_id, "slow consumer: closing with 4100");
+            self.close_pusher(PusherError::OverCapacity);
+            return Enqueued::Overflow;
+        }
+        out.push(Chunk::Shared(Rc::clone(frame)));
+        Enqueued::Yes
+    }
+
+    /// Queues a text frame for this connection alone.
+    fn send_text(&self, json: &[u8]) {
+        if self.state.get() == State::Open {
+            self.out
+                .borrow_mut()
+                .push(Chunk::Own(codec::server_frame(codec::OP_TEXT, json)));
+        }
+    }
+
+    /// Sends `pusher:error` and closes with the same code (protocol 7: fatal errors are both).
+    pub(super) fn close_pusher(&self, err: PusherError) {
+        if self.state.get() != State::Open {
+            return;
+        }
+        let msg = err.to_string();
+        self.send_text(&outbound::error(Some(err.code()), &msg));
+        self.close_ws(err.code(), &msg);
+    }
+
+    /// Queues a close frame and starts the closing handshake.
+    pub(super) fn close_ws(&self, code: u16, reason: &str) {
+        if self.state.get() != State::Open {
+            return;
+        }
+        self.out
+            .borrow_mut()
+            .push(Chunk::Own(codec::close_frame(code, reason)));
+        self.state.set(State::Closing {
+            deadline: Instant::now() + CLOSE_GRACE,
+        });
+        self.wake();
+    }
+
+    pub(super) fn mark_dead(&self) {
+        self.state.set(State::Dead);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.task.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.state.get() == State::Open
+    }
+
+    /// Writes as much of the queue as the socket takes now, in one `sendmsg` per up to
+    /// `sys::MAX_IOV` frames.
+    pub(super) fn flush(&self) -> Flush {
+        if self.state.get() == State::Dead {
+            return Flush::Failed;
+        }
+        loop {
+            let mut out = self.out.borrow_mut();
+            if out.blocked {
+                return Flush::Blocked;
+            }
+            if out.chunks.is_empty() {
+                return Flush::Idle;
+            }
+            let result = {
+                let mut iov = [IoSlice::new(&[]); sys::MAX_IOV];
+                let mut count = 0;
+                let mut total = 0;
+                for (i, c) in out.chunks.iter().take(sys::MAX_IOV).enumerate() {
+                    let s = if i == 0 {
+                        &c.as_slice()[out.head_off..]
+                    } else {
+                        c.as_slice()
+                    };
+                    iov[i] = IoSlice::new(s);
+                    count += 1;
+                    total += s.len();
+                }
+                sys::send_vectored(self.fd, &iov[..count]).map(|n| (n, total))
+            };
+            match result {
+                Ok((n, total)) => {
+                    out.advance(n);
+                    if n == 0 && total > 0 {
+                        out.blocked = true;
+                        return Flush::Blocked;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    out.blocked = true;
+                    return Flush::Blocked;
+                }
+                Err(_) => {
+                    drop(out);
+                    self.mark_dead();
+                    return Flush::Failed;
+                }
+            }
+        }
+    }
+
+    /// Flushes, and wakes the task when only it can go on (socket full, closing, failed).
+    pub(super) fn flush_and_notify(&self) {
+        match self.flush() {
+            Flush::Idle if self.is_open() => {}
+            _ => self.wake(),
+        }
+    }
+
+    pub(super) fn check_liveness(&self, now: Instant, activity: Duration, pong_timeout: Duration) {
+        match self.state.get() {
+            State::Open => match self.ping_sent.get() {
+                Some(sent) if now.duration_since(sent) >= pong_timeout => {
+                    tracing::debug!(socket_id = %self.socket_id, "no pong: closing with 4201");
+                    self.close_pusher(PusherError::PongTimeout);
+                    self.flush_and_notify();
+                }
+                Some(_) => {}
+                None if now.duration_since(self.last_seen.get()) >= activity => {
+                    self.send_text(outbound::ping());
+                    self.ping_sent.set(Some(now));
+                    self.flush_and_notify();
+                }
+                None => {}
+            },
+            State::Closing { deadline } if now >= deadline => self.mark_dead(),
+            State::Closing { .. } | State::Dead => {}
+        }
+    }
+
+    /// Any frame from the client proves it alive.
+    fn touch(&self) {
+        self.last_seen.set(Instant::now());
+        self.ping_sent.set(None);
+    }
+
+    /// One step of the connection task: finish blocked writes, end a finished close, read.
+    fn poll_io(
+        &self,
+        cx: &mut Context<'_>,
+        stream: &mut TcpStream,
+        rbuf: &mut Vec<u8>,
+    ) -> Poll<Io> {
+        {
+            let mut w = self.task.borrow_mut();
+            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *w = Some(cx.waker().clone());
+            }
+        }
+        if self.state.get() == State::Dead {
+            return Poll::Ready(Io::Done);
+        }
+        // The socket was full: let glommio wait for POLLOUT, then go back to sendmsg.
+        loop {
+            let mut out = self.out.borrow_mut();
+            if !out.blocked {
+                break;
+            }
+            let Some(front) = out.front() else {
+                out.blocked = false;
+                break;
+            };
+            match Pin::new(&mut *stream).poll_write(cx, front) {
+                Poll::Ready(Ok(n)) => {
+                    out.advance(n);
+                    out.blocked = false;
+                    drop(out);
+                    match self.flush() {
+                        Flush::Idle => break,
+                        Flush::Blocked => continue,
+                        Flush::Failed => return Poll::Ready(Io::Done),
+                    }
+                }
+                Poll::Ready(Err(_)) => {
+                    drop(out);
+                    self.mark_dead();
+                    return Poll::Ready(Io::Done);
+                }
+                Poll::Pending => break,
+            }
+        }
+        if let State::Closing { .. } = self.state.get() {
+            if self.out.borrow().chunks.is_empty() {
+                if self.peer_closed.get() {
+                    return Poll::Ready(Io::Done);
+                }
+                if !self.write_shut.replace(true) {
+                    // Our close frame is out: half-close and wait for the peer's close or EOF,
+                    // so unread input does not turn our FIN into a reset that eats the frame.
+                    let _ = Pin::new(&mut *stream).poll_close(cx);
+                }
+            }
+        }
+        if !self.peer_closed.get() {
+            let mut chunk = [0u8; READ_CHUNK];
+            match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
+                Poll::Ready(Ok(n)) => {
+                    rbuf.extend_from_slice(&chunk[..n]);
+                    return Poll::Ready(Io::Read);
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Serves one accepted TCP connection: HTTP API requests (keep-alive) until a WebSocket upgrade.
+pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let cfg = &shard.shared.cfg;
+    let _ = stream.set_read_timeout(Some(cfg.handshake_timeout));
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let (req, head_len) = match read_head(&mut stream, &mut buf).await {
+            Ok(Some(x)) => x,
+            Ok(None) => return,
+            Err(e) => {
+                let status = if e == handshake::HeadError::TooLarge {
+                    431
+                } else {
+                    400
+                };
+                let body = format!(r#"{{"error":"{e}"}}"#);
+                let _ = stream
+                    .write_all(&handshake::json_response(status, &body, true))
+                    .await;
+                return;
+            }
+        };
+        if req.wants_upgrade {
+            buf.drain(..head_len);
+            return upgrade(shard, stream, req, buf).await;
+        }
+        let len = req.content_length.unwrap_or(0);
+        let (status, body) = if req.chunked {
+            (411, r#"{"error":"Content-Length required"}"#.to_owned())
+        } else if len > cfg.max_request_size {
+            (
+                413,
+                format!(
+                    r#"{{"error":"request body is larger than {} bytes"}}"#,
+                    cfg.max_request_size
+                ),
+            )
+        } else {
+            (0, String::new())
+        };
+        if status != 0 {
+            let _ = stream
+                .write_all(&handshake::json_response(status, &body, true))
+                .await;
+            return;
+        }
+        while buf.len() < head_len + len {
+            match read_more(&mut stream, &mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
+        }
+        let (status, body) = super::http::handle(&shard, &req, &buf[head_len..head_len + len]);
+        let resp = handshake::json_response(status, &body, req.close);
+        if stream.write_all(&resp).await.is_err() || req.close {
+            return;
+        }
+        buf.drain(..head_len + len);
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut chunk = [0u8; READ_CHUNK];
+    let n = stream.read(&mut chunk).await?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}
+
+/// Reads until a whole request head is buffered. `Ok(None)`: the peer closed or timed out.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Request, usize)>, handshake::HeadError> {
+    loop {
+        if !buf.is_empty() {
+            if let Some(found) = handshake::parse(buf)? {
+                return Ok(Some(found));
+            }
+        }
+        match read_more(stream, buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// Completes the WebSocket handshake, checks app, path and protocol, then runs the session.
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: Vec<u8>) {
+    let Some(ws_key) = req
+        .ws_key
+        .as_deref()
+        .filter(|_| req.ws_version.as_deref() == Some("13") && req.method == "GET")
+    else {
+        let body = r#"{"error":"WebSocket upgrade needs GET, Sec-WebSocket-Key and Sec-WebSocket-Version: 13"}"#;
+        let _ = stream
+            .write_all(&handshake::json_response(400, body, true))
+            .await;
+        return;
+    };
+    if stream
+        .write_all(&handshake::switching_protocols(ws_key))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let shared = Rc::clone(&shard);
+    let shared = &shared.shared;
+    let app = match check_upgrade(&shard, &req) {
+        Ok(app) => app,
+        Err(err) => return refuse(stream, err).await,
+    };
+    let cfg = &shared.cfg.apps[app];
+    let Some(_guard) = AppConnGuard::try_new(&shared.app_conns[app], cfg.max_connections) else {
+        return refuse(stream, PusherError::OverQuota).await;
+    };
+    let _ = stream.set_read_timeout(None);
+    let conn = shard.register(app, stream.as_raw_fd());
+    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
+    conn.send_text(&outbound::connection_established(
+        conn.socket_id,
+        cfg.activity_timeout,
+    ));
+    session(&shard, &conn, &mut stream, leftover, cfg.max_message_size).await;
+    shard.unregister(&conn);
+    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "disconnected");
+}
+
+fn check_upgrade(shard: &Shard, req: &Request) -> Result<usize, PusherError> {
+    let key = req
+        .path
+        .strip_prefix("/app/")
+        .filter(|k| !k.is_empty() && !k.contains('/'))
+        .ok_or(PusherError::PathNotFound)?;
+    let app = shard
+        .shared
+        .app_by_key(key)
+        .ok_or(PusherError::AppNotFound)?;
+    match req.query_param("protocol") {
+        None => Err(PusherError::NoProtocol),
+        Some(p) => match p.parse::<u32>() {
+            Err(_) => Err(PusherError::InvalidVersion),
+            Ok(7) => Ok(app),
+            Ok(_) => Err(PusherError::UnsupportedProtocol),
+        },
+    }
+}
+
+/// Ends an upgraded connection that may not go on: `pusher:error`, then the same close code.
+async fn refuse(mut stream: TcpStream, err: PusherError) {
+    let msg = err.to_string();
+    let mut bytes = codec::server_frame(codec::OP_TEXT, &outbound::error(Some(err.code()), &msg));
+    bytes.extend(codec::close_frame(err.code(), &msg));
+    if stream.write_all(&bytes).await.is_err() {
+        return;
+    }
+    let _ = stream.close().await;
+    // Wait briefly for the client's close frame or EOF so our frames are not lost to a reset.
+    let mut sink = [0u8; 256];
+    let _ = glommio::timer::timeout(Duration::from_secs(2), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        Ok(())
+    })
+    .await;
+}
+
+/// The Pusher session: decode client frames, answer them, until the connection ends.
+async fn session(
+    shard: &Shard,
+    conn: &Conn,
+    stream: &mut TcpStream,
+    mut rbuf: Vec<u8>,
+    max_message: usize,
+) {
+    let mut dec = Decoder::default();
+    loop {
+        process(shard, conn, &mut dec, &mut rbuf, max_message);
+        conn.flush();
+        if rbuf.is_empty() && rbuf.capacity() > READ_CHUNK {
+            rbuf = Vec::new();
+        }
+        match poll_fn(|cx| conn.poll_io(cx, stream, &mut rbuf)).await {
+            Io::Read => {}
+            Io::Done => return,
+        }
+    }
+}
+
+/// Handles every complete frame in `rbuf`, removing what it used.
+fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, max_message: usize) {
+    let mut pos = 0;
+    while pos < rbuf.len() && !conn.peer_closed.get() {
+        let (msg, used) = match dec.next(&mut rbuf[pos..], max_message) {
+            Ok(Some(x)) => x,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(socket_id = %conn.socket_id, error = %e, "WebSocket protocol error");
+                conn.close_ws(e.close_code(), &e.to_string());
+                // Nothing after a broken frame can be trusted.
+                conn.peer_closed.set(true);
+                pos = rbuf.len();
+                break;
+            }
+        };
+        conn.touch();
+        match msg {
+            Inbound::Close(code) => {
+                // RFC 6455 §5.5.1: answer with a close frame echoing the code.
+                conn.close_ws(code.unwrap_or(codec::close::NORMAL), "");
+                conn.peer_closed.set(true);
+            }
+            Inbound::Ping(payload) if conn.is_open() => conn
+                .out
+                .borrow_mut()
+                .push(Chunk::Own(codec::server_frame(codec::OP_PONG, &payload))),
+            Inbound::Text(text) if conn.is_open() => match text {
+                Text::InBuf(r) => {
+                    let (s, e) = (pos + r.start, pos + r.end);
+                    on_text(shard, conn, &mut rbuf[s..e]);
+                }
+                Text::Assembled(mut v) => on_text(shard, conn, &mut v),
+            },
+            _ => {}
+        }
+        pos += used;
+    }
+    rbuf.drain(..pos);
+}
+
+/// One Pusher message from the client.
+fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
+    let msg = match inbound::parse(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            let err = PusherError::InvalidMessage;
+            conn.send_text(&outbound::error(Some(err.code()), &format!("{err}: {e}")));
+            return;
+        }
+    };
+    match msg {
+        ClientMessage::Ping => conn.send_text(outbound::pong()),
+        ClientMessage::Pong => {}
+        ClientMessage::Subscribe {
+            channel,
+            auth,
+            channel_data,
+        } => subscribe(
+            shard,
+            conn,
+            &channel,
+            auth.as_deref(),
+            channel_data.as_deref(),
+        ),
+        ClientMessage::Unsubscribe { channel } => {
+            shard
+                .index
+                .borrow_mut()
+                .unsubscribe(conn.id, conn.app, &channel);
+        }
+        ClientMessage::ClientEvent { .. } => {
+            let err = PusherError::ClientEventRejected;
+            conn.send_text(&outbound::error(
+                Some(err.code()),
+                "Client events are not enabled on this server yet",
+            ));
+        }
+        ClientMessage::Unknown { event } => {
+            let err = PusherError::InvalidMessage;
+            conn.send_text(&outbound::error(
+                Some(err.code()),
+                &format!("{err}: unknown event {event:?}"),
+            ));
+        }
+    }
+}
+
+fn subscribe(
+    shard: &Shard,
+    conn: &Conn,
+    channel: &str,
+    auth_token: Option<&str>,
+    channel_data: Option<&str>,
+) {
+    if let Err(e) = channel::validate(channel) {
+        conn.send_text(&outbound::error(
+            None,
+            &format!("Invalid channel {channel:?}: {e}"),
+        ));
+        return;
+    }
+    let kind = ChannelKind::of(channel);
+    if kind == ChannelKind::Presence || channel.starts_with('#') {
+        conn.send_text(&outbound::error(
+            None,
+            &format!("Cannot subscribe to {channel:?}: presence and server-to-user channels are not available in this version"),
+        ));
+        return;
+    }
+    if kind.needs_auth() {
+        let app = &shard.shared.cfg.apps[conn.app];
+        let ok = auth_token.is_some_and(|token| {
+            auth::verify_channel_auth(
+                &app.key,
+                &app.secret,
+                &conn.socket_id.to_string(),
+                channel,
+                channel_data.filter(|_| kind == ChannelKind::Presence),
+                token,
+            )
+        });
+        if !ok {
+            let err = PusherError::Unauthorized;
+            conn.send_text(&outbound::error(
+                Some(err.code()),
+                &format!("{err}: invalid signature for {channel:?}"),
+            ));
+            return;
+        }
+    }
+    let mut index = shard.index.borrow_mut();
+    if index.channels_of(conn.id) >= MAX_CHANNELS_PER_CONN {
+        conn.send_text(&outbound::error(
+            None,
+            &format!("Subscription limit reached: at most {MAX_CHANNELS_PER_CONN} channels per connection"),
+        ));
+        return;
+    }
+    index.subscribe(conn.id, conn.app, channel);
+    drop(index);
+    conn.send_text(&outbound::subscription_succeeded(channel));
+}

@@ -1,0 +1,126 @@
+//! The one module allowed `unsafe`: raw-fd `sendmsg` with iovecs (glommio's stream has no vectored
+//! write), handing listening sockets to glommio, CPU affinity, and resource limits.
+#![allow(unsafe_code)]
+
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::fd::{IntoRawFd, RawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Most iovecs passed to one `sendmsg`; Linux's UIO_MAXIOV is 1024, 64 frames is plenty.
+pub const MAX_IOV: usize = 64;
+
+/// Sends as much of `bufs` as the socket takes now, without blocking: one `sendmsg(2)` with
+/// `MSG_DONTWAIT | MSG_NOSIGNAL`. `Err(WouldBlock)` when the send buffer is full.
+pub fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let n = bufs.len().min(MAX_IOV);
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with `struct iovec` on Unix (std docs), and `bufs`
+    // outlives the call. sendmsg only reads through msg_iov.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = n as _;
+    loop {
+        // SAFETY: `fd` is an open socket owned by the caller's connection for the duration of the
+        // call; `msg` points at `n` valid iovecs as set above; no ancillary data.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// A listening socket with SO_REUSEPORT, so every shard binds its own on the same address and the
+/// kernel spreads connections among them. Bound here, on the starting thread, so that a port in
+/// use fails start-up with a clear error and port 0 resolves to one port for all shards.
+pub fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<Socket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let sk = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    sk.set_reuse_port(true)?;
+    sk.set_reuse_address(true)?;
+    sk.bind(&addr.into())?;
+    sk.listen(backlog)?;
+    Ok(sk)
+}
+
+/// Hands a listening socket to the calling glommio executor.
+pub fn into_glommio_listener(sk: Socket) -> glommio::net::TcpListener {
+    use std::os::fd::FromRawFd;
+    let fd = sk.into_raw_fd();
+    // SAFETY: `fd` is a bound, listening TCP socket we own (into_raw_fd gave up ownership), and
+    // this runs on the glommio executor that will own it, as from_raw_fd requires.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+}
+
+/// The CPUs in this process's affinity mask, in order; `None` if it cannot be read.
+pub fn allowed_cpus() -> Option<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain old data; sched_getaffinity fills it for pid 0 (this thread).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `set` exactly.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return None;
+    }
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE, the size of the set.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect();
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+fn rlimit(resource: libc::__rlimit_resource_t) -> Option<libc::rlimit> {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct to the pointer we pass.
+    (unsafe { libc::getrlimit(resource, &mut rl) } == 0).then_some(rl)
+}
+
+/// Raises the soft open-files limit to the hard one (each connection is one fd) and returns it.
+pub fn raise_nofile() -> Option<u64> {
+    let mut rl = rlimit(libc::RLIMIT_NOFILE)?;
+    if rl.rlim_cur < rl.rlim_max {
+        rl.rlim_cur = rl.rlim_max;
+        // SAFETY: setrlimit reads one rlimit struct; raising soft to hard needs no privilege.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    }
+    rlimit(libc::RLIMIT_NOFILE).map(|r| r.rlim_cur as u64)
+}
+
+/// RLIMIT_MEMLOCK's soft value in bytes; `None` when unlimited.
+pub fn memlock_limit() -> Option<u64> {
+    let rl = rlimit(libc::RLIMIT_MEMLOCK)?;
+    (rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as u64)
+}
+
+/// Whether this process holds CAP_IPC_LOCK, which exempts it from RLIMIT_MEMLOCK.
+pub fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// Resident set size of this process in bytes, from /proc/self/statm.
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(4096) as u64)
+}

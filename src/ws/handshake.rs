@@ -1,0 +1,184 @@
+//! The HTTP/1.1 request head every connection starts with, and the WebSocket Upgrade answer.
+//!
+//! One parser serves both the WebSocket endpoint (`GET /app/{key}` with `Upgrade: websocket`) and
+//! the Pusher HTTP API on the same port.
+
+/// Largest request head accepted (request line plus headers).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most headers accepted in one request.
+const MAX_HEADERS: usize = 48;
+
+/// The parts of a request head the server acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query string, still percent-encoded (it is signed that way).
+    pub path: String,
+    /// Decoded query parameters in request order.
+    pub query: Vec<(String, String)>,
+    /// `Upgrade: websocket` and `Connection: upgrade` both present.
+    pub wants_upgrade: bool,
+    pub ws_key: Option<String>,
+    pub ws_version: Option<String>,
+    pub content_length: Option<usize>,
+    /// `Transfer-Encoding: chunked`; not supported for API bodies (411).
+    pub chunked: bool,
+    /// HTTP/1.0, or `Connection: close`.
+    pub close: bool,
+    pub origin: Option<String>,
+}
+
+impl Request {
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("malformed HTTP request")]
+    Malformed,
+    #[error("request head larger than 8 KiB")]
+    TooLarge,
+    #[error("invalid Content-Length")]
+    BadLength,
+}
+
+/// Parses a request head from the front of `buf`: `Ok(None)` means read more; `Ok(Some((req,
+/// n)))` means the head took `n` bytes (any body follows).
+pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    };
+    if n > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let target = req.path.ok_or(HeadError::Malformed)?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut out = Request {
+        method: req.method.ok_or(HeadError::Malformed)?.to_owned(),
+        path: path.to_owned(),
+        query: form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
+        close: req.version == Some(0),
+        ..Request::default()
+    };
+    let (mut upgrade, mut conn_upgrade) = (false, false);
+    for h in req.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| HeadError::Malformed)?
+            .trim();
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") {
+            upgrade = value.eq_ignore_ascii_case("websocket");
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("upgrade") {
+                    conn_upgrade = true;
+                } else if token.eq_ignore_ascii_case("close") {
+                    out.close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    out.close = false;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            out.ws_key = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            out.ws_version = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("content-length") {
+            out.content_length = Some(value.parse().map_err(|_| HeadError::BadLength)?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            out.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value.to_owned());
+        }
+    }
+    out.wants_upgrade = upgrade && conn_upgrade;
+    Ok(Some((out, n)))
+}
+
+/// The `101 Switching Protocols` answer. No extensions are offered back: permessage-deflate is
+/// never negotiated, so every subscriber can be sent the same frame bytes.
+pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A complete HTTP/1.1 response with a JSON body.
+pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let connection = if close { "close" } else { "keep-alive" };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_request() {
+        let raw = b"GET /app/key?protocol=7&client=js&version=8.4.0&flash=false HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let (req, n) = parse(raw).unwrap().unwrap();
+        assert_eq!(n, raw.len());
+        assert_eq!(req.path, "/app/key");
+        assert_eq!(req.query_param("protocol"), Some("7"));
+        assert!(req.wants_upgrade);
+        let resp = String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap())).unwrap();
+        // RFC 6455 §1.3's worked example.
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn partial_and_limits() {
+        assert_eq!(parse(b"GET /up HTTP/1.1\r\nHost"), Ok(None));
+        let big = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD + 1));
+        assert_eq!(parse(big.as_bytes()), Err(HeadError::TooLarge));
+        assert_eq!(
+            parse(b"\x00\x01 nonsense\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
+        let bad_len = b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
+        assert_eq!(parse(bad_len), Err(HeadError::BadLength));
+    }
+
+    #[test]
+    fn api_request_query_is_decoded() {
+        let raw = b"POST /apps/1/events?auth_key=k&auth_signature=a%2Bb HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+        let (req, n) = parse(raw).unwrap().unwrap();
+        assert_eq!(&raw[n..], b"{}");
+        assert_eq!(req.query_param("auth_signature"), Some("a+b"));
+        assert_eq!(req.content_length, Some(2));
+        assert!(req.close && !req.wants_upgrade);
+    }
+}

@@ -1,0 +1,7 @@
+//! WebSocket (RFC 6455) for a server: the HTTP request head and Upgrade (`handshake`), inbound
+//! frame decoding with limits and server frame encoding (`codec`).
+//!
+//! Knows nothing about Pusher or channels, and does no I/O.
+
+pub mod codec;
+pub mod handshake;

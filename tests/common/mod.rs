@@ -1,0 +1,410 @@
+//! Test harness: starts the real `bts-guru` binary on an ephemeral loopback port and talks to it
+//! over real sockets: a WebSocket client (tungstenite's sync client) and a signed HTTP API client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use md5::{Digest, Md5};
+use serde_json::Value;
+use sha2::Sha256;
+use tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+use tungstenite::{Message, WebSocket};
+
+pub const APP_ID: &str = "test-app";
+pub const APP_KEY: &str = "test-key";
+pub const APP_SECRET: &str = "test-secret";
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    stderr_path: std::path::PathBuf,
+}
+
+pub struct DaemonBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    toml: Option<String>,
+}
+
+impl DaemonBuilder {
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.env.push((k.to_owned(), v.into()));
+        self
+    }
+    /// Extra TOML appended to the `[server]` table of the generated config file.
+    pub fn server_toml(mut self, t: &str) -> Self {
+        self.toml = Some(t.to_owned());
+        self
+    }
+    pub fn shards(self, n: usize) -> Self {
+        self.arg("--shards").arg(n.to_string())
+    }
+    pub fn start(self) -> Daemon {
+        Daemon::spawn(self)
+    }
+}
+
+fn scratch_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "bts-guru-test-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Daemon {
+    /// A daemon with the test app (REVERB_APP_* env), 1 shard, on 127.0.0.1:0.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder {
+            args: vec![
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                "0".into(),
+            ],
+            env: vec![
+                ("REVERB_APP_ID".into(), APP_ID.into()),
+                ("REVERB_APP_KEY".into(), APP_KEY.into()),
+                ("REVERB_APP_SECRET".into(), APP_SECRET.into()),
+            ],
+            toml: None,
+        }
+    }
+
+    pub fn start(shards: usize) -> Daemon {
+        Daemon::builder().shards(shards).start()
+    }
+
+    fn spawn(b: DaemonBuilder) -> Daemon {
+        let dir = scratch_dir();
+        let mut args = b.args.clone();
+        if let Some(t) = &b.toml {
+            let path = dir.join("config.toml");
+            std::fs::write(&path, format!("[server]\n{t}\n")).unwrap();
+            args.push("--config".into());
+            args.push(path.to_string_lossy().into_owned());
+        }
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bts-guru"));
+        cmd.args(&args)
+            .current_dir(&dir)
+            .env_remove("REVERB_SERVER_HOST")
+            .env_remove("REVERB_SERVER_PORT")
+            .env("BTS_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in &b.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn bts-guru");
+        // The daemon prints exactly one line on stdout, `ready <addr>`, once every shard accepts.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(addr) = line.trim().strip_prefix("ready ") else {
+            let _ = child.wait();
+            panic!(
+                "daemon did not print `ready <addr>`; stdout {line:?}; stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        Daemon {
+            addr: addr.parse().unwrap(),
+            child,
+            stderr_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Resident set size of the daemon, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr, APP_KEY)
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            addr: self.addr,
+            app_id: APP_ID.into(),
+            key: APP_KEY.into(),
+            secret: APP_SECRET.into(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Pusher WebSocket client over a plain TcpStream.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub socket_id: String,
+}
+
+/// What the server sent, decoded.
+#[derive(Debug)]
+pub enum Got {
+    Event(Value),
+    Closed(Option<u16>),
+    Timeout,
+}
+
+pub fn ws_connect(addr: SocketAddr, path: &str) -> WebSocket<TcpStream> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let url = format!("ws://{addr}{path}");
+    let (ws, resp) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, key: &str) -> Client {
+        let ws = ws_connect(
+            addr,
+            &format!("/app/{key}?protocol=7&client=rust&version=0.1"),
+        );
+        let mut c = Client {
+            ws,
+            socket_id: String::new(),
+        };
+        let ev = c.expect_event("pusher:connection_established");
+        let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+        c.socket_id = data["socket_id"].as_str().unwrap().to_owned();
+        assert!(data["activity_timeout"].as_u64().unwrap() > 0);
+        c
+    }
+
+    pub fn set_timeout(&mut self, d: Duration) {
+        self.ws.get_ref().set_read_timeout(Some(d)).unwrap();
+    }
+
+    pub fn send_json(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).unwrap();
+    }
+
+    pub fn subscribe(&mut self, channel: &str) {
+        self.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel}}));
+        let ev = self.expect_event("pusher_internal:subscription_succeeded");
+        assert_eq!(ev["channel"], channel);
+    }
+
+    /// Next server message (answering nothing itself), within `timeout`.
+    pub fn next(&mut self, timeout: Duration) -> Got {
+        self.set_timeout(timeout);
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => return Got::Event(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(f)) => return Got::Closed(f.map(|f| u16::from(f.code))),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Got::Timeout
+                }
+                Err(tungstenite::Error::ConnectionClosed)
+                | Err(tungstenite::Error::AlreadyClosed) => return Got::Closed(None),
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    pub fn next_event(&mut self, timeout: Duration) -> Value {
+        match self.next(timeout) {
+            Got::Event(v) => v,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    /// Reads until an event named `name` (skipping none): panics on anything else.
+    pub fn expect_event(&mut self, name: &str) -> Value {
+        let ev = self.next_event(Duration::from_secs(5));
+        assert_eq!(ev["event"], name, "unexpected message {ev}");
+        ev
+    }
+
+    /// Asserts nothing arrives within `d`.
+    pub fn expect_silence(&mut self, d: Duration) {
+        match self.next(d) {
+            Got::Timeout => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server closes; returns the close code, and the pusher:error code if one
+    /// came just before.
+    pub fn expect_close(&mut self, timeout: Duration) -> (Option<u16>, Option<u64>) {
+        let deadline = Instant::now() + timeout;
+        let mut err_code = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "server did not close in {timeout:?}");
+            match self.next(left) {
+                Got::Event(v) if v["event"] == "pusher:error" => {
+                    err_code = v["data"]["code"].as_u64()
+                }
+                Got::Event(_) => {}
+                Got::Closed(code) => return (code, err_code),
+                Got::Timeout => {}
+            }
+        }
+    }
+
+    pub fn close(mut self) {
+        let _ = self.ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }));
+        let _ = self.ws.flush();
+    }
+}
+
+/// A Pusher HTTP API client that signs like the official SDKs.
+pub struct Api {
+    pub addr: SocketAddr,
+    pub app_id: String,
+    pub key: String,
+    pub secret: String,
+}
+
+pub fn hmac_hex(secret: &str, msg: &str) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(msg.as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Api {
+    /// Signs and sends `POST path` with `body`; returns (status, body).
+    pub fn post(&self, endpoint: &str, body: &str) -> (u16, Value) {
+        self.post_at(endpoint, body, now_secs(), &self.secret.clone())
+    }
+
+    /// Like `post`, with a chosen timestamp and signing secret.
+    pub fn post_at(&self, endpoint: &str, body: &str, ts: u64, secret: &str) -> (u16, Value) {
+        let path = format!("/apps/{}/{endpoint}", self.app_id);
+        let md5 = hex::encode(Md5::digest(body.as_bytes()));
+        let query = format!(
+            "auth_key={}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}",
+            self.key
+        );
+        let sig = hmac_hex(secret, &format!("POST\n{path}\n{query}"));
+        let (status, text) = http(
+            self.addr,
+            "POST",
+            &format!("{path}?{query}&auth_signature={sig}"),
+            body.as_bytes(),
+        );
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub fn trigger(&self, channels: &[&str], event: &str, data: &str) -> (u16, Value) {
+        let body = serde_json::json!({"name": event, "channels": channels, "data": data});
+        self.post("events", &body.to_string())
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+pub fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A masked client frame built by hand, for sending what a well-behaved client never would.
+pub fn raw_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => out.push(mask_bit | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    if masked {
+        out.extend_from_slice(&mask);
+    }
+    let start = out.len();
+    out.extend_from_slice(payload);
+    if masked {
+        for (i, b) in out[start..].iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+    }
+    out
+}
