@@ -1,1 +1,86 @@
-fn main() {}
+//! Micro-benchmarks of the per-event and per-message paths that need no sockets: building the
+//! shared frame, parsing a client message, verifying a channel signature, and index churn.
+//! Run with `cargo bench`; figures go in BENCHMARKS.md with the machine they came from.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+
+use bts_guru::fanout::frame::SharedFrame;
+use bts_guru::protocol::{auth, inbound, outbound};
+use bts_guru::shard::index::SubscriptionIndex;
+use bts_guru::shard::ConnId;
+
+const MATCH_UPDATE: &str = r#"{"match_id":12345,"sport_id":"football","league_id":"premier-league","status":"live","home_team":{"id":101,"name":"Team A","score":2},"away_team":{"id":102,"name":"Team B","score":1},"period":"2nd Half","time":"75:00","last_updated":"2025-05-14T01:35:00Z"}"#;
+
+fn frame(c: &mut Criterion) {
+    c.bench_function("frame/match_update_3_channels", |b| {
+        b.iter(|| {
+            let mut data = Vec::with_capacity(MATCH_UPDATE.len() + 64);
+            outbound::push_json_str(&mut data, black_box(MATCH_UPDATE));
+            for ch in [
+                "sports.football",
+                "sports.football.leagues.premier-league",
+                "sports.football.leagues.premier-league.matches.12345",
+            ] {
+                black_box(SharedFrame::event("match.update", ch, &data));
+            }
+        })
+    });
+}
+
+fn parse(c: &mut Criterion) {
+    let msg = br#"{"event":"pusher:subscribe","data":{"channel":"private-sports.football.leagues.premier-league.matches.12345","auth":"key:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"}}"#;
+    c.bench_function("parse/subscribe", |b| {
+        let mut buf = msg.to_vec();
+        b.iter(|| {
+            buf.copy_from_slice(msg);
+            let m = inbound::parse(black_box(&mut buf)).unwrap();
+            black_box(&m);
+        })
+    });
+}
+
+fn hmac(c: &mut Criterion) {
+    let sig = auth::sign("secret", b"1234.5678:private-sports.football");
+    let token = format!("key:{sig}");
+    c.bench_function("auth/verify_private_channel", |b| {
+        b.iter(|| {
+            assert!(auth::verify_channel_auth(
+                "key",
+                "secret",
+                black_box("1234.5678"),
+                black_box("private-sports.football"),
+                None,
+                &token
+            ))
+        })
+    });
+}
+
+fn index(c: &mut Criterion) {
+    let channels: Vec<String> = (0..100)
+        .map(|i| format!("sports.football.leagues.l{}.matches.{i}", i % 10))
+        .collect();
+    c.bench_function("index/subscribe_unsubscribe_10k", |b| {
+        b.iter(|| {
+            let mut idx = SubscriptionIndex::new(1);
+            for n in 0..10_000u32 {
+                let id = ConnId { slot: n, gen: 1 };
+                idx.subscribe(id, 0, &channels[n as usize % 100]);
+            }
+            for n in 0..10_000u32 {
+                let id = ConnId { slot: n, gen: 1 };
+                idx.remove_conn(id);
+            }
+        })
+    });
+    let mut idx = SubscriptionIndex::new(1);
+    for n in 0..10_000u32 {
+        idx.subscribe(ConnId { slot: n, gen: 1 }, 0, &channels[n as usize % 100]);
+    }
+    c.bench_function("index/lookup", |b| {
+        b.iter(|| black_box(idx.subscribers(0, black_box(&channels[42])).len()))
+    });
+}
+
+criterion_group!(benches, frame, parse, hmac, index);
+criterion_main!(benches);

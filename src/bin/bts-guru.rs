@@ -1,5 +1,6 @@
 //! The bts-guru daemon: flags and environment, logging, then `bts_guru::run`.
 //!
+//! The global allocator is mimalloc (see `sys::Allocator` for the one exception).
 //! stdout carries exactly one line, `ready <addr>`, once every shard accepts; logs go to stderr.
 
 use std::io::Write;
@@ -10,7 +11,7 @@ use clap::Parser;
 use bts_guru::config::{Cli, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

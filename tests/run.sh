@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The test command: on a fresh Debian machine (with Rust from rustup), installs what the tests
+# need -- a C compiler for glommio's bundled liburing, redis-server, Node.js and npm, and the
+# Node packages of the client-compatibility test -- then runs every check and every test.
+# `.ci/run` runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+{ command -v prlimit >/dev/null && command -v setpriv >/dev/null; } || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo)"
+npm ci --prefix tests/compat --no-audit --no-fund --loglevel=error
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+# glommio's CI runs its tests under a small memlock limit too; ours fit 3 shards in 8 MiB.
+cargo test --all-targets --locked
