@@ -376,7 +376,7 @@ impl Config {
                 "pong_timeout_secs and handshake_timeout_secs must be at least 1".into(),
             ));
         }
-        let inbox_capacity = s.inbox_capacity.unwrap_or(65_536);
+        let inbox_capacity = s.inbox_capacity.unwrap_or(16_384);
         if inbox_capacity < 16 {
             return Err(ConfigError::Other(
                 "inbox_capacity must be at least 16".into(),
