@@ -453,6 +453,11 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
             respond_and_close(stream, &resp).await;
             return None;
         }
+        if req.expect_continue && buf.len() < head_len + len {
+            if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                return None;
+            }
+        }
         while buf.len() < head_len + len {
             match read_more(stream, &mut buf).await {
                 Ok(n) if n > 0 => {}

@@ -26,6 +26,8 @@ pub struct Request {
     /// HTTP/1.0, or `Connection: close`.
     pub close: bool,
     pub origin: Option<String>,
+    /// `Expect: 100-continue` (curl sends it for bodies over 1 KiB, Guzzle over 1 MB).
+    pub expect_continue: bool,
 }
 
 impl Request {
@@ -99,6 +101,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             out.content_length = Some(value.parse().map_err(|_| HeadError::BadLength)?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             out.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("expect") {
+            out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_owned());
         }
