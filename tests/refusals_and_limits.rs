@@ -314,3 +314,34 @@ fn message_size_limit_is_configurable_to_1_mb() {
         .unwrap();
     c.expect_event("pusher:pong");
 }
+
+#[test]
+fn slow_request_head_is_cut_off_at_the_handshake_timeout() {
+    let d = Daemon::builder()
+        .server_toml("handshake_timeout_secs = 1")
+        .start();
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let started = std::time::Instant::now();
+    let head = b"GET /app/test-key?protocol=7 HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    // One byte every 100 ms: each read is quick, the head never completes.
+    for b in head.iter() {
+        if s.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 16];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "server kept a trickling request head open for {waited:?}"
+    );
+}

@@ -33,6 +33,8 @@ pub const MAX_CHANNELS_PER_CONN: usize = 1000;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes read per `recv`; a stack buffer, so idle connections hold no read buffer at all.
 const READ_CHUNK: usize = 2048;
+/// Bytes read per `recv` while a request head or body is arriving.
+const HEAD_READ: usize = 1024;
 /// After a final response or a refusal: how long, and how many bytes, we keep reading (and
 /// discarding) so our last bytes are not lost to a reset.
 const LINGER: Duration = Duration::from_secs(2);
@@ -415,10 +417,16 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
     let _ = stream.set_read_timeout(Some(cfg.handshake_timeout));
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        let (req, head_len) = match read_head(stream, &mut buf).await {
-            Ok(Some(x)) => x,
-            Ok(None) => return None,
-            Err(e) => {
+        // The whole head must arrive within the handshake timeout, however slowly it trickles
+        // in (slowloris); each read is bounded by the same timeout as well.
+        let head = glommio::timer::timeout(cfg.handshake_timeout, async {
+            Ok(read_head(stream, &mut buf).await)
+        })
+        .await;
+        let (req, head_len) = match head {
+            Err(_) | Ok(Ok(None)) => return None,
+            Ok(Ok(Some(x))) => x,
+            Ok(Err(e)) => {
                 let status = if e == handshake::HeadError::TooLarge {
                     431
                 } else {
@@ -453,10 +461,14 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
             respond_and_close(stream, &resp).await;
             return None;
         }
-        if req.expect_continue && buf.len() < head_len + len {
-            if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                return None;
-            }
+        if req.expect_continue
+            && buf.len() < head_len + len
+            && stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .is_err()
+        {
+            return None;
         }
         while buf.len() < head_len + len {
             match read_more(stream, &mut buf).await {
@@ -495,11 +507,16 @@ async fn respond_and_close(stream: &mut TcpStream, resp: &[u8]) {
     .await;
 }
 
+/// Reads once into `buf`'s spare capacity (no stack buffer held across the await: the HTTP phase
+/// of thousands of simultaneous handshakes stays small).
 async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    let mut chunk = [0u8; READ_CHUNK];
-    let n = stream.read(&mut chunk).await?;
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(n)
+    let len = buf.len();
+    let want = (buf.capacity() - len).max(HEAD_READ);
+    buf.resize(len + want, 0);
+    let r = stream.read(&mut buf[len..]).await;
+    let n = *r.as_ref().unwrap_or(&0);
+    buf.truncate(len + n);
+    r
 }
 
 /// Reads until a whole request head is buffered. `Ok(None)`: the peer closed or timed out.
