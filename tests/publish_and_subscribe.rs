@@ -184,3 +184,40 @@ fn pusher_ping_gets_pong() {
     let ev = c.expect_event("pusher:pong");
     assert_eq!(ev["data"], "{}");
 }
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(1);
+    let mut c = d.client();
+    c.subscribe("sports.football");
+    let body = json!({"name":"match.update","channel":"sports.football","data":"x".repeat(2000)})
+        .to_string();
+    // Sign like Api::post does, but send the head alone first, as curl does for bodies > 1 KiB.
+    let path = format!("/apps/{APP_ID}/events");
+    let md5 = {
+        use md5::Digest;
+        hex::encode(md5::Md5::digest(body.as_bytes()))
+    };
+    let query = format!(
+        "auth_key={APP_KEY}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
+        now_secs()
+    );
+    let sig = hmac_hex(APP_SECRET, &format!("POST\n{path}\n{query}"));
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(
+        s,
+        "POST {path}?{query}&auth_signature={sig} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(body.as_bytes()).unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 200 OK"), "{rest}");
+    assert_eq!(c.next_event(T)["event"], "match.update");
+}

@@ -4,7 +4,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use common::*;
 
@@ -26,6 +25,17 @@ fn refuse(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The first line the daemon prints on stdout (`ready <addr>` when it started).
+fn first_stdout_line(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    line
 }
 
 #[test]
@@ -103,12 +113,7 @@ fn dev_credentials_stay_on_loopback_unless_allowed() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line = first_stdout_line(&mut child);
     assert!(line.starts_with("ready 127.0.0.1:"), "{line}");
     let addr = line.trim().strip_prefix("ready ").unwrap().parse().unwrap();
     let c = Client::connect(addr, "bts-guru-dev-key");
@@ -159,12 +164,7 @@ fn memlock_limit_is_checked_at_start() {
             .unwrap()
     };
     let mut fits = run("8388608", "3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(fits.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+    let line = first_stdout_line(&mut fits);
     assert!(line.starts_with("ready "), "3 shards in 8 MiB: {line:?}");
     fits.kill().unwrap();
     let out = fits.wait_with_output().unwrap();
@@ -178,5 +178,4 @@ fn memlock_limit_is_checked_at_start() {
         stderr.contains("RLIMIT_MEMLOCK is 512 KiB") && stderr.contains("--shards"),
         "{stderr}"
     );
-    std::thread::sleep(Duration::from_millis(10));
 }
