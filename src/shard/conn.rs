@@ -146,6 +146,9 @@ pub struct Conn {
     state: Cell<State>,
     /// The peer sent its close frame.
     peer_closed: Cell<bool>,
+    /// The peer broke the WebSocket protocol: what it sends next is read and discarded until
+    /// it closes, so our close frame is not lost to a reset caused by unread input.
+    input_broken: Cell<bool>,
     write_shut: Cell<bool>,
     last_seen: Cell<Instant>,
     /// When the server pinged, if the client has not answered since.
@@ -165,6 +168,7 @@ impl Conn {
             task: RefCell::new(None),
             state: Cell::new(State::Open),
             peer_closed: Cell::new(false),
+            input_broken: Cell::new(false),
             write_shut: Cell::new(false),
             last_seen: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
@@ -641,6 +645,10 @@ async fn session(
 
 /// Handles every complete frame in `rbuf`, removing what it used.
 fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, max_message: usize) {
+    if conn.input_broken.get() {
+        rbuf.clear();
+        return;
+    }
     let mut pos = 0;
     while pos < rbuf.len() && !conn.peer_closed.get() {
         let (msg, used) = match dec.next(&mut rbuf[pos..], max_message) {
@@ -650,7 +658,7 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
                 tracing::debug!(socket_id = %conn.socket_id, error = %e, "WebSocket protocol error");
                 conn.close_ws(e.close_code(), &e.to_string());
                 // Nothing after a broken frame can be trusted.
-                conn.peer_closed.set(true);
+                conn.input_broken.set(true);
                 pos = rbuf.len();
                 break;
             }
