@@ -408,10 +408,58 @@ impl Conn {
 /// buffers (measured: ~9 KiB per idle connection before, see ARCHITECTURE.md).
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let upgrade_req = Box::pin(http_phase(&shard, &mut stream)).await;
-    if let Some((req, leftover)) = upgrade_req {
-        upgrade(shard, stream, req, leftover).await;
-    }
+    // Everything before the session (request head, checks, 101, refusals) runs in a boxed future
+    // freed once it is done, so the future that lives as long as the connection stays small.
+    let Some((app, _guard, leftover)) = Box::pin(handshake(&shard, &mut stream)).await else {
+        return;
+    };
+    let cfg = &shard.shared.cfg.apps[app];
+    let _ = stream.set_read_timeout(None);
+    let conn = shard.register(app, stream.as_raw_fd());
+    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
+    conn.send_text(&outbound::connection_established(
+        conn.socket_id,
+        cfg.activity_timeout,
+    ));
+    session(&shard, &conn, &mut stream, leftover, cfg.max_message_size).await;
+    shard.unregister(&conn);
+    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "disconnected");
+}
+
+/// HTTP requests, then the WebSocket upgrade with its checks. `Some` when a Pusher session may
+/// start: the app, its connection-count guard, and bytes the client sent after the request head.
+async fn handshake<'a>(
+    shard: &'a Shard,
+    stream: &mut TcpStream,
+) -> Option<(usize, AppConnGuard<'a>, Vec<u8>)> {
+    let (req, leftover) = http_phase(shard, stream).await?;
+    let Some(ws_key) = req
+        .ws_key
+        .as_deref()
+        .filter(|_| req.ws_version.as_deref() == Some("13") && req.method == "GET")
+    else {
+        let body = r#"{"error":"WebSocket upgrade needs GET, Sec-WebSocket-Key and Sec-WebSocket-Version: 13"}"#;
+        respond_and_close(stream, &handshake::json_response(400, body, true)).await;
+        return None;
+    };
+    stream
+        .write_all(&handshake::switching_protocols(ws_key))
+        .await
+        .ok()?;
+    let shared = &shard.shared;
+    let app = match check_upgrade(shard, &req) {
+        Ok(app) => app,
+        Err(err) => {
+            refuse(stream, err).await;
+            return None;
+        }
+    };
+    let limit = shared.cfg.apps[app].max_connections;
+    let Some(guard) = AppConnGuard::try_new(&shared.app_conns[app], limit) else {
+        refuse(stream, PusherError::OverQuota).await;
+        return None;
+    };
+    Some((app, guard, leftover))
 }
 
 /// Answers HTTP requests until the peer goes away (`None`) or asks for a WebSocket upgrade
@@ -497,7 +545,8 @@ async fn respond_and_close(stream: &mut TcpStream, resp: &[u8]) {
         return;
     }
     let _ = stream.close().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: this rare path must not grow every handshake future by 4 KiB.
+    let mut sink = vec![0u8; 4096];
     let _ = glommio::timer::timeout(LINGER, async {
         let mut left = LINGER_BYTES;
         while left > 0 {
@@ -541,47 +590,6 @@ async fn read_head(
     }
 }
 
-/// Completes the WebSocket handshake, checks app, path and protocol, then runs the session.
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream, req: Request, leftover: Vec<u8>) {
-    let Some(ws_key) = req
-        .ws_key
-        .as_deref()
-        .filter(|_| req.ws_version.as_deref() == Some("13") && req.method == "GET")
-    else {
-        let body = r#"{"error":"WebSocket upgrade needs GET, Sec-WebSocket-Key and Sec-WebSocket-Version: 13"}"#;
-        let resp = handshake::json_response(400, body, true);
-        return Box::pin(respond_and_close(&mut stream, &resp)).await;
-    };
-    if stream
-        .write_all(&handshake::switching_protocols(ws_key))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let shared = &shard.shared;
-    let app = match check_upgrade(&shard, &req) {
-        Ok(app) => app,
-        Err(err) => return Box::pin(refuse(stream, err)).await,
-    };
-    let cfg = &shared.cfg.apps[app];
-    let Some(_guard) = AppConnGuard::try_new(&shared.app_conns[app], cfg.max_connections) else {
-        return Box::pin(refuse(stream, PusherError::OverQuota)).await;
-    };
-    // Nothing of the request outlives the handshake.
-    drop(req);
-    let _ = stream.set_read_timeout(None);
-    let conn = shard.register(app, stream.as_raw_fd());
-    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
-    conn.send_text(&outbound::connection_established(
-        conn.socket_id,
-        cfg.activity_timeout,
-    ));
-    session(&shard, &conn, &mut stream, leftover, cfg.max_message_size).await;
-    shard.unregister(&conn);
-    tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "disconnected");
-}
-
 fn check_upgrade(shard: &Shard, req: &Request) -> Result<usize, PusherError> {
     let key = req
         .path
@@ -603,21 +611,11 @@ fn check_upgrade(shard: &Shard, req: &Request) -> Result<usize, PusherError> {
 }
 
 /// Ends an upgraded connection that may not go on: `pusher:error`, then the same close code.
-async fn refuse(mut stream: TcpStream, err: PusherError) {
+async fn refuse(stream: &mut TcpStream, err: PusherError) {
     let msg = err.to_string();
     let mut bytes = codec::server_frame(codec::OP_TEXT, &outbound::error(Some(err.code()), &msg));
     bytes.extend(codec::close_frame(err.code(), &msg));
-    if stream.write_all(&bytes).await.is_err() {
-        return;
-    }
-    let _ = stream.close().await;
-    // Wait briefly for the client's close frame or EOF so our frames are not lost to a reset.
-    let mut sink = [0u8; 256];
-    let _ = glommio::timer::timeout(Duration::from_secs(2), async {
-        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-        Ok(())
-    })
-    .await;
+    respond_and_close(stream, &bytes).await;
 }
 
 /// The Pusher session: decode client frames, answer them, until the connection ends.
