@@ -56,6 +56,37 @@ pub struct App {
     pub max_message_size: usize,
     /// Most simultaneous connections, all shards together (4004 beyond).
     pub max_connections: Option<usize>,
+    /// Who may send client events (REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM).
+    pub client_events: ClientEvents,
+    /// Client events one connection may send per second (Pusher: 10); 4301 beyond.
+    pub client_events_per_second: u32,
+    /// Most members (distinct users) in one presence channel (Pusher: 100).
+    pub max_presence_members: usize,
+    /// Largest presence `user_info`, as JSON bytes (Pusher: 1 KB; Reverb-style apps send more).
+    pub max_user_info: usize,
+    /// How long a cache channel keeps its last event (Pusher: 30 minutes).
+    pub cache_ttl: Duration,
+    /// Send `pusher_internal:subscription_count` to subscribers when a channel's count changes.
+    pub subscription_count: bool,
+}
+
+/// REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM: `members` (subscribers of the channel; the default),
+/// `all` (any connection of the app), anything else disables client events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientEvents {
+    Members,
+    All,
+    None,
+}
+
+impl ClientEvents {
+    pub fn parse(s: &str) -> ClientEvents {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "members" => ClientEvents::Members,
+            "all" => ClientEvents::All,
+            _ => ClientEvents::None,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -75,6 +106,8 @@ pub struct Config {
     pub inbox_capacity: usize,
     /// A request head must arrive within this time.
     pub handshake_timeout: Duration,
+    /// Most cache channels whose last event is kept (per shard, all apps together).
+    pub max_cache_channels: usize,
     /// True when running with the built-in development app.
     pub dev_credentials: bool,
 }
@@ -137,6 +170,7 @@ pub struct RawServer {
     pub inbox_capacity: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub allow_dev_credentials: Option<bool>,
+    pub max_cache_channels: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -148,6 +182,12 @@ pub struct RawApp {
     pub activity_timeout: Option<u32>,
     pub max_message_size: Option<usize>,
     pub max_connections: Option<usize>,
+    pub accept_client_events_from: Option<String>,
+    pub client_events_per_second: Option<u32>,
+    pub max_presence_members: Option<usize>,
+    pub max_user_info: Option<usize>,
+    pub cache_ttl_secs: Option<u64>,
+    pub subscription_count: Option<bool>,
 }
 
 /// Environment lookups; the process environment in production, a map in tests.
@@ -264,6 +304,8 @@ impl Config {
             activity_timeout: env_parse(env, "REVERB_APP_ACTIVITY_TIMEOUT", "seconds")?,
             max_message_size: env_parse(env, "REVERB_APP_MAX_MESSAGE_SIZE", "bytes")?,
             max_connections: env_parse(env, "REVERB_APP_MAX_CONNECTIONS", "a count")?,
+            accept_client_events_from: env_str(env, "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM"),
+            ..RawApp::default()
         };
         let env_has_creds =
             env_app.id.is_some() || env_app.key.is_some() || env_app.secret.is_some();
@@ -278,6 +320,10 @@ impl Config {
                     a.activity_timeout = env_app.activity_timeout.or(a.activity_timeout);
                     a.max_message_size = env_app.max_message_size.or(a.max_message_size);
                     a.max_connections = env_app.max_connections.or(a.max_connections);
+                    a.accept_client_events_from = env_app
+                        .accept_client_events_from
+                        .clone()
+                        .or(a.accept_client_events_from.take());
                 }
                 None => apps.push(env_app.clone()),
             }
@@ -391,6 +437,7 @@ impl Config {
             max_outbound_bytes,
             inbox_capacity,
             handshake_timeout: Duration::from_secs(handshake_timeout),
+            max_cache_channels: s.max_cache_channels.unwrap_or(100_000).max(1),
             dev_credentials,
         })
     }
@@ -441,6 +488,15 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             "max_message_size must be between 100 and {MAX_MESSAGE_SIZE_LIMIT} bytes (got {max_message_size})"
         )));
     }
+    let client_events_per_second = a.client_events_per_second.unwrap_or(10);
+    let max_presence_members = a.max_presence_members.unwrap_or(100);
+    let max_user_info = a.max_user_info.unwrap_or(2048);
+    if client_events_per_second == 0 || max_presence_members == 0 || max_user_info == 0 {
+        return Err(bad(
+            "client_events_per_second, max_presence_members and max_user_info must be at least 1"
+                .into(),
+        ));
+    }
     Ok(App {
         id,
         key,
@@ -448,6 +504,15 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
         activity_timeout,
         max_message_size,
         max_connections: a.max_connections,
+        client_events: a
+            .accept_client_events_from
+            .as_deref()
+            .map_or(ClientEvents::Members, ClientEvents::parse),
+        client_events_per_second,
+        max_presence_members,
+        max_user_info,
+        cache_ttl: Duration::from_secs(a.cache_ttl_secs.unwrap_or(1800)),
+        subscription_count: a.subscription_count.unwrap_or(false),
     })
 }
 

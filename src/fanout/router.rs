@@ -21,6 +21,7 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
 use crate::protocol::SocketId;
+use crate::shard::ConnId;
 
 /// An event for one channel of one app, framed and ready to write.
 #[derive(Debug, Clone)]
@@ -32,12 +33,115 @@ pub struct Broadcast {
     pub frame: Bytes,
     /// Pusher `socket_id` exclusion: this connection does not get the event.
     pub except: Option<SocketId>,
+    /// Keep the frame as the channel's last event (cache channels; never internal events).
+    pub cache: bool,
 }
 
 /// Everything that can make a shard do work from outside: a closed set.
 #[derive(Debug)]
 pub enum ShardCmd {
     Broadcast(Broadcast),
+    /// To the shard that owns a presence channel (`Router::owner`).
+    Presence(PresenceOp),
+    /// The owner's answer to a `PresenceOp::Join`, back to the joining connection's shard.
+    Joined(Joined),
+    /// An HTTP API read: every shard answers its part to `origin`.
+    Query(Query),
+    Answer(Answer),
+    /// Close every connection signed in as this user (terminate_connections).
+    TerminateUser {
+        app: usize,
+        user_id: Arc<str>,
+    },
+    /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
+    /// total for `pusher_internal:subscription_count`.
+    CountDelta {
+        app: usize,
+        channel: Arc<str>,
+        delta: i64,
+    },
+}
+
+/// Presence membership changes, applied by the channel's owner shard only, so membership has
+/// one writer and member_added / member_removed go out once per user.
+#[derive(Debug)]
+pub enum PresenceOp {
+    Join {
+        app: usize,
+        channel: Arc<str>,
+        user_id: Arc<str>,
+        /// `user_info` as JSON.
+        user_info: Option<Arc<str>>,
+        origin: usize,
+        conn: ConnId,
+        socket_id: SocketId,
+    },
+    Leave {
+        app: usize,
+        channel: Arc<str>,
+        user_id: Arc<str>,
+        socket_id: SocketId,
+    },
+}
+
+#[derive(Debug)]
+pub struct Joined {
+    pub app: usize,
+    pub channel: Arc<str>,
+    pub conn: ConnId,
+    pub user_id: Arc<str>,
+    /// The `subscription_succeeded` frame with the whole channel's members, or why not.
+    pub result: Result<Bytes, &'static str>,
+}
+
+#[derive(Debug, Clone)]
+pub enum QueryKind {
+    /// Occupied channels, optionally by name prefix.
+    Channels {
+        prefix: String,
+    },
+    /// One channel, for `/channels/{name}` and `info` on publishes.
+    Channel {
+        name: Arc<str>,
+    },
+    /// Members of a presence channel.
+    Users {
+        channel: Arc<str>,
+    },
+    Connections,
+}
+
+#[derive(Debug)]
+pub struct Query {
+    pub id: u64,
+    pub origin: usize,
+    pub app: usize,
+    pub what: QueryKind,
+}
+
+/// One channel as one shard sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelPart {
+    pub name: String,
+    /// Local subscribers on this shard.
+    pub subscriptions: u64,
+    /// Presence members, from the channel's owner only.
+    pub users: Option<u64>,
+}
+
+/// One shard's answer to a `Query`.
+#[derive(Debug, Default)]
+pub struct QueryPart {
+    pub connections: u64,
+    pub channels: Vec<ChannelPart>,
+    /// Member user ids, from the presence channel's owner only.
+    pub users: Option<Vec<String>>,
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub id: u64,
+    pub part: QueryPart,
 }
 
 /// A shard's inbox. Padded so two shards' queue heads never share a cache line.
@@ -70,6 +174,17 @@ impl Router {
 
     pub fn shards(&self) -> usize {
         self.inboxes.len()
+    }
+
+    /// The shard that owns a channel's presence membership and total counts (FNV-1a of app and
+    /// name): the same answer on every shard, so every op for a channel meets in one place.
+    pub fn owner(&self, app: usize, channel: &str) -> usize {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in (app as u64).to_le_bytes().iter().chain(channel.as_bytes()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % self.inboxes.len() as u64) as usize
     }
 
     /// Queues `cmd` for `shard` and wakes it. Never blocks; `Err` gives the command back when the
@@ -141,6 +256,7 @@ mod tests {
             channel: "c".into(),
             frame: Bytes::from(vec![i]),
             except: None,
+            cache: false,
         }
     }
 
@@ -152,7 +268,9 @@ mod tests {
         assert_eq!(r.broadcast(b(3)), 2);
         assert_eq!(r.dropped(0), 1);
         assert_eq!(r.dropped(1), 1);
-        let ShardCmd::Broadcast(first) = r.try_pop(1).unwrap();
+        let Some(ShardCmd::Broadcast(first)) = r.try_pop(1) else {
+            panic!("expected a broadcast")
+        };
         assert_eq!(&first.frame[..], &[1]);
     }
 

@@ -28,10 +28,34 @@ impl ChannelKind {
         }
     }
 
+    /// Do client events go through on this kind (only private and presence; never encrypted)?
+    pub fn allows_client_events(self) -> bool {
+        matches!(self, ChannelKind::Private | ChannelKind::Presence)
+    }
+
     /// Does subscribing need an `auth` signature?
     pub fn needs_auth(self) -> bool {
         !matches!(self, ChannelKind::Public)
     }
+}
+
+/// Cache channels keep their last event for late subscribers: `cache-*`, `private-cache-*`,
+/// `presence-cache-*` and `private-encrypted-cache-*`.
+pub fn is_cache(name: &str) -> bool {
+    [
+        "cache-",
+        "private-cache-",
+        "presence-cache-",
+        "private-encrypted-cache-",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+/// The user id a `#server-to-user-<id>` channel belongs to.
+pub fn server_to_user_id(name: &str) -> Option<&str> {
+    name.strip_prefix("#server-to-user-")
+        .filter(|id| !id.is_empty())
 }
 
 /// A validated channel name: 1..=200 bytes of `[A-Za-z0-9_\-=@,.;]`, optionally led by `#`
@@ -119,6 +143,24 @@ mod tests {
         assert_eq!(validate("é"), Err(ChannelNameError::BadChar));
         assert_eq!(validate(&"a".repeat(200)), Ok(()));
         assert_eq!(validate(&"a".repeat(201)), Err(ChannelNameError::TooLong));
+    }
+
+    #[test]
+    fn cache_and_server_to_user() {
+        for c in [
+            "cache-a",
+            "private-cache-a",
+            "presence-cache-a",
+            "private-encrypted-cache-a",
+        ] {
+            assert!(is_cache(c), "{c}");
+        }
+        for c in ["a", "private-a", "cachex", "sports.cache-a"] {
+            assert!(!is_cache(c), "{c}");
+        }
+        assert_eq!(server_to_user_id("#server-to-user-42"), Some("42"));
+        assert_eq!(server_to_user_id("#server-to-user-"), None);
+        assert_eq!(server_to_user_id("server-to-user-42"), None);
     }
 
     #[test]

@@ -18,10 +18,16 @@ pub enum ClientMessage<'a> {
     Unsubscribe {
         channel: Cow<'a, str>,
     },
-    /// `client-*` events (whispers).
+    /// `client-*` events (whispers). `data` is re-serialized JSON, relayed as the client sent it.
     ClientEvent {
         event: Cow<'a, str>,
         channel: Option<Cow<'a, str>>,
+        data: Vec<u8>,
+    },
+    /// `pusher:signin` (user authentication).
+    Signin {
+        auth: Option<Cow<'a, str>>,
+        user_data: Option<Cow<'a, str>>,
     },
     /// Any other `event` name: answered with `pusher:error`, connection kept.
     Unknown {
@@ -69,10 +75,21 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
                 .ok_or(InboundError::MissingChannel("pusher:unsubscribe"))?;
             ClientMessage::Unsubscribe { channel }
         }
+        "pusher:signin" => {
+            let data = data_object(data);
+            ClientMessage::Signin {
+                auth: field(&data, "auth"),
+                user_data: field(&data, "user_data"),
+            }
+        }
         e if e.starts_with("client-") => ClientMessage::ClientEvent {
             channel: match obj.remove("channel") {
                 Some(BorrowedValue::String(c)) => Some(c),
                 _ => None,
+            },
+            data: match data {
+                Some(v) => simd_json::to_vec(&v).map_err(|_| InboundError::NotAnEvent)?,
+                None => b"null".to_vec(),
             },
             event,
         },
@@ -151,6 +168,14 @@ mod tests {
             Ok(ClientMessage::ClientEvent {
                 event: "client-typing".into(),
                 channel: Some("private-x".into()),
+                data: br#"{"a":1}"#.to_vec(),
+            }),
+        );
+        check(
+            r#"{"event":"pusher:signin","data":{"auth":"k:s","user_data":"{\"id\":\"1\"}"}}"#,
+            Ok(ClientMessage::Signin {
+                auth: Some("k:s".into()),
+                user_data: Some(r#"{"id":"1"}"#.into()),
             }),
         );
         check(

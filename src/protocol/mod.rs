@@ -9,6 +9,7 @@ pub mod auth;
 pub mod channel;
 pub mod error;
 pub mod inbound;
+pub mod members;
 pub mod outbound;
 pub mod socket_id;
 

@@ -93,3 +93,119 @@ mod tests {
         assert_eq!(json(pong())["event"], "pusher:pong");
     }
 }
+
+/// `{"event":E,"channel":C,"data":D}` with `data` given as a plain string (escaped here).
+pub fn channel_event_str(event: &str, channel: &str, data: &str) -> Vec<u8> {
+    let mut esc = Vec::with_capacity(data.len() + 16);
+    push_json_str(&mut esc, data);
+    let mut out = Vec::with_capacity(esc.len() + event.len() + channel.len() + 40);
+    channel_event(&mut out, event, channel, &esc);
+    out
+}
+
+/// A client event as relayed to other subscribers: `data` stays the JSON the client sent (not
+/// string-encoded, as Pusher relays it), plus `user_id` on presence channels.
+pub fn client_event(
+    event: &str,
+    channel: &str,
+    data_json: &[u8],
+    user_id: Option<&str>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data_json.len() + event.len() + channel.len() + 64);
+    out.extend_from_slice(br#"{"event":"#);
+    push_json_str(&mut out, event);
+    out.extend_from_slice(br#","channel":"#);
+    push_json_str(&mut out, channel);
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(data_json);
+    if let Some(uid) = user_id {
+        out.extend_from_slice(br#","user_id":"#);
+        push_json_str(&mut out, uid);
+    }
+    out.push(b'}');
+    out
+}
+
+/// `pusher:cache_miss` for a cache channel with nothing cached.
+pub fn cache_miss(channel: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + channel.len());
+    out.extend_from_slice(br#"{"event":"pusher:cache_miss","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push(b'}');
+    out
+}
+
+/// `pusher:subscription_error` on a channel: pusher-js emits it on the channel, Echo's `.error()`.
+pub fn subscription_error(channel: &str, kind: &str, message: &str, status: u16) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96 + channel.len() + message.len());
+    out.extend_from_slice(br#"{"event":"pusher:subscription_error","channel":"#);
+    push_json_str(&mut out, channel);
+    out.extend_from_slice(br#","data":{"type":"#);
+    push_json_str(&mut out, kind);
+    out.extend_from_slice(br#","error":"#);
+    push_json_str(&mut out, message);
+    out.extend_from_slice(format!(r#","status":{status}}}}}"#).as_bytes());
+    out
+}
+
+/// `pusher:signin_success`, echoing the signed `user_data` string.
+pub fn signin_success(user_data: &str) -> Vec<u8> {
+    let inner = serde_json::json!({ "user_data": user_data }).to_string();
+    let mut out = Vec::with_capacity(inner.len() + 48);
+    out.extend_from_slice(br#"{"event":"pusher:signin_success","data":"#);
+    push_json_str(&mut out, &inner);
+    out.push(b'}');
+    out
+}
+
+/// `pusher_internal:subscription_count` for a channel.
+pub fn subscription_count(channel: &str, count: u64) -> Vec<u8> {
+    channel_event_str(
+        "pusher_internal:subscription_count",
+        channel,
+        &format!(r#"{{"subscription_count":{count}}}"#),
+    )
+}
+
+/// `pusher_internal:watchlist_events` with one `online` or `offline` entry.
+pub fn watchlist_event(name: &str, user_ids: &[&str]) -> Vec<u8> {
+    let inner = serde_json::json!({ "events": [{ "name": name, "user_ids": user_ids }] });
+    let mut out = Vec::with_capacity(96);
+    out.extend_from_slice(br#"{"event":"pusher_internal:watchlist_events","data":"#);
+    push_json_str(&mut out, &inner.to_string());
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn shapes_of_channel_extras() {
+        let v: serde_json::Value = serde_json::from_slice(&client_event(
+            "client-t",
+            "private-a",
+            br#"{"x":1}"#,
+            Some("7"),
+        ))
+        .unwrap();
+        assert_eq!(v["data"]["x"], 1);
+        assert_eq!(v["user_id"], "7");
+        let v: serde_json::Value = serde_json::from_slice(&cache_miss("cache-a")).unwrap();
+        assert_eq!(v["event"], "pusher:cache_miss");
+        let v: serde_json::Value =
+            serde_json::from_slice(&subscription_error("p", "LimitReached", "full", 403)).unwrap();
+        assert_eq!(v["data"]["status"], 403);
+        let v: serde_json::Value =
+            serde_json::from_slice(&signin_success(r#"{"id":"1"}"#)).unwrap();
+        let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(d["user_data"], r#"{"id":"1"}"#);
+        let v: serde_json::Value = serde_json::from_slice(&subscription_count("c", 3)).unwrap();
+        assert_eq!(v["data"], r#"{"subscription_count":3}"#);
+        let v: serde_json::Value =
+            serde_json::from_slice(&watchlist_event("online", &["1"])).unwrap();
+        let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+        assert_eq!(d["events"][0]["user_ids"][0], "1");
+    }
+}

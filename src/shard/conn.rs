@@ -21,14 +21,11 @@ use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use super::{AppConnGuard, ConnId, Shard};
-use crate::protocol::inbound::{self, ClientMessage};
-use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError, SocketId};
+use crate::protocol::{outbound, PusherError, SocketId};
 use crate::sys;
 use crate::ws::codec::{self, Decoder, Inbound, Text};
 use crate::ws::handshake::{self, Request};
 
-/// Most channels one connection may be subscribed to at once; bounds the index per connection.
-pub const MAX_CHANNELS_PER_CONN: usize = 1000;
 /// How long a closing connection may take to drain its queue and finish the close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Bytes read per `recv`; a stack buffer, so idle connections hold no read buffer at all.
@@ -113,7 +110,7 @@ enum State {
     Dead,
 }
 
-pub(super) enum Enqueued {
+pub(crate) enum Enqueued {
     Yes,
     /// Over `max_outbound_bytes`: the connection is being closed with 4100.
     Overflow,
@@ -155,6 +152,15 @@ pub struct Conn {
     ping_sent: Cell<Option<Instant>>,
     /// Already on the shard's dirty list for the current burst.
     pub(super) in_dirty: Cell<bool>,
+    /// The user this connection signed in as (`pusher:signin`).
+    pub(super) user: RefCell<Option<Rc<str>>>,
+    /// Presence channels joined: (channel, user id), so leaving and client events know the user.
+    pub(super) presence: RefCell<Vec<(Rc<str>, Rc<str>)>>,
+    /// Presence channels whose owner shard has not answered the join yet.
+    pub(super) presence_pending: RefCell<Vec<Rc<str>>>,
+    /// Client-event token bucket: tokens left and when they were last topped up.
+    pub(super) client_tokens: Cell<f64>,
+    pub(super) client_refill: Cell<Instant>,
 }
 
 impl Conn {
@@ -173,6 +179,11 @@ impl Conn {
             last_seen: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
+            user: RefCell::new(None),
+            presence: RefCell::new(Vec::new()),
+            presence_pending: RefCell::new(Vec::new()),
+            client_tokens: Cell::new(f64::MAX),
+            client_refill: Cell::new(Instant::now()),
         }
     }
 
@@ -196,7 +207,7 @@ impl Conn {
     }
 
     /// Queues a text frame for this connection alone.
-    fn send_text(&self, json: &[u8]) {
+    pub(super) fn send_text(&self, json: &[u8]) {
         if self.state.get() == State::Open {
             self.out
                 .borrow_mut()
@@ -239,7 +250,7 @@ impl Conn {
         }
     }
 
-    fn is_open(&self) -> bool {
+    pub(super) fn is_open(&self) -> bool {
         self.state.get() == State::Open
     }
 
@@ -528,7 +539,7 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
                 _ => return None,
             }
         }
-        let (status, body) = super::http::handle(shard, &req, &buf[head_len..head_len + len]);
+        let (status, body) = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
         let resp = handshake::json_response(status, &body, req.close);
         if stream.write_all(&resp).await.is_err() || req.close {
             return None;
@@ -675,116 +686,13 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
             Inbound::Text(text) if conn.is_open() => match text {
                 Text::InBuf(r) => {
                     let (s, e) = (pos + r.start, pos + r.end);
-                    on_text(shard, conn, &mut rbuf[s..e]);
+                    super::session::on_text(shard, conn, &mut rbuf[s..e]);
                 }
-                Text::Assembled(mut v) => on_text(shard, conn, &mut v),
+                Text::Assembled(mut v) => super::session::on_text(shard, conn, &mut v),
             },
             _ => {}
         }
         pos += used;
     }
     rbuf.drain(..pos);
-}
-
-/// One Pusher message from the client.
-fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
-    let msg = match inbound::parse(payload) {
-        Ok(m) => m,
-        Err(e) => {
-            let err = PusherError::InvalidMessage;
-            conn.send_text(&outbound::error(Some(err.code()), &format!("{err}: {e}")));
-            return;
-        }
-    };
-    match msg {
-        ClientMessage::Ping => conn.send_text(outbound::pong()),
-        ClientMessage::Pong => {}
-        ClientMessage::Subscribe {
-            channel,
-            auth,
-            channel_data,
-        } => subscribe(
-            shard,
-            conn,
-            &channel,
-            auth.as_deref(),
-            channel_data.as_deref(),
-        ),
-        ClientMessage::Unsubscribe { channel } => {
-            shard
-                .index
-                .borrow_mut()
-                .unsubscribe(conn.id, conn.app, &channel);
-        }
-        ClientMessage::ClientEvent { .. } => {
-            let err = PusherError::ClientEventRejected;
-            conn.send_text(&outbound::error(
-                Some(err.code()),
-                "Client events are not enabled on this server yet",
-            ));
-        }
-        ClientMessage::Unknown { event } => {
-            let err = PusherError::InvalidMessage;
-            conn.send_text(&outbound::error(
-                Some(err.code()),
-                &format!("{err}: unknown event {event:?}"),
-            ));
-        }
-    }
-}
-
-fn subscribe(
-    shard: &Shard,
-    conn: &Conn,
-    channel: &str,
-    auth_token: Option<&str>,
-    channel_data: Option<&str>,
-) {
-    if let Err(e) = channel::validate(channel) {
-        conn.send_text(&outbound::error(
-            None,
-            &format!("Invalid channel {channel:?}: {e}"),
-        ));
-        return;
-    }
-    let kind = ChannelKind::of(channel);
-    if kind == ChannelKind::Presence || channel.starts_with('#') {
-        conn.send_text(&outbound::error(
-            None,
-            &format!("Cannot subscribe to {channel:?}: presence and server-to-user channels are not available in this version"),
-        ));
-        return;
-    }
-    if kind.needs_auth() {
-        let app = &shard.shared.cfg.apps[conn.app];
-        let ok = auth_token.is_some_and(|token| {
-            auth::verify_channel_auth(
-                &app.key,
-                &app.secret,
-                &conn.socket_id.to_string(),
-                channel,
-                channel_data.filter(|_| kind == ChannelKind::Presence),
-                token,
-            )
-        });
-        if !ok {
-            let err = PusherError::Unauthorized;
-            conn.send_text(&outbound::error(
-                Some(err.code()),
-                &format!("{err}: invalid signature for {channel:?}"),
-            ));
-            return;
-        }
-    }
-    let mut index = shard.index.borrow_mut();
-    if index.channels_of(conn.id) >= MAX_CHANNELS_PER_CONN {
-        conn.send_text(&outbound::error(
-            None,
-            &format!("Subscription limit reached: at most {MAX_CHANNELS_PER_CONN} channels per connection"),
-        ));
-        return;
-    }
-    index.subscribe(conn.id, conn.app, channel);
-    drop(index);
-    conn.send_text(&outbound::subscription_succeeded(channel));
 }

@@ -1,14 +1,18 @@
 //! The Pusher HTTP API, served by whichever shard accepted the request: signed publishes
-//! (`events`, `batch_events`) handed to every shard through the router, and `GET /up`.
+//! (`events`, `batch_events`) handed to every shard through the router; signed reads (channels,
+//! one channel, its users, connections) answered from every shard's part; user termination; and
+//! `GET /up`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use serde_json::{json, Map, Value};
 
 use super::Shard;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::Broadcast;
-use crate::protocol::{auth, channel, outbound, SocketId};
+use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
+use crate::protocol::{auth, channel, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::Request;
 
 /// Most channels one event may name (Pusher's limit).
@@ -25,6 +29,7 @@ struct EventBody {
     channel: Option<String>,
     channels: Option<Vec<String>>,
     socket_id: Option<String>,
+    info: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -39,27 +44,67 @@ struct Checked {
     data_json: Vec<u8>,
     channels: Vec<String>,
     except: Option<SocketId>,
+    info: Info,
+}
+
+/// Which counts a caller asked for (`info=user_count,subscription_count,cache`).
+#[derive(Clone, Copy, Default)]
+struct Info {
+    user_count: bool,
+    subscription_count: bool,
+    cache: bool,
+}
+
+impl Info {
+    fn parse(s: Option<&str>) -> Info {
+        let mut info = Info::default();
+        for attr in s.unwrap_or_default().split(',').map(str::trim) {
+            match attr {
+                "user_count" => info.user_count = true,
+                "subscription_count" => info.subscription_count = true,
+                "cache" => info.cache = true,
+                _ => {}
+            }
+        }
+        info
+    }
+
+    fn any(self) -> bool {
+        self.user_count || self.subscription_count
+    }
 }
 
 type Reply = (u16, String);
 
 fn err(status: u16, msg: &str) -> Reply {
-    let mut body = Vec::new();
-    outbound::push_json_str(&mut body, msg);
-    (
-        status,
-        format!(r#"{{"error":{}}}"#, String::from_utf8_lossy(&body)),
-    )
+    (status, json!({ "error": msg }).to_string())
 }
 
+/// Totals per channel from every shard's part: (subscriptions, presence users).
+fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
+    let mut out: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
+    for p in parts {
+        for c in &p.channels {
+            let e = out.entry(c.name.clone()).or_default();
+            e.0 += c.subscriptions;
+            if c.users.is_some() {
+                e.1 = c.users;
+            }
+        }
+    }
+    out
+}
+
+const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
+
 /// Answers one HTTP request: `(status, JSON body)`.
-pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
+pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     if req.path == "/up" {
         return (200, r#"{"health":"OK"}"#.to_owned());
     }
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
-    let (app_id, endpoint) = match parts.as_slice() {
-        ["apps", id, endpoint] => (*id, *endpoint),
+    let (app_id, rest) = match parts.as_slice() {
+        ["apps", id, rest @ ..] if !rest.is_empty() => (*id, rest),
         ["app", _] => {
             return err(
                 426,
@@ -68,24 +113,32 @@ pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
         }
         _ => return err(404, "Not found"),
     };
-    if !matches!(endpoint, "events" | "batch_events") {
-        return err(404, "Not found");
-    }
     let shared = &shard.shared;
     let Some(app_idx) = shared.app_by_id(app_id) else {
         return err(404, &format!("Unknown app {app_id:?}"));
     };
-    if req.method != "POST" {
-        return err(405, "Use POST");
-    }
     let app = &shared.cfg.apps[app_idx];
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let method = req.method.as_str();
+    let route = match (method, rest) {
+        ("POST", ["events"]) => Route::Events,
+        ("POST", ["batch_events"]) => Route::Batch,
+        ("GET", ["channels"]) => Route::Channels,
+        ("GET", ["channels", name]) => Route::Channel(decode(name)),
+        ("GET", ["channels", name, "users"]) => Route::Users(decode(name)),
+        ("GET", ["connections"]) => Route::Connections,
+        ("POST", ["users", user, "terminate_connections"]) => Route::Terminate(decode(user)),
+        (_, ["events" | "batch_events" | "channels" | "connections", ..] | ["users", ..]) => {
+            return err(405, "Method not allowed")
+        }
+        _ => return err(404, "Not found"),
+    };
     if let Err(e) = auth::verify_api_request(
         &app.key,
         &app.secret,
-        &req.method,
+        method,
         &req.path,
         &req.query,
         body,
@@ -93,8 +146,59 @@ pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     ) {
         return err(401, &e.to_string());
     }
+    match route {
+        Route::Events | Route::Batch => {
+            publish(shard, app_idx, body, matches!(route, Route::Batch)).await
+        }
+        Route::Channels => channels(shard, app_idx, req).await,
+        Route::Channel(name) => one_channel(shard, app_idx, &name, req).await,
+        Route::Users(name) => users(shard, app_idx, &name).await,
+        Route::Connections => match shard.query(app_idx, QueryKind::Connections).await {
+            Some(parts) => {
+                let n: u64 = parts.iter().map(|p| p.connections).sum();
+                (200, json!({ "connections": n }).to_string())
+            }
+            None => err(503, INCOMPLETE),
+        },
+        Route::Terminate(user) => {
+            let user_id: Arc<str> = Arc::from(user.as_str());
+            for s in 0..shared.router.shards() {
+                let cmd = ShardCmd::TerminateUser {
+                    app: app_idx,
+                    user_id: Arc::clone(&user_id),
+                };
+                if shared.router.try_push(s, cmd).is_err() {
+                    return err(503, "Server overloaded: could not reach every shard");
+                }
+            }
+            (200, "{}".to_owned())
+        }
+    }
+}
+
+enum Route {
+    Events,
+    Batch,
+    Channels,
+    Channel(String),
+    Users(String),
+    Connections,
+    Terminate(String),
+}
+
+/// Percent-decodes one path segment (`%23server-to-user-1`).
+fn decode(segment: &str) -> String {
+    form_urlencoded::parse(format!("x={}", segment.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Reply {
+    let shared = &shard.shared;
+    let app = &shared.cfg.apps[app_idx];
     let mut body = body.to_vec();
-    let events = if endpoint == "events" {
+    let events = if !batch {
         match simd_json::serde::from_slice::<EventBody>(&mut body) {
             Ok(e) => vec![e],
             Err(e) => return err(400, &format!("Invalid JSON body: {e}")),
@@ -111,11 +215,9 @@ pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     // Validate every event before publishing any, so a batch is all or nothing.
     let mut checked = Vec::with_capacity(events.len());
     for (i, e) in events.into_iter().enumerate() {
-        match check_event(e, app.max_message_size, endpoint == "batch_events") {
+        match check_event(e, app.max_message_size, batch) {
             Ok(c) => checked.push(c),
-            Err((status, msg)) if endpoint == "batch_events" => {
-                return err(status, &format!("batch[{i}]: {msg}"))
-            }
+            Err((status, msg)) if batch => return err(status, &format!("batch[{i}]: {msg}")),
             Err((status, msg)) => return err(status, &msg),
         }
     }
@@ -128,6 +230,7 @@ pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
                 channel: Arc::from(ch.as_str()),
                 frame: frame.0,
                 except: c.except,
+                cache: channel::is_cache(ch),
             });
         }
     }
@@ -141,12 +244,130 @@ pub(super) fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
             "Server overloaded: the event could not be queued on every shard",
         );
     }
-    if endpoint == "events" {
-        (200, "{}".to_owned())
-    } else {
-        let items = vec!["{}"; checked.len()].join(",");
-        (200, format!(r#"{{"batch":[{items}]}}"#))
+    // `info`: counts after the publish, per channel.
+    let mut items = Vec::with_capacity(checked.len());
+    for c in &checked {
+        if !c.info.any() {
+            items.push(json!({}));
+            continue;
+        }
+        let mut chans = Map::new();
+        for ch in &c.channels {
+            let Some(parts) = shard
+                .query(
+                    app_idx,
+                    QueryKind::Channel {
+                        name: Arc::from(ch.as_str()),
+                    },
+                )
+                .await
+            else {
+                return err(503, INCOMPLETE);
+            };
+            let (subs, users) = merge(&parts).get(ch).copied().unwrap_or_default();
+            let mut o = Map::new();
+            if c.info.subscription_count {
+                o.insert("subscription_count".into(), json!(subs));
+            }
+            if c.info.user_count && ChannelKind::of(ch) == ChannelKind::Presence {
+                o.insert("user_count".into(), json!(users.unwrap_or(0)));
+            }
+            chans.insert(ch.clone(), Value::Object(o));
+        }
+        items.push(json!({ "channels": chans }));
     }
+    if !batch {
+        let item = items.pop().unwrap_or_else(|| json!({}));
+        (200, item.to_string())
+    } else {
+        (200, json!({ "batch": items }).to_string())
+    }
+}
+
+async fn channels(shard: &Shard, app_idx: usize, req: &Request) -> Reply {
+    let prefix = req.query_param("filter_by_prefix").unwrap_or_default();
+    let info = Info::parse(req.query_param("info"));
+    if info.user_count && !prefix.starts_with("presence-") {
+        return err(400, "info=user_count needs filter_by_prefix=presence-");
+    }
+    let what = QueryKind::Channels {
+        prefix: prefix.to_owned(),
+    };
+    let Some(parts) = shard.query(app_idx, what).await else {
+        return err(503, INCOMPLETE);
+    };
+    let mut out = Map::new();
+    for (name, (subs, users)) in merge(&parts) {
+        if subs == 0 && users.unwrap_or(0) == 0 {
+            continue;
+        }
+        let mut o = Map::new();
+        if info.user_count {
+            o.insert("user_count".into(), json!(users.unwrap_or(0)));
+        }
+        if info.subscription_count {
+            o.insert("subscription_count".into(), json!(subs));
+        }
+        out.insert(name, Value::Object(o));
+    }
+    (200, json!({ "channels": out }).to_string())
+}
+
+async fn one_channel(shard: &Shard, app_idx: usize, name: &str, req: &Request) -> Reply {
+    if let Err(e) = channel::validate(name) {
+        return err(400, &format!("Invalid channel {name:?}: {e}"));
+    }
+    let info = Info::parse(req.query_param("info"));
+    let presence = ChannelKind::of(name) == ChannelKind::Presence;
+    if info.user_count && !presence {
+        return err(400, "info=user_count is only for presence channels");
+    }
+    if info.cache && !channel::is_cache(name) {
+        return err(400, "info=cache is only for cache channels");
+    }
+    let what = QueryKind::Channel {
+        name: Arc::from(name),
+    };
+    let Some(parts) = shard.query(app_idx, what).await else {
+        return err(503, INCOMPLETE);
+    };
+    let (subs, users) = merge(&parts).get(name).copied().unwrap_or_default();
+    let mut o = Map::new();
+    o.insert("occupied".into(), json!(subs > 0));
+    if info.user_count {
+        o.insert("user_count".into(), json!(users.unwrap_or(0)));
+    }
+    if info.subscription_count {
+        o.insert("subscription_count".into(), json!(subs));
+    }
+    if info.cache {
+        if let Some((frame, ttl)) = shard.cached(app_idx, name) {
+            // The cached frame's payload is the event JSON; report its event and data.
+            let payload = crate::ws::codec::payload_of(&frame);
+            if let Ok(Value::Object(ev)) = serde_json::from_slice::<Value>(payload) {
+                o.insert(
+                    "cache".into(),
+                    json!({ "event": ev.get("event"), "data": ev.get("data"), "ttl": ttl }),
+                );
+            }
+        }
+    }
+    (200, Value::Object(o).to_string())
+}
+
+async fn users(shard: &Shard, app_idx: usize, name: &str) -> Reply {
+    if ChannelKind::of(name) != ChannelKind::Presence || channel::validate(name).is_err() {
+        return err(400, "users are only listed for presence channels");
+    }
+    let what = QueryKind::Users {
+        channel: Arc::from(name),
+    };
+    let Some(parts) = shard.query(app_idx, what).await else {
+        return err(503, INCOMPLETE);
+    };
+    let ids = parts.into_iter().find_map(|p| p.users).unwrap_or_default();
+    let users: Vec<Value> = ids.into_iter().map(|id| json!({ "id": id })).collect();
+    (200, json!({ "users": users }).to_string())
 }
 
 fn check_event(e: EventBody, max_data: usize, batch: bool) -> Result<Checked, (u16, String)> {
@@ -203,6 +424,16 @@ fn check_event(e: EventBody, max_data: usize, batch: bool) -> Result<Checked, (u
             ),
         ));
     }
+    let encrypted = channels
+        .iter()
+        .filter(|c| ChannelKind::of(c) == ChannelKind::PrivateEncrypted)
+        .count();
+    if encrypted > 0 && encrypted < channels.len() {
+        return Err((
+            400,
+            "An event to an encrypted channel cannot name other channels".to_owned(),
+        ));
+    }
     let except = match e.socket_id.as_deref() {
         None | Some("") => None,
         Some(s) => Some(SocketId::parse(s).ok_or((400, format!("Invalid socket_id {s:?}")))?),
@@ -214,5 +445,6 @@ fn check_event(e: EventBody, max_data: usize, batch: bool) -> Result<Checked, (u
         data_json,
         channels,
         except,
+        info: Info::parse(e.info.as_deref()),
     })
 }

@@ -59,11 +59,27 @@ impl SubscriptionIndex {
         true
     }
 
-    /// Removes every subscription of a closing connection.
-    pub fn remove_conn(&mut self, conn: ConnId) {
-        for (app, ch) in self.by_conn.remove(&conn).unwrap_or_default() {
-            self.detach(conn, app, &ch);
+    /// Removes every subscription of a closing connection; returns them.
+    pub fn remove_conn(&mut self, conn: ConnId) -> Vec<(usize, Rc<str>)> {
+        let chans = self.by_conn.remove(&conn).unwrap_or_default();
+        for (app, ch) in &chans {
+            self.detach(conn, *app, ch);
         }
+        chans
+    }
+
+    pub fn is_subscribed(&self, conn: ConnId, app: usize, channel: &str) -> bool {
+        self.by_conn
+            .get(&conn)
+            .is_some_and(|chans| chans.iter().any(|(a, c)| *a == app && &**c == channel))
+    }
+
+    /// Channels of `app` with local subscribers, and how many.
+    pub fn channels(&self, app: usize) -> impl Iterator<Item = (&str, usize)> {
+        self.by_channel
+            .get(app)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(c, subs)| (&**c, subs.len())))
     }
 
     fn detach(&mut self, conn: ConnId, app: usize, channel: &str) {
@@ -140,7 +156,8 @@ mod tests {
                         prop_assert_eq!(idx.unsubscribe(id(c), a, &name), had);
                     }
                     Op::Remove(c) => {
-                        idx.remove_conn(id(c));
+                        let removed = idx.remove_conn(id(c)).len();
+                        prop_assert_eq!(removed, model.iter().filter(|(mc, _, _)| *mc == c).count());
                         model.retain(|(mc, _, _)| *mc != c);
                     }
                 }

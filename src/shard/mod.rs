@@ -5,9 +5,12 @@
 //! inbox (`fanout::router`). Nothing here is `Send`; there is no lock, `Arc` or atomic on the
 //! per-event path (the `Arc<Shared>` is read-only configuration, dereferenced without atomics).
 
+pub mod cache;
 pub mod conn;
 mod http;
 pub mod index;
+pub mod presence;
+mod session;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -16,9 +19,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::config::Config;
-use crate::fanout::router::{Broadcast, Router, ShardCmd};
-use crate::protocol::SocketId;
+use crate::fanout::frame::SharedFrame;
+use crate::fanout::router::{
+    Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart, Router,
+    ShardCmd,
+};
+use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
 
 pub use conn::Conn;
 use index::SubscriptionIndex;
@@ -135,6 +144,15 @@ pub struct Shard {
     pub shared: Arc<Shared>,
     conns: RefCell<Slab>,
     pub index: RefCell<SubscriptionIndex>,
+    /// Presence membership of the channels this shard owns.
+    presence: RefCell<presence::PresenceRegistry>,
+    /// Last event of cache channels (a copy on every shard).
+    cache: RefCell<cache::CacheStore>,
+    /// Total subscribers of the channels this shard owns, for subscription_count.
+    counts: RefCell<HashMap<(usize, Arc<str>), u64>>,
+    /// HTTP API reads waiting for every shard's part.
+    queries: RefCell<HashMap<u64, PendingQuery>>,
+    next_query: Cell<u64>,
     /// Connections with frames queued by the current burst, flushed once it is drained.
     dirty: RefCell<Vec<Rc<Conn>>>,
     next_conn: Cell<u64>,
@@ -145,6 +163,15 @@ pub struct Shard {
 /// Most commands taken from the inbox before the queued frames are flushed and other tasks get
 /// a turn.
 const DRAIN_BATCH: usize = 1024;
+/// How long an HTTP API read waits for every shard's answer.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An HTTP API read in flight: the answers so far.
+struct PendingQuery {
+    expected: usize,
+    parts: Vec<QueryPart>,
+    waker: Option<std::task::Waker>,
+}
 
 impl Shard {
     pub fn new(id: usize, shared: Arc<Shared>) -> Shard {
@@ -156,6 +183,14 @@ impl Shard {
         Shard {
             id,
             index: RefCell::new(SubscriptionIndex::new(shared.cfg.apps.len())),
+            presence: RefCell::default(),
+            cache: RefCell::new(cache::CacheStore::new(
+                shared.cfg.apps.len(),
+                shared.cfg.max_cache_channels,
+            )),
+            counts: RefCell::default(),
+            queries: RefCell::default(),
+            next_query: Cell::new(0),
             shared,
             conns: RefCell::default(),
             dirty: RefCell::default(),
@@ -193,10 +228,105 @@ impl Shard {
             .insert(|id| Rc::new(Conn::new(id, socket_id, app, fd)))
     }
 
+    /// Forgets a finished connection: its subscriptions, counts and presence memberships.
     pub fn unregister(&self, conn: &Conn) {
         conn.mark_dead();
-        self.index.borrow_mut().remove_conn(conn.id);
+        let chans = self.index.borrow_mut().remove_conn(conn.id);
+        for (app, ch) in &chans {
+            self.count_changed(*app, ch, -1);
+        }
+        let memberships = std::mem::take(&mut *conn.presence.borrow_mut());
+        for (ch, user) in memberships {
+            self.send_leave(conn, &ch, &user);
+        }
         self.conns.borrow_mut().remove(conn.id);
+    }
+
+    /// Adds `conn` to a channel's local subscribers; `false` if it already was one.
+    fn subscribe_local(&self, conn: &Conn, channel: &str) -> bool {
+        let added = self
+            .index
+            .borrow_mut()
+            .subscribe(conn.id, conn.app, channel);
+        if added {
+            self.count_changed(conn.app, channel, 1);
+        }
+        added
+    }
+
+    /// Removes `conn` from a channel's local subscribers; `false` if it was not one.
+    fn unsubscribe_local(&self, conn: &Conn, channel: &str) -> bool {
+        let removed = self
+            .index
+            .borrow_mut()
+            .unsubscribe(conn.id, conn.app, channel);
+        if removed {
+            self.count_changed(conn.app, channel, -1);
+        }
+        removed
+    }
+
+    /// Tells the channel's owner about a subscriber count change, when the app wants
+    /// `pusher_internal:subscription_count` (never for presence channels, as Pusher).
+    fn count_changed(&self, app: usize, channel: &str, delta: i64) {
+        if !self.shared.cfg.apps[app].subscription_count
+            || ChannelKind::of(channel) == ChannelKind::Presence
+        {
+            return;
+        }
+        let router = &self.shared.router;
+        let owner = router.owner(app, channel);
+        let _ = router.try_push(
+            owner,
+            ShardCmd::CountDelta {
+                app,
+                channel: Arc::from(channel),
+                delta,
+            },
+        );
+    }
+
+    /// Leaves a presence channel `conn` had joined (unsubscribe).
+    fn leave_presence(&self, conn: &Conn, channel: &str) {
+        let user = {
+            let mut joined = conn.presence.borrow_mut();
+            let pos = joined.iter().position(|(c, _)| &**c == channel);
+            pos.map(|i| joined.swap_remove(i).1)
+        };
+        if let Some(user) = user {
+            self.send_leave(conn, channel, &user);
+        }
+    }
+
+    fn send_leave(&self, conn: &Conn, channel: &str, user: &str) {
+        let router = &self.shared.router;
+        let op = PresenceOp::Leave {
+            app: conn.app,
+            channel: Arc::from(channel),
+            user_id: Arc::from(user),
+            socket_id: conn.socket_id,
+        };
+        if router
+            .try_push(router.owner(conn.app, channel), ShardCmd::Presence(op))
+            .is_err()
+        {
+            tracing::warn!(channel, "inbox full: presence leave dropped");
+        }
+    }
+
+    /// After `subscription_succeeded` on a cache channel: its last event, or `pusher:cache_miss`.
+    fn send_cached(&self, conn: &Conn, channel: &str) {
+        if !channel::is_cache(channel) {
+            return;
+        }
+        let cache = self.cache.borrow();
+        match cache.get(conn.app, channel, Instant::now()) {
+            Some(frame) => {
+                let max = self.shared.cfg.max_outbound_bytes;
+                conn.enqueue_shared(&Rc::new(frame.clone()), max);
+            }
+            None => conn.send_text(&outbound::cache_miss(channel)),
+        }
     }
 
     pub fn connection_count(&self) -> usize {
@@ -207,6 +337,12 @@ impl Shard {
     /// so no `RefCell` borrow lives across a yield. Writes happen in `flush_dirty`, after the
     /// whole burst is queued, so several events leave in one `sendmsg`.
     fn fanout(&self, b: Broadcast) {
+        if b.cache {
+            let ttl = self.shared.cfg.apps[b.app].cache_ttl;
+            self.cache
+                .borrow_mut()
+                .put(b.app, &b.channel, b.frame.clone(), Instant::now(), ttl);
+        }
         let index = self.index.borrow();
         let subscribers = index.subscribers(b.app, &b.channel);
         if subscribers.is_empty() {
@@ -263,17 +399,331 @@ impl Shard {
         let router = &self.shared.router;
         for _ in 0..DRAIN_BATCH {
             match router.try_pop(self.id) {
-                Some(ShardCmd::Broadcast(b)) => self.fanout(b),
+                Some(cmd) => self.handle(cmd),
                 None => break,
             }
         }
         self.flush_dirty();
     }
 
+    fn handle(&self, cmd: ShardCmd) {
+        match cmd {
+            ShardCmd::Broadcast(b) => self.fanout(b),
+            ShardCmd::Presence(op) => self.presence_apply(op),
+            ShardCmd::Joined(j) => self.presence_joined(j),
+            ShardCmd::Query(q) => self.answer(q),
+            ShardCmd::Answer(a) => self.collect(a),
+            ShardCmd::TerminateUser { app, user_id } => self.terminate_user(app, &user_id),
+            ShardCmd::CountDelta {
+                app,
+                channel,
+                delta,
+            } => self.count_delta(app, channel, delta),
+        }
+    }
+
+    /// Owner side of presence: one writer per channel, so member_added and member_removed go
+    /// out exactly once per user, to every shard, never to the socket that caused them.
+    fn presence_apply(&self, op: PresenceOp) {
+        let router = &self.shared.router;
+        match op {
+            PresenceOp::Join {
+                app,
+                channel,
+                user_id,
+                user_info,
+                origin,
+                conn,
+                socket_id,
+            } => {
+                let max = self.shared.cfg.apps[app].max_presence_members;
+                let outcome = self
+                    .presence
+                    .borrow_mut()
+                    .join(app, &channel, &user_id, user_info, max);
+                let result = if outcome == presence::Join::Full {
+                    Err("presence channel is full")
+                } else {
+                    let snapshot = self.presence.borrow().snapshot(app, &channel);
+                    let json = outbound::channel_event_str(
+                        "pusher_internal:subscription_succeeded",
+                        &channel,
+                        &snapshot,
+                    );
+                    Ok(SharedFrame::text(&json).0)
+                };
+                let new_member = outcome == presence::Join::NewMember;
+                let reply = Joined {
+                    app,
+                    channel: Arc::clone(&channel),
+                    conn,
+                    user_id: Arc::clone(&user_id),
+                    result,
+                };
+                if router.try_push(origin, ShardCmd::Joined(reply)).is_err() {
+                    tracing::warn!(%channel, "inbox full: presence answer dropped");
+                }
+                if new_member {
+                    let data = self.presence.borrow().added_data(app, &channel, &user_id);
+                    let json = outbound::channel_event_str(
+                        "pusher_internal:member_added",
+                        &channel,
+                        &data,
+                    );
+                    router.broadcast(Broadcast {
+                        app,
+                        channel,
+                        frame: SharedFrame::text(&json).0,
+                        except: Some(socket_id),
+                        cache: false,
+                    });
+                }
+            }
+            PresenceOp::Leave {
+                app,
+                channel,
+                user_id,
+                socket_id,
+            } => {
+                if self.presence.borrow_mut().leave(app, &channel, &user_id) {
+                    let mut data = Vec::new();
+                    outbound::push_json_str(&mut data, &user_id);
+                    let data = format!(r#"{{"user_id":{}}}"#, String::from_utf8_lossy(&data));
+                    let json = outbound::channel_event_str(
+                        "pusher_internal:member_removed",
+                        &channel,
+                        &data,
+                    );
+                    router.broadcast(Broadcast {
+                        app,
+                        channel,
+                        frame: SharedFrame::text(&json).0,
+                        except: Some(socket_id),
+                        cache: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The owner answered a join: start the subscription, or undo a join nobody waits for.
+    fn presence_joined(&self, j: Joined) {
+        let conn = self.conns.borrow().get(j.conn).cloned();
+        let waiting = conn.as_ref().filter(|c| {
+            let mut pending = c.presence_pending.borrow_mut();
+            let before = pending.len();
+            pending.retain(|ch| **ch != *j.channel);
+            pending.len() < before && c.is_open()
+        });
+        match (waiting, j.result) {
+            (Some(conn), Ok(frame)) => {
+                self.subscribe_local(conn, &j.channel);
+                conn.presence
+                    .borrow_mut()
+                    .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
+                conn.enqueue_shared(&Rc::new(frame), self.shared.cfg.max_outbound_bytes);
+                self.send_cached(conn, &j.channel);
+                self.mark_dirty(conn);
+            }
+            (Some(conn), Err(why)) => {
+                conn.send_text(&outbound::subscription_error(
+                    &j.channel,
+                    "LimitReached",
+                    why,
+                    403,
+                ));
+                self.mark_dirty(conn);
+            }
+            (None, Ok(_)) => {
+                // Closed or unsubscribed meanwhile: take the membership back.
+                let router = &self.shared.router;
+                let op = PresenceOp::Leave {
+                    app: j.app,
+                    channel: Arc::clone(&j.channel),
+                    user_id: j.user_id,
+                    socket_id: SocketId { hi: 0, lo: 0 },
+                };
+                let _ = router.try_push(router.owner(j.app, &j.channel), ShardCmd::Presence(op));
+            }
+            (None, Err(_)) => {}
+        }
+    }
+
+    fn mark_dirty(&self, conn: &Rc<Conn>) {
+        if !conn.in_dirty.replace(true) {
+            self.dirty.borrow_mut().push(Rc::clone(conn));
+        }
+    }
+
+    /// Owner side of subscription_count: keep the total, tell the channel.
+    fn count_delta(&self, app: usize, channel: Arc<str>, delta: i64) {
+        let total = {
+            let mut counts = self.counts.borrow_mut();
+            let key = (app, Arc::clone(&channel));
+            let n = counts.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            let n = *n;
+            if n == 0 {
+                counts.remove(&key);
+            }
+            n
+        };
+        let json = outbound::subscription_count(&channel, total);
+        self.shared.router.broadcast(Broadcast {
+            app,
+            channel,
+            frame: SharedFrame::text(&json).0,
+            except: None,
+            cache: false,
+        });
+    }
+
+    /// terminate_connections: close every connection signed in as `user_id` with 4009.
+    fn terminate_user(&self, app: usize, user_id: &str) {
+        for conn in self.conns.borrow().all() {
+            if conn.app == app && conn.user.borrow().as_deref() == Some(user_id) {
+                conn.close_pusher(PusherError::Unauthorized);
+                self.mark_dirty(&conn);
+            }
+        }
+    }
+
+    /// This shard's part of an HTTP API read.
+    fn answer(&self, q: Query) {
+        let mut part = QueryPart::default();
+        let index = self.index.borrow();
+        let presence = self.presence.borrow();
+        let router = &self.shared.router;
+        match &q.what {
+            QueryKind::Connections => {
+                part.connections = self
+                    .conns
+                    .borrow()
+                    .all()
+                    .iter()
+                    .filter(|c| c.app == q.app)
+                    .count() as u64;
+            }
+            QueryKind::Channels { prefix } => {
+                for (name, subs) in index.channels(q.app) {
+                    if name.starts_with(prefix.as_str()) {
+                        part.channels.push(ChannelPart {
+                            name: name.to_owned(),
+                            subscriptions: subs as u64,
+                            users: None,
+                        });
+                    }
+                }
+                for (name, users) in presence.channels(q.app) {
+                    if name.starts_with(prefix.as_str()) {
+                        part.channels.push(ChannelPart {
+                            name: name.to_owned(),
+                            subscriptions: 0,
+                            users: Some(users as u64),
+                        });
+                    }
+                }
+            }
+            QueryKind::Channel { name } => {
+                let subs = index.subscribers(q.app, name).len() as u64;
+                let users = (router.owner(q.app, name) == self.id)
+                    .then(|| presence.count(q.app, name) as u64);
+                part.channels.push(ChannelPart {
+                    name: name.to_string(),
+                    subscriptions: subs,
+                    users,
+                });
+            }
+            QueryKind::Users { channel } => {
+                if router.owner(q.app, channel) == self.id {
+                    part.users = Some(presence.user_ids(q.app, channel));
+                }
+            }
+        }
+        if router
+            .try_push(q.origin, ShardCmd::Answer(Answer { id: q.id, part }))
+            .is_err()
+        {
+            tracing::warn!("inbox full: query answer dropped");
+        }
+    }
+
+    fn collect(&self, a: Answer) {
+        let mut queries = self.queries.borrow_mut();
+        if let Some(p) = queries.get_mut(&a.id) {
+            p.parts.push(a.part);
+            if p.parts.len() == p.expected {
+                if let Some(w) = p.waker.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Asks every shard for its part of `what` and merges the answers. `None` if some shard did
+    /// not answer in time (its inbox was full or it is stuck), so counts are exact or absent.
+    pub async fn query(&self, app: usize, what: QueryKind) -> Option<Vec<QueryPart>> {
+        let id = self.next_query.get();
+        self.next_query.set(id + 1);
+        let router = &self.shared.router;
+        let n = router.shards();
+        self.queries.borrow_mut().insert(
+            id,
+            PendingQuery {
+                expected: n,
+                parts: Vec::with_capacity(n),
+                waker: None,
+            },
+        );
+        let mut sent = 0;
+        for shard in 0..n {
+            let q = Query {
+                id,
+                origin: self.id,
+                app,
+                what: what.clone(),
+            };
+            if router.try_push(shard, ShardCmd::Query(q)).is_ok() {
+                sent += 1;
+            }
+        }
+        let wait = std::future::poll_fn(|cx| {
+            let mut queries = self.queries.borrow_mut();
+            let Some(p) = queries.get_mut(&id) else {
+                return std::task::Poll::Ready(());
+            };
+            if p.parts.len() >= p.expected {
+                std::task::Poll::Ready(())
+            } else {
+                p.waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        });
+        let complete = sent == n
+            && glommio::timer::timeout(QUERY_TIMEOUT, async {
+                wait.await;
+                Ok(())
+            })
+            .await
+            .is_ok();
+        let p = self.queries.borrow_mut().remove(&id)?;
+        (complete && p.parts.len() == n).then_some(p.parts)
+    }
+
+    pub fn cached(&self, app: usize, channel: &str) -> Option<(Bytes, u64)> {
+        let now = Instant::now();
+        let cache = self.cache.borrow();
+        Some((
+            cache.get(app, channel, now)?.clone(),
+            cache.ttl_left(app, channel, now)?,
+        ))
+    }
+
     /// Liveness: pings connections silent for their app's activity timeout, closes those that
     /// stay silent `pong_timeout` after the ping (4201), and ends closing connections whose
     /// peers never finished the close handshake.
     fn sweep(&self, now: Instant) {
+        self.cache.borrow_mut().purge(now);
         let pong_timeout = self.shared.cfg.pong_timeout;
         for conn in self.conns.borrow().all() {
             let activity =

@@ -232,6 +232,17 @@ pub fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The payload of an unmasked frame built by this module (header skipped).
+pub fn payload_of(frame: &[u8]) -> &[u8] {
+    let hdr = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(hdr..).unwrap_or_default()
+}
+
 /// A close frame with a status code and a reason, the reason cut to fit the 125-byte limit on
 /// control frames (at a char boundary).
 pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {

@@ -1,0 +1,118 @@
+//! Last event of each cache channel, kept on every shard (every shard sees every broadcast, so
+//! no shard has to ask another), for `ttl` after it was published, whether or not anyone is
+//! subscribed. Bounded: at most `max` channels; a new channel over the bound first evicts the
+//! entries that expired, then the one that expires soonest.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+pub struct CacheStore {
+    /// Per app: channel -> (complete frame, expiry).
+    apps: Vec<HashMap<Rc<str>, (Bytes, Instant)>>,
+    max: usize,
+}
+
+impl CacheStore {
+    pub fn new(apps: usize, max: usize) -> CacheStore {
+        CacheStore {
+            apps: (0..apps).map(|_| HashMap::new()).collect(),
+            max,
+        }
+    }
+
+    pub fn put(&mut self, app: usize, channel: &str, frame: Bytes, now: Instant, ttl: Duration) {
+        let total: usize = self.apps.iter().map(HashMap::len).sum();
+        let map = &mut self.apps[app];
+        if let Some(entry) = map.get_mut(channel) {
+            *entry = (frame, now + ttl);
+            return;
+        }
+        if total >= self.max {
+            self.purge(now);
+            if self.apps.iter().map(HashMap::len).sum::<usize>() >= self.max {
+                self.evict_soonest();
+            }
+        }
+        self.apps[app].insert(Rc::from(channel), (frame, now + ttl));
+    }
+
+    /// The cached frame, if one is there and fresh.
+    pub fn get(&self, app: usize, channel: &str, now: Instant) -> Option<&Bytes> {
+        match self.apps.get(app)?.get(channel) {
+            Some((frame, expires)) if *expires > now => Some(frame),
+            _ => None,
+        }
+    }
+
+    /// Seconds left before the cached event expires.
+    pub fn ttl_left(&self, app: usize, channel: &str, now: Instant) -> Option<u64> {
+        let (_, expires) = self.apps.get(app)?.get(channel)?;
+        (*expires > now).then(|| expires.duration_since(now).as_secs())
+    }
+
+    pub fn purge(&mut self, now: Instant) {
+        for map in &mut self.apps {
+            map.retain(|_, (_, expires)| *expires > now);
+        }
+    }
+
+    fn evict_soonest(&mut self) {
+        let victim = self
+            .apps
+            .iter()
+            .enumerate()
+            .flat_map(|(a, m)| m.iter().map(move |(c, (_, e))| (*e, a, Rc::clone(c))))
+            .min_by_key(|(e, _, _)| *e);
+        if let Some((_, app, channel)) = victim {
+            self.apps[app].remove(&channel);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.apps.iter().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_and_bound() {
+        let now = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let mut c = CacheStore::new(2, 2);
+        c.put(0, "cache-a", Bytes::from_static(b"1"), now, ttl);
+        c.put(0, "cache-a", Bytes::from_static(b"2"), now, ttl);
+        assert_eq!(c.get(0, "cache-a", now).map(|b| &b[..]), Some(&b"2"[..]));
+        assert_eq!(c.get(1, "cache-a", now), None);
+        c.put(
+            1,
+            "cache-b",
+            Bytes::from_static(b"3"),
+            now + Duration::from_secs(1),
+            ttl,
+        );
+        // Full: the entry expiring soonest (cache-a) makes room.
+        c.put(
+            1,
+            "cache-c",
+            Bytes::from_static(b"4"),
+            now + Duration::from_secs(2),
+            ttl,
+        );
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get(0, "cache-a", now), None);
+        assert!(c.get(1, "cache-b", now + Duration::from_secs(2)).is_some());
+        assert_eq!(c.get(1, "cache-b", now + Duration::from_secs(11)), None);
+        c.purge(now + Duration::from_secs(20));
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,316 @@
+//! The Pusher session: what a connection's client messages do. Called synchronously from the
+//! connection task with the decoded message; answers by queueing frames on the connection and
+//! reaches other shards only through the router.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Conn, Shard};
+use crate::config::ClientEvents;
+use crate::fanout::frame::SharedFrame;
+use crate::fanout::router::{Broadcast, PresenceOp, ShardCmd};
+use crate::protocol::inbound::{self, ClientMessage};
+use crate::protocol::members::{parse_channel_data, parse_user_data};
+use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError};
+use bytes::Bytes;
+
+/// Most channels one connection may be subscribed to at once; bounds the index per connection.
+pub const MAX_CHANNELS_PER_CONN: usize = 1000;
+/// Longest client event name.
+const MAX_EVENT_NAME: usize = 200;
+
+/// One Pusher message from the client.
+pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
+    let msg = match inbound::parse(payload) {
+        Ok(m) => m,
+        Err(e) => {
+            let err = PusherError::InvalidMessage;
+            conn.send_text(&outbound::error(Some(err.code()), &format!("{err}: {e}")));
+            return;
+        }
+    };
+    match msg {
+        ClientMessage::Ping => conn.send_text(outbound::pong()),
+        ClientMessage::Pong => {}
+        ClientMessage::Subscribe {
+            channel,
+            auth,
+            channel_data,
+        } => subscribe(
+            shard,
+            conn,
+            &channel,
+            auth.as_deref(),
+            channel_data.as_deref(),
+        ),
+        ClientMessage::Unsubscribe { channel } => unsubscribe(shard, conn, &channel),
+        ClientMessage::ClientEvent {
+            event,
+            channel,
+            data,
+        } => client_event(shard, conn, &event, channel.as_deref(), &data),
+        ClientMessage::Signin { auth, user_data } => {
+            signin(shard, conn, auth.as_deref(), user_data.as_deref())
+        }
+        ClientMessage::Unknown { event } => {
+            let err = PusherError::InvalidMessage;
+            conn.send_text(&outbound::error(
+                Some(err.code()),
+                &format!("{err}: unknown event {event:?}"),
+            ));
+        }
+    }
+}
+
+fn unauthorized(conn: &Conn, why: &str) {
+    let err = PusherError::Unauthorized;
+    conn.send_text(&outbound::error(Some(err.code()), &format!("{err}: {why}")));
+}
+
+fn subscribe(
+    shard: &Shard,
+    conn: &Conn,
+    channel: &str,
+    auth_token: Option<&str>,
+    channel_data: Option<&str>,
+) {
+    if let Err(e) = channel::validate(channel) {
+        conn.send_text(&outbound::error(
+            None,
+            &format!("Invalid channel {channel:?}: {e}"),
+        ));
+        return;
+    }
+    if shard
+        .index
+        .borrow()
+        .is_subscribed(conn.id, conn.app, channel)
+        || conn
+            .presence_pending
+            .borrow()
+            .iter()
+            .any(|c| &**c == channel)
+    {
+        // Pusher answers a repeated subscribe as a fresh one; the membership does not change.
+        if ChannelKind::of(channel) != ChannelKind::Presence {
+            conn.send_text(&outbound::subscription_succeeded(channel));
+        }
+        return;
+    }
+    if shard.index.borrow().channels_of(conn.id) + conn.presence_pending.borrow().len()
+        >= MAX_CHANNELS_PER_CONN
+    {
+        conn.send_text(&outbound::error(
+            None,
+            &format!("Subscription limit reached: at most {MAX_CHANNELS_PER_CONN} channels per connection"),
+        ));
+        return;
+    }
+    let app = &shard.shared.cfg.apps[conn.app];
+    if let Some(user) = channel::server_to_user_id(channel) {
+        // Only the signed-in user may listen to their own server-to-user channel.
+        if conn.user.borrow().as_deref() != Some(user) {
+            unauthorized(
+                conn,
+                &format!("{channel:?} needs pusher:signin as user {user:?}"),
+            );
+            return;
+        }
+        shard.subscribe_local(conn, channel);
+        conn.send_text(&outbound::subscription_succeeded(channel));
+        return;
+    }
+    let kind = ChannelKind::of(channel);
+    if kind.needs_auth() {
+        let data = channel_data.filter(|_| kind == ChannelKind::Presence);
+        if kind == ChannelKind::Presence && data.is_none() {
+            unauthorized(
+                conn,
+                &format!("presence channel {channel:?} needs channel_data"),
+            );
+            return;
+        }
+        let ok = auth_token.is_some_and(|token| {
+            auth::verify_channel_auth(
+                &app.key,
+                &app.secret,
+                &conn.socket_id.to_string(),
+                channel,
+                data,
+                token,
+            )
+        });
+        if !ok {
+            unauthorized(conn, &format!("invalid signature for {channel:?}"));
+            return;
+        }
+    }
+    if kind == ChannelKind::Presence {
+        let member = match parse_channel_data(channel_data.unwrap_or_default(), app.max_user_info) {
+            Ok(m) => m,
+            Err(e) => {
+                conn.send_text(&outbound::subscription_error(
+                    channel,
+                    "InvalidChannelData",
+                    &e.to_string(),
+                    400,
+                ));
+                return;
+            }
+        };
+        // Membership is decided by the channel's owner shard; the subscription starts when it
+        // answers (ShardCmd::Joined), with the whole channel's members.
+        let channel_arc: Arc<str> = Arc::from(channel);
+        conn.presence_pending.borrow_mut().push(Rc::from(channel));
+        let owner = shard.shared.router.owner(conn.app, channel);
+        let op = PresenceOp::Join {
+            app: conn.app,
+            channel: channel_arc,
+            user_id: Arc::from(member.user_id.as_str()),
+            user_info: member.user_info.map(|i| Arc::from(i.as_str())),
+            origin: shard.id,
+            conn: conn.id,
+            socket_id: conn.socket_id,
+        };
+        if shard
+            .shared
+            .router
+            .try_push(owner, ShardCmd::Presence(op))
+            .is_err()
+        {
+            conn.presence_pending
+                .borrow_mut()
+                .retain(|c| &**c != channel);
+            conn.send_text(&outbound::subscription_error(
+                channel,
+                "Overloaded",
+                "server is overloaded, try again",
+                503,
+            ));
+        }
+        return;
+    }
+    shard.subscribe_local(conn, channel);
+    conn.send_text(&outbound::subscription_succeeded(channel));
+    shard.send_cached(conn, channel);
+}
+
+fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
+    // A join still waiting for the owner is undone when its answer arrives.
+    conn.presence_pending
+        .borrow_mut()
+        .retain(|c| &**c != channel);
+    if shard.unsubscribe_local(conn, channel) {
+        shard.leave_presence(conn, channel);
+    }
+}
+
+fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, data: &[u8]) {
+    let app = &shard.shared.cfg.apps[conn.app];
+    let reject = |code: PusherError, why: &str| {
+        conn.send_text(&outbound::error(Some(code.code()), why));
+    };
+    if app.client_events == ClientEvents::None {
+        return reject(
+            PusherError::ClientEventRejected,
+            "Client events are disabled for this app",
+        );
+    }
+    let Some(channel) = channel.filter(|c| channel::validate(c).is_ok()) else {
+        return reject(
+            PusherError::InvalidMessage,
+            "Client event needs a valid channel",
+        );
+    };
+    if event.len() > MAX_EVENT_NAME {
+        return reject(
+            PusherError::InvalidMessage,
+            "Client event name is longer than 200 characters",
+        );
+    }
+    let kind = ChannelKind::of(channel);
+    if !kind.allows_client_events() || channel.starts_with('#') {
+        return reject(
+            PusherError::Unauthorized,
+            &format!(
+                "Client events are only allowed on private and presence channels, not {channel:?}"
+            ),
+        );
+    }
+    let subscribed = shard
+        .index
+        .borrow()
+        .is_subscribed(conn.id, conn.app, channel);
+    if !subscribed && app.client_events == ClientEvents::Members {
+        return reject(
+            PusherError::Unauthorized,
+            &format!("Client events on {channel:?} need a subscription to it"),
+        );
+    }
+    // Token bucket: `rate` per second, bursts up to `rate`.
+    let rate = f64::from(app.client_events_per_second);
+    let now = Instant::now();
+    let elapsed = now.duration_since(conn.client_refill.get()).as_secs_f64();
+    let tokens = (conn.client_tokens.get().min(rate) + elapsed * rate).min(rate);
+    conn.client_refill.set(now);
+    if tokens < 1.0 {
+        conn.client_tokens.set(tokens);
+        return reject(
+            PusherError::ClientEventRejected,
+            &format!(
+                "Client event rejected: over the rate limit of {} per second",
+                app.client_events_per_second
+            ),
+        );
+    }
+    conn.client_tokens.set(tokens - 1.0);
+    let user_id = conn
+        .presence
+        .borrow()
+        .iter()
+        .find(|(c, _)| &**c == channel)
+        .map(|(_, u)| Rc::clone(u));
+    let json = outbound::client_event(event, channel, data, user_id.as_deref());
+    let frame = SharedFrame::text(&json);
+    shard.shared.router.broadcast(Broadcast {
+        app: conn.app,
+        channel: Arc::from(channel),
+        frame: frame.0,
+        // Never echoed to the sender.
+        except: Some(conn.socket_id),
+        cache: channel::is_cache(channel),
+    });
+}
+
+fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Option<&str>) {
+    let app = &shard.shared.cfg.apps[conn.app];
+    let (Some(token), Some(user_data)) = (auth_token, user_data) else {
+        return conn.close_pusher(PusherError::Unauthorized);
+    };
+    let signed = token.split_once(':').is_some_and(|(key, sig)| {
+        key == app.key
+            && auth::verify(
+                &app.secret,
+                format!("{}::user::{user_data}", conn.socket_id).as_bytes(),
+                sig,
+            )
+    });
+    let user = match parse_user_data(user_data) {
+        Ok(u) if signed => u,
+        // Pusher and Soketi close the connection on a failed sign-in.
+        _ => return conn.close_pusher(PusherError::Unauthorized),
+    };
+    *conn.user.borrow_mut() = Some(Rc::from(user.id.as_str()));
+    conn.send_text(&outbound::signin_success(user_data));
+}
+
+/// A frame for one event that is not a broadcast (client events relay JSON, not strings).
+impl SharedFrame {
+    pub fn text(json: &[u8]) -> SharedFrame {
+        SharedFrame(Bytes::from(crate::ws::codec::server_frame(
+            crate::ws::codec::OP_TEXT,
+            json,
+        )))
+    }
+}
