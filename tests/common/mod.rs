@@ -292,6 +292,51 @@ impl Client {
         }
     }
 
+    /// Subscribes to a private (or encrypted) channel with a valid signature for this socket.
+    pub fn subscribe_private(&mut self, channel: &str) {
+        let auth = format!(
+            "{APP_KEY}:{}",
+            hmac_hex(APP_SECRET, &format!("{}:{channel}", self.socket_id))
+        );
+        self.send_json(
+            serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}),
+        );
+        let ev = self.expect_event("pusher_internal:subscription_succeeded");
+        assert_eq!(ev["channel"], channel);
+    }
+
+    /// Sends a presence subscribe signed for this socket; returns nothing (the caller reads).
+    pub fn send_presence_subscribe(&mut self, channel: &str, user_id: &str, info: Value) {
+        let data = serde_json::json!({"user_id": user_id, "user_info": info}).to_string();
+        let auth = format!(
+            "{APP_KEY}:{}",
+            hmac_hex(APP_SECRET, &format!("{}:{channel}:{data}", self.socket_id))
+        );
+        self.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth,"channel_data":data}}));
+    }
+
+    /// Joins a presence channel; returns the `presence` object of subscription_succeeded.
+    pub fn join(&mut self, channel: &str, user_id: &str, info: Value) -> Value {
+        self.send_presence_subscribe(channel, user_id, info);
+        let ev = self.expect_event("pusher_internal:subscription_succeeded");
+        assert_eq!(ev["channel"], channel);
+        let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+        data["presence"].clone()
+    }
+
+    /// The shard this connection landed on (socket ids encode it: lo = n * shards + shard + 1).
+    pub fn shard(&self, shards: u64) -> u64 {
+        (self
+            .socket_id
+            .split_once('.')
+            .unwrap()
+            .1
+            .parse::<u64>()
+            .unwrap()
+            - 1)
+            % shards
+    }
+
     pub fn close(mut self) {
         let _ = self.ws.close(Some(CloseFrame {
             code: CloseCode::Normal,
@@ -342,6 +387,32 @@ impl Api {
             "POST",
             &format!("{path}?{query}&auth_signature={sig}"),
             body.as_bytes(),
+        );
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Signed `GET /apps/{id}/{endpoint}` with extra query parameters (already URL-safe).
+    pub fn get(&self, endpoint: &str, params: &[(&str, &str)]) -> (u16, Value) {
+        let path = format!("/apps/{}/{endpoint}", self.app_id);
+        let mut all: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.push(("auth_key".into(), self.key.clone()));
+        all.push(("auth_timestamp".into(), now_secs().to_string()));
+        all.push(("auth_version".into(), "1.0".into()));
+        all.sort();
+        let query: Vec<String> = all.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let query = query.join("&");
+        let sig = hmac_hex(&self.secret, &format!("GET\n{path}\n{query}"));
+        let (status, text) = http(
+            self.addr,
+            "GET",
+            &format!("{path}?{query}&auth_signature={sig}"),
+            b"",
         );
         (
             status,
