@@ -316,3 +316,46 @@ fn http_api_reads_count_across_shards() {
     let (s, _) = http(d.addr, "GET", "/apps/test-app/channels", b"");
     assert_eq!(s, 401);
 }
+
+#[test]
+fn watchlist_online_and_offline_per_user() {
+    let d = Daemon::start(2);
+    let events = |c: &mut Client| -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while let Got::Event(ev) = c.next(Duration::from_millis(300)) {
+            assert_eq!(ev["event"], "pusher_internal:watchlist_events", "{ev}");
+            let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+            for e in data["events"].as_array().unwrap() {
+                for u in e["user_ids"].as_array().unwrap() {
+                    out.push((
+                        e["name"].as_str().unwrap().to_owned(),
+                        u.as_str().unwrap().to_owned(),
+                    ));
+                }
+            }
+        }
+        out
+    };
+    let mut a = d.client();
+    signin(&mut a, r#"{"id":"a","watchlist":["b","c"]}"#, APP_SECRET);
+    a.expect_event("pusher:signin_success");
+    assert_eq!(events(&mut a), vec![]);
+    let mut b1 = d.client();
+    signin(&mut b1, r#"{"id":"b"}"#, APP_SECRET);
+    b1.expect_event("pusher:signin_success");
+    assert_eq!(events(&mut a), vec![("online".into(), "b".into())]);
+    let mut b2 = d.client();
+    signin(&mut b2, r#"{"id":"b"}"#, APP_SECRET);
+    b2.expect_event("pusher:signin_success");
+    assert_eq!(events(&mut a), vec![]);
+    // A late watcher hears at once that b is online.
+    let mut late = d.client();
+    signin(&mut late, r#"{"id":"z","watchlist":["b"]}"#, APP_SECRET);
+    late.expect_event("pusher:signin_success");
+    assert_eq!(events(&mut late), vec![("online".into(), "b".into())]);
+    b1.close();
+    assert_eq!(events(&mut a), vec![]);
+    b2.close();
+    assert_eq!(events(&mut a), vec![("offline".into(), "b".into())]);
+    assert_eq!(events(&mut late), vec![("offline".into(), "b".into())]);
+}

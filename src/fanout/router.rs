@@ -53,6 +53,28 @@ pub enum ShardCmd {
         app: usize,
         user_id: Arc<str>,
     },
+    /// A signed-in user gained (`+1`) or lost (`-1`) a connection; to the user's owner shard
+    /// (`Router::user_owner`), which tells watchers on the first and last one.
+    UserOnline {
+        app: usize,
+        user_id: Arc<str>,
+        delta: i32,
+    },
+    /// Start (`on`) or stop watching `watched` for the connection `conn` on shard `shard`; to
+    /// the watched user's owner shard.
+    Watch {
+        app: usize,
+        watched: Arc<str>,
+        shard: usize,
+        conn: ConnId,
+        on: bool,
+    },
+    /// `pusher_internal:watchlist_events` for one connection.
+    WatchEvent {
+        conn: ConnId,
+        online: bool,
+        user_id: Arc<str>,
+    },
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
     /// total for `pusher_internal:subscription_count`.
     CountDelta {
@@ -211,6 +233,11 @@ impl Router {
         }
         dropped += usize::from(self.try_push(n - 1, ShardCmd::Broadcast(b)).is_err());
         dropped
+    }
+
+    /// The shard that tracks whether a user is online and who watches them.
+    pub fn user_owner(&self, app: usize, user_id: &str) -> usize {
+        self.owner(app, &format!("#user:{user_id}"))
     }
 
     /// Takes the next queued command for `shard` without waiting.

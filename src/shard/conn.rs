@@ -154,6 +154,8 @@ pub struct Conn {
     pub(super) in_dirty: Cell<bool>,
     /// The user this connection signed in as (`pusher:signin`).
     pub(super) user: RefCell<Option<Rc<str>>>,
+    /// User ids whose online/offline changes this connection is told (from its `user_data`).
+    pub(super) watchlist: RefCell<Vec<Rc<str>>>,
     /// Presence channels joined: (channel, user id), so leaving and client events know the user.
     pub(super) presence: RefCell<Vec<(Rc<str>, Rc<str>)>>,
     /// Presence channels whose owner shard has not answered the join yet.
@@ -180,6 +182,7 @@ impl Conn {
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
             user: RefCell::new(None),
+            watchlist: RefCell::new(Vec::new()),
             presence: RefCell::new(Vec::new()),
             presence_pending: RefCell::new(Vec::new()),
             client_tokens: Cell::new(f64::MAX),

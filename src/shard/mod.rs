@@ -150,6 +150,10 @@ pub struct Shard {
     cache: RefCell<cache::CacheStore>,
     /// Total subscribers of the channels this shard owns, for subscription_count.
     counts: RefCell<HashMap<(usize, Arc<str>), u64>>,
+    /// Signed-in connections per user, for the users this shard owns (`Router::user_owner`).
+    online: RefCell<HashMap<(usize, Arc<str>), u32>>,
+    /// Who watches each user this shard owns: (shard, connection).
+    watchers: RefCell<HashMap<(usize, Arc<str>), Vec<(usize, ConnId)>>>,
     /// HTTP API reads waiting for every shard's part.
     queries: RefCell<HashMap<u64, PendingQuery>>,
     next_query: Cell<u64>,
@@ -189,6 +193,8 @@ impl Shard {
                 shared.cfg.max_cache_channels,
             )),
             counts: RefCell::default(),
+            online: RefCell::default(),
+            watchers: RefCell::default(),
             queries: RefCell::default(),
             next_query: Cell::new(0),
             shared,
@@ -238,6 +244,9 @@ impl Shard {
         let memberships = std::mem::take(&mut *conn.presence.borrow_mut());
         for (ch, user) in memberships {
             self.send_leave(conn, &ch, &user);
+        }
+        if let Some(user) = conn.user.borrow_mut().take() {
+            self.user_presence(conn, &user, -1);
         }
         self.conns.borrow_mut().remove(conn.id);
     }
@@ -419,6 +428,115 @@ impl Shard {
                 channel,
                 delta,
             } => self.count_delta(app, channel, delta),
+            ShardCmd::UserOnline {
+                app,
+                user_id,
+                delta,
+            } => self.user_online(app, user_id, delta),
+            ShardCmd::Watch {
+                app,
+                watched,
+                shard,
+                conn,
+                on,
+            } => self.watch(app, watched, shard, conn, on),
+            ShardCmd::WatchEvent {
+                conn,
+                online,
+                user_id,
+            } => {
+                let conn = self.conns.borrow().get(conn).cloned();
+                if let Some(conn) = conn {
+                    let name = if online { "online" } else { "offline" };
+                    conn.send_text(&outbound::watchlist_event(name, &[&user_id]));
+                    self.mark_dirty(&conn);
+                }
+            }
+        }
+    }
+
+    /// A connection signed in (`+1`) or closed (`-1`) as `user`: tell the user's owner, and
+    /// start or stop watching the users on its watchlist.
+    fn user_presence(&self, conn: &Conn, user: &str, delta: i32) {
+        let router = &self.shared.router;
+        let _ = router.try_push(
+            router.user_owner(conn.app, user),
+            ShardCmd::UserOnline {
+                app: conn.app,
+                user_id: Arc::from(user),
+                delta,
+            },
+        );
+        let watchlist = if delta > 0 {
+            conn.watchlist.borrow().clone()
+        } else {
+            std::mem::take(&mut *conn.watchlist.borrow_mut())
+        };
+        for watched in watchlist {
+            let _ = router.try_push(
+                router.user_owner(conn.app, &watched),
+                ShardCmd::Watch {
+                    app: conn.app,
+                    watched: Arc::from(&*watched),
+                    shard: self.id,
+                    conn: conn.id,
+                    on: delta > 0,
+                },
+            );
+        }
+    }
+
+    /// Owner side of the watchlist: online on a user's first connection, offline on the last.
+    fn user_online(&self, app: usize, user_id: Arc<str>, delta: i32) {
+        let key = (app, user_id);
+        let changed = {
+            let mut online = self.online.borrow_mut();
+            let n = online.entry(key.clone()).or_insert(0);
+            let before = *n;
+            *n = n.saturating_add_signed(delta);
+            let after = *n;
+            if after == 0 {
+                online.remove(&key);
+            }
+            (before == 0) != (after == 0)
+        };
+        if !changed {
+            return;
+        }
+        let online = delta > 0;
+        let router = &self.shared.router;
+        for &(shard, conn) in self.watchers.borrow().get(&key).into_iter().flatten() {
+            let _ = router.try_push(
+                shard,
+                ShardCmd::WatchEvent {
+                    conn,
+                    online,
+                    user_id: Arc::clone(&key.1),
+                },
+            );
+        }
+    }
+
+    fn watch(&self, app: usize, watched: Arc<str>, shard: usize, conn: ConnId, on: bool) {
+        let key = (app, watched);
+        let mut watchers = self.watchers.borrow_mut();
+        if on {
+            watchers.entry(key.clone()).or_default().push((shard, conn));
+            if self.online.borrow().contains_key(&key) {
+                let _ = self.shared.router.try_push(
+                    shard,
+                    ShardCmd::WatchEvent {
+                        conn,
+                        online: true,
+                        user_id: Arc::clone(&key.1),
+                    },
+                );
+            }
+        } else if let Some(list) = watchers.get_mut(&key) {
+            list.retain(|w| *w != (shard, conn));
+            if list.is_empty() {
+                watchers.remove(&key);
+            }
         }
     }
 

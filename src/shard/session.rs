@@ -285,6 +285,13 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
 
 fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Option<&str>) {
     let app = &shard.shared.cfg.apps[conn.app];
+    if conn.user.borrow().is_some() {
+        conn.send_text(&outbound::error(
+            None,
+            "This connection is already signed in",
+        ));
+        return;
+    }
     let (Some(token), Some(user_data)) = (auth_token, user_data) else {
         return conn.close_pusher(PusherError::Unauthorized);
     };
@@ -302,7 +309,13 @@ fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Optio
         _ => return conn.close_pusher(PusherError::Unauthorized),
     };
     *conn.user.borrow_mut() = Some(Rc::from(user.id.as_str()));
+    *conn.watchlist.borrow_mut() = user
+        .watchlist
+        .iter()
+        .map(|w| Rc::from(w.as_str()))
+        .collect();
     conn.send_text(&outbound::signin_success(user_data));
+    shard.user_presence(conn, &user.id, 1);
 }
 
 /// A frame for one event that is not a broadcast (client events relay JSON, not strings).
