@@ -149,11 +149,11 @@ pub struct Shard {
     /// Last event of cache channels (a copy on every shard).
     cache: RefCell<cache::CacheStore>,
     /// Total subscribers of the channels this shard owns, for subscription_count.
-    counts: RefCell<HashMap<(usize, Arc<str>), u64>>,
+    counts: RefCell<HashMap<AppKey, u64>>,
     /// Signed-in connections per user, for the users this shard owns (`Router::user_owner`).
-    online: RefCell<HashMap<(usize, Arc<str>), u32>>,
+    online: RefCell<HashMap<AppKey, u32>>,
     /// Who watches each user this shard owns: (shard, connection).
-    watchers: RefCell<HashMap<(usize, Arc<str>), Vec<(usize, ConnId)>>>,
+    watchers: RefCell<HashMap<AppKey, Vec<(usize, ConnId)>>>,
     /// HTTP API reads waiting for every shard's part.
     queries: RefCell<HashMap<u64, PendingQuery>>,
     next_query: Cell<u64>,
@@ -163,6 +163,9 @@ pub struct Shard {
     rng: Cell<u64>,
     pub stats: Stats,
 }
+
+/// A channel or user id within an app.
+type AppKey = (usize, Arc<str>);
 
 /// Most commands taken from the inbox before the queued frames are flushed and other tasks get
 /// a turn.
