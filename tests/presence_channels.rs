@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-const T: Duration = Duration::from_secs(5);
 const CH: &str = "presence-sports.football.leagues.premier-league.matches.12345";
 
 /// Connects until it has a client on each of two shards.
