@@ -165,12 +165,12 @@ fn counts_stay_exact_under_churn_across_shards() {
         .start();
     let mut observer = d.client();
     observer.join(CH, "observer", json!(null));
-    // 300 sockets of 100 users join; a third leave by closing, a third vanish without a close
+    // 1,500 sockets of 500 users join (on both shards); a third leave by closing, a third vanish without a close
     // frame (TCP dropped), a third stay.
     let mut clients = Vec::new();
-    for i in 0..300 {
+    for i in 0..1500 {
         let mut c = d.client();
-        c.join(CH, &format!("u{}", i % 100), json!({"i": i % 100}));
+        c.join(CH, &format!("u{}", i % 500), json!({"i": i % 500}));
         clients.push(c);
     }
     let (s, ch) = d.api().get(
@@ -178,8 +178,8 @@ fn counts_stay_exact_under_churn_across_shards() {
         &[("info", "user_count,subscription_count")],
     );
     assert_eq!(s, 200);
-    assert_eq!(ch["user_count"], 101);
-    assert_eq!(ch["subscription_count"], 301);
+    assert_eq!(ch["user_count"], 501);
+    assert_eq!(ch["subscription_count"], 1501);
     let mut stay = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
         match i % 3 {
@@ -188,22 +188,22 @@ fn counts_stay_exact_under_churn_across_shards() {
             _ => stay.push(c),
         }
     }
-    // Users u0..u99: each had sockets i, i+100, i+200; the one that stays is the i with
-    // i % 3 == 2, and every user has exactly one of those. So all 100 users remain.
+    // User u(k) had sockets k, k+500 and k+1000; exactly one of them has i % 3 == 2 (500 is
+    // 2 mod 3, so the three residues differ) and stays. So all 500 users remain.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let (_, ch) = d.api().get(
             &format!("channels/{CH}"),
             &[("info", "user_count,subscription_count")],
         );
-        if ch["subscription_count"] == 101 || std::time::Instant::now() > deadline {
-            assert_eq!(ch["subscription_count"], 101, "{ch}");
-            assert_eq!(ch["user_count"], 101, "{ch}");
+        if ch["subscription_count"] == 501 || std::time::Instant::now() > deadline {
+            assert_eq!(ch["subscription_count"], 501, "{ch}");
+            assert_eq!(ch["user_count"], 501, "{ch}");
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Nobody was removed, so the observer saw 100 member_added and no member_removed.
+    // Nobody was removed, so the observer saw 500 member_added and no member_removed.
     let mut added = 0;
     loop {
         match observer.next(Duration::from_millis(300)) {
@@ -213,7 +213,7 @@ fn counts_stay_exact_under_churn_across_shards() {
             Got::Closed(c) => panic!("observer closed {c:?}"),
         }
     }
-    assert_eq!(added, 100);
+    assert_eq!(added, 500);
     drop(stay);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
