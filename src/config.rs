@@ -41,6 +41,40 @@ pub struct Cli {
     /// Allow the built-in development credentials on a non-loopback address.
     #[arg(long)]
     pub allow_dev_credentials: bool,
+    /// Consume Laravel's redis broadcaster from this Redis (redis:// or rediss://); overrides
+    /// REDIS_URL / REDIS_HOST.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Do not consume Redis even when REDIS_URL or REDIS_HOST is set.
+    #[arg(long)]
+    pub no_redis: bool,
+    /// CPU the Redis ingest thread is pinned to (default: a CPU no shard uses, else the last).
+    #[arg(long)]
+    pub ingest_cpu: Option<usize>,
+}
+
+/// Where Laravel's `redis` broadcaster publishes, and how we consume it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// redis:// or rediss:// URL, credentials included.
+    pub url: String,
+    /// Laravel's key prefix (REDIS_PREFIX): stripped from channel names; only channels that start
+    /// with it are ours.
+    pub prefix: String,
+    /// Index of the app Redis events belong to.
+    pub app: usize,
+    /// CPU the ingest thread is pinned to.
+    pub cpu: usize,
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced, for logs.
+    pub fn redacted_url(&self) -> String {
+        match (self.url.split_once("://"), self.url.rfind('@')) {
+            (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &self.url[at + 1..]),
+            _ => self.url.clone(),
+        }
+    }
 }
 
 /// One Pusher app: credentials and per-app limits.
@@ -110,6 +144,8 @@ pub struct Config {
     pub max_cache_channels: usize,
     /// True when running with the built-in development app.
     pub dev_credentials: bool,
+    /// Laravel redis-broadcaster ingest, when a Redis is configured.
+    pub redis: Option<RedisConfig>,
 }
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
@@ -156,6 +192,19 @@ pub struct RawFile {
     pub server: RawServer,
     #[serde(default)]
     pub apps: Vec<RawApp>,
+    #[serde(default)]
+    pub redis: RawRedis,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+    /// App id Redis events belong to (default: the first app).
+    pub app: Option<String>,
+    pub enabled: Option<bool>,
+    pub ingest_cpu: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -428,6 +477,7 @@ impl Config {
                 "inbox_capacity must be at least 16".into(),
             ));
         }
+        let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
         Ok(Config {
             listen: SocketAddr::new(host, port),
             shard_cpus,
@@ -439,12 +489,106 @@ impl Config {
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_cache_channels: s.max_cache_channels.unwrap_or(100_000).max(1),
             dev_credentials,
+            redis,
         })
     }
 
     pub fn shards(&self) -> usize {
         self.shard_cpus.len()
     }
+}
+
+/// Laravel's default REDIS_PREFIX: `Str::slug(APP_NAME, '_') . '_database_'`.
+pub fn laravel_prefix(app_name: &str) -> String {
+    let mut slug = String::new();
+    for c in app_name.chars() {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c.to_ascii_lowercase());
+        } else if !slug.is_empty() && !slug.ends_with('_') {
+            slug.push('_');
+        }
+    }
+    let slug = slug.trim_end_matches('_');
+    format!(
+        "{}_database_",
+        if slug.is_empty() { "laravel" } else { slug }
+    )
+}
+
+fn resolve_redis(
+    cli: &Cli,
+    env: &dyn Env,
+    raw: &RawRedis,
+    apps: &[App],
+    cpus: &[usize],
+    shards: usize,
+) -> Result<Option<RedisConfig>, ConfigError> {
+    if cli.no_redis || raw.enabled == Some(false) {
+        return Ok(None);
+    }
+    let url = match (
+        &cli.redis,
+        env_str(env, "REDIS_URL"),
+        env_str(env, "REDIS_HOST"),
+        &raw.url,
+    ) {
+        (Some(u), _, _, _) => u.clone(),
+        (None, Some(u), _, _) => u,
+        (None, None, Some(host), _) => {
+            let port: u16 = env_parse(env, "REDIS_PORT", "a port number")?.unwrap_or(6379);
+            let db: u32 = env_parse(env, "REDIS_DB", "a database number")?.unwrap_or(0);
+            let scheme = match env_str(env, "REDIS_SCHEME").as_deref() {
+                Some("tls" | "rediss") => "rediss",
+                _ => "redis",
+            };
+            let enc = |s: String| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let auth = match (
+                env_str(env, "REDIS_USERNAME"),
+                env_str(env, "REDIS_PASSWORD"),
+            ) {
+                (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
+                (None, Some(p)) => format!(":{}@", enc(p)),
+                (Some(u), None) => format!("{}@", enc(u)),
+                (None, None) => String::new(),
+            };
+            format!("{scheme}://{auth}{host}:{port}/{db}")
+        }
+        (None, None, None, Some(u)) => u.clone(),
+        (None, None, None, None) => return Ok(None),
+    };
+    if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://"))
+    {
+        return Err(ConfigError::BadValue {
+            name: "REDIS_URL".into(),
+            value: url,
+            why: "must start with redis://, rediss:// or unix://",
+        });
+    }
+    // REDIS_PREFIX may be set to the empty string on purpose: read it raw.
+    let prefix = match env.get("REDIS_PREFIX") {
+        Some(p) => p,
+        None => match &raw.prefix {
+            Some(p) => p.clone(),
+            None => laravel_prefix(&env.get("APP_NAME").unwrap_or_else(|| "laravel".into())),
+        },
+    };
+    let app = match &raw.app {
+        Some(id) => apps.iter().position(|a| &a.id == id).ok_or_else(|| {
+            ConfigError::Other(format!("[redis] app = {id:?} names no configured app"))
+        })?,
+        None => 0,
+    };
+    let cpus = if cpus.is_empty() { &[0][..] } else { cpus };
+    let cpu = cli
+        .ingest_cpu
+        .or(raw.ingest_cpu)
+        .unwrap_or_else(|| cpus.get(shards).copied().unwrap_or(cpus[cpus.len() - 1]));
+    Ok(Some(RedisConfig {
+        url,
+        prefix,
+        app,
+        cpu,
+    }))
 }
 
 fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigError> {
@@ -622,6 +766,46 @@ mod tests {
         assert!(resolve(&Cli::default(), &[], &dup).is_err());
         let too_small_queue = f.replace("200000", "1000");
         assert!(resolve(&Cli::default(), &[], &too_small_queue).is_err());
+    }
+
+    #[test]
+    fn redis_settings_like_laravel() {
+        let base = [
+            ("REVERB_APP_ID", "1"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+        ];
+        let c = resolve(&Cli::default(), &base, "").unwrap();
+        assert_eq!(c.redis, None);
+        let mut e = base.to_vec();
+        e.extend([
+            ("REDIS_HOST", "10.0.0.5"),
+            ("REDIS_PASSWORD", "p@ss/word"),
+            ("REDIS_DB", "2"),
+            ("APP_NAME", "BTS Guru"),
+        ]);
+        let r = resolve(&Cli::default(), &e, "").unwrap().redis.unwrap();
+        assert_eq!(r.url, "redis://:p%40ss%2Fword@10.0.0.5:6379/2");
+        assert_eq!(r.prefix, "bts_guru_database_");
+        assert_eq!(r.redacted_url(), "redis://***@10.0.0.5:6379/2");
+        e.push(("REDIS_PREFIX", ""));
+        e.push(("REDIS_URL", "rediss://cache.example:6380"));
+        let r = resolve(&Cli::default(), &e, "").unwrap().redis.unwrap();
+        assert_eq!(
+            (r.url.as_str(), r.prefix.as_str()),
+            ("rediss://cache.example:6380", "")
+        );
+        let off = Cli {
+            no_redis: true,
+            ..Cli::default()
+        };
+        assert_eq!(resolve(&off, &e, "").unwrap().redis, None);
+        assert_eq!(laravel_prefix("Laravel"), "laravel_database_");
+        assert_eq!(laravel_prefix(""), "laravel_database_");
+        let bad = [("REDIS_URL", "http://x")];
+        let mut e2 = base.to_vec();
+        e2.extend(bad);
+        assert!(resolve(&Cli::default(), &e2, "").is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`protocol`]: the Pusher wire contract (channel names, signatures, client and server
 //!   messages, error codes). Pure: no I/O, no clock.
 //! - [`ws`]: WebSocket handshake and frame codec. Knows nothing of Pusher.
+//! - [`ingest`]: producers outside the WebSocket port: Laravel's redis broadcaster, consumed on
+//!   a dedicated pinned thread.
 //! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
 //! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
 //! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
@@ -16,6 +18,7 @@
 
 pub mod config;
 pub mod fanout;
+pub mod ingest;
 pub mod protocol;
 pub mod shard;
 pub mod sys;
@@ -154,6 +157,14 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
+    }
+    if let Some(redis) = shared.cfg.redis.clone() {
+        tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");
+        ingest::redis::spawn(redis, Arc::clone(&shared)).map_err(|e| StartError::Executor {
+            shard: shards,
+            cpu: 0,
+            message: format!("cannot start the Redis ingest thread: {e}"),
+        })?;
     }
     tracing::info!(%addr, shards, io_memory_kib = io_memory >> 10, "all shards accepting");
     Ok(Running {

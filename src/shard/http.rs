@@ -100,7 +100,7 @@ const INCOMPLETE: &str = "a shard did not answer in time; counts would not be ex
 /// Answers one HTTP request: `(status, JSON body)`.
 pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     if req.path == "/up" {
-        return (200, r#"{"health":"OK"}"#.to_owned());
+        return up(shard);
     }
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let (app_id, rest) = match parts.as_slice() {
@@ -174,6 +174,25 @@ pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
             (200, "{}".to_owned())
         }
     }
+}
+
+/// Health: 200 while serving; with Redis ingest on, its state and counters too (still 200 while
+/// Redis is away: WebSocket and HTTP API keep working locally).
+fn up(shard: &Shard) -> Reply {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ingest = &shard.shared.ingest;
+    if !ingest.enabled.load(Relaxed) {
+        return (200, r#"{"health":"OK"}"#.to_owned());
+    }
+    let body = json!({
+        "health": "OK",
+        "redis": if ingest.connected.load(Relaxed) { "connected" } else { "disconnected" },
+        "redis_reconnects": ingest.reconnects.load(Relaxed),
+        "redis_events": ingest.events.load(Relaxed),
+        "redis_malformed": ingest.malformed.load(Relaxed),
+        "redis_dropped": ingest.dropped.load(Relaxed),
+    });
+    (200, body.to_string())
 }
 
 enum Route {

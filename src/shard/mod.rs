@@ -39,6 +39,8 @@ pub struct Shared {
     pub router: Router,
     /// Live connections per app, all shards together (for REVERB_APP_MAX_CONNECTIONS).
     pub app_conns: Box<[AtomicUsize]>,
+    /// Redis ingest state and counters (written by the ingest thread).
+    pub ingest: crate::ingest::redis::IngestStats,
     by_key: HashMap<String, usize>,
     by_id: HashMap<String, usize>,
 }
@@ -63,6 +65,7 @@ impl Shared {
             cfg,
             router,
             app_conns,
+            ingest: Default::default(),
             by_key,
             by_id,
         }

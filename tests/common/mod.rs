@@ -105,6 +105,9 @@ impl Daemon {
             .current_dir(&dir)
             .env_remove("REVERB_SERVER_HOST")
             .env_remove("REVERB_SERVER_PORT")
+            .env_remove("REDIS_URL")
+            .env_remove("REDIS_HOST")
+            .env_remove("REDIS_PREFIX")
             .env("BTS_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -478,4 +481,92 @@ pub fn raw_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A throwaway redis-server on a free loopback port, without persistence; killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    /// Starts on a chosen port (to restart a server on the port clients know).
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = scratch_dir();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for these tests: run `bash tests/run.sh` (installs it) or `apt-get install redis-server`");
+        let r = RedisServer { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis::Client::open(r.url().as_str())
+            .and_then(|c| c.get_connection())
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Publishes like Laravel's RedisBroadcaster: one EVAL, one payload, every channel.
+    pub fn laravel_broadcast(
+        &self,
+        prefix: &str,
+        channels: &[&str],
+        event: &str,
+        data: Value,
+        socket: Option<&str>,
+    ) {
+        let payload =
+            serde_json::json!({"event": event, "data": data, "socket": socket}).to_string();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg("for i = 2, #ARGV do\n  redis.call('publish', ARGV[i], ARGV[1])\nend")
+            .arg(0)
+            .arg(payload);
+        for ch in channels {
+            cmd.arg(format!("{prefix}{ch}"));
+        }
+        let _: () = cmd.query(&mut self.conn()).unwrap();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
