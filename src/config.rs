@@ -51,6 +51,9 @@ pub struct Cli {
     /// CPU the Redis ingest thread is pinned to (default: a CPU no shard uses, else the last).
     #[arg(long)]
     pub ingest_cpu: Option<usize>,
+    /// Run as one node of a cluster sharing the Redis (REVERB_SCALING_ENABLED=true).
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -146,6 +149,8 @@ pub struct Config {
     pub dev_credentials: bool,
     /// Laravel redis-broadcaster ingest, when a Redis is configured.
     pub redis: Option<RedisConfig>,
+    /// Cluster mode: the Redis pub/sub channel the nodes talk on (REVERB_SCALING_CHANNEL).
+    pub cluster: Option<String>,
 }
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
@@ -205,6 +210,8 @@ pub struct RawRedis {
     pub app: Option<String>,
     pub enabled: Option<bool>,
     pub ingest_cpu: Option<usize>,
+    pub cluster: Option<bool>,
+    pub cluster_channel: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -478,6 +485,25 @@ impl Config {
             ));
         }
         let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
+        let cluster_on = cli.cluster
+            || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?.unwrap_or(false)
+            || file.redis.cluster.unwrap_or(false);
+        let cluster = if cluster_on {
+            if redis.is_none() {
+                return Err(ConfigError::Other(
+                    "cluster mode (--cluster / REVERB_SCALING_ENABLED) needs a Redis: set REDIS_URL \
+                     or REDIS_HOST, or pass --redis"
+                        .into(),
+                ));
+            }
+            Some(
+                env_str(env, "REVERB_SCALING_CHANNEL")
+                    .or(file.redis.cluster_channel.clone())
+                    .unwrap_or_else(|| "bts-guru".into()),
+            )
+        } else {
+            None
+        };
         Ok(Config {
             listen: SocketAddr::new(host, port),
             shard_cpus,
@@ -490,6 +516,7 @@ impl Config {
             max_cache_channels: s.max_cache_channels.unwrap_or(100_000).max(1),
             dev_credentials,
             redis,
+            cluster,
         })
     }
 

@@ -158,6 +158,16 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
     }
+    if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
+        tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
+        ingest::cluster::spawn_publisher(redis.url.clone(), Arc::clone(&shared)).map_err(|e| {
+            StartError::Executor {
+                shard: shards,
+                cpu: 0,
+                message: format!("cannot start the cluster publisher thread: {e}"),
+            }
+        })?;
+    }
     if let Some(redis) = shared.cfg.redis.clone() {
         tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");
         ingest::redis::spawn(redis, Arc::clone(&shared)).map_err(|e| StartError::Executor {

@@ -75,6 +75,8 @@ pub enum ShardCmd {
         online: bool,
         user_id: Arc<str>,
     },
+    /// From other nodes of a cluster (via the Redis ingest thread).
+    Remote(RemoteCmd),
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
     /// total for `pusher_internal:subscription_count`.
     CountDelta {
@@ -104,6 +106,39 @@ pub enum PresenceOp {
         user_id: Arc<str>,
         socket_id: SocketId,
     },
+}
+
+/// What other nodes tell this node's shards (cluster mode).
+#[derive(Debug)]
+pub enum RemoteCmd {
+    /// A socket of `node` joined a presence channel this shard owns.
+    Join {
+        node: u64,
+        app: usize,
+        channel: Arc<str>,
+        user_id: Arc<str>,
+        user_info: Option<Arc<str>>,
+        socket_id: Option<SocketId>,
+    },
+    Leave {
+        node: u64,
+        app: usize,
+        channel: Arc<str>,
+        user_id: Arc<str>,
+        socket_id: Option<SocketId>,
+    },
+    /// `node`'s complete members of the channels its shard `part` (of `parts`) owns: replaces
+    /// that node's part on the channels this shard owns.
+    Sync {
+        node: u64,
+        part: usize,
+        parts: usize,
+        entries: Arc<Vec<(usize, Arc<str>, crate::shard::presence::SyncEntry)>>,
+    },
+    /// `node` stopped sending heartbeats: remove its members.
+    NodeGone { node: u64 },
+    /// Publish this shard's part of our members (a node joined, or we reconnected).
+    PublishSync,
 }
 
 #[derive(Debug)]
@@ -136,9 +171,12 @@ pub enum QueryKind {
 #[derive(Debug)]
 pub struct Query {
     pub id: u64,
+    /// The asking shard (on the asking node).
     pub origin: usize,
     pub app: usize,
     pub what: QueryKind,
+    /// The asking node, when another node asked (cluster mode): answer through Redis.
+    pub remote: Option<u64>,
 }
 
 /// One channel as one shard sees it.
@@ -177,11 +215,30 @@ pub struct Inbox {
 /// The set of shard inboxes, created once at start-up and shared by every producer.
 pub struct Router {
     inboxes: Box<[CachePadded<Inbox>]>,
+    /// App ids by index: ownership hashes the id, so every node of a cluster agrees on it.
+    app_ids: Box<[String]>,
+}
+
+/// Which of `parts` owns `channel` of app `app_id` (FNV-1a). The same on every shard and every
+/// node with the same number of shards, whatever the order of apps in their configs.
+pub fn partition(app_id: &str, channel: &str, parts: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app_id
+        .as_bytes()
+        .iter()
+        .chain(&[0u8])
+        .chain(channel.as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % parts.max(1) as u64) as usize
 }
 
 impl Router {
-    pub fn new(shards: usize, capacity: usize) -> Router {
+    pub fn new(shards: usize, capacity: usize, app_ids: Vec<String>) -> Router {
         Router {
+            app_ids: app_ids.into_boxed_slice(),
             inboxes: (0..shards)
                 .map(|_| {
                     CachePadded::new(Inbox {
@@ -201,12 +258,15 @@ impl Router {
     /// The shard that owns a channel's presence membership and total counts (FNV-1a of app and
     /// name): the same answer on every shard, so every op for a channel meets in one place.
     pub fn owner(&self, app: usize, channel: &str) -> usize {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in (app as u64).to_le_bytes().iter().chain(channel.as_bytes()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        (h % self.inboxes.len() as u64) as usize
+        partition(&self.app_ids[app], channel, self.inboxes.len())
+    }
+
+    pub fn app_id(&self, app: usize) -> &str {
+        &self.app_ids[app]
+    }
+
+    pub fn app_index(&self, app_id: &str) -> Option<usize> {
+        self.app_ids.iter().position(|a| a == app_id)
     }
 
     /// Queues `cmd` for `shard` and wakes it. Never blocks; `Err` gives the command back when the
@@ -289,7 +349,7 @@ mod tests {
 
     #[test]
     fn bounded_and_counted() {
-        let r = Router::new(2, 2);
+        let r = Router::new(2, 2, vec!["a".into()]);
         assert_eq!(r.broadcast(b(1)), 0);
         assert_eq!(r.broadcast(b(2)), 0);
         assert_eq!(r.broadcast(b(3)), 2);
@@ -303,7 +363,7 @@ mod tests {
 
     #[test]
     fn std_thread_wakes_a_parked_consumer() {
-        let r = Arc::new(Router::new(1, 1024));
+        let r = Arc::new(Router::new(1, 1024, vec!["a".into()]));
         let r2 = Arc::clone(&r);
         let producer = std::thread::spawn(move || {
             for i in 0..10_000u32 {

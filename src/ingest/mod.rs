@@ -2,4 +2,5 @@
 //! broadcaster (`redis`). The HTTP API lives with the shards (`shard::http`), since it runs on
 //! whichever shard accepted the request.
 
+pub mod cluster;
 pub mod redis;

@@ -139,6 +139,12 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
         let subscribed = conn.and_then(|mut conn| {
             let mut pubsub = conn.as_pubsub();
             pubsub.psubscribe(&pattern)?;
+            if let Some(cluster) = &shared.cluster {
+                pubsub.subscribe(&cluster.channel)?;
+                // Wake up at least once a second to notice silent cluster nodes.
+                pubsub.set_read_timeout(Some(Duration::from_secs(1)))?;
+                super::cluster::announce(shared);
+            }
             stats.connected.store(true, Ordering::Relaxed);
             if ever_connected {
                 stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -180,12 +186,23 @@ fn consume(
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
     let app = &shared.cfg.apps[cfg.app];
+    let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.as_str());
+    let mut last_tick = Instant::now();
     loop {
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            super::cluster::tick(shared);
+            last_tick = Instant::now();
+        }
         let msg = match pubsub.get_message() {
             Ok(m) => m,
+            Err(e) if e.is_timeout() => continue,
             Err(e) => return e,
         };
         let name = msg.get_channel_name();
+        if Some(name) == cluster_channel {
+            super::cluster::receive(shared, msg.get_payload_bytes());
+            continue;
+        }
         let Some(channel) = name.strip_prefix(cfg.prefix.as_str()) else {
             continue;
         };

@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use super::Shard;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
+use crate::ingest::cluster::Wire;
 use crate::protocol::{auth, channel, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::Request;
 
@@ -87,8 +88,10 @@ fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
         for c in &p.channels {
             let e = out.entry(c.name.clone()).or_default();
             e.0 += c.subscriptions;
+            // Every node's owner shard knows the whole channel's members: take the largest
+            // (they agree once the cluster has settled).
             if c.users.is_some() {
-                e.1 = c.users;
+                e.1 = e.1.max(c.users);
             }
         }
     }
@@ -161,6 +164,13 @@ pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
             None => err(503, INCOMPLETE),
         },
         Route::Terminate(user) => {
+            if let Some(cluster) = &shared.cluster {
+                cluster.publish(&Wire::Terminate {
+                    n: shared.node,
+                    a: app.id.clone(),
+                    u: user.clone(),
+                });
+            }
             let user_id: Arc<str> = Arc::from(user.as_str());
             for s in 0..shared.router.shards() {
                 let cmd = ShardCmd::TerminateUser {
@@ -184,7 +194,7 @@ fn up(shard: &Shard) -> Reply {
     if !ingest.enabled.load(Relaxed) {
         return (200, r#"{"health":"OK"}"#.to_owned());
     }
-    let body = json!({
+    let mut body = json!({
         "health": "OK",
         "redis": if ingest.connected.load(Relaxed) { "connected" } else { "disconnected" },
         "redis_reconnects": ingest.reconnects.load(Relaxed),
@@ -192,6 +202,12 @@ fn up(shard: &Shard) -> Reply {
         "redis_malformed": ingest.malformed.load(Relaxed),
         "redis_dropped": ingest.dropped.load(Relaxed),
     });
+    if let Some(cluster) = &shard.shared.cluster {
+        body["cluster_node"] = json!(cluster.node.to_string());
+        body["cluster_nodes"] = json!(cluster.peers().len() + 1);
+        body["cluster_published"] = json!(cluster.published.load(Relaxed));
+        body["cluster_dropped"] = json!(cluster.dropped.load(Relaxed));
+    }
     (200, body.to_string())
 }
 
@@ -244,6 +260,16 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
     for c in &checked {
         for ch in &c.channels {
             let frame = SharedFrame::event(&c.name, ch, &c.data_json);
+            if let Some(cluster) = &shared.cluster {
+                cluster.publish(&Wire::Event {
+                    n: shared.node,
+                    a: app.id.clone(),
+                    c: ch.clone(),
+                    j: String::from_utf8_lossy(crate::ws::codec::payload_of(&frame.0)).into_owned(),
+                    x: c.except.map(|s| s.to_string()),
+                    k: channel::is_cache(ch),
+                });
+            }
             dropped += shared.router.broadcast(Broadcast {
                 app: app_idx,
                 channel: Arc::from(ch.as_str()),
@@ -384,7 +410,14 @@ async fn users(shard: &Shard, app_idx: usize, name: &str) -> Reply {
     let Some(parts) = shard.query(app_idx, what).await else {
         return err(503, INCOMPLETE);
     };
-    let ids = parts.into_iter().find_map(|p| p.users).unwrap_or_default();
+    // Each node's owner shard lists the whole channel; merge them without repeats.
+    let mut seen = std::collections::HashSet::new();
+    let ids: Vec<String> = parts
+        .into_iter()
+        .filter_map(|p| p.users)
+        .flatten()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
     let users: Vec<Value> = ids.into_iter().map(|id| json!({ "id": id })).collect();
     (200, json!({ "users": users }).to_string())
 }

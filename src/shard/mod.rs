@@ -24,9 +24,10 @@ use bytes::Bytes;
 use crate::config::Config;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{
-    Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart, Router,
-    ShardCmd,
+    partition, Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart,
+    RemoteCmd, Router, ShardCmd,
 };
+use crate::ingest::cluster::{Wire, WireQuery};
 use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
 
 pub use conn::Conn;
@@ -41,13 +42,18 @@ pub struct Shared {
     pub app_conns: Box<[AtomicUsize]>,
     /// Redis ingest state and counters (written by the ingest thread).
     pub ingest: crate::ingest::redis::IngestStats,
+    /// This node's id: presence sockets are counted per node.
+    pub node: u64,
+    /// Cluster mode: talking to the other nodes.
+    pub cluster: Option<crate::ingest::cluster::Cluster>,
     by_key: HashMap<String, usize>,
     by_id: HashMap<String, usize>,
 }
 
 impl Shared {
     pub fn new(cfg: Config) -> Shared {
-        let router = Router::new(cfg.shards(), cfg.inbox_capacity);
+        let app_ids = cfg.apps.iter().map(|a| a.id.clone()).collect();
+        let router = Router::new(cfg.shards(), cfg.inbox_capacity, app_ids);
         let by_key = cfg
             .apps
             .iter()
@@ -61,11 +67,18 @@ impl Shared {
             .map(|(i, a)| (a.id.clone(), i))
             .collect();
         let app_conns = cfg.apps.iter().map(|_| AtomicUsize::new(0)).collect();
+        let node = crate::ingest::cluster::new_node_id();
+        let cluster = cfg
+            .cluster
+            .clone()
+            .map(|channel| crate::ingest::cluster::Cluster::new(node, channel));
         Shared {
             cfg,
             router,
             app_conns,
             ingest: Default::default(),
+            node,
+            cluster,
             by_key,
             by_id,
         }
@@ -429,6 +442,7 @@ impl Shard {
             ShardCmd::Query(q) => self.answer(q),
             ShardCmd::Answer(a) => self.collect(a),
             ShardCmd::TerminateUser { app, user_id } => self.terminate_user(app, &user_id),
+            ShardCmd::Remote(cmd) => self.remote(cmd),
             ShardCmd::CountDelta {
                 app,
                 channel,
@@ -561,10 +575,27 @@ impl Shard {
                 socket_id,
             } => {
                 let max = self.shared.cfg.apps[app].max_presence_members;
-                let outcome = self
-                    .presence
-                    .borrow_mut()
-                    .join(app, &channel, &user_id, user_info, max);
+                let node = self.shared.node;
+                let outcome = self.presence.borrow_mut().join(
+                    app,
+                    &channel,
+                    &user_id,
+                    user_info.clone(),
+                    max,
+                    node,
+                );
+                if outcome != presence::Join::Full {
+                    if let Some(cluster) = &self.shared.cluster {
+                        cluster.publish(&Wire::Join {
+                            n: node,
+                            a: router.app_id(app).to_owned(),
+                            c: channel.to_string(),
+                            u: user_id.to_string(),
+                            i: user_info.map(|i| i.to_string()),
+                            s: socket_id.to_string(),
+                        });
+                    }
+                }
                 let result = if outcome == presence::Join::Full {
                     Err("presence channel is full")
                 } else {
@@ -609,25 +640,193 @@ impl Shard {
                 user_id,
                 socket_id,
             } => {
-                if self.presence.borrow_mut().leave(app, &channel, &user_id) {
-                    let mut data = Vec::new();
-                    outbound::push_json_str(&mut data, &user_id);
-                    let data = format!(r#"{{"user_id":{}}}"#, String::from_utf8_lossy(&data));
-                    let json = outbound::channel_event_str(
-                        "pusher_internal:member_removed",
-                        &channel,
-                        &data,
-                    );
-                    router.broadcast(Broadcast {
-                        app,
-                        channel,
-                        frame: SharedFrame::text(&json).0,
-                        except: Some(socket_id),
-                        cache: false,
+                let node = self.shared.node;
+                if let Some(cluster) = &self.shared.cluster {
+                    cluster.publish(&Wire::Leave {
+                        n: node,
+                        a: router.app_id(app).to_owned(),
+                        c: channel.to_string(),
+                        u: user_id.to_string(),
+                        s: socket_id.to_string(),
                     });
+                }
+                if self
+                    .presence
+                    .borrow_mut()
+                    .leave(app, &channel, &user_id, node)
+                {
+                    self.announce_removed(app, channel, &user_id, Some(socket_id));
                 }
             }
         }
+    }
+
+    /// `member_removed` for `user_id` to this node's subscribers of the channel.
+    fn announce_removed(
+        &self,
+        app: usize,
+        channel: Arc<str>,
+        user_id: &str,
+        except: Option<SocketId>,
+    ) {
+        let mut data = Vec::new();
+        outbound::push_json_str(&mut data, user_id);
+        let data = format!(r#"{{"user_id":{}}}"#, String::from_utf8_lossy(&data));
+        let json = outbound::channel_event_str("pusher_internal:member_removed", &channel, &data);
+        self.shared.router.broadcast(Broadcast {
+            app,
+            channel,
+            frame: SharedFrame::text(&json).0,
+            except,
+            cache: false,
+        });
+    }
+
+    /// `member_added` for `user_id` to this node's subscribers of the channel.
+    fn announce_added(
+        &self,
+        app: usize,
+        channel: Arc<str>,
+        user_id: &str,
+        except: Option<SocketId>,
+    ) {
+        let data = self.presence.borrow().added_data(app, &channel, user_id);
+        let json = outbound::channel_event_str("pusher_internal:member_added", &channel, &data);
+        self.shared.router.broadcast(Broadcast {
+            app,
+            channel,
+            frame: SharedFrame::text(&json).0,
+            except,
+            cache: false,
+        });
+    }
+
+    /// What other nodes tell us (cluster mode).
+    fn remote(&self, cmd: RemoteCmd) {
+        let router = &self.shared.router;
+        match cmd {
+            RemoteCmd::Join {
+                node,
+                app,
+                channel,
+                user_id,
+                user_info,
+                socket_id,
+            } => {
+                // The joining node already admitted the socket: no member limit here.
+                let outcome = self.presence.borrow_mut().join(
+                    app,
+                    &channel,
+                    &user_id,
+                    user_info,
+                    usize::MAX,
+                    node,
+                );
+                if outcome == presence::Join::NewMember {
+                    self.announce_added(app, channel, &user_id, socket_id);
+                }
+            }
+            RemoteCmd::Leave {
+                node,
+                app,
+                channel,
+                user_id,
+                socket_id,
+            } => {
+                if self
+                    .presence
+                    .borrow_mut()
+                    .leave(app, &channel, &user_id, node)
+                {
+                    self.announce_removed(app, channel, &user_id, socket_id);
+                }
+            }
+            RemoteCmd::Sync {
+                node,
+                part,
+                parts,
+                entries,
+            } => {
+                // Channels this shard owns that the sender's shard `part` covers: those in the
+                // sync, and those where the node has members now (they may have none any more).
+                let mut channels: Vec<(usize, Arc<str>)> = entries
+                    .iter()
+                    .filter(|(app, ch, _)| router.owner(*app, ch) == self.id)
+                    .map(|(app, ch, _)| (*app, Arc::clone(ch)))
+                    .collect();
+                let known = self.presence.borrow().node_channels(node);
+                for (app, ch) in known {
+                    if partition(router.app_id(app), &ch, parts) == part {
+                        channels.push((app, ch));
+                    }
+                }
+                channels.sort();
+                channels.dedup();
+                for (app, ch) in channels {
+                    let mine: Vec<_> = entries
+                        .iter()
+                        .filter(|(a, c, _)| *a == app && **c == *ch)
+                        .map(|(_, _, e)| e.clone())
+                        .collect();
+                    self.set_node_members(app, ch, node, &mine);
+                }
+            }
+            RemoteCmd::NodeGone { node } => {
+                // Collect first: set_node_members needs the registry mutably.
+                let channels = self.presence.borrow().node_channels(node);
+                for (app, ch) in channels {
+                    self.set_node_members(app, ch, node, &[]);
+                }
+            }
+            RemoteCmd::PublishSync => self.publish_sync(),
+        }
+    }
+
+    fn set_node_members(
+        &self,
+        app: usize,
+        channel: Arc<str>,
+        node: u64,
+        entries: &[presence::SyncEntry],
+    ) {
+        let (added, removed) = self
+            .presence
+            .borrow_mut()
+            .set_node(app, &channel, node, entries);
+        for u in removed {
+            self.announce_removed(app, Arc::clone(&channel), &u, None);
+        }
+        for u in added {
+            self.announce_added(app, Arc::clone(&channel), &u, None);
+        }
+    }
+
+    /// Our members of the presence channels this shard owns, for the other nodes.
+    fn publish_sync(&self) {
+        let Some(cluster) = &self.shared.cluster else {
+            return;
+        };
+        let node = self.shared.node;
+        let router = &self.shared.router;
+        let registry = self.presence.borrow();
+        let mut m = Vec::new();
+        for (app, ch) in registry.node_channels(node) {
+            for (u, info, n) in registry.node_entries(app, &ch, node) {
+                m.push((
+                    router.app_id(app).to_owned(),
+                    ch.to_string(),
+                    u.to_string(),
+                    info.map(|i| i.to_string()),
+                    n,
+                ));
+            }
+        }
+        cluster.publish(&Wire::Sync {
+            n: node,
+            p: self.id,
+            ps: router.shards(),
+            m,
+        });
     }
 
     /// The owner answered a join: start the subscription, or undo a join nobody waits for.
@@ -764,6 +963,22 @@ impl Shard {
                 }
             }
         }
+        if let (Some(node), Some(cluster)) = (q.remote, &self.shared.cluster) {
+            cluster.publish(&Wire::Answer {
+                n: self.shared.node,
+                to: node,
+                o: q.origin,
+                id: q.id,
+                conns: part.connections,
+                ch: part
+                    .channels
+                    .into_iter()
+                    .map(|c| (c.name, c.subscriptions, c.users))
+                    .collect(),
+                users: part.users,
+            });
+            return;
+        }
         if router
             .try_push(q.origin, ShardCmd::Answer(Answer { id: q.id, part }))
             .is_err()
@@ -791,11 +1006,20 @@ impl Shard {
         self.next_query.set(id + 1);
         let router = &self.shared.router;
         let n = router.shards();
+        // In a cluster, every live node's shards answer too.
+        let peers = self
+            .shared
+            .cluster
+            .as_ref()
+            .map(|c| c.peers())
+            .unwrap_or_default();
+        let remote: usize = peers.iter().map(|(_, shards)| shards).sum();
+        let expected = n + remote;
         self.queries.borrow_mut().insert(
             id,
             PendingQuery {
-                expected: n,
-                parts: Vec::with_capacity(n),
+                expected,
+                parts: Vec::with_capacity(expected),
                 waker: None,
             },
         );
@@ -806,10 +1030,21 @@ impl Shard {
                 origin: self.id,
                 app,
                 what: what.clone(),
+                remote: None,
             };
             if router.try_push(shard, ShardCmd::Query(q)).is_ok() {
                 sent += 1;
             }
+        }
+        if let (Some(cluster), true) = (&self.shared.cluster, remote > 0) {
+            cluster.publish(&Wire::Query {
+                n: self.shared.node,
+                o: self.id,
+                id,
+                a: router.app_id(app).to_owned(),
+                k: WireQuery::from_kind(&what),
+            });
+            sent += remote;
         }
         let wait = std::future::poll_fn(|cx| {
             let mut queries = self.queries.borrow_mut();
@@ -823,7 +1058,7 @@ impl Shard {
                 std::task::Poll::Pending
             }
         });
-        let complete = sent == n
+        let complete = sent == expected
             && glommio::timer::timeout(QUERY_TIMEOUT, async {
                 wait.await;
                 Ok(())
@@ -831,7 +1066,7 @@ impl Shard {
             .await
             .is_ok();
         let p = self.queries.borrow_mut().remove(&id)?;
-        (complete && p.parts.len() == n).then_some(p.parts)
+        (complete && p.parts.len() == expected).then_some(p.parts)
     }
 
     pub fn cached(&self, app: usize, channel: &str) -> Option<(Bytes, u64)> {

@@ -1,6 +1,10 @@
 //! Presence membership of the channels this shard owns (`Router::owner`): per user, not per
 //! socket. A user is a member while at least one of their sockets is subscribed, wherever that
-//! socket lives; member_added and member_removed follow the first join and the last leave.
+//! socket lives (any shard, and in cluster mode any node); member_added and member_removed
+//! follow the first join and the last leave.
+//!
+//! Sockets are counted per node, so a node's whole contribution can be replaced (a sync after it
+//! (re)joins the cluster) or dropped (it stopped sending heartbeats).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,9 +15,25 @@ use crate::protocol::outbound;
 struct Member {
     /// `user_info` JSON from the first socket's channel_data.
     info: Option<Arc<str>>,
-    /// Sockets of this user subscribed to the channel, all shards together.
-    sockets: u32,
+    /// Sockets of this user subscribed to the channel, per node (all shards of a node together).
+    sockets: Vec<(u64, u32)>,
 }
+
+impl Member {
+    fn total(&self) -> u32 {
+        self.sockets.iter().map(|(_, n)| n).sum()
+    }
+
+    fn add(&mut self, node: u64, n: u32) {
+        match self.sockets.iter_mut().find(|(nd, _)| *nd == node) {
+            Some((_, c)) => *c += n,
+            None => self.sockets.push((node, n)),
+        }
+    }
+}
+
+/// One member as a node reports it in a sync: (user id, user_info, sockets on that node).
+pub type SyncEntry = (Arc<str>, Option<Arc<str>>, u32);
 
 #[derive(Debug, Default)]
 struct Members {
@@ -47,10 +67,11 @@ impl PresenceRegistry {
         user_id: &Arc<str>,
         info: Option<Arc<str>>,
         max: usize,
+        node: u64,
     ) -> Join {
         let members = self.channels.entry((app, Arc::clone(channel))).or_default();
         if let Some(m) = members.by_user.get_mut(user_id) {
-            m.sockets += 1;
+            m.add(node, 1);
             return Join::AnotherSocket;
         }
         if members.by_user.len() >= max {
@@ -60,14 +81,19 @@ impl PresenceRegistry {
             return Join::Full;
         }
         members.order.push(Arc::clone(user_id));
-        members
-            .by_user
-            .insert(Arc::clone(user_id), Member { info, sockets: 1 });
+        members.by_user.insert(
+            Arc::clone(user_id),
+            Member {
+                info,
+                sockets: vec![(node, 1)],
+            },
+        );
         Join::NewMember
     }
 
-    /// One socket of `user_id` left; `true` when it was their last (announce member_removed).
-    pub fn leave(&mut self, app: usize, channel: &Arc<str>, user_id: &str) -> bool {
+    /// One socket of `user_id` on `node` left; `true` when it was the user's last anywhere
+    /// (announce member_removed).
+    pub fn leave(&mut self, app: usize, channel: &Arc<str>, user_id: &str, node: u64) -> bool {
         let key = (app, Arc::clone(channel));
         let Some(members) = self.channels.get_mut(&key) else {
             return false;
@@ -75,8 +101,14 @@ impl PresenceRegistry {
         let Some(m) = members.by_user.get_mut(user_id) else {
             return false;
         };
-        m.sockets -= 1;
-        if m.sockets > 0 {
+        let Some(pos) = m.sockets.iter().position(|(nd, _)| *nd == node) else {
+            return false;
+        };
+        m.sockets[pos].1 -= 1;
+        if m.sockets[pos].1 == 0 {
+            m.sockets.swap_remove(pos);
+        }
+        if m.total() > 0 {
             return false;
         }
         members.by_user.remove(user_id);
@@ -85,6 +117,99 @@ impl PresenceRegistry {
             self.channels.remove(&key);
         }
         true
+    }
+
+    /// Replaces `node`'s sockets on one channel with `entries`; returns the users that became
+    /// members and those that stopped being members. The member limit does not apply: the
+    /// members are already subscribed on that node.
+    pub fn set_node(
+        &mut self,
+        app: usize,
+        channel: &Arc<str>,
+        node: u64,
+        entries: &[SyncEntry],
+    ) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let key = (app, Arc::clone(channel));
+        let members = self.channels.entry(key.clone()).or_default();
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        // Drop the node's old contribution.
+        for m in members.by_user.values_mut() {
+            m.sockets.retain(|(nd, _)| *nd != node);
+        }
+        for (user, info, n) in entries {
+            if *n == 0 {
+                continue;
+            }
+            match members.by_user.get_mut(user) {
+                Some(m) => m.add(node, *n),
+                None => {
+                    members.order.push(Arc::clone(user));
+                    members.by_user.insert(
+                        Arc::clone(user),
+                        Member {
+                            info: info.clone(),
+                            sockets: vec![(node, *n)],
+                        },
+                    );
+                }
+            }
+        }
+        // Who is a member now versus before is decided by totals.
+        let mut keep = Vec::with_capacity(members.order.len());
+        for u in members.order.drain(..) {
+            let total = members.by_user.get(&u).map_or(0, Member::total);
+            if total == 0 {
+                members.by_user.remove(&u);
+                removed.push(u);
+            } else {
+                keep.push(u);
+            }
+        }
+        members.order = keep;
+        for (user, _, n) in entries {
+            if *n > 0
+                && members
+                    .by_user
+                    .get(user)
+                    .is_some_and(|m| m.total() == *n && m.sockets.len() == 1)
+            {
+                added.push(Arc::clone(user));
+            }
+        }
+        if members.by_user.is_empty() {
+            self.channels.remove(&key);
+        }
+        (added, removed)
+    }
+
+    /// Channels (of this registry) where `node` has sockets, with `filter` deciding which count.
+    pub fn node_channels(&self, node: u64) -> Vec<(usize, Arc<str>)> {
+        self.channels
+            .iter()
+            .filter(|(_, m)| {
+                m.by_user
+                    .values()
+                    .any(|mb| mb.sockets.iter().any(|(nd, _)| *nd == node))
+            })
+            .map(|((a, c), _)| (*a, Arc::clone(c)))
+            .collect()
+    }
+
+    /// `node`'s members of one channel, for a sync.
+    pub fn node_entries(&self, app: usize, channel: &str, node: u64) -> Vec<SyncEntry> {
+        self.get(app, channel)
+            .map(|m| {
+                m.order
+                    .iter()
+                    .filter_map(|u| {
+                        let mb = m.by_user.get(u)?;
+                        let n = mb.sockets.iter().find(|(nd, _)| *nd == node)?.1;
+                        Some((Arc::clone(u), mb.info.clone(), n))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn count(&self, app: usize, channel: &str) -> usize {
@@ -171,26 +296,45 @@ mod tests {
         let mut r = PresenceRegistry::default();
         let ch = a("presence-m");
         assert_eq!(
-            r.join(0, &ch, &a("1"), Some(a(r#"{"n":"A"}"#)), 2),
+            r.join(0, &ch, &a("1"), Some(a(r#"{"n":"A"}"#)), 2, 1),
             Join::NewMember
         );
-        assert_eq!(r.join(0, &ch, &a("1"), None, 2), Join::AnotherSocket);
-        assert_eq!(r.join(0, &ch, &a("2"), None, 2), Join::NewMember);
-        assert_eq!(r.join(0, &ch, &a("3"), None, 2), Join::Full);
+        assert_eq!(r.join(0, &ch, &a("1"), None, 2, 1), Join::AnotherSocket);
+        assert_eq!(r.join(0, &ch, &a("2"), None, 2, 1), Join::NewMember);
+        assert_eq!(r.join(0, &ch, &a("3"), None, 2, 1), Join::Full);
         let snap: serde_json::Value = serde_json::from_str(&r.snapshot(0, "presence-m")).unwrap();
         assert_eq!(snap["presence"]["ids"], serde_json::json!(["1", "2"]));
         assert_eq!(snap["presence"]["hash"]["1"]["n"], "A");
         assert_eq!(snap["presence"]["hash"]["2"], serde_json::Value::Null);
         assert_eq!(snap["presence"]["count"], 2);
-        assert!(!r.leave(0, &ch, "1"), "user 1 still has a socket");
-        assert!(r.leave(0, &ch, "1"));
-        assert!(r.leave(0, &ch, "2"));
+        assert!(!r.leave(0, &ch, "1", 1), "user 1 still has a socket");
+        assert!(r.leave(0, &ch, "1", 1));
+        assert!(r.leave(0, &ch, "2", 1));
         assert_eq!(r.count(0, "presence-m"), 0);
         let empty: serde_json::Value = serde_json::from_str(&r.snapshot(0, "presence-m")).unwrap();
         assert_eq!(empty["presence"]["count"], 0);
         let added: serde_json::Value =
             serde_json::from_str(&r.added_data(0, "presence-m", "9")).unwrap();
         assert_eq!(added["user_id"], "9");
+    }
+
+    #[test]
+    fn nodes_contribute_and_can_be_replaced() {
+        let mut r = PresenceRegistry::default();
+        let ch = a("presence-m");
+        // User 1 on node 1 (local) and node 2; user 2 on node 2 only.
+        assert_eq!(r.join(0, &ch, &a("1"), None, 100, 1), Join::NewMember);
+        let (added, removed) = r.set_node(0, &ch, 2, &[(a("1"), None, 2), (a("2"), None, 1)]);
+        assert_eq!((added, removed), (vec![a("2")], vec![]));
+        assert_eq!(r.count(0, "presence-m"), 2);
+        assert_eq!(r.node_entries(0, "presence-m", 2).len(), 2);
+        // Node 2 goes away: user 2 leaves, user 1 stays (node 1 still has a socket).
+        let (added, removed) = r.set_node(0, &ch, 2, &[]);
+        assert_eq!((added, removed), (vec![], vec![a("2")]));
+        assert_eq!(r.user_ids(0, "presence-m"), vec!["1"]);
+        assert!(r.leave(0, &ch, "1", 1));
+        assert_eq!(r.count(0, "presence-m"), 0);
+        assert!(r.node_channels(2).is_empty());
     }
 
     proptest! {
@@ -205,11 +349,11 @@ mod tests {
                 let uid = a(&user.to_string());
                 let n = model.entry((ch, user)).or_default();
                 if join {
-                    let got = r.join(0, &chan, &uid, None, 100);
+                    let got = r.join(0, &chan, &uid, None, 100, 1);
                     prop_assert_eq!(got == Join::NewMember, *n == 0);
                     *n += 1;
                 } else if *n > 0 {
-                    let removed = r.leave(0, &chan, &uid);
+                    let removed = r.leave(0, &chan, &uid, 1);
                     prop_assert_eq!(removed, *n == 1);
                     *n -= 1;
                 }

@@ -272,6 +272,16 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         .find(|(c, _)| &**c == channel)
         .map(|(_, u)| Rc::clone(u));
     let json = outbound::client_event(event, channel, data, user_id.as_deref());
+    if let Some(cluster) = &shard.shared.cluster {
+        cluster.publish(&crate::ingest::cluster::Wire::Event {
+            n: shard.shared.node,
+            a: app.id.clone(),
+            c: channel.to_owned(),
+            j: String::from_utf8_lossy(&json).into_owned(),
+            x: Some(conn.socket_id.to_string()),
+            k: channel::is_cache(channel),
+        });
+    }
     let frame = SharedFrame::text(&json);
     shard.shared.router.broadcast(Broadcast {
         app: conn.app,
