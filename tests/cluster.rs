@@ -133,7 +133,7 @@ fn presence_is_per_user_across_nodes_and_reads_are_cluster_wide() {
     let (_, users) = nodes[2].api().get(&format!("channels/{CH}/users"), &[]);
     let mut ids: Vec<&str> = users["users"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("{users} {}", up(&nodes[2])))
         .iter()
         .map(|u| u["id"].as_str().unwrap())
         .collect();

@@ -78,8 +78,9 @@ pub enum Wire {
         ps: usize,
         m: Vec<(String, String, String, Option<String>, u32)>,
     },
+    /// A node (re)joined; `s` is its shard count.
     #[serde(rename = "hello")]
-    Hello { n: u64 },
+    Hello { n: u64, s: usize },
     /// Heartbeat; `s` is the node's shard count (how many answers a query gets from it).
     #[serde(rename = "hb")]
     Heartbeat { n: u64, s: usize },
@@ -318,7 +319,7 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
         | Wire::Join { n, .. }
         | Wire::Leave { n, .. }
         | Wire::Sync { n, .. }
-        | Wire::Hello { n }
+        | Wire::Hello { n, .. }
         | Wire::Heartbeat { n, .. }
         | Wire::Query { n, .. }
         | Wire::Answer { n, .. }
@@ -328,8 +329,11 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
         return;
     }
     cluster.received.fetch_add(1, Ordering::Relaxed);
+    // Every node's answer count to queries is its shard count: learn it from any message
+    // that says it.
     let shards_hint = match &msg {
-        Wire::Heartbeat { s, .. } => Some(*s),
+        Wire::Heartbeat { s, .. } | Wire::Hello { s, .. } => Some(*s),
+        Wire::Sync { ps, .. } => Some(*ps),
         _ => None,
     };
     if cluster.seen(from, shards_hint) {
@@ -492,7 +496,10 @@ pub fn announce(shared: &Shared) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
-    cluster.publish(&Wire::Hello { n: cluster.node });
+    cluster.publish(&Wire::Hello {
+        n: cluster.node,
+        s: shared.cfg.shards(),
+    });
     send_all(shared, || ShardCmd::Remote(RemoteCmd::PublishSync));
 }
 
