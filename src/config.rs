@@ -68,6 +68,25 @@ pub struct RedisConfig {
     pub app: usize,
     /// CPU the ingest thread is pinned to.
     pub cpu: usize,
+    /// PEM CA certificate(s) to trust for rediss:// instead of the public web roots
+    /// (REDIS_TLS_CA), for Redis servers with a private CA.
+    pub tls_ca: Option<Vec<u8>>,
+}
+
+impl RedisConfig {
+    /// A client for this Redis, with the configured TLS trust.
+    pub fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(self.url.as_str()),
+        }
+    }
 }
 
 impl RedisConfig {
@@ -212,6 +231,7 @@ pub struct RawRedis {
     pub ingest_cpu: Option<usize>,
     pub cluster: Option<bool>,
     pub cluster_channel: Option<String>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -610,11 +630,21 @@ fn resolve_redis(
         .ingest_cpu
         .or(raw.ingest_cpu)
         .unwrap_or_else(|| cpus.get(shards).copied().unwrap_or(cpus[cpus.len() - 1]));
+    let tls_ca = match env_str(env, "REDIS_TLS_CA")
+        .map(PathBuf::from)
+        .or(raw.tls_ca.clone())
+    {
+        Some(path) => {
+            Some(std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })?)
+        }
+        None => None,
+    };
     Ok(Some(RedisConfig {
         url,
         prefix,
         app,
         cpu,
+        tls_ca,
     }))
 }
 

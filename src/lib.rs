@@ -158,9 +158,14 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
     }
+    if shared.cfg.redis.is_some() {
+        // rediss:// goes through rustls; pick its crypto provider once for the process
+        // (an error only means one is already installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
         tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
-        ingest::cluster::spawn_publisher(redis.url.clone(), Arc::clone(&shared)).map_err(|e| {
+        ingest::cluster::spawn_publisher(redis.clone(), Arc::clone(&shared)).map_err(|e| {
             StartError::Executor {
                 shard: shards,
                 cpu: 0,

@@ -224,3 +224,102 @@ fn redis_down_at_start_then_restarted_mid_stream() {
         "resumed only after {resume_after:?}"
     );
 }
+
+/// rediss:// with a private CA (REDIS_TLS_CA): certificates made with the openssl CLI.
+#[test]
+fn rediss_with_a_private_ca() {
+    use std::process::Command;
+    let dir = std::env::temp_dir().join(format!("bts-guru-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 -subj /CN=bts-test-ca 2>/dev/null");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null");
+    sh("printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf && openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 1 -extfile ext.cnf 2>/dev/null");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    // Killed however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(server);
+    let url = format!("rediss://127.0.0.1:{port}/0");
+    let ca = std::fs::read(dir.join("ca.crt")).unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = redis::Client::build_with_tls(
+        url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        match client.get_connection() {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "TLS redis-server did not start: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let d = Daemon::builder()
+        .env("REDIS_URL", &url)
+        .env("REDIS_TLS_CA", dir.join("ca.crt").to_string_lossy())
+        .env("REDIS_PREFIX", PREFIX)
+        .start();
+    wait_connected(&d);
+    let mut c = d.client();
+    c.subscribe("sports.football");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{PREFIX}sports.football"))
+        .arg(r#"{"event":"over.tls","data":{"ok":true},"socket":null}"#)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(c.next_event(T)["event"], "over.tls");
+    let _ = std::fs::remove_dir_all(&dir);
+}

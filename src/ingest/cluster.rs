@@ -236,7 +236,7 @@ pub fn new_node_id() -> u64 {
 
 /// Starts the publisher thread: PUBLISHes queued messages and a heartbeat every `HEARTBEAT`.
 pub fn spawn_publisher(
-    url: String,
+    redis: crate::config::RedisConfig,
     shared: Arc<Shared>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -253,11 +253,16 @@ pub fn spawn_publisher(
             else {
                 return;
             };
-            publisher(&url, cluster, &rx, shared.cfg.shards());
+            publisher(&redis, cluster, &rx, shared.cfg.shards());
         })
 }
 
-fn publisher(url: &str, cluster: &Cluster, rx: &Receiver<Vec<u8>>, shards: usize) {
+fn publisher(
+    redis: &crate::config::RedisConfig,
+    cluster: &Cluster,
+    rx: &Receiver<Vec<u8>>,
+    shards: usize,
+) {
     let mut conn: Option<redis::Connection> = None;
     let mut next_beat = Instant::now();
     let mut retry_at = Instant::now();
@@ -277,7 +282,8 @@ fn publisher(url: &str, cluster: &Cluster, rx: &Receiver<Vec<u8>>, shards: usize
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };
         if conn.is_none() && Instant::now() >= retry_at {
-            conn = redis::Client::open(url)
+            conn = redis
+                .client()
                 .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
                 .ok();
             if conn.is_none() {

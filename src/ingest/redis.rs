@@ -133,7 +133,8 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
     let mut last_error_log: Option<Instant> = None;
     let pattern = pattern(&cfg.prefix);
     loop {
-        let conn = redis::Client::open(cfg.url.as_str())
+        let conn = cfg
+            .client()
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
         // The PubSub handle must live as long as the subscription: dropping it unsubscribes.
         let subscribed = conn.and_then(|mut conn| {
