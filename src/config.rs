@@ -54,6 +54,9 @@ pub struct Cli {
     /// Run as one node of a cluster sharing the Redis (REVERB_SCALING_ENABLED=true).
     #[arg(long)]
     pub cluster: bool,
+    /// Seconds over which SIGTERM/SIGINT spread the 4200 closes of a graceful drain.
+    #[arg(long)]
+    pub drain_secs: Option<u64>,
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -170,6 +173,8 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// Cluster mode: the Redis pub/sub channel the nodes talk on (REVERB_SCALING_CHANNEL).
     pub cluster: Option<String>,
+    /// Window over which a graceful drain spreads its closes.
+    pub drain_window: Duration,
 }
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
@@ -247,6 +252,7 @@ pub struct RawServer {
     pub handshake_timeout_secs: Option<u64>,
     pub allow_dev_credentials: Option<bool>,
     pub max_cache_channels: Option<usize>,
+    pub drain_secs: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -537,6 +543,12 @@ impl Config {
             dev_credentials,
             redis,
             cluster,
+            drain_window: Duration::from_secs(
+                cli.drain_secs
+                    .or(env_parse(env, "BTS_DRAIN_SECS", "seconds")?)
+                    .or(s.drain_secs)
+                    .unwrap_or(10),
+            ),
         })
     }
 

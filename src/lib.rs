@@ -103,6 +103,24 @@ pub struct Running {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
+/// Graceful drain of every shard: readiness turns false, listeners close (new connections go to
+/// other processes on the same port), clients are closed with 4200 spread over `window`, queued
+/// frames are flushed first. Blocks until every shard finished, or `window` plus 10 s.
+pub fn drain(shared: &shard::Shared, window: Duration) {
+    use std::sync::atomic::Ordering::SeqCst;
+    shared.draining.store(true, SeqCst);
+    let shards = shared.router.shards();
+    for shard in 0..shards {
+        let _ = shared
+            .router
+            .try_push(shard, fanout::router::ShardCmd::Drain { window });
+    }
+    let deadline = std::time::Instant::now() + window + Duration::from_secs(10);
+    while shared.drained.load(SeqCst) < shards && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Running {
     /// Blocks until every shard stops (today: never, short of the process ending).
     pub fn wait(self) {

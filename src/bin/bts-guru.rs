@@ -53,6 +53,38 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
+    let window = running.shared.cfg.drain_window;
+    let shared = std::sync::Arc::clone(&running.shared);
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
+    };
+    std::thread::Builder::new()
+        .name("bts-signals".into())
+        .spawn(move || {
+            // First SIGTERM/SIGINT: graceful drain, then exit 0. A second one: exit at once.
+            let mut draining = false;
+            for sig in signals.forever() {
+                if draining {
+                    eprintln!("bts-guru: second signal ({sig}), exiting now");
+                    std::process::exit(1);
+                }
+                draining = true;
+                eprintln!(
+                    "bts-guru: signal {sig}: draining over {window:?} (send again to exit at once)"
+                );
+                let shared = std::sync::Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    bts_guru::drain(&shared, window);
+                    eprintln!("bts-guru: drained, exiting");
+                    std::process::exit(0);
+                });
+            }
+        })
+        .expect("spawn the signal thread");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ready {}", running.addr);
     let _ = out.flush();

@@ -77,6 +77,10 @@ pub enum ShardCmd {
     },
     /// From other nodes of a cluster (via the Redis ingest thread).
     Remote(RemoteCmd),
+    /// Graceful drain: stop accepting, close every client with 4200 spread over `window`.
+    Drain {
+        window: std::time::Duration,
+    },
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
     /// total for `pusher_internal:subscription_count`.
     CountDelta {

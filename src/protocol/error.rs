@@ -24,6 +24,8 @@ pub enum PusherError {
     OverCapacity,
     #[error("Pong reply not received")]
     PongTimeout,
+    #[error("Server is restarting; reconnect")]
+    Restarting,
     #[error("Invalid message format")]
     InvalidMessage,
     #[error("Client event rejected")]
@@ -43,6 +45,8 @@ impl PusherError {
             PusherError::Unauthorized => 4009,
             PusherError::OverCapacity => 4100,
             PusherError::PongTimeout => 4201,
+            // 4200: pusher-js reconnects at once; the drain spreads these closes over a window.
+            PusherError::Restarting => 4200,
             // Reverb answers garbled frames with 4200 "Invalid message format" and keeps the
             // connection; we match it so dashboards keyed on codes read the same.
             PusherError::InvalidMessage => 4200,

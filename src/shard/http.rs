@@ -105,6 +105,18 @@ pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     if req.path == "/up" {
         return up(shard);
     }
+    if req.path == "/ready" {
+        // Readiness: false while draining, so load balancers stop sending new clients here.
+        return if shard
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            (503, r#"{"ready":false,"draining":true}"#.to_owned())
+        } else {
+            (200, r#"{"ready":true}"#.to_owned())
+        };
+    }
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let (app_id, rest) = match parts.as_slice() {
         ["apps", id, rest @ ..] if !rest.is_empty() => (*id, rest),

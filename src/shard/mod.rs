@@ -46,6 +46,10 @@ pub struct Shared {
     pub node: u64,
     /// Cluster mode: talking to the other nodes.
     pub cluster: Option<crate::ingest::cluster::Cluster>,
+    /// Set when a drain starts: readiness turns false.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Shards that finished draining.
+    pub drained: AtomicUsize,
     by_key: HashMap<String, usize>,
     by_id: HashMap<String, usize>,
 }
@@ -79,6 +83,8 @@ impl Shared {
             ingest: Default::default(),
             node,
             cluster,
+            draining: Default::default(),
+            drained: AtomicUsize::new(0),
             by_key,
             by_id,
         }
@@ -173,6 +179,10 @@ pub struct Shard {
     /// HTTP API reads waiting for every shard's part.
     queries: RefCell<HashMap<u64, PendingQuery>>,
     next_query: Cell<u64>,
+    /// The accept loop; dropped (cancelled, listener closed) when draining starts.
+    accept_task: RefCell<Option<glommio::Task<()>>>,
+    /// A drain was asked for (by the inbox); the shard loop starts it.
+    drain_requested: Cell<Option<Duration>>,
     /// Connections with frames queued by the current burst, flushed once it is drained.
     dirty: RefCell<Vec<Rc<Conn>>>,
     next_conn: Cell<u64>,
@@ -216,6 +226,8 @@ impl Shard {
             watchers: RefCell::default(),
             queries: RefCell::default(),
             next_query: Cell::new(0),
+            accept_task: RefCell::new(None),
+            drain_requested: Cell::new(None),
             shared,
             conns: RefCell::default(),
             dirty: RefCell::default(),
@@ -443,6 +455,13 @@ impl Shard {
             ShardCmd::Answer(a) => self.collect(a),
             ShardCmd::TerminateUser { app, user_id } => self.terminate_user(app, &user_id),
             ShardCmd::Remote(cmd) => self.remote(cmd),
+            ShardCmd::Drain { window } => {
+                // Stop accepting now: dropping the task cancels it and closes the listener, so
+                // the kernel sends new connections to the other listeners on this port (a new
+                // process started beside this one).
+                self.accept_task.borrow_mut().take();
+                self.drain_requested.set(Some(window));
+            }
             ShardCmd::CountDelta {
                 app,
                 channel,
@@ -1102,15 +1121,56 @@ pub async fn run(
 ) {
     let listener = crate::sys::into_glommio_listener(listener);
     let shard = Rc::new(Shard::new(id, shared));
-    glommio::spawn_local(accept_loop(Rc::clone(&shard), listener)).detach();
+    let accept = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
+    *shard.accept_task.borrow_mut() = Some(accept);
     glommio::spawn_local(sweep_loop(Rc::clone(&shard))).detach();
     let _ = ready.send(id);
     tracing::debug!(shard = id, "accepting");
     loop {
         shard.shared.router.ready(id).await;
         shard.drain_inbox();
+        if let Some(window) = shard.drain_requested.take() {
+            glommio::spawn_local(drain(Rc::clone(&shard), window)).detach();
+        }
         glommio::yield_if_needed().await;
     }
+}
+
+/// Closes every client with 4200 in random order, spread evenly over `window`, so they do not
+/// all reconnect in the same instant; waits for the closes to finish (bounded), then reports.
+async fn drain(shard: Rc<Shard>, window: Duration) {
+    const STEP: Duration = Duration::from_millis(50);
+    let mut conns = shard.conns.borrow().all();
+    // Fisher-Yates with the shard's generator: the jitter.
+    for i in (1..conns.len()).rev() {
+        let j = (shard.random() % (i as u64 + 1)) as usize;
+        conns.swap(i, j);
+    }
+    tracing::info!(
+        shard = shard.id,
+        connections = conns.len(),
+        ?window,
+        "draining"
+    );
+    // At most one batch per STEP, and the batches cover the whole window.
+    let steps = (window.as_millis() / STEP.as_millis()).max(1) as usize;
+    let batches = steps.min(conns.len()).max(1);
+    let per_batch = conns.len().div_ceil(batches).max(1);
+    for chunk in conns.chunks(per_batch) {
+        for conn in chunk {
+            conn.close_pusher(PusherError::Restarting);
+            conn.flush_and_notify();
+        }
+        glommio::timer::sleep(window / batches as u32).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while shard.connection_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(STEP).await;
+    }
+    shard
+        .shared
+        .drained
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {

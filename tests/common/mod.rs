@@ -45,6 +45,11 @@ impl DaemonBuilder {
         self.toml = Some(t.to_owned());
         self
     }
+    /// Listen on this port instead of a free one (to start a second process beside a first).
+    pub fn port(mut self, port: u16) -> Self {
+        self.args[3] = port.to_string();
+        self
+    }
     pub fn shards(self, n: usize) -> Self {
         self.arg("--shards").arg(n.to_string())
     }
@@ -132,6 +137,31 @@ impl Daemon {
             addr: addr.parse().unwrap(),
             child,
             stderr_path,
+        }
+    }
+
+    /// Sends a signal (e.g. "TERM") to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; its exit code (None: still running, or
+    /// killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
