@@ -57,6 +57,15 @@ pub struct Cli {
     /// Seconds over which SIGTERM/SIGINT spread the 4200 closes of a graceful drain.
     #[arg(long)]
     pub drain_secs: Option<u64>,
+    /// Port of the Prometheus /metrics listener (METRICS_PORT; default 9601; 0 picks one).
+    #[arg(long)]
+    pub metrics_port: Option<u16>,
+    /// Address of the /metrics listener (METRICS_HOST; default 127.0.0.1).
+    #[arg(long)]
+    pub metrics_host: Option<IpAddr>,
+    /// No /metrics listener (METRICS_ENABLED=false).
+    #[arg(long)]
+    pub no_metrics: bool,
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -175,6 +184,8 @@ pub struct Config {
     pub cluster: Option<String>,
     /// Window over which a graceful drain spreads its closes.
     pub drain_window: Duration,
+    /// Where Prometheus metrics are served; `None` when turned off.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
@@ -253,6 +264,9 @@ pub struct RawServer {
     pub allow_dev_credentials: Option<bool>,
     pub max_cache_channels: Option<usize>,
     pub drain_secs: Option<u64>,
+    pub metrics_port: Option<u16>,
+    pub metrics_host: Option<IpAddr>,
+    pub metrics: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -543,6 +557,24 @@ impl Config {
             dev_credentials,
             redis,
             cluster,
+            metrics: if cli.no_metrics
+                || !env_parse::<bool>(env, "METRICS_ENABLED", "true or false")?
+                    .or(s.metrics)
+                    .unwrap_or(true)
+            {
+                None
+            } else {
+                Some(SocketAddr::new(
+                    cli.metrics_host
+                        .or(env_parse(env, "METRICS_HOST", "an IP address")?)
+                        .or(s.metrics_host)
+                        .unwrap_or(IpAddr::from([127, 0, 0, 1])),
+                    cli.metrics_port
+                        .or(env_parse(env, "METRICS_PORT", "a port number")?)
+                        .or(s.metrics_port)
+                        .unwrap_or(9601),
+                ))
+            },
             drain_window: Duration::from_secs(
                 cli.drain_secs
                     .or(env_parse(env, "BTS_DRAIN_SECS", "seconds")?)

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod fanout;
 pub mod ingest;
+pub mod metrics;
 pub mod protocol;
 pub mod shard;
 pub mod sys;
@@ -175,6 +176,11 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
+    }
+    if let Some(addr) = shared.cfg.metrics {
+        let local = metrics::serve(addr, Arc::clone(&shared))
+            .map_err(|source| StartError::Bind { addr, source })?;
+        tracing::info!(%local, "Prometheus metrics at http://{local}/metrics");
     }
     if shared.cfg.redis.is_some() {
         // rediss:// goes through rustls; pick its crypto provider once for the process

@@ -11,6 +11,7 @@ use common::*;
 fn refuse(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bts-guru"));
     cmd.args(args)
+        .args(["--metrics-port", "0"])
         .env_remove("REVERB_APP_ID")
         .env_remove("REVERB_APP_KEY")
         .env_remove("REVERB_APP_SECRET")
@@ -103,7 +104,7 @@ fn dev_credentials_stay_on_loopback_unless_allowed() {
     assert!(stderr.contains("--allow-dev-credentials"), "{stderr}");
     // With nothing set it starts, on loopback, and prints the credentials it uses.
     let mut child = Command::new(env!("CARGO_BIN_EXE_bts-guru"))
-        .args(["--port", "0"])
+        .args(["--port", "0", "--metrics-port", "0"])
         .env_remove("REVERB_APP_ID")
         .env_remove("REVERB_APP_KEY")
         .env_remove("REVERB_APP_SECRET")
@@ -151,7 +152,7 @@ fn memlock_limit_is_checked_at_start() {
     };
     let run = |memlock: &str, shards: &str| {
         let script = format!(
-            "exec prlimit --memlock={memlock}:{memlock} {drop_cap} {bin} --host 127.0.0.1 --port 0 --shards {shards}"
+            "exec prlimit --memlock={memlock}:{memlock} {drop_cap} {bin} --host 127.0.0.1 --port 0 --metrics-port 0 --shards {shards}"
         );
         Command::new("sh")
             .args(["-c", &script])

@@ -35,6 +35,8 @@ pub struct Broadcast {
     pub except: Option<SocketId>,
     /// Keep the frame as the channel's last event (cache channels; never internal events).
     pub cache: bool,
+    /// When the event arrived (for the delivery-latency histogram).
+    pub created: std::time::Instant,
 }
 
 /// Everything that can make a shard do work from outside: a closed set.
@@ -81,6 +83,8 @@ pub enum ShardCmd {
     Drain {
         window: std::time::Duration,
     },
+    /// Send this shard's metrics.
+    Scrape(std::sync::mpsc::SyncSender<crate::metrics::Snapshot>),
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
     /// total for `pusher_internal:subscription_count`.
     CountDelta {
@@ -348,6 +352,7 @@ mod tests {
             frame: Bytes::from(vec![i]),
             except: None,
             cache: false,
+            created: std::time::Instant::now(),
         }
     }
 

@@ -362,6 +362,7 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
                 frame: SharedFrame::text(j.as_bytes()).0,
                 except: x.as_deref().and_then(SocketId::parse),
                 cache: k,
+                created: std::time::Instant::now(),
             });
         }
         Wire::Join { n, a, c, u, i, s } => {

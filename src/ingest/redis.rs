@@ -240,6 +240,7 @@ fn consume(
             frame: frame.0,
             except: ev.except,
             cache: channel::is_cache(channel),
+            created: std::time::Instant::now(),
         });
         if dropped > 0 {
             stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);

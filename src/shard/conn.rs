@@ -69,19 +69,23 @@ impl OutQueue {
         self.chunks.push_back(c);
     }
 
+    /// Drops `n` sent bytes from the front; counts the frames and bytes written.
     fn advance(&mut self, mut n: usize) {
         self.bytes -= n;
+        let (sent, mut frames) = (n, 0);
         while n > 0 {
             let front_left = self.chunks[0].as_slice().len() - self.head_off;
             if n >= front_left {
                 n -= front_left;
                 self.chunks.pop_front();
                 self.head_off = 0;
+                frames += 1;
             } else {
                 self.head_off += n;
                 n = 0;
             }
         }
+        crate::metrics::count_written(frames, sent as u64);
     }
 
     fn front(&self) -> Option<&[u8]> {
@@ -152,6 +156,8 @@ pub struct Conn {
     ping_sent: Cell<Option<Instant>>,
     /// Already on the shard's dirty list for the current burst.
     pub(super) in_dirty: Cell<bool>,
+    /// The close code sent or received, for the disconnect metrics.
+    close_code: Cell<Option<u16>>,
     /// The user this connection signed in as (`pusher:signin`).
     pub(super) user: RefCell<Option<Rc<str>>>,
     /// User ids whose online/offline changes this connection is told (from its `user_data`).
@@ -181,6 +187,7 @@ impl Conn {
             last_seen: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
+            close_code: Cell::new(None),
             user: RefCell::new(None),
             watchlist: RefCell::new(Vec::new()),
             presence: RefCell::new(Vec::new()),
@@ -228,11 +235,16 @@ impl Conn {
         self.close_ws(err.code(), &msg);
     }
 
+    pub(super) fn close_code(&self) -> Option<u16> {
+        self.close_code.get()
+    }
+
     /// Queues a close frame and starts the closing handshake.
     pub(super) fn close_ws(&self, code: u16, reason: &str) {
         if self.state.get() != State::Open {
             return;
         }
+        self.close_code.set(Some(code));
         self.out
             .borrow_mut()
             .push(Chunk::Own(codec::close_frame(code, reason)));

@@ -100,8 +100,37 @@ fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
 
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
-/// Answers one HTTP request: `(status, JSON body)`.
+/// Answers one HTTP request: `(status, JSON body)`, and counts it by endpoint and status.
 pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
+    let reply = route(shard, req, body).await;
+    let endpoint = endpoint_label(req);
+    *shard
+        .stats
+        .http
+        .borrow_mut()
+        .entry((endpoint, reply.0))
+        .or_default() += 1;
+    reply
+}
+
+/// A bounded label for metrics (never the raw path).
+fn endpoint_label(req: &Request) -> &'static str {
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["up"] => "up",
+        ["ready"] => "ready",
+        ["apps", _, "events"] => "events",
+        ["apps", _, "batch_events"] => "batch_events",
+        ["apps", _, "channels"] => "channels",
+        ["apps", _, "channels", _] => "channel",
+        ["apps", _, "channels", _, "users"] => "channel_users",
+        ["apps", _, "connections"] => "connections",
+        ["apps", _, "users", _, "terminate_connections"] => "terminate_connections",
+        _ => "other",
+    }
+}
+
+async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
     if req.path == "/up" {
         return up(shard);
     }
@@ -288,9 +317,14 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
                 frame: frame.0,
                 except: c.except,
                 cache: channel::is_cache(ch),
+                created: std::time::Instant::now(),
             });
         }
     }
+    shard
+        .stats
+        .events_http
+        .set(shard.stats.events_http.get() + checked.len() as u64);
     if dropped > 0 {
         tracing::warn!(
             dropped,

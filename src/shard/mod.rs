@@ -159,6 +159,21 @@ pub struct Stats {
     pub frames_queued: Cell<u64>,
     pub slow_consumer_closes: Cell<u64>,
     pub broadcasts_dropped: Cell<u64>,
+    pub connects: Cell<u64>,
+    /// Ended connections by close code (1006: no close frame).
+    pub closes: RefCell<std::collections::BTreeMap<u16, u64>>,
+    pub events_http: Cell<u64>,
+    pub events_client: Cell<u64>,
+    /// HTTP API requests by (endpoint, status).
+    pub http: RefCell<std::collections::BTreeMap<(&'static str, u16), u64>>,
+    /// Arrival to written, in microseconds, for events with local subscribers.
+    pub latency: RefCell<Option<hdrhistogram::Histogram<u64>>>,
+    /// Arrival times of the events fanned out in the current burst.
+    burst: RefCell<Vec<Instant>>,
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
 }
 
 pub struct Shard {
@@ -259,6 +274,7 @@ impl Shard {
     }
 
     pub fn register(&self, app: usize, fd: std::os::fd::RawFd) -> Rc<Conn> {
+        bump(&self.stats.connects);
         let socket_id = self.new_socket_id();
         self.conns
             .borrow_mut()
@@ -267,6 +283,8 @@ impl Shard {
 
     /// Forgets a finished connection: its subscriptions, counts and presence memberships.
     pub fn unregister(&self, conn: &Conn) {
+        let code = conn.close_code().unwrap_or(1006);
+        *self.stats.closes.borrow_mut().entry(code).or_default() += 1;
         conn.mark_dead();
         let chans = self.index.borrow_mut().remove_conn(conn.id);
         for (app, ch) in &chans {
@@ -415,6 +433,9 @@ impl Shard {
         self.stats
             .events_fanned_out
             .set(self.stats.events_fanned_out.get() + 1);
+        if queued > 0 {
+            self.stats.burst.borrow_mut().push(b.created);
+        }
         self.stats
             .frames_queued
             .set(self.stats.frames_queued.get() + queued);
@@ -434,7 +455,8 @@ impl Shard {
         }
     }
 
-    /// Takes up to `DRAIN_BATCH` commands from the inbox, then flushes.
+    /// Takes up to `DRAIN_BATCH` commands from the inbox, then flushes, then records how long
+    /// each delivered event took from arrival to written.
     fn drain_inbox(&self) {
         let router = &self.shared.router;
         for _ in 0..DRAIN_BATCH {
@@ -444,6 +466,62 @@ impl Shard {
             }
         }
         self.flush_dirty();
+        let mut burst = self.stats.burst.borrow_mut();
+        if !burst.is_empty() {
+            let now = Instant::now();
+            let mut latency = self.stats.latency.borrow_mut();
+            let h = latency.get_or_insert_with(crate::metrics::new_histogram);
+            for t in burst.drain(..) {
+                let us = now.duration_since(t).as_micros().clamp(1, 60_000_000) as u64;
+                let _ = h.record(us);
+            }
+        }
+    }
+
+    /// This shard's numbers for a scrape.
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let apps = self.shared.cfg.apps.len();
+        let mut connections = vec![0u64; apps];
+        for c in self.conns.borrow().all() {
+            connections[c.app] += 1;
+        }
+        let index = self.index.borrow();
+        let mut kinds: std::collections::BTreeMap<&'static str, (u64, u64)> = Default::default();
+        for app in 0..apps {
+            for (name, subs) in index.channels(app) {
+                let kind = match ChannelKind::of(name) {
+                    _ if name.starts_with('#') => "server-to-user",
+                    ChannelKind::Public => "public",
+                    ChannelKind::Private => "private",
+                    ChannelKind::Presence => "presence",
+                    ChannelKind::PrivateEncrypted => "encrypted",
+                };
+                let e = kinds.entry(kind).or_default();
+                e.0 += 1;
+                e.1 += subs as u64;
+            }
+        }
+        let (frames_out, bytes_out) = crate::metrics::written();
+        crate::metrics::Snapshot {
+            shard: self.id,
+            connections,
+            connects: self.stats.connects.get(),
+            closes: self.stats.closes.borrow().clone(),
+            events_http: self.stats.events_http.get(),
+            events_client: self.stats.events_client.get(),
+            frames_out,
+            bytes_out,
+            slow_consumer_closes: self.stats.slow_consumer_closes.get(),
+            inbox_overflows: self.shared.router.dropped(self.id),
+            channels: kinds.into_iter().map(|(k, (c, s))| (k, c, s)).collect(),
+            http: self.stats.http.borrow().clone(),
+            latency: self
+                .stats
+                .latency
+                .borrow()
+                .clone()
+                .unwrap_or_else(crate::metrics::new_histogram),
+        }
     }
 
     fn handle(&self, cmd: ShardCmd) {
@@ -455,6 +533,9 @@ impl Shard {
             ShardCmd::Answer(a) => self.collect(a),
             ShardCmd::TerminateUser { app, user_id } => self.terminate_user(app, &user_id),
             ShardCmd::Remote(cmd) => self.remote(cmd),
+            ShardCmd::Scrape(reply) => {
+                let _ = reply.try_send(self.snapshot());
+            }
             ShardCmd::Drain { window } => {
                 // Stop accepting now: dropping the task cancels it and closes the listener, so
                 // the kernel sends new connections to the other listeners on this port (a new
@@ -650,6 +731,7 @@ impl Shard {
                         frame: SharedFrame::text(&json).0,
                         except: Some(socket_id),
                         cache: false,
+                        created: std::time::Instant::now(),
                     });
                 }
             }
@@ -698,6 +780,7 @@ impl Shard {
             frame: SharedFrame::text(&json).0,
             except,
             cache: false,
+            created: std::time::Instant::now(),
         });
     }
 
@@ -717,6 +800,7 @@ impl Shard {
             frame: SharedFrame::text(&json).0,
             except,
             cache: false,
+            created: std::time::Instant::now(),
         });
     }
 
@@ -917,6 +1001,7 @@ impl Shard {
             frame: SharedFrame::text(&json).0,
             except: None,
             cache: false,
+            created: std::time::Instant::now(),
         });
     }
 

@@ -271,6 +271,10 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         .iter()
         .find(|(c, _)| &**c == channel)
         .map(|(_, u)| Rc::clone(u));
+    shard
+        .stats
+        .events_client
+        .set(shard.stats.events_client.get() + 1);
     let json = outbound::client_event(event, channel, data, user_id.as_deref());
     if let Some(cluster) = &shard.shared.cluster {
         cluster.publish(&crate::ingest::cluster::Wire::Event {
@@ -290,6 +294,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         // Never echoed to the sender.
         except: Some(conn.socket_id),
         cache: channel::is_cache(channel),
+        created: std::time::Instant::now(),
     });
 }
 

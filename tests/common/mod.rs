@@ -50,6 +50,11 @@ impl DaemonBuilder {
         self.args[3] = port.to_string();
         self
     }
+    /// Serve /metrics on this port.
+    pub fn metrics_port(mut self, port: u16) -> Self {
+        self.args[5] = port.to_string();
+        self
+    }
     pub fn shards(self, n: usize) -> Self {
         self.arg("--shards").arg(n.to_string())
     }
@@ -79,6 +84,8 @@ impl Daemon {
                 "--host".into(),
                 "127.0.0.1".into(),
                 "--port".into(),
+                "0".into(),
+                "--metrics-port".into(),
                 "0".into(),
             ],
             env: vec![
