@@ -136,6 +136,50 @@ pub struct App {
     pub cache_ttl: Duration,
     /// Send `pusher_internal:subscription_count` to subscribers when a channel's count changes.
     pub subscription_count: bool,
+    /// Origins allowed to open WebSocket connections (`*` wildcards; `["*"]` allows all).
+    pub allowed_origins: Vec<String>,
+    /// Per-connection message rate limit (Reverb's REVERB_APP_RATE_LIMITING_*).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// At most `max` client messages per `per`; beyond, `pusher:error` 4301, and the connection is
+/// closed when `terminate` is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub max: u32,
+    pub per: Duration,
+    pub terminate: bool,
+}
+
+/// Does `origin` (the Origin header) match one of `allowed`? Patterns match the whole origin
+/// (`https://scores.example.com`) or its host (`scores.example.com`), with `*` matching any run
+/// of characters, like Reverb's `allowed_origins`.
+pub fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    if allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    let Some(origin) = origin else {
+        return false;
+    };
+    let host = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default();
+    allowed
+        .iter()
+        .any(|p| glob(p.as_bytes(), origin.as_bytes()) || glob(p.as_bytes(), host.as_bytes()))
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((c, rest)) => s
+            .split_first()
+            .is_some_and(|(d, srest)| c.eq_ignore_ascii_case(d) && glob(rest, srest)),
+    }
 }
 
 /// REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM: `members` (subscribers of the channel; the default),
@@ -284,6 +328,11 @@ pub struct RawApp {
     pub max_user_info: Option<usize>,
     pub cache_ttl_secs: Option<u64>,
     pub subscription_count: Option<bool>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub rate_limiting: Option<bool>,
+    pub rate_limit_max_attempts: Option<u32>,
+    pub rate_limit_decay_seconds: Option<u64>,
+    pub rate_limit_terminate: Option<bool>,
 }
 
 /// Environment lookups; the process environment in production, a map in tests.
@@ -401,6 +450,24 @@ impl Config {
             max_message_size: env_parse(env, "REVERB_APP_MAX_MESSAGE_SIZE", "bytes")?,
             max_connections: env_parse(env, "REVERB_APP_MAX_CONNECTIONS", "a count")?,
             accept_client_events_from: env_str(env, "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM"),
+            allowed_origins: env_str(env, "BTS_APP_ALLOWED_ORIGINS")
+                .map(|v| v.split(',').map(|o| o.trim().to_owned()).collect()),
+            rate_limiting: env_parse(env, "REVERB_APP_RATE_LIMITING_ENABLED", "true or false")?,
+            rate_limit_max_attempts: env_parse(
+                env,
+                "REVERB_APP_RATE_LIMITING_MAX_ATTEMPTS",
+                "a count",
+            )?,
+            rate_limit_decay_seconds: env_parse(
+                env,
+                "REVERB_APP_RATE_LIMITING_DECAY_SECONDS",
+                "seconds",
+            )?,
+            rate_limit_terminate: env_parse(
+                env,
+                "REVERB_APP_RATE_LIMIT_TERMINATE",
+                "true or false",
+            )?,
             ..RawApp::default()
         };
         let env_has_creds =
@@ -420,6 +487,17 @@ impl Config {
                         .accept_client_events_from
                         .clone()
                         .or(a.accept_client_events_from.take());
+                    a.allowed_origins =
+                        env_app.allowed_origins.clone().or(a.allowed_origins.take());
+                    a.rate_limiting = env_app.rate_limiting.or(a.rate_limiting);
+                    a.rate_limit_max_attempts = env_app
+                        .rate_limit_max_attempts
+                        .or(a.rate_limit_max_attempts);
+                    a.rate_limit_decay_seconds = env_app
+                        .rate_limit_decay_seconds
+                        .or(a.rate_limit_decay_seconds);
+                    a.rate_limit_terminate =
+                        env_app.rate_limit_terminate.or(a.rate_limit_terminate);
                 }
                 None => apps.push(env_app.clone()),
             }
@@ -758,6 +836,27 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
         max_user_info,
         cache_ttl: Duration::from_secs(a.cache_ttl_secs.unwrap_or(1800)),
         subscription_count: a.subscription_count.unwrap_or(false),
+        allowed_origins: a
+            .allowed_origins
+            .clone()
+            .filter(|o| !o.is_empty())
+            .unwrap_or_else(|| vec!["*".into()]),
+        rate_limit: if a.rate_limiting.unwrap_or(false) {
+            let max = a.rate_limit_max_attempts.unwrap_or(60);
+            let per = a.rate_limit_decay_seconds.unwrap_or(60);
+            if max == 0 || per == 0 {
+                return Err(bad(
+                    "rate limit attempts and decay seconds must be at least 1".into(),
+                ));
+            }
+            Some(RateLimit {
+                max,
+                per: Duration::from_secs(per),
+                terminate: a.rate_limit_terminate.unwrap_or(false),
+            })
+        } else {
+            None
+        },
     })
 }
 
@@ -907,6 +1006,25 @@ mod tests {
         let mut e2 = base.to_vec();
         e2.extend(bad);
         assert!(resolve(&Cli::default(), &e2, "").is_err());
+    }
+
+    #[test]
+    fn origins_match_like_reverb() {
+        let allowed = vec!["scores.example.com".to_owned(), "*.bts.test".to_owned()];
+        assert!(origin_allowed(&allowed, Some("https://scores.example.com")));
+        assert!(origin_allowed(
+            &allowed,
+            Some("http://scores.example.com:8080")
+        ));
+        assert!(origin_allowed(&allowed, Some("https://live.bts.test")));
+        assert!(!origin_allowed(&allowed, Some("https://bts.test")));
+        assert!(!origin_allowed(&allowed, Some("https://evil.example.com")));
+        assert!(!origin_allowed(&allowed, None));
+        assert!(origin_allowed(&["*".to_owned()], None));
+        assert!(origin_allowed(
+            &["https://a.test".to_owned()],
+            Some("https://a.test")
+        ));
     }
 
     #[test]

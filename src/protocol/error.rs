@@ -20,6 +20,10 @@ pub enum PusherError {
     NoProtocol,
     #[error("Connection is unauthorized")]
     Unauthorized,
+    #[error("Origin not allowed")]
+    OriginNotAllowed,
+    #[error("Rate limit exceeded")]
+    RateLimited,
     #[error("Over capacity")]
     OverCapacity,
     #[error("Pong reply not received")]
@@ -42,7 +46,8 @@ impl PusherError {
             PusherError::InvalidVersion => 4006,
             PusherError::UnsupportedProtocol => 4007,
             PusherError::NoProtocol => 4008,
-            PusherError::Unauthorized => 4009,
+            PusherError::Unauthorized | PusherError::OriginNotAllowed => 4009,
+            PusherError::RateLimited => 4301,
             PusherError::OverCapacity => 4100,
             PusherError::PongTimeout => 4201,
             // 4200: pusher-js reconnects at once; the drain spreads these closes over a window.

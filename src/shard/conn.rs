@@ -166,6 +166,8 @@ pub struct Conn {
     pub(super) presence: RefCell<Vec<(Rc<str>, Rc<str>)>>,
     /// Presence channels whose owner shard has not answered the join yet.
     pub(super) presence_pending: RefCell<Vec<Rc<str>>>,
+    /// Message rate limit window: when it started and how many messages it saw.
+    pub(super) rate_window: Cell<(Instant, u32)>,
     /// Client-event token bucket: tokens left and when they were last topped up.
     pub(super) client_tokens: Cell<f64>,
     pub(super) client_refill: Cell<Instant>,
@@ -192,6 +194,7 @@ impl Conn {
             watchlist: RefCell::new(Vec::new()),
             presence: RefCell::new(Vec::new()),
             presence_pending: RefCell::new(Vec::new()),
+            rate_window: Cell::new((Instant::now(), 0)),
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
         }
@@ -480,6 +483,11 @@ async fn handshake<'a>(
             return None;
         }
     };
+    if !crate::config::origin_allowed(&shared.cfg.apps[app].allowed_origins, req.origin.as_deref())
+    {
+        refuse(stream, PusherError::OriginNotAllowed).await;
+        return None;
+    }
     let limit = shared.cfg.apps[app].max_connections;
     let Some(guard) = AppConnGuard::try_new(&shared.app_conns[app], limit) else {
         refuse(stream, PusherError::OverQuota).await;

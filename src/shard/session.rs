@@ -22,6 +22,26 @@ const MAX_EVENT_NAME: usize = 200;
 
 /// One Pusher message from the client.
 pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
+    if let Some(limit) = shard.shared.cfg.apps[conn.app].rate_limit {
+        // Reverb's semantics: at most `max` messages per `per` window, per connection.
+        let (start, n) = conn.rate_window.get();
+        let now = Instant::now();
+        let (start, n) = if now.duration_since(start) >= limit.per {
+            (now, 0)
+        } else {
+            (start, n)
+        };
+        conn.rate_window.set((start, n.saturating_add(1)));
+        if n >= limit.max {
+            if limit.terminate {
+                conn.close_pusher(PusherError::RateLimited);
+            } else {
+                let err = PusherError::RateLimited;
+                conn.send_text(&outbound::error(Some(err.code()), &err.to_string()));
+            }
+            return;
+        }
+    }
     let msg = match inbound::parse(payload) {
         Ok(m) => m,
         Err(e) => {
