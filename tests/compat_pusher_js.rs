@@ -3,105 +3,18 @@
 //! to the daemon. The checks live in tests/compat/compat.mjs; this test starts the daemon, runs the
 //! script with node, and fails with node's output when the script does.
 //!
-//! Needs node (v20+) and the pinned packages: `npm ci --prefix tests/compat`.
+//! Needs node (v20.19+) and the pinned packages: `npm ci --prefix tests/compat`.
 
 mod common;
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-/// compat.mjs gives up by itself after 15 s; this is only a backstop.
-const NODE_DEADLINE: Duration = Duration::from_secs(40);
-
 #[test]
 fn pusher_js_echo_and_node_sdk_interoperate() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let compat = root.join("tests/compat");
-    for pkg in ["pusher-js", "pusher", "laravel-echo"] {
-        assert!(
-            compat
-                .join("node_modules")
-                .join(pkg)
-                .join("package.json")
-                .is_file(),
-            "tests/compat/node_modules/{pkg} is missing: run `npm ci --prefix tests/compat` \
-             (needs node >= 20.19 and npm) before `cargo test`"
-        );
-    }
-
     let d = Daemon::start(2);
-    let mut child = Command::new("node")
-        .arg("tests/compat/compat.mjs")
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .args([APP_ID, APP_KEY, APP_SECRET])
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("could not run `node` ({e}): install node >= 20.19, then `npm ci --prefix tests/compat`")
-        });
-
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > NODE_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out.join().unwrap();
-    let stderr = err.join().unwrap();
-    let report = || {
-        format!(
-            "--- node stdout ---\n{stdout}\n--- node stderr ---\n{stderr}\n--- daemon stderr (last 60 lines) ---\n{}",
-            tail(&d.stderr(), 60)
-        )
-    };
-
-    let Some(status) = status else {
-        panic!(
-            "compat.mjs still running after {NODE_DEADLINE:?}; killed\n{}",
-            report()
-        );
-    };
-    assert!(
-        status.success(),
-        "compat.mjs failed ({status})\n{}",
-        report()
-    );
-
-    let summary: serde_json::Value = stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("compat.mjs printed no JSON summary line\n{}", report()));
-    assert_eq!(summary["ok"], true, "{}", report());
-    assert_eq!(summary["echo"], "ok", "{}", report());
-    eprintln!("compat.mjs: {}", stdout.trim_end());
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    // compat.mjs gives up by itself after 15 s; the deadline is only a backstop.
+    let summary = run_compat_script(&d, "compat.mjs", Duration::from_secs(40));
+    assert_eq!(summary["echo"], "ok", "{summary}");
 }

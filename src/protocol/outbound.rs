@@ -158,15 +158,6 @@ pub fn signin_success(user_data: &str) -> Vec<u8> {
     out
 }
 
-/// `pusher_internal:subscription_count` for a channel.
-pub fn subscription_count(channel: &str, count: u64) -> Vec<u8> {
-    channel_event_str(
-        "pusher_internal:subscription_count",
-        channel,
-        &format!(r#"{{"subscription_count":{count}}}"#),
-    )
-}
-
 /// `pusher_internal:watchlist_events` with one `online` or `offline` entry.
 pub fn watchlist_event(name: &str, user_ids: &[&str]) -> Vec<u8> {
     let inner = serde_json::json!({ "events": [{ "name": name, "user_ids": user_ids }] });
@@ -201,8 +192,6 @@ mod more_tests {
             serde_json::from_slice(&signin_success(r#"{"id":"1"}"#)).unwrap();
         let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
         assert_eq!(d["user_data"], r#"{"id":"1"}"#);
-        let v: serde_json::Value = serde_json::from_slice(&subscription_count("c", 3)).unwrap();
-        assert_eq!(v["data"], r#"{"subscription_count":3}"#);
         let v: serde_json::Value =
             serde_json::from_slice(&watchlist_event("online", &["1"])).unwrap();
         let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap()).unwrap();

@@ -719,20 +719,7 @@ impl Shard {
                     tracing::warn!(%channel, "inbox full: presence answer dropped");
                 }
                 if new_member {
-                    let data = self.presence.borrow().added_data(app, &channel, &user_id);
-                    let json = outbound::channel_event_str(
-                        "pusher_internal:member_added",
-                        &channel,
-                        &data,
-                    );
-                    router.broadcast(Broadcast {
-                        app,
-                        channel,
-                        frame: SharedFrame::text(&json).0,
-                        except: Some(socket_id),
-                        cache: false,
-                        created: std::time::Instant::now(),
-                    });
+                    self.announce_added(app, channel, &user_id, Some(socket_id));
                 }
             }
             PresenceOp::Leave {
@@ -773,14 +760,33 @@ impl Shard {
         let mut data = Vec::new();
         outbound::push_json_str(&mut data, user_id);
         let data = format!(r#"{{"user_id":{}}}"#, String::from_utf8_lossy(&data));
-        let json = outbound::channel_event_str("pusher_internal:member_removed", &channel, &data);
+        self.broadcast_internal(
+            app,
+            channel,
+            "pusher_internal:member_removed",
+            &data,
+            except,
+        );
+    }
+
+    /// A `pusher_internal:*` event (data given as a string) to this node's subscribers of a
+    /// channel, through every shard's inbox. Never cached.
+    fn broadcast_internal(
+        &self,
+        app: usize,
+        channel: Arc<str>,
+        event: &str,
+        data: &str,
+        except: Option<SocketId>,
+    ) {
+        let json = outbound::channel_event_str(event, &channel, data);
         self.shared.router.broadcast(Broadcast {
             app,
             channel,
             frame: SharedFrame::text(&json).0,
             except,
             cache: false,
-            created: std::time::Instant::now(),
+            created: Instant::now(),
         });
     }
 
@@ -793,15 +799,7 @@ impl Shard {
         except: Option<SocketId>,
     ) {
         let data = self.presence.borrow().added_data(app, &channel, user_id);
-        let json = outbound::channel_event_str("pusher_internal:member_added", &channel, &data);
-        self.shared.router.broadcast(Broadcast {
-            app,
-            channel,
-            frame: SharedFrame::text(&json).0,
-            except,
-            cache: false,
-            created: std::time::Instant::now(),
-        });
+        self.broadcast_internal(app, channel, "pusher_internal:member_added", &data, except);
     }
 
     /// What other nodes tell us (cluster mode).
@@ -994,15 +992,14 @@ impl Shard {
             }
             n
         };
-        let json = outbound::subscription_count(&channel, total);
-        self.shared.router.broadcast(Broadcast {
+        let data = format!(r#"{{"subscription_count":{total}}}"#);
+        self.broadcast_internal(
             app,
             channel,
-            frame: SharedFrame::text(&json).0,
-            except: None,
-            cache: false,
-            created: std::time::Instant::now(),
-        });
+            "pusher_internal:subscription_count",
+            &data,
+            None,
+        );
     }
 
     /// terminate_connections: close every connection signed in as `user_id` with 4009.

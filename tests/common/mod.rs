@@ -607,3 +607,76 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Runs `node tests/compat/<script> <ip> <port> <app id> <key> <secret>` against `d` and returns
+/// the JSON summary line it printed; panics with node's output and the daemon's log tail when the
+/// script fails, hangs past `deadline`, or the Node packages are missing.
+pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compat = root.join("tests/compat");
+    for pkg in ["pusher-js", "pusher", "laravel-echo"] {
+        assert!(
+            compat
+                .join("node_modules")
+                .join(pkg)
+                .join("package.json")
+                .is_file(),
+            "tests/compat/node_modules/{pkg} is missing: run `npm ci --prefix tests/compat` \
+             (needs node >= 20.19 and npm) before `cargo test`"
+        );
+    }
+    let mut child = Command::new("node")
+        .arg(format!("tests/compat/{script}"))
+        .arg(d.addr.ip().to_string())
+        .arg(d.addr.port().to_string())
+        .args([APP_ID, APP_KEY, APP_SECRET])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("could not run `node` ({e}): install node >= 20.19, then `npm ci --prefix tests/compat`")
+        });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap();
+    let stderr = err.join().unwrap();
+    let log = d.stderr();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+    let report = format!(
+        "--- node stdout ---\n{stdout}\n--- node stderr ---\n{stderr}\n--- daemon stderr (last 60 lines) ---\n{tail}"
+    );
+    let Some(status) = status else {
+        panic!("{script} still running after {deadline:?}; killed\n{report}");
+    };
+    assert!(status.success(), "{script} failed ({status})\n{report}");
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("{script} printed no JSON summary line\n{report}"));
+    assert_eq!(summary["ok"], true, "{report}");
+    eprintln!("{script}: {}", stdout.trim_end());
+    summary
+}
