@@ -140,7 +140,29 @@ pub struct App {
     pub allowed_origins: Vec<String>,
     /// Per-connection message rate limit (Reverb's REVERB_APP_RATE_LIMITING_*).
     pub rate_limit: Option<RateLimit>,
+    /// Where to POST Pusher-style webhooks.
+    pub webhooks: Vec<WebhookTarget>,
 }
+
+/// A webhook endpoint and the event names it wants (`None`: all of them).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookTarget {
+    pub url: String,
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// Webhook event names (Pusher's).
+pub const WEBHOOK_EVENTS: [&str; 7] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+];
 
 /// At most `max` client messages per `per`; beyond, `pusher:error` 4301, and the connection is
 /// closed when `terminate` is set.
@@ -333,6 +355,7 @@ pub struct RawApp {
     pub rate_limit_max_attempts: Option<u32>,
     pub rate_limit_decay_seconds: Option<u64>,
     pub rate_limit_terminate: Option<bool>,
+    pub webhooks: Option<Vec<WebhookTarget>>,
 }
 
 /// Environment lookups; the process environment in production, a map in tests.
@@ -468,6 +491,14 @@ impl Config {
                 "REVERB_APP_RATE_LIMIT_TERMINATE",
                 "true or false",
             )?,
+            webhooks: env_str(env, "BTS_APP_WEBHOOK_URLS").map(|v| {
+                v.split(',')
+                    .map(|u| WebhookTarget {
+                        url: u.trim().to_owned(),
+                        event_types: None,
+                    })
+                    .collect()
+            }),
             ..RawApp::default()
         };
         let env_has_creds =
@@ -498,6 +529,7 @@ impl Config {
                         .or(a.rate_limit_decay_seconds);
                     a.rate_limit_terminate =
                         env_app.rate_limit_terminate.or(a.rate_limit_terminate);
+                    a.webhooks = env_app.webhooks.clone().or(a.webhooks.take());
                 }
                 None => apps.push(env_app.clone()),
             }
@@ -841,6 +873,23 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             .clone()
             .filter(|o| !o.is_empty())
             .unwrap_or_else(|| vec!["*".into()]),
+        webhooks: {
+            let hooks = a.webhooks.clone().unwrap_or_default();
+            for h in &hooks {
+                if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                    return Err(bad(format!(
+                        "webhook url {:?} must be http:// or https://",
+                        h.url
+                    )));
+                }
+                for e in h.event_types.iter().flatten() {
+                    if !WEBHOOK_EVENTS.contains(&e.as_str()) {
+                        return Err(bad(format!("unknown webhook event type {e:?}")));
+                    }
+                }
+            }
+            hooks
+        },
         rate_limit: if a.rate_limiting.unwrap_or(false) {
             let max = a.rate_limit_max_attempts.unwrap_or(60);
             let per = a.rate_limit_decay_seconds.unwrap_or(60);

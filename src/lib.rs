@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod shard;
 pub mod sys;
+pub mod webhooks;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -176,6 +177,16 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         ready_rx
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
+    }
+    if shared.cfg.apps.iter().any(|a| !a.webhooks.is_empty()) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        webhooks::spawn(shared.cfg.apps.clone(), Arc::clone(&shared.webhooks)).map_err(|e| {
+            StartError::Executor {
+                shard: shards,
+                cpu: 0,
+                message: format!("cannot start the webhook thread: {e}"),
+            }
+        })?;
     }
     if let Some(addr) = shared.cfg.metrics {
         let local = metrics::serve(addr, Arc::clone(&shared))

@@ -276,6 +276,28 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
             c.dropped.load(Relaxed)
         );
     }
+    let hooks = &shared.webhooks;
+    let _ = writeln!(
+        o,
+        "bts_queue_overflows_total{{queue=\"webhooks\"}} {}",
+        hooks.dropped.load(Relaxed)
+    );
+    family(
+        &mut o,
+        "bts_webhooks_total",
+        "counter",
+        "Webhook requests, by outcome.",
+    );
+    let _ = writeln!(
+        o,
+        "bts_webhooks_total{{outcome=\"sent\"}} {}",
+        hooks.sent.load(Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "bts_webhooks_total{{outcome=\"failed\"}} {}",
+        hooks.failed.load(Relaxed)
+    );
     if shared.ingest.enabled.load(Relaxed) {
         family(
             &mut o,

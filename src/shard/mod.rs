@@ -29,6 +29,7 @@ use crate::fanout::router::{
 };
 use crate::ingest::cluster::{Wire, WireQuery};
 use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
+use crate::webhooks;
 
 pub use conn::Conn;
 use index::SubscriptionIndex;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub node: u64,
     /// Cluster mode: talking to the other nodes.
     pub cluster: Option<crate::ingest::cluster::Cluster>,
+    /// Webhook hand-off (used when an app has webhook endpoints).
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// Set when a drain starts: readiness turns false.
     pub draining: std::sync::atomic::AtomicBool,
     /// Shards that finished draining.
@@ -83,6 +86,7 @@ impl Shared {
             ingest: Default::default(),
             node,
             cluster,
+            webhooks: Default::default(),
             draining: Default::default(),
             drained: AtomicUsize::new(0),
             by_key,
@@ -327,9 +331,11 @@ impl Shard {
     /// Tells the channel's owner about a subscriber count change, when the app wants
     /// `pusher_internal:subscription_count` (never for presence channels, as Pusher).
     fn count_changed(&self, app: usize, channel: &str, delta: i64) {
-        if !self.shared.cfg.apps[app].subscription_count
-            || ChannelKind::of(channel) == ChannelKind::Presence
-        {
+        let a = &self.shared.cfg.apps[app];
+        let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+        let events = a.subscription_count && !presence;
+        let hooks = !a.webhooks.is_empty();
+        if !events && !hooks {
             return;
         }
         let router = &self.shared.router;
@@ -383,7 +389,16 @@ impl Shard {
                 let max = self.shared.cfg.max_outbound_bytes;
                 conn.enqueue_shared(&Rc::new(frame.clone()), max);
             }
-            None => conn.send_text(&outbound::cache_miss(channel)),
+            None => {
+                conn.send_text(&outbound::cache_miss(channel));
+                let a = &self.shared.cfg.apps[conn.app];
+                if !a.webhooks.is_empty() && webhooks::wanted(a, "cache_miss") {
+                    self.shared.webhooks.emit(
+                        conn.app,
+                        serde_json::json!({"name":"cache_miss","channel":channel}),
+                    );
+                }
+            }
         }
     }
 
@@ -719,6 +734,7 @@ impl Shard {
                     tracing::warn!(%channel, "inbox full: presence answer dropped");
                 }
                 if new_member {
+                    self.member_hook(app, "member_added", &channel, &user_id);
                     self.announce_added(app, channel, &user_id, Some(socket_id));
                 }
             }
@@ -743,6 +759,7 @@ impl Shard {
                     .borrow_mut()
                     .leave(app, &channel, &user_id, node)
                 {
+                    self.member_hook(app, "member_removed", &channel, &user_id);
                     self.announce_removed(app, channel, &user_id, Some(socket_id));
                 }
             }
@@ -992,14 +1009,51 @@ impl Shard {
             }
             n
         };
-        let data = format!(r#"{{"subscription_count":{total}}}"#);
-        self.broadcast_internal(
-            app,
-            channel,
-            "pusher_internal:subscription_count",
-            &data,
-            None,
-        );
+        let a = &self.shared.cfg.apps[app];
+        let presence = ChannelKind::of(&channel) == ChannelKind::Presence;
+        let before = total.saturating_add_signed(-delta);
+        if !a.webhooks.is_empty() {
+            let hooks = &self.shared.webhooks;
+            if before == 0 && total > 0 && webhooks::wanted(a, "channel_occupied") {
+                hooks.emit(
+                    app,
+                    serde_json::json!({"name":"channel_occupied","channel":&*channel}),
+                );
+            }
+            if before > 0 && total == 0 && webhooks::wanted(a, "channel_vacated") {
+                hooks.emit(
+                    app,
+                    serde_json::json!({"name":"channel_vacated","channel":&*channel}),
+                );
+            }
+            if !presence && webhooks::wanted(a, "subscription_count") {
+                hooks.emit(
+                    app,
+                    serde_json::json!({"name":"subscription_count","channel":&*channel,"subscription_count":total}),
+                );
+            }
+        }
+        if a.subscription_count && !presence {
+            let data = format!(r#"{{"subscription_count":{total}}}"#);
+            self.broadcast_internal(
+                app,
+                channel,
+                "pusher_internal:subscription_count",
+                &data,
+                None,
+            );
+        }
+    }
+
+    /// A presence webhook (`member_added` / `member_removed`), when the app wants it.
+    fn member_hook(&self, app: usize, name: &str, channel: &str, user_id: &str) {
+        let a = &self.shared.cfg.apps[app];
+        if !a.webhooks.is_empty() && webhooks::wanted(a, name) {
+            self.shared.webhooks.emit(
+                app,
+                serde_json::json!({"name": name, "channel": channel, "user_id": user_id}),
+            );
+        }
     }
 
     /// terminate_connections: close every connection signed in as `user_id` with 4009.

@@ -296,6 +296,19 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         .events_client
         .set(shard.stats.events_client.get() + 1);
     let json = outbound::client_event(event, channel, data, user_id.as_deref());
+    if !app.webhooks.is_empty() && crate::webhooks::wanted(app, "client_event") {
+        let mut hook = serde_json::json!({
+            "name": "client_event",
+            "channel": channel,
+            "event": event,
+            "data": String::from_utf8_lossy(data),
+            "socket_id": conn.socket_id.to_string(),
+        });
+        if let Some(uid) = &user_id {
+            hook["user_id"] = serde_json::Value::from(&**uid);
+        }
+        shard.shared.webhooks.emit(conn.app, hook);
+    }
     if let Some(cluster) = &shard.shared.cluster {
         cluster.publish(&crate::ingest::cluster::Wire::Event {
             n: shard.shared.node,
