@@ -2,30 +2,22 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 
 fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
+    scrape_metrics(port)
 }
 
-/// The value of one sample line (`name{labels} value`).
+/// The value of one sample line; panics when absent.
 fn value(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no sample {sample} in:\n{text}"))
-        .parse()
-        .unwrap()
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("{sample} "))),
+        "no sample {sample} in:\n{text}"
+    );
+    metric(text, sample)
 }
 
 #[test]

@@ -377,6 +377,29 @@ impl Client {
             % shards
     }
 
+    /// Reads until the connection ends: `Some(code)` for a close frame, `None` for a reset or
+    /// EOF without one.
+    pub fn next_close_or_reset(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = Instant::now() + timeout;
+        self.set_timeout(Duration::from_millis(200));
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "connection did not end in {timeout:?}"
+            );
+            match self.ws.read() {
+                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub fn close(mut self) {
         let _ = self.ws.close(Some(CloseFrame {
             code: CloseCode::Normal,
@@ -679,4 +702,32 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     assert_eq!(summary["ok"], true, "{report}");
     eprintln!("{script}: {}", stdout.trim_end());
     summary
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /metrics from the daemon's metrics listener on `port`.
+pub fn scrape_metrics(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of one sample line (`name{labels} value`) in a scrape; 0 when absent.
+pub fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.parse().unwrap())
 }
