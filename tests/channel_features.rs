@@ -83,7 +83,13 @@ fn client_events_are_rate_limited_with_4301() {
     while let Got::Event(_) = b.next(Duration::from_millis(300)) {
         delivered += 1;
     }
-    assert_eq!((delivered, rejected), (5, 3));
+    // A burst of 8 against a bucket of 5 refilling at 5/s: 5 pass at once, and at most one more
+    // if the machine was slow enough for a token to refill meanwhile.
+    assert_eq!(delivered + rejected, 8);
+    assert!(
+        (5..=6).contains(&delivered),
+        "{delivered} delivered, {rejected} rejected"
+    );
     // The connection is kept and the bucket refills.
     std::thread::sleep(Duration::from_millis(500));
     a.send_json(json!({"event":"client-n","channel":ch,"data":{}}));
