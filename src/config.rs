@@ -21,6 +21,8 @@ use serde::Deserialize;
     about = "Pusher-protocol WebSocket broadcast server"
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Address to bind (overrides REVERB_SERVER_HOST; default 0.0.0.0, or 127.0.0.1 while running
     /// with the built-in development credentials).
     #[arg(long)]
@@ -66,6 +68,17 @@ pub struct Cli {
     /// No /metrics listener (METRICS_ENABLED=false).
     #[arg(long)]
     pub no_metrics: bool,
+}
+
+/// Subcommands; without one, the daemon runs.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Check this host against a tuning profile and the daemon's needs; exits 1 on a failure.
+    Doctor {
+        /// `large` (tuning/sysctl.conf), `small` (tuning/sysctl-small.conf) or a file path.
+        #[arg(long, default_value = "large")]
+        profile: String,
+    },
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.

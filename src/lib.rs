@@ -17,6 +17,7 @@
 //! returns once all of them accept connections.
 
 pub mod config;
+pub mod doctor;
 pub mod fanout;
 pub mod ingest;
 pub mod metrics;

@@ -118,6 +118,12 @@ pub fn raise_nofile() -> Option<u64> {
     rlimit(libc::RLIMIT_NOFILE).map(|r| r.rlim_cur)
 }
 
+/// RLIMIT_NOFILE (soft, hard).
+pub fn nofile_limits() -> Option<(u64, u64)> {
+    let rl = rlimit(libc::RLIMIT_NOFILE)?;
+    Some((rl.rlim_cur, rl.rlim_max))
+}
+
 /// RLIMIT_MEMLOCK's soft value in bytes; `None` when unlimited.
 pub fn memlock_limit() -> Option<u64> {
     let rl = rlimit(libc::RLIMIT_MEMLOCK)?;

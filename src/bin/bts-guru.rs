@@ -8,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bts_guru::config::{Cli, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
+use bts_guru::config::{Cli, Command, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
+use bts_guru::doctor;
 
 #[global_allocator]
 static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
@@ -31,6 +32,9 @@ fn main() -> ExitCode {
             Ok(cfg) => cfg,
             Err(e) => return fail(&format!("configuration error: {e}")),
         };
+    if let Some(Command::Doctor { profile }) = &cli.command {
+        return doctor(profile, cfg.shards());
+    }
     if cfg.dev_credentials {
         tracing::warn!(
             app_id = DEV_APP_ID,
@@ -91,6 +95,37 @@ fn main() -> ExitCode {
     drop(out);
     running.wait();
     ExitCode::SUCCESS
+}
+
+/// `bts-guru doctor`: prints the checks on stdout; exit 1 when one fails.
+fn doctor(profile: &str, shards: usize) -> ExitCode {
+    let text = match profile {
+        "large" => doctor::LARGE.to_owned(),
+        "small" => doctor::SMALL.to_owned(),
+        path => match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => return fail(&format!("cannot read profile {path}: {e}")),
+        },
+    };
+    let (soft, hard) = bts_guru::sys::nofile_limits().unwrap_or((0, 0));
+    let host = doctor::Host {
+        sysctl: &doctor::read_sysctl,
+        nofile_soft: Some(soft),
+        nofile_hard: Some(hard),
+        memlock: bts_guru::sys::memlock_limit(),
+        cap_ipc_lock: bts_guru::sys::has_cap_ipc_lock(),
+        cpus: bts_guru::config::available_cpus().len(),
+    };
+    let findings = doctor::check(&text, &host, shards);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "bts-guru doctor: profile {profile}, {shards} shard(s)\n"
+    );
+    match doctor::report(&findings, &mut out) {
+        doctor::Level::Fail => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    }
 }
 
 /// One clear line on stderr and a non-zero exit. Written directly: the log writer is
