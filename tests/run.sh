@@ -21,6 +21,13 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "Node.js >= 20.19 is needed for the client-compatibility tests (laravel-echo 2); found $(node --version 2>/dev/null || echo none)." >&2
+  echo "On Debian 12 install a newer Node.js (e.g. the nodejs package from Debian 13 or NodeSource), then rerun." >&2
+  exit 1
+fi
+
 echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo)"
 npm ci --prefix tests/compat --no-audit --no-fund --loglevel=error
 
