@@ -79,6 +79,8 @@ pub enum Command {
         #[arg(long, default_value = "large")]
         profile: String,
     },
+    /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
+    Simulate(Box<crate::simulate::SimulateArgs>),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.

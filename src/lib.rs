@@ -11,11 +11,15 @@
 //!   a dedicated pinned thread.
 //! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
 //! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
+//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
+//! - [`simulate`]: `bts-guru simulate`, a live-sports feed publishing through the HTTP API or Redis.
+//! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
 //! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
 //!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
 
+pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod fanout;
@@ -23,6 +27,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod protocol;
 pub mod shard;
+pub mod simulate;
 pub mod sys;
 pub mod webhooks;
 pub mod ws;

@@ -16,6 +16,16 @@ static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before logging and the daemon's configuration: the simulator is a client of its own.
+    if let Some(Command::Simulate(args)) = &cli.command {
+        return match bts_guru::simulate::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bts-guru simulate: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     // Non-blocking writer: a slow stderr never stalls a shard's reactor.
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
     tracing_subscriber::fmt()

@@ -1,0 +1,318 @@
+//! The client side of RFC 6455 (handshake request, answer check, frame encode/decode) and the
+//! allocation-free field scanners used on every delivery.
+
+/// The upgrade request for `path` (e.g. `/app/KEY?protocol=7...`).
+pub fn handshake_request(host: &str, path: &str, key: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: bts-guru-bench\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Offset just past the `\r\n\r\n` that ends an HTTP head.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Checks the server's answer to the upgrade: 101 and the right Sec-WebSocket-Accept.
+pub fn check_handshake(head: &[u8], key: &str) -> Result<(), String> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or("");
+    if status.split_whitespace().nth(1) != Some("101") {
+        return Err(format!("WebSocket upgrade refused: {:?}", status.trim()));
+    }
+    let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    for l in lines {
+        if let Some((name, value)) = l.split_once(':') {
+            if name.trim().eq_ignore_ascii_case("sec-websocket-accept") {
+                return if value.trim() == want {
+                    Ok(())
+                } else {
+                    Err("WebSocket upgrade: wrong Sec-WebSocket-Accept".into())
+                };
+            }
+        }
+    }
+    Err("WebSocket upgrade: no Sec-WebSocket-Accept".into())
+}
+
+pub const OP_CONT: u8 = 0;
+pub const OP_TEXT: u8 = 1;
+pub const OP_BINARY: u8 = 2;
+pub const OP_CLOSE: u8 = 8;
+pub const OP_PING: u8 = 9;
+pub const OP_PONG: u8 = 10;
+
+/// Appends one masked client frame.
+pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    for (i, b) in out[start..].iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+/// One complete server frame found at the start of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameHead {
+    pub fin: bool,
+    pub opcode: u8,
+    /// Where the payload starts and ends within the buffer.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Parses the frame at the start of `buf`: `Ok(None)` when it is not complete yet.
+pub fn parse_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHead>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    if b0 & 0x70 != 0 {
+        return Err("server frame with RSV bits set".into());
+    }
+    if b1 & 0x80 != 0 {
+        return Err("server frame is masked (RFC 6455 5.1 forbids it)".into());
+    }
+    let (len, mut pos) = match b1 & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b), 10)
+        }
+        n => (n as u64, 2),
+    };
+    if len > max_len as u64 {
+        return Err(format!("server frame of {len} bytes exceeds {max_len}"));
+    }
+    let len = len as usize;
+    if buf.len() < pos + len {
+        return Ok(None);
+    }
+    let start = pos;
+    pos += len;
+    Ok(Some(FrameHead {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0F,
+        start,
+        end: pos,
+    }))
+}
+
+/// The string value of a top-level key, e.g. `"event":"x"` → `x` (escapes are not decoded; the
+/// names we look for never contain any). Keys inside the `data` string are escaped (`\"key\"`)
+/// and therefore never match.
+pub fn str_field<'a>(msg: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let k = key.as_bytes();
+    let mut from = 0;
+    while let Some(p) = find(&msg[from..], k) {
+        let at = from + p;
+        from = at + 1;
+        if at == 0 || msg[at - 1] != b'"' {
+            continue;
+        }
+        let mut i = at + k.len();
+        if msg.get(i) != Some(&b'"') {
+            continue;
+        }
+        i += 1;
+        i = skip_ws(msg, i);
+        if msg.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(msg, i + 1);
+        if msg.get(i) != Some(&b'"') {
+            continue;
+        }
+        let s = i + 1;
+        let mut e = s;
+        while e < msg.len() {
+            match msg[e] {
+                b'\\' => e += 2,
+                b'"' => return Some(&msg[s..e]),
+                _ => e += 1,
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// The unsigned number of `key` anywhere in the message, inside the `data` string (`\"key\":12`)
+/// or inside a `data` object (`"key":12`). Searches from the end: our fields close the payload.
+pub fn num_field(msg: &[u8], key: &str) -> Option<u64> {
+    let k = key.as_bytes();
+    let mut to = msg.len();
+    while let Some(at) = rfind(&msg[..to], k) {
+        to = at;
+        if at == 0 || msg[at - 1] != b'"' {
+            continue;
+        }
+        let mut i = at + k.len();
+        if msg.get(i) == Some(&b'\\') {
+            i += 1;
+        }
+        if msg.get(i) != Some(&b'"') {
+            continue;
+        }
+        i = skip_ws(msg, i + 1);
+        if msg.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(msg, i + 1);
+        let s = i;
+        let mut v: u64 = 0;
+        while let Some(d) = msg.get(i).filter(|c| c.is_ascii_digit()) {
+            v = v.checked_mul(10)?.checked_add((d - b'0') as u64)?;
+            i += 1;
+        }
+        if i == s {
+            continue;
+        }
+        return Some(v);
+    }
+    None
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let last = hay.len() - needle.len();
+    let mut i = 0;
+    while i <= last {
+        if hay[i] == first && &hay[i..i + needle.len()] == needle {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let first = needle[0];
+    let mut i = hay.len() - needle.len() + 1;
+    while i > 0 {
+        i -= 1;
+        if hay[i] == first && &hay[i..i + needle.len()] == needle {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// The `data` member of a server message as a JSON value: Pusher sends it as a string holding
+/// JSON; some servers send an object.
+pub fn data_value(msg: &[u8]) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(msg).ok()?;
+    match v.get("data")? {
+        serde_json::Value::String(s) => serde_json::from_str(s)
+            .ok()
+            .or(Some(serde_json::Value::Null)),
+        other => Some(other.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_lengths() {
+        for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
+            let payload = vec![b'x'; n];
+            // server frames are unmasked: build one by hand
+            let mut f = vec![0x81];
+            match n {
+                0..=125 => f.push(n as u8),
+                126..=0xFFFF => {
+                    f.push(126);
+                    f.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                _ => {
+                    f.push(127);
+                    f.extend_from_slice(&(n as u64).to_be_bytes());
+                }
+            }
+            f.extend_from_slice(&payload);
+            let h = parse_frame(&f, 1 << 20).unwrap().unwrap();
+            assert_eq!(
+                (h.fin, h.opcode, h.end - h.start, h.end),
+                (true, 1, n, f.len())
+            );
+            assert_eq!(parse_frame(&f[..f.len() - 1], 1 << 20).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn masked_client_frame_unmasks() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, OP_TEXT, b"hello", [1, 2, 3, 4]);
+        assert_eq!(out[0], 0x81);
+        assert_eq!(out[1], 0x80 | 5);
+        let un: Vec<u8> = out[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ [1, 2, 3, 4][i & 3])
+            .collect();
+        assert_eq!(un, b"hello");
+    }
+
+    #[test]
+    fn scans_fields() {
+        let m = br#"{"event":"match.update","channel":"sports.l1","data":"{\"match_id\":1,\"publisher\":3,\"seq\":42,\"sent_ns\":1700000000000000000}"}"#;
+        assert_eq!(str_field(m, "event"), Some(&b"match.update"[..]));
+        assert_eq!(str_field(m, "channel"), Some(&b"sports.l1"[..]));
+        assert_eq!(num_field(m, "seq"), Some(42));
+        assert_eq!(num_field(m, "publisher"), Some(3));
+        assert_eq!(num_field(m, "sent_ns"), Some(1_700_000_000_000_000_000));
+        let o = br#"{"data": {"seq": 7, "sent_ns": 9}, "channel": "c", "event": "e"}"#;
+        assert_eq!(num_field(o, "seq"), Some(7));
+        assert_eq!(str_field(o, "event"), Some(&b"e"[..]));
+        assert_eq!(num_field(o, "missing"), None);
+        assert_eq!(str_field(br#"{"channel":"x"}"#, "event"), None);
+    }
+
+    #[test]
+    fn accept_key() {
+        let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(check_handshake(head, "dGhlIHNhbXBsZSBub25jZQ==").is_ok());
+        assert!(check_handshake(head, "other").is_err());
+        assert!(check_handshake(b"HTTP/1.1 404 Not Found\r\n\r\n", "k").is_err());
+    }
+}
