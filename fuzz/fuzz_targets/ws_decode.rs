@@ -30,14 +30,20 @@ fn decode(chunks: &[&[u8]]) -> Result<Vec<Vec<u8>>, u16> {
                 Err(e) => return Err(e.close_code()),
             }
             // An incomplete frame is never allowed to grow past the limit plus a header.
-            assert!(buf.len() <= MAX + 14 + c.len(), "buffered {} bytes", buf.len());
+            assert!(
+                buf.len() <= MAX + 14 + c.len(),
+                "buffered {} bytes",
+                buf.len()
+            );
         }
     }
     Ok(out)
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&cut, rest)) = data.split_first() else { return };
+    let Some((&cut, rest)) = data.split_first() else {
+        return;
+    };
     let whole = decode(&[rest]);
     let at = (cut as usize).min(rest.len());
     let split = decode(&[&rest[..at], &rest[at..]]);
