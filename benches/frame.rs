@@ -82,5 +82,43 @@ fn index(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame, parse, hmac, index);
+criterion_group!(benches, frame, parse, hmac, index, fanout_10k);
 criterion_main!(benches);
+
+/// One event fanned out to 10,000 subscribers of one channel on one shard: the per-subscriber
+/// cost of queueing the shared frame (an `Rc` clone and a queue push; no socket I/O here).
+fn fanout_10k(c: &mut Criterion) {
+    use bts_guru::config::{Cli, Config, RawFile};
+    use bts_guru::fanout::router::Broadcast;
+    use bts_guru::shard::{Shard, Shared};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let env: HashMap<String, String> = HashMap::new();
+    let cfg = Config::from_parts(&Cli::default(), &env, RawFile::default(), vec![0]).unwrap();
+    let shard = Shard::new(0, Arc::new(Shared::new(cfg)));
+    let conns: Vec<_> = (0..10_000).map(|_| shard.register(0, -1)).collect();
+    for conn in &conns {
+        shard.bench_subscribe(conn, "sports.football.leagues.premier-league");
+    }
+    let mut data = Vec::new();
+    outbound::push_json_str(&mut data, MATCH_UPDATE);
+    let frame = SharedFrame::event(
+        "match.update",
+        "sports.football.leagues.premier-league",
+        &data,
+    );
+    let channel: Arc<str> = Arc::from("sports.football.leagues.premier-league");
+    c.bench_function("fanout/one_event_to_10k_subscribers", |b| {
+        b.iter(|| {
+            shard.bench_fanout(Broadcast {
+                app: 0,
+                channel: Arc::clone(&channel),
+                frame: frame.0.clone(),
+                except: None,
+                cache: false,
+                created: std::time::Instant::now(),
+            })
+        })
+    });
+}

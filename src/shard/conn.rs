@@ -219,6 +219,14 @@ impl Conn {
         Enqueued::Yes
     }
 
+    #[doc(hidden)]
+    pub fn bench_clear(&self) {
+        let mut out = self.out.borrow_mut();
+        out.chunks.clear();
+        out.bytes = 0;
+        out.head_off = 0;
+    }
+
     /// Queues a text frame for this connection alone.
     pub(super) fn send_text(&self, json: &[u8]) {
         if self.state.get() == State::Open {

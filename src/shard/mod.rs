@@ -409,6 +409,24 @@ impl Shard {
     /// Queues `b`'s frame to every local subscriber of its channel. Synchronous: it never awaits,
     /// so no `RefCell` borrow lives across a yield. Writes happen in `flush_dirty`, after the
     /// whole burst is queued, so several events leave in one `sendmsg`.
+    /// Fan-out without I/O, for the criterion bench: queues `b` on every local subscriber, then
+    /// empties the queues again (nothing is written). Not used by the server.
+    #[doc(hidden)]
+    pub fn bench_fanout(&self, b: Broadcast) {
+        self.fanout(b);
+        for conn in self.dirty.borrow_mut().drain(..) {
+            conn.in_dirty.set(false);
+            conn.bench_clear();
+        }
+        self.stats.burst.borrow_mut().clear();
+    }
+
+    /// Subscribes a registered connection (for benches and tests of the pure path).
+    #[doc(hidden)]
+    pub fn bench_subscribe(&self, conn: &Conn, channel: &str) {
+        self.subscribe_local(conn, channel);
+    }
+
     fn fanout(&self, b: Broadcast) {
         if b.cache {
             let ttl = self.shared.cfg.apps[b.app].cache_ttl;
