@@ -35,6 +35,8 @@ pub struct Finding {
 /// The profiles shipped in tuning/, embedded so `doctor` works from anywhere.
 pub const LARGE: &str = include_str!("../tuning/sysctl.conf");
 pub const SMALL: &str = include_str!("../tuning/sysctl-small.conf");
+/// Overlay for latency over CPU (busy polling, no autocorking).
+pub const LOW_LATENCY: &str = include_str!("../tuning/low-latency.conf");
 
 /// Keys where more is fine ("at least").
 const AT_LEAST: &[&str] = &[
@@ -44,6 +46,7 @@ const AT_LEAST: &[&str] = &[
     "net.ipv4.tcp_max_syn_backlog",
     "net.core.netdev_max_backlog",
     "net.core.netdev_budget",
+    "net.core.netdev_budget_usecs",
     "net.ipv4.tcp_max_tw_buckets",
     "net.core.rmem_max",
     "net.core.wmem_max",

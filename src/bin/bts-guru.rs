@@ -112,6 +112,7 @@ fn doctor(profile: &str, shards: usize) -> ExitCode {
     let text = match profile {
         "large" => doctor::LARGE.to_owned(),
         "small" => doctor::SMALL.to_owned(),
+        "low-latency" => doctor::LOW_LATENCY.to_owned(),
         path => match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => return fail(&format!("cannot read profile {path}: {e}")),
