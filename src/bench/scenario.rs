@@ -422,6 +422,31 @@ fn connect_limit(env: &Env, n: usize) -> Duration {
     Duration::from_secs_f64(n as f64 / rate + env.c.connect_timeout_s + 5.0)
 }
 
+/// Opens `n` connections, connection `i` subscribed to channel `i % channels`, and waits until
+/// all are subscribed; fails with the threads stopped when some never get there.
+fn open_subscribed(
+    env: &Env,
+    setup: &Arc<Setup>,
+    n: usize,
+    channels: usize,
+) -> Result<(Workers, Connected)> {
+    let workers = env.spawn(setup, n, None)?;
+    workers.open(
+        (0..n as u32)
+            .map(|i| Spec {
+                id: i,
+                channel: Some(i % channels as u32),
+            })
+            .collect(),
+    );
+    let want = n as u64;
+    let con = wait_connected(&setup.shared, want, "subscribing", connect_limit(env, n));
+    if con.ready < want {
+        return Err(connect_failure(workers, &con, want));
+    }
+    Ok((workers, con))
+}
+
 /// Stops the threads and turns connection failures into one clear error.
 fn connect_failure(workers: Workers, c: &Connected, want: u64) -> BenchError {
     let res = workers.stop();
@@ -807,25 +832,7 @@ fn fanout(env: &Env, a: &FanoutArgs) -> Result<Report> {
     let s0 = env.server();
     let setup = env.setup(channels, None);
     let channels = setup.channels.clone();
-    let workers = env.spawn(&setup, a.connections, None)?;
-    workers.open(
-        (0..a.connections as u32)
-            .map(|i| Spec {
-                id: i,
-                channel: Some(i % a.channels as u32),
-            })
-            .collect(),
-    );
-    let want = a.connections as u64;
-    let con = wait_connected(
-        &setup.shared,
-        want,
-        "subscribing",
-        connect_limit(env, a.connections),
-    );
-    if con.ready < want {
-        return Err(connect_failure(workers, &con, want));
-    }
+    let (workers, con) = open_subscribed(env, &setup, a.connections, a.channels)?;
     let s1 = env.server();
     std::thread::sleep(Duration::from_millis(a.settle_ms));
     let (s2, g2) = (env.server(), self_cpu());
@@ -1709,25 +1716,7 @@ fn max(env: &Env, a: &MaxArgs) -> Result<Report> {
     let s0 = env.server();
     let setup = env.setup(channels, None);
     let channels = setup.channels.clone();
-    let workers = env.spawn(&setup, a.connections, None)?;
-    workers.open(
-        (0..a.connections as u32)
-            .map(|i| Spec {
-                id: i,
-                channel: Some(i % a.channels as u32),
-            })
-            .collect(),
-    );
-    let want = a.connections as u64;
-    let con = wait_connected(
-        &setup.shared,
-        want,
-        "subscribing",
-        connect_limit(env, a.connections),
-    );
-    if con.ready < want {
-        return Err(connect_failure(workers, &con, want));
-    }
+    let (workers, con) = open_subscribed(env, &setup, a.connections, a.channels)?;
     let s1 = env.server();
     let mut subs = vec![0u64; a.channels];
     for i in 0..a.connections {
