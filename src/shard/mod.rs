@@ -151,8 +151,13 @@ impl Slab {
         }
     }
 
+    fn iter(&self) -> impl Iterator<Item = &Rc<Conn>> {
+        self.entries.iter().filter_map(|(_, c)| c.as_ref())
+    }
+
+    /// Owned handles, for loops that may touch the slab while they run.
     fn all(&self) -> Vec<Rc<Conn>> {
-        self.entries.iter().filter_map(|(_, c)| c.clone()).collect()
+        self.iter().cloned().collect()
     }
 }
 
@@ -515,7 +520,7 @@ impl Shard {
     fn snapshot(&self) -> crate::metrics::Snapshot {
         let apps = self.shared.cfg.apps.len();
         let mut connections = vec![0u64; apps];
-        for c in self.conns.borrow().all() {
+        for c in self.conns.borrow().iter() {
             connections[c.app] += 1;
         }
         let index = self.index.borrow();
@@ -1095,7 +1100,6 @@ impl Shard {
                 part.connections = self
                     .conns
                     .borrow()
-                    .all()
                     .iter()
                     .filter(|c| c.app == q.app)
                     .count() as u64;
