@@ -154,6 +154,9 @@ fn occupied_vacated_members_client_events_and_cache_miss() {
     p2.join("presence-m", "2", json!(null));
     p1.expect_event("pusher_internal:member_added");
     p2.send_json(json!({"event":"client-cheer","channel":"presence-m","data":{"n":1}}));
+    // p1 is a member too, so the client event reaches it before it subscribes again.
+    let cheer = p1.expect_event("client-cheer");
+    assert_eq!(cheer["user_id"], "2");
     p1.subscribe("cache-score");
     std::thread::sleep(Duration::from_millis(500));
     let evs = ep.events();
