@@ -68,6 +68,16 @@ pub struct Cli {
     /// No /metrics listener (METRICS_ENABLED=false).
     #[arg(long)]
     pub no_metrics: bool,
+    /// PEM certificate chain: serve wss:// and https:// on the same port as ws:// and http://
+    /// (BTS_TLS_CERT; needs --tls-key). Re-read on SIGHUP.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert (BTS_TLS_KEY).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Log format on stderr: `human` (default) or `json` (one JSON object per line).
+    #[arg(long, env = "BTS_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
+    pub log_format: String,
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -268,6 +278,16 @@ pub struct Config {
     pub drain_window: Duration,
     /// Where Prometheus metrics are served; `None` when turned off.
     pub metrics: Option<SocketAddr>,
+    /// Certificate and key for TLS on the main port; `None`: plain ws:// and http:// only.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for TLS (`--tls-cert` / `--tls-key`, BTS_TLS_CERT / BTS_TLS_KEY, or
+/// `[server] tls_cert` / `tls_key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
@@ -349,6 +369,8 @@ pub struct RawServer {
     pub metrics_port: Option<u16>,
     pub metrics_host: Option<IpAddr>,
     pub metrics: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -670,7 +692,35 @@ impl Config {
         } else {
             None
         };
+        let tls_cert = cli
+            .tls_cert
+            .clone()
+            .or(env_str(env, "BTS_TLS_CERT").map(PathBuf::from))
+            .or(s.tls_cert.clone());
+        let tls_key = cli
+            .tls_key
+            .clone()
+            .or(env_str(env, "BTS_TLS_KEY").map(PathBuf::from))
+            .or(s.tls_key.clone());
+        let tls =
+            match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                (Some(_), None) => return Err(ConfigError::Other(
+                    "a TLS certificate is set (--tls-cert / BTS_TLS_CERT / tls_cert) but no key \
+                     (--tls-key / BTS_TLS_KEY / tls_key)"
+                        .into(),
+                )),
+                (None, Some(_)) => {
+                    return Err(ConfigError::Other(
+                        "a TLS key is set (--tls-key / BTS_TLS_KEY / tls_key) but no certificate \
+                     (--tls-cert / BTS_TLS_CERT / tls_cert)"
+                            .into(),
+                    ))
+                }
+            };
         Ok(Config {
+            tls,
             listen: SocketAddr::new(host, port),
             shard_cpus,
             apps,

@@ -19,6 +19,7 @@
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
 
+pub mod apps;
 pub mod bench;
 pub mod config;
 pub mod doctor;
@@ -29,6 +30,7 @@ pub mod protocol;
 pub mod shard;
 pub mod simulate;
 pub mod sys;
+pub mod tls;
 pub mod webhooks;
 pub mod ws;
 
@@ -79,6 +81,8 @@ pub enum StartError {
     },
     #[error("shards did not become ready within 30 s")]
     NotReady,
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// How much `io_memory` each executor gets, so that `shards` executors fit the memlock limit.
@@ -129,6 +133,110 @@ pub fn drain(shared: &shard::Shared, window: Duration) {
     }
 }
 
+/// What a configuration reload did.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub apps: apps::Changes,
+    /// The TLS certificate and key were read again.
+    pub tls: bool,
+    /// Settings that differ in the new configuration but need a restart to change.
+    pub needs_restart: Vec<&'static str>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Apps(#[from] apps::ReloadError),
+    #[error("{0}")]
+    Tls(String),
+    #[error(
+        "the new configuration has no app and would switch to the built-in development \
+         credentials; configure at least one app (nothing was changed)"
+    )]
+    DevCredentials,
+    #[error("TLS was not enabled at start; enabling it needs a restart (nothing was changed)")]
+    TlsNotEnabled,
+}
+
+/// Applies a re-read configuration (SIGHUP): apps added, changed or removed (a removed app's
+/// connections are closed with 4003; other apps' connections are untouched), and the TLS
+/// certificate read again. Everything else needs a restart and is listed in `needs_restart`.
+/// Nothing changes when an error is returned.
+pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadError> {
+    if cfg.dev_credentials && !shared.cfg.dev_credentials {
+        return Err(ReloadError::DevCredentials);
+    }
+    let old = &shared.cfg;
+    let new_tls = match (&cfg.tls, &old.tls) {
+        (Some(files), Some(_)) => Some(tls::load(files).map_err(ReloadError::Tls)?),
+        (Some(_), None) => return Err(ReloadError::TlsNotEnabled),
+        (None, _) => None,
+    };
+    let mut needs_restart = Vec::new();
+    let mut differs = |name: &'static str, same: bool| {
+        if !same {
+            needs_restart.push(name);
+        }
+    };
+    differs("listen address", cfg.listen == old.listen);
+    differs("shards", cfg.shard_cpus == old.shard_cpus);
+    differs("redis", cfg.redis == old.redis);
+    differs("cluster", cfg.cluster == old.cluster);
+    differs("metrics", cfg.metrics == old.metrics);
+    differs(
+        "max_request_size",
+        cfg.max_request_size == old.max_request_size,
+    );
+    differs(
+        "max_outbound_bytes",
+        cfg.max_outbound_bytes == old.max_outbound_bytes,
+    );
+    differs("inbox_capacity", cfg.inbox_capacity == old.inbox_capacity);
+    differs(
+        "handshake_timeout",
+        cfg.handshake_timeout == old.handshake_timeout,
+    );
+    differs("pong_timeout", cfg.pong_timeout == old.pong_timeout);
+    differs("drain window", cfg.drain_window == old.drain_window);
+    differs(
+        "max_cache_channels",
+        cfg.max_cache_channels == old.max_cache_channels,
+    );
+    differs(
+        "tls (turning it off)",
+        cfg.tls.is_some() || old.tls.is_none(),
+    );
+    let push_all = |cmd: &dyn Fn() -> fanout::router::ShardCmd| {
+        for shard in 0..shared.router.shards() {
+            // A reload must reach every shard: wait out a full inbox (bounded).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while shared.router.try_push(shard, cmd()).is_err() {
+                if std::time::Instant::now() > deadline {
+                    tracing::error!(shard, "reload: shard inbox stayed full for 10 s");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    };
+    let changes = shared.apps.replace(cfg.apps.clone(), |next, _old| {
+        for (slot, app) in next.live() {
+            shared.router.set_app_id(slot, &app.id);
+        }
+        push_all(&|| fanout::router::ShardCmd::Reload(Arc::clone(next)));
+    })?;
+    let tls_reloaded = new_tls.is_some();
+    if let Some(tls) = new_tls {
+        *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&tls));
+        push_all(&|| fanout::router::ShardCmd::Tls(Arc::clone(&tls)));
+    }
+    Ok(Reloaded {
+        apps: changes,
+        tls: tls_reloaded,
+        needs_restart,
+    })
+}
+
 impl Running {
     /// Blocks until every shard stops (today: never, short of the process ending).
     pub fn wait(self) {
@@ -160,7 +268,13 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         }
         listeners.push(sk);
     }
-    let shared = Arc::new(shard::Shared::new(cfg));
+    let tls = match &cfg.tls {
+        Some(files) => Some(tls::load(files).map_err(StartError::Tls)?),
+        None => None,
+    };
+    let shared = shard::Shared::new(cfg);
+    *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+    let shared = Arc::new(shared);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -184,9 +298,10 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             .recv_timeout(Duration::from_secs(30))
             .map_err(|_| StartError::NotReady)?;
     }
-    if shared.cfg.apps.iter().any(|a| !a.webhooks.is_empty()) {
+    // Always started (it idles on its queue): a reload may give an app webhook endpoints.
+    {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        webhooks::spawn(shared.cfg.apps.clone(), Arc::clone(&shared.webhooks)).map_err(|e| {
+        webhooks::spawn(Arc::clone(&shared.apps), Arc::clone(&shared.webhooks)).map_err(|e| {
             StartError::Executor {
                 shard: shards,
                 cpu: 0,

@@ -103,7 +103,12 @@ struct Pending {
     backoff: Duration,
 }
 
-pub fn spawn(apps: Vec<App>, hooks: Arc<Webhooks>) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// Starts the sender thread. It reads the current app table (`apps`) for every delivery, so a
+/// reload's new endpoints and secrets apply to the next request.
+pub fn spawn(
+    apps: Arc<crate::apps::Apps>,
+    hooks: Arc<Webhooks>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let Some(rx) = hooks.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
         return Err(std::io::Error::other("webhook sender already started"));
     };
@@ -112,7 +117,7 @@ pub fn spawn(apps: Vec<App>, hooks: Arc<Webhooks>) -> std::io::Result<std::threa
         .spawn(move || run(&apps, &hooks, &rx))
 }
 
-fn run(apps: &[App], hooks: &Webhooks, rx: &Receiver<Hook>) {
+fn run(table: &crate::apps::Apps, hooks: &Webhooks, rx: &Receiver<Hook>) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .http_status_as_error(false)
@@ -139,6 +144,8 @@ fn run(apps: &[App], hooks: &Webhooks, rx: &Receiver<Hook>) {
         let (due, later): (Vec<Pending>, Vec<Pending>) =
             pending.into_iter().partition(|p| p.due <= now);
         pending = later;
+        let set = table.current();
+        let apps = &*set;
         // Batch fresh events per app (retries keep their own target).
         let mut fresh: Vec<(usize, Vec<Value>)> = Vec::new();
         for p in due {
@@ -161,8 +168,11 @@ fn run(apps: &[App], hooks: &Webhooks, rx: &Receiver<Hook>) {
             }
         }
         for (app, events) in fresh {
-            for t in 0..apps[app].webhooks.len() {
-                let target = &apps[app].webhooks[t];
+            if !apps.is_live(app) {
+                continue;
+            }
+            for t in 0..apps.get(app).webhooks.len() {
+                let target = &apps.get(app).webhooks[t];
                 let events: Vec<Value> = events
                     .iter()
                     .filter(|e| {
@@ -227,7 +237,7 @@ fn accept(hooks: &Webhooks, pending: &mut Vec<Pending>, hook: Hook) {
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     agent: &ureq::Agent,
-    apps: &[App],
+    apps: &crate::apps::AppSet,
     hooks: &Webhooks,
     pending: &mut Vec<Pending>,
     app: usize,
@@ -236,14 +246,21 @@ fn deliver(
     first_try: Instant,
     backoff: Duration,
 ) {
-    let a = &apps[app];
+    if !apps.is_live(app) {
+        return;
+    }
+    let a = apps.get(app);
+    let Some(url) = a.webhooks.get(target).map(|t| t.url.as_str()) else {
+        // A reload removed the endpoint (or the app) since the first try.
+        return;
+    };
     let time_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let body = json!({ "time_ms": time_ms, "events": events }).to_string();
     let signature = auth::sign(&a.secret, body.as_bytes());
     let result = agent
-        .post(&a.webhooks[target].url)
+        .post(url)
         .header("Content-Type", "application/json")
         .header("X-Pusher-Key", &a.key)
         .header("X-Pusher-Signature", &signature)
@@ -260,10 +277,10 @@ fn deliver(
             };
             if first_try.elapsed() + backoff > GIVE_UP_AFTER || pending.len() >= MAX_PENDING {
                 hooks.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(url = %a.webhooks[target].url, %why, "webhook dropped after retries");
+                tracing::warn!(%url, %why, "webhook dropped after retries");
                 return;
             }
-            tracing::debug!(url = %a.webhooks[target].url, %why, ?backoff, "webhook failed; retrying");
+            tracing::debug!(%url, %why, ?backoff, "webhook failed; retrying");
             pending.push(Pending {
                 due: Instant::now() + backoff,
                 app,

@@ -28,14 +28,17 @@ fn main() -> ExitCode {
     }
     // Non-blocking writer: a slow stderr never stalls a shard's reactor.
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BTS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(writer)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BTS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(false)
-        .init();
+        .with_env_filter(filter)
+        .with_ansi(false);
+    if cli.log_format == "json" {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
 
     let cfg =
         match ProcessEnv::load(cli.env_file.as_ref()).and_then(|env| Config::resolve(&cli, &env)) {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
@@ -82,6 +86,12 @@ fn main() -> ExitCode {
             // First SIGTERM/SIGINT: graceful drain, then exit 0. A second one: exit at once.
             let mut draining = false;
             for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    if !draining {
+                        reload(&shared);
+                    }
+                    continue;
+                }
                 if draining {
                     eprintln!("bts-guru: second signal ({sig}), exiting now");
                     std::process::exit(1);
@@ -105,6 +115,41 @@ fn main() -> ExitCode {
     drop(out);
     running.wait();
     ExitCode::SUCCESS
+}
+
+/// SIGHUP: re-reads the flags' files (`--config`, `--env-file` / `.env`) and applies what can
+/// change without a restart: apps and the TLS certificate.
+fn reload(shared: &bts_guru::shard::Shared) {
+    let cfg = Cli::try_parse().map_err(|e| e.to_string()).and_then(|cli| {
+        ProcessEnv::load(cli.env_file.as_ref())
+            .and_then(|env| Config::resolve(&cli, &env))
+            .map_err(|e| e.to_string())
+    });
+    let cfg = match cfg {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            tracing::error!("reload refused: configuration error: {e} (nothing was changed)");
+            return;
+        }
+    };
+    match bts_guru::reload(shared, &cfg) {
+        Ok(done) => {
+            tracing::info!(
+                added = ?done.apps.added,
+                changed = ?done.apps.changed,
+                removed = ?done.apps.removed,
+                tls_reloaded = done.tls,
+                "configuration reloaded"
+            );
+            if !done.needs_restart.is_empty() {
+                tracing::warn!(
+                    settings = ?done.needs_restart,
+                    "reload: these settings changed but need a restart; still running with the old values"
+                );
+            }
+        }
+        Err(e) => tracing::error!("reload refused: {e}"),
+    }
 }
 
 /// `bts-guru doctor`: prints the checks on stdout; exit 1 when one fails.

@@ -83,6 +83,11 @@ pub enum ShardCmd {
     Drain {
         window: std::time::Duration,
     },
+    /// A new app table (configuration reload): apps no longer live have their connections
+    /// closed with 4003; new and changed apps take effect for what follows.
+    Reload(Arc<crate::apps::AppSet>),
+    /// A re-read TLS certificate, for connections accepted from now on.
+    Tls(Arc<rustls::ServerConfig>),
     /// Send this shard's metrics.
     Scrape(std::sync::mpsc::SyncSender<crate::metrics::Snapshot>),
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
@@ -223,8 +228,9 @@ pub struct Inbox {
 /// The set of shard inboxes, created once at start-up and shared by every producer.
 pub struct Router {
     inboxes: Box<[CachePadded<Inbox>]>,
-    /// App ids by index: ownership hashes the id, so every node of a cluster agrees on it.
-    app_ids: Box<[String]>,
+    /// App ids by slot (`apps`), set once per slot, appended by reloads: ownership hashes the
+    /// id, so every node of a cluster agrees on it.
+    app_ids: Box<[std::sync::OnceLock<Box<str>>]>,
 }
 
 /// Which of `parts` owns `channel` of app `app_id` (FNV-1a). The same on every shard and every
@@ -245,8 +251,14 @@ pub fn partition(app_id: &str, channel: &str, parts: usize) -> usize {
 
 impl Router {
     pub fn new(shards: usize, capacity: usize, app_ids: Vec<String>) -> Router {
+        let slots: Box<[std::sync::OnceLock<Box<str>>]> = (0..crate::apps::MAX_APP_SLOTS)
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        for (slot, id) in app_ids.into_iter().enumerate() {
+            let _ = slots[slot].set(id.into_boxed_str());
+        }
         Router {
-            app_ids: app_ids.into_boxed_slice(),
+            app_ids: slots,
             inboxes: (0..shards)
                 .map(|_| {
                     CachePadded::new(Inbox {
@@ -266,15 +278,30 @@ impl Router {
     /// The shard that owns a channel's presence membership and total counts (FNV-1a of app and
     /// name): the same answer on every shard, so every op for a channel meets in one place.
     pub fn owner(&self, app: usize, channel: &str) -> usize {
-        partition(&self.app_ids[app], channel, self.inboxes.len())
+        partition(self.app_id(app), channel, self.inboxes.len())
     }
 
-    pub fn app_id(&self, app: usize) -> &str {
-        &self.app_ids[app]
+    /// The id of the app in `slot` ("" for a slot no app has yet).
+    pub fn app_id(&self, slot: usize) -> &str {
+        self.app_ids
+            .get(slot)
+            .and_then(|s| s.get())
+            .map_or("", |s| s)
     }
 
+    /// Records the id of a slot a reload gave out (a slot's id never changes).
+    pub fn set_app_id(&self, slot: usize, id: &str) {
+        if let Some(s) = self.app_ids.get(slot) {
+            let _ = s.set(id.into());
+        }
+    }
+
+    /// The slot of an app id (live or removed), for messages from other cluster nodes.
     pub fn app_index(&self, app_id: &str) -> Option<usize> {
-        self.app_ids.iter().position(|a| a == app_id)
+        self.app_ids
+            .iter()
+            .map_while(|s| s.get())
+            .position(|a| &**a == app_id)
     }
 
     /// Queues `cmd` for `shard` and wakes it. Never blocks; `Err` gives the command back when the

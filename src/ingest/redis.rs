@@ -186,12 +186,14 @@ fn consume(
     let stats = &shared.ingest;
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
-    let app = &shared.cfg.apps[cfg.app];
+    // The app's settings, re-read once a second so a reload's new limits apply.
+    let mut apps = shared.apps.current();
     let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.as_str());
     let mut last_tick = Instant::now();
     loop {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             super::cluster::tick(shared);
+            apps = shared.apps.current();
             last_tick = Instant::now();
         }
         let msg = match pubsub.get_message() {
@@ -228,7 +230,7 @@ fn consume(
                 continue;
             }
         };
-        if ev.data_json.len() > app.max_message_size + 2 {
+        if ev.data_json.len() > apps.get(cfg.app).max_message_size + 2 {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             continue;
         }

@@ -8,6 +8,9 @@
 pub enum PusherError {
     #[error("Application does not exist")]
     AppNotFound,
+    /// The app was removed from the configuration (live reload).
+    #[error("Application disabled")]
+    AppDisabled,
     #[error("Application is over connection quota")]
     OverQuota,
     #[error("Path not found")]
@@ -41,6 +44,7 @@ impl PusherError {
     pub fn code(self) -> u16 {
         match self {
             PusherError::AppNotFound => 4001,
+            PusherError::AppDisabled => 4003,
             PusherError::OverQuota => 4004,
             PusherError::PathNotFound => 4005,
             PusherError::InvalidVersion => 4006,

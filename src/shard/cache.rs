@@ -16,6 +16,13 @@ pub struct CacheStore {
 }
 
 impl CacheStore {
+    /// Makes room for apps up to slot `apps - 1` (a reload added some).
+    pub fn ensure_apps(&mut self, apps: usize) {
+        while self.apps.len() < apps {
+            self.apps.push(HashMap::new());
+        }
+    }
+
     pub fn new(apps: usize, max: usize) -> CacheStore {
         CacheStore {
             apps: (0..apps).map(|_| HashMap::new()).collect(),

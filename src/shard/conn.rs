@@ -13,6 +13,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,10 @@ const HEAD_READ: usize = 1024;
 /// discarding) so our last bytes are not lost to a reset.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1 << 20;
+
+/// What the HTTP phase reads and writes: a plain TCP stream or a TLS stream over one.
+trait Stream: AsyncRead + AsyncWrite + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for S {}
 
 /// A queued frame: shared by every subscriber (broadcasts) or this connection's own (replies).
 enum Chunk {
@@ -61,6 +66,9 @@ struct OutQueue {
     bytes: usize,
     /// The last send hit a full socket buffer; the task is waiting for writability.
     blocked: bool,
+    /// TLS connections: how many chunks at the front are already encrypted records (the rest is
+    /// plaintext, sealed just before sending).
+    sealed: usize,
 }
 
 impl OutQueue {
@@ -79,6 +87,7 @@ impl OutQueue {
                 n -= front_left;
                 self.chunks.pop_front();
                 self.head_off = 0;
+                self.sealed = self.sealed.saturating_sub(1);
                 frames += 1;
             } else {
                 self.head_off += n;
@@ -92,9 +101,10 @@ impl OutQueue {
         self.chunks.front().map(|c| &c.as_slice()[self.head_off..])
     }
 
-    /// Drops every frame not yet started, keeping a partly sent one so the stream stays valid.
+    /// Drops every frame not yet started, keeping a partly sent one (and, with TLS, every
+    /// encrypted record: dropping one would break the record sequence) so the stream stays valid.
     fn discard_unsent(&mut self) {
-        let keep = usize::from(self.head_off > 0);
+        let keep = usize::from(self.head_off > 0).max(self.sealed);
         while self.chunks.len() > keep {
             if let Some(c) = self.chunks.pop_back() {
                 self.bytes -= c.as_slice().len();
@@ -166,6 +176,10 @@ pub struct Conn {
     pub(super) presence: RefCell<Vec<(Rc<str>, Rc<str>)>>,
     /// Presence channels whose owner shard has not answered the join yet.
     pub(super) presence_pending: RefCell<Vec<Rc<str>>>,
+    /// TLS state of a wss:// connection (boxed: plain connections pay one pointer).
+    tls: Option<Box<RefCell<rustls::ServerConnection>>>,
+    /// TLS: our close_notify is queued.
+    tls_closing: Cell<bool>,
     /// Message rate limit window: when it started and how many messages it saw.
     pub(super) rate_window: Cell<(Instant, u32)>,
     /// Client-event token bucket: tokens left and when they were last topped up.
@@ -174,8 +188,16 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub(super) fn new(id: ConnId, socket_id: SocketId, app: usize, fd: RawFd) -> Conn {
+    pub(super) fn new(
+        id: ConnId,
+        socket_id: SocketId,
+        app: usize,
+        fd: RawFd,
+        tls: Option<rustls::ServerConnection>,
+    ) -> Conn {
         Conn {
+            tls: tls.map(|t| Box::new(RefCell::new(t))),
+            tls_closing: Cell::new(false),
             id,
             socket_id,
             app,
@@ -291,6 +313,11 @@ impl Conn {
             if out.blocked {
                 return Flush::Blocked;
             }
+            if !self.seal(&mut out) {
+                drop(out);
+                self.mark_dead();
+                return Flush::Failed;
+            }
             if out.chunks.is_empty() {
                 return Flush::Idle;
             }
@@ -327,6 +354,78 @@ impl Conn {
                     self.mark_dead();
                     return Flush::Failed;
                 }
+            }
+        }
+    }
+
+    /// TLS: encrypts the plaintext frames queued after the sealed ones (and anything rustls
+    /// wants to send: handshake messages, alerts, close_notify) into one record batch. `false`
+    /// when TLS failed. Plain connections: nothing to do.
+    fn seal(&self, out: &mut OutQueue) -> bool {
+        let Some(tls) = &self.tls else {
+            return true;
+        };
+        let mut tls = tls.borrow_mut();
+        if out.sealed == out.chunks.len() && !tls.wants_write() {
+            return true;
+        }
+        let from = out.sealed;
+        let mut cipher = Vec::new();
+        let mut plain_bytes = 0;
+        for chunk in out.chunks.drain(from..) {
+            let mut s = chunk.as_slice();
+            plain_bytes += s.len();
+            while !s.is_empty() {
+                match std::io::Write::write(&mut tls.writer(), s) {
+                    Ok(n) if n > 0 => s = &s[n..],
+                    _ => return false,
+                }
+                while tls.wants_write() {
+                    if tls.write_tls(&mut cipher).is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+        while tls.wants_write() {
+            if tls.write_tls(&mut cipher).is_err() {
+                return false;
+            }
+        }
+        out.bytes = out.bytes - plain_bytes + cipher.len();
+        if !cipher.is_empty() {
+            out.chunks.push_back(Chunk::Own(cipher));
+        }
+        out.sealed = out.chunks.len();
+        true
+    }
+
+    /// Bytes read from the socket: plain connections append them to `rbuf`; TLS connections
+    /// decrypt them (and first take any plaintext rustls already holds). `false`: the connection
+    /// is over (TLS error, or the peer's close_notify).
+    fn input(&self, raw: &[u8], rbuf: &mut Vec<u8>) -> bool {
+        let Some(tls) = &self.tls else {
+            rbuf.extend_from_slice(raw);
+            return true;
+        };
+        let mut tls = tls.borrow_mut();
+        let mut raw = raw;
+        loop {
+            match std::io::Read::read_to_end(&mut tls.reader(), rbuf) {
+                // close_notify: a clean end of the stream.
+                Ok(_) => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+            if raw.is_empty() {
+                return true;
+            }
+            if tls.read_tls(&mut raw).is_err() {
+                return false;
+            }
+            if let Err(e) = tls.process_new_packets() {
+                tracing::debug!(socket_id = %self.socket_id, error = %e, "TLS error");
+                return false;
             }
         }
     }
@@ -416,6 +515,15 @@ impl Conn {
                 if self.peer_closed.get() {
                     return Poll::Ready(Io::Done);
                 }
+                if self.tls.is_some() && !self.tls_closing.replace(true) {
+                    // TLS: close_notify first, then the TCP half-close.
+                    if let Some(tls) = &self.tls {
+                        tls.borrow_mut().send_close_notify();
+                    }
+                    let _ = self.flush();
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 if !self.write_shut.replace(true) {
                     // Our close frame is out: half-close and wait for the peer's close or EOF,
                     // so unread input does not turn our FIN into a reset that eats the frame.
@@ -428,7 +536,9 @@ impl Conn {
             match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
                 Poll::Ready(Ok(n)) => {
-                    rbuf.extend_from_slice(&chunk[..n]);
+                    if !self.input(&chunk[..n], rbuf) {
+                        return Poll::Ready(Io::Done);
+                    }
                     return Poll::Ready(Io::Read);
                 }
                 Poll::Pending => {}
@@ -445,29 +555,79 @@ impl Conn {
 /// buffers (measured: ~9 KiB per idle connection before, see ARCHITECTURE.md).
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let hs_timeout = shard.shared.cfg.handshake_timeout;
+    let _ = stream.set_read_timeout(Some(hs_timeout));
+    let tls = shard.tls.borrow().clone();
+    if let Some(tls) = tls {
+        // TLS and plain on one port: a TLS client speaks first with a handshake record.
+        let mut first = [0u8; 1];
+        let peeked =
+            glommio::timer::timeout(hs_timeout, async { Ok(stream.peek(&mut first).await) }).await;
+        match peeked {
+            Ok(Ok(1)) if first[0] == crate::tls::HANDSHAKE_RECORD => {
+                // Boxed: the plain path's future does not carry the TLS handshake's state.
+                return Box::pin(serve_tls(shard, stream, tls)).await;
+            }
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
     // Everything before the session (request head, checks, 101, refusals) runs in a boxed future
     // freed once it is done, so the future that lives as long as the connection stays small.
     let Some((app, _guard, leftover)) = Box::pin(handshake(&shard, &mut stream)).await else {
         return;
     };
-    let cfg = &shard.shared.cfg.apps[app];
+    live(&shard, stream, None, app, leftover).await;
+}
+
+/// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
+/// rustls; then the session with the TLS state moved into the connection.
+async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+    let hs_timeout = shard.shared.cfg.handshake_timeout;
+    let accept = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
+    let mut tls = match glommio::timer::timeout(hs_timeout, async { Ok(accept.await) }).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(shard = shard.id, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some((app, _guard, leftover)) = handshake(&shard, &mut tls).await else {
+        return;
+    };
+    let (stream, session) = tls.into_inner();
+    live(&shard, stream, Some(session), app, leftover).await;
+}
+
+/// The Pusher session of an upgraded connection, from `connection_established` to the end.
+async fn live(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    tls: Option<rustls::ServerConnection>,
+    app: usize,
+    leftover: Vec<u8>,
+) {
+    let cfg = shard.app(app);
     let _ = stream.set_read_timeout(None);
-    let conn = shard.register(app, stream.as_raw_fd());
+    let conn = shard.register_with(app, stream.as_raw_fd(), tls);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
     conn.send_text(&outbound::connection_established(
         conn.socket_id,
         cfg.activity_timeout,
     ));
-    session(&shard, &conn, &mut stream, leftover, cfg.max_message_size).await;
+    let max_message = cfg.max_message_size;
+    drop(cfg);
+    session(shard, &conn, &mut stream, leftover, max_message).await;
     shard.unregister(&conn);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "disconnected");
 }
 
 /// HTTP requests, then the WebSocket upgrade with its checks. `Some` when a Pusher session may
 /// start: the app, its connection-count guard, and bytes the client sent after the request head.
-async fn handshake<'a>(
+async fn handshake<'a, S: Stream>(
     shard: &'a Shard,
-    stream: &mut TcpStream,
+    stream: &mut S,
 ) -> Option<(usize, AppConnGuard<'a>, Vec<u8>)> {
     let (req, leftover) = http_phase(shard, stream).await?;
     let Some(ws_key) = req
@@ -483,6 +643,7 @@ async fn handshake<'a>(
         .write_all(&handshake::switching_protocols(ws_key))
         .await
         .ok()?;
+    stream.flush().await.ok()?;
     let shared = &shard.shared;
     let app = match check_upgrade(shard, &req) {
         Ok(app) => app,
@@ -491,12 +652,11 @@ async fn handshake<'a>(
             return None;
         }
     };
-    if !crate::config::origin_allowed(&shared.cfg.apps[app].allowed_origins, req.origin.as_deref())
-    {
+    if !crate::config::origin_allowed(&shard.app(app).allowed_origins, req.origin.as_deref()) {
         refuse(stream, PusherError::OriginNotAllowed).await;
         return None;
     }
-    let limit = shared.cfg.apps[app].max_connections;
+    let limit = shard.app(app).max_connections;
     let Some(guard) = AppConnGuard::try_new(&shared.app_conns[app], limit) else {
         refuse(stream, PusherError::OverQuota).await;
         return None;
@@ -506,9 +666,8 @@ async fn handshake<'a>(
 
 /// Answers HTTP requests until the peer goes away (`None`) or asks for a WebSocket upgrade
 /// (`Some`, with any bytes it already sent after the request head).
-async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, Vec<u8>)> {
+async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request, Vec<u8>)> {
     let cfg = &shard.shared.cfg;
-    let _ = stream.set_read_timeout(Some(cfg.handshake_timeout));
     let mut buf: Vec<u8> = Vec::new();
     loop {
         // The whole head must arrive within the handshake timeout, however slowly it trickles
@@ -557,10 +716,11 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
         }
         if req.expect_continue
             && buf.len() < head_len + len
-            && stream
+            && (stream
                 .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
                 .is_err()
+                || stream.flush().await.is_err())
         {
             return None;
         }
@@ -572,7 +732,7 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
         }
         let (status, body) = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
         let resp = handshake::json_response(status, &body, req.close);
-        if stream.write_all(&resp).await.is_err() || req.close {
+        if stream.write_all(&resp).await.is_err() || stream.flush().await.is_err() || req.close {
             return None;
         }
         buf.drain(..head_len + len);
@@ -582,8 +742,8 @@ async fn http_phase(shard: &Shard, stream: &mut TcpStream) -> Option<(Request, V
 /// Sends a final response, half-closes, and discards what the client is still sending (bounded in
 /// time and bytes), so that closing with unread input does not reset the connection before the
 /// client has read the response.
-async fn respond_and_close(stream: &mut TcpStream, resp: &[u8]) {
-    if stream.write_all(resp).await.is_err() {
+async fn respond_and_close<S: Stream>(stream: &mut S, resp: &[u8]) {
+    if stream.write_all(resp).await.is_err() || stream.flush().await.is_err() {
         return;
     }
     let _ = stream.close().await;
@@ -604,7 +764,7 @@ async fn respond_and_close(stream: &mut TcpStream, resp: &[u8]) {
 
 /// Reads once into `buf`'s spare capacity (no stack buffer held across the await: the HTTP phase
 /// of thousands of simultaneous handshakes stays small).
-async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_more<S: Stream>(stream: &mut S, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let len = buf.len();
     let want = (buf.capacity() - len).max(HEAD_READ);
     buf.resize(len + want, 0);
@@ -615,8 +775,8 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result
 }
 
 /// Reads until a whole request head is buffered. `Ok(None)`: the peer closed or timed out.
-async fn read_head(
-    stream: &mut TcpStream,
+async fn read_head<S: Stream>(
+    stream: &mut S,
     buf: &mut Vec<u8>,
 ) -> Result<Option<(Request, usize)>, handshake::HeadError> {
     loop {
@@ -638,10 +798,7 @@ fn check_upgrade(shard: &Shard, req: &Request) -> Result<usize, PusherError> {
         .strip_prefix("/app/")
         .filter(|k| !k.is_empty() && !k.contains('/'))
         .ok_or(PusherError::PathNotFound)?;
-    let app = shard
-        .shared
-        .app_by_key(key)
-        .ok_or(PusherError::AppNotFound)?;
+    let app = shard.apps().by_key(key).ok_or(PusherError::AppNotFound)?;
     match req.query_param("protocol") {
         None => Err(PusherError::NoProtocol),
         Some(p) => match p.parse::<u32>() {
@@ -653,7 +810,7 @@ fn check_upgrade(shard: &Shard, req: &Request) -> Result<usize, PusherError> {
 }
 
 /// Ends an upgraded connection that may not go on: `pusher:error`, then the same close code.
-async fn refuse(stream: &mut TcpStream, err: PusherError) {
+async fn refuse<S: Stream>(stream: &mut S, err: PusherError) {
     let msg = err.to_string();
     let mut bytes = codec::server_frame(codec::OP_TEXT, &outbound::error(Some(err.code()), &msg));
     bytes.extend(codec::close_frame(err.code(), &msg));

@@ -158,10 +158,10 @@ async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
         _ => return err(404, "Not found"),
     };
     let shared = &shard.shared;
-    let Some(app_idx) = shared.app_by_id(app_id) else {
+    let Some(app_idx) = shard.apps().by_id(app_id) else {
         return err(404, &format!("Unknown app {app_id:?}"));
     };
-    let app = &shared.cfg.apps[app_idx];
+    let app = shard.app(app_idx);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -272,7 +272,7 @@ fn decode(segment: &str) -> String {
 
 async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Reply {
     let shared = &shard.shared;
-    let app = &shared.cfg.apps[app_idx];
+    let app = shard.app(app_idx);
     let mut body = body.to_vec();
     let events = if !batch {
         match simd_json::serde::from_slice::<EventBody>(&mut body) {

@@ -28,6 +28,13 @@ impl SubscriptionIndex {
     }
 
     /// Adds `conn` to `channel`; `false` if it was already subscribed.
+    /// Makes room for apps up to slot `apps - 1` (a reload added some).
+    pub fn ensure_apps(&mut self, apps: usize) {
+        while self.by_channel.len() < apps {
+            self.by_channel.push(HashMap::new());
+        }
+    }
+
     pub fn subscribe(&mut self, conn: ConnId, app: usize, channel: &str) -> bool {
         let chans = self.by_conn.entry(conn).or_default();
         if chans.iter().any(|(a, c)| *a == app && &**c == channel) {

@@ -39,8 +39,10 @@ use index::SubscriptionIndex;
 pub struct Shared {
     pub cfg: Config,
     pub router: Router,
-    /// Live connections per app, all shards together (for REVERB_APP_MAX_CONNECTIONS).
+    /// Live connections per app slot, all shards together (for REVERB_APP_MAX_CONNECTIONS).
     pub app_conns: Box<[AtomicUsize]>,
+    /// The app table (replaced by a reload); shards keep their own copy of it.
+    pub apps: Arc<crate::apps::Apps>,
     /// Redis ingest state and counters (written by the ingest thread).
     pub ingest: crate::ingest::redis::IngestStats,
     /// This node's id: presence sockets are counted per node.
@@ -49,31 +51,24 @@ pub struct Shared {
     pub cluster: Option<crate::ingest::cluster::Cluster>,
     /// Webhook hand-off (used when an app has webhook endpoints).
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// TLS on the main port (replaced by a reload); `None`: plain only.
+    pub tls: std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>,
     /// Set when a drain starts: readiness turns false.
     pub draining: std::sync::atomic::AtomicBool,
     /// Shards that finished draining.
     pub drained: AtomicUsize,
-    by_key: HashMap<String, usize>,
-    by_id: HashMap<String, usize>,
 }
 
 impl Shared {
     pub fn new(cfg: Config) -> Shared {
         let app_ids = cfg.apps.iter().map(|a| a.id.clone()).collect();
         let router = Router::new(cfg.shards(), cfg.inbox_capacity, app_ids);
-        let by_key = cfg
-            .apps
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.key.clone(), i))
+        let apps = Arc::new(crate::apps::Apps::new(crate::apps::AppSet::new(
+            cfg.apps.clone(),
+        )));
+        let app_conns = (0..crate::apps::MAX_APP_SLOTS)
+            .map(|_| AtomicUsize::new(0))
             .collect();
-        let by_id = cfg
-            .apps
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.id.clone(), i))
-            .collect();
-        let app_conns = cfg.apps.iter().map(|_| AtomicUsize::new(0)).collect();
         let node = crate::ingest::cluster::new_node_id();
         let cluster = cfg
             .cluster
@@ -82,24 +77,16 @@ impl Shared {
         Shared {
             cfg,
             router,
+            apps,
             app_conns,
             ingest: Default::default(),
             node,
             cluster,
             webhooks: Default::default(),
+            tls: Default::default(),
             draining: Default::default(),
             drained: AtomicUsize::new(0),
-            by_key,
-            by_id,
         }
-    }
-
-    pub fn app_by_key(&self, key: &str) -> Option<usize> {
-        self.by_key.get(key).copied()
-    }
-
-    pub fn app_by_id(&self, id: &str) -> Option<usize> {
-        self.by_id.get(id).copied()
     }
 }
 
@@ -188,6 +175,10 @@ fn bump(c: &Cell<u64>) {
 pub struct Shard {
     pub id: usize,
     pub shared: Arc<Shared>,
+    /// This shard's copy of the app table (swapped by `ShardCmd::Reload`).
+    apps: RefCell<Rc<crate::apps::AppSet>>,
+    /// TLS settings new connections get (swapped by `ShardCmd::Tls`).
+    pub(crate) tls: RefCell<Option<Arc<rustls::ServerConfig>>>,
     conns: RefCell<Slab>,
     pub index: RefCell<SubscriptionIndex>,
     /// Presence membership of the channels this shard owns.
@@ -214,6 +205,19 @@ pub struct Shard {
     pub stats: Stats,
 }
 
+/// One app's settings, from the shard's app table of the moment.
+pub struct AppRef {
+    set: Rc<crate::apps::AppSet>,
+    slot: usize,
+}
+
+impl std::ops::Deref for AppRef {
+    type Target = crate::config::App;
+    fn deref(&self) -> &crate::config::App {
+        self.set.get(self.slot)
+    }
+}
+
 /// A channel or user id within an app.
 type AppKey = (usize, Arc<str>);
 
@@ -237,14 +241,18 @@ impl Shard {
             .map_or(0, |d| d.as_nanos() as u64)
             ^ ((id as u64 + 1) << 48)
             | 1;
+        let apps = Rc::new((*shared.apps.current()).clone());
+        let tls = shared.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         Shard {
             id,
-            index: RefCell::new(SubscriptionIndex::new(shared.cfg.apps.len())),
+            index: RefCell::new(SubscriptionIndex::new(apps.len())),
             presence: RefCell::default(),
             cache: RefCell::new(cache::CacheStore::new(
-                shared.cfg.apps.len(),
+                apps.len(),
                 shared.cfg.max_cache_channels,
             )),
+            apps: RefCell::new(apps),
+            tls: RefCell::new(tls),
             counts: RefCell::default(),
             online: RefCell::default(),
             watchers: RefCell::default(),
@@ -258,6 +266,19 @@ impl Shard {
             next_conn: Cell::new(0),
             rng: Cell::new(seed),
             stats: Stats::default(),
+        }
+    }
+
+    /// This shard's current app table.
+    pub fn apps(&self) -> Rc<crate::apps::AppSet> {
+        Rc::clone(&self.apps.borrow())
+    }
+
+    /// The settings of the app in `slot` (its last settings if a reload removed it).
+    pub fn app(&self, slot: usize) -> AppRef {
+        AppRef {
+            set: self.apps(),
+            slot,
         }
     }
 
@@ -283,11 +304,21 @@ impl Shard {
     }
 
     pub fn register(&self, app: usize, fd: std::os::fd::RawFd) -> Rc<Conn> {
+        self.register_with(app, fd, None)
+    }
+
+    /// Registers a connection, with its TLS state when it came in over wss://.
+    pub fn register_with(
+        &self,
+        app: usize,
+        fd: std::os::fd::RawFd,
+        tls: Option<rustls::ServerConnection>,
+    ) -> Rc<Conn> {
         bump(&self.stats.connects);
         let socket_id = self.new_socket_id();
         self.conns
             .borrow_mut()
-            .insert(|id| Rc::new(Conn::new(id, socket_id, app, fd)))
+            .insert(|id| Rc::new(Conn::new(id, socket_id, app, fd, tls)))
     }
 
     /// Forgets a finished connection: its subscriptions, counts and presence memberships.
@@ -336,7 +367,7 @@ impl Shard {
     /// Tells the channel's owner about a subscriber count change, when the app wants
     /// `pusher_internal:subscription_count` (never for presence channels, as Pusher).
     fn count_changed(&self, app: usize, channel: &str, delta: i64) {
-        let a = &self.shared.cfg.apps[app];
+        let a = self.app(app);
         let presence = ChannelKind::of(channel) == ChannelKind::Presence;
         let events = a.subscription_count && !presence;
         let hooks = !a.webhooks.is_empty();
@@ -396,8 +427,8 @@ impl Shard {
             }
             None => {
                 conn.send_text(&outbound::cache_miss(channel));
-                let a = &self.shared.cfg.apps[conn.app];
-                if !a.webhooks.is_empty() && webhooks::wanted(a, "cache_miss") {
+                let a = self.app(conn.app);
+                if !a.webhooks.is_empty() && webhooks::wanted(&a, "cache_miss") {
                     self.shared.webhooks.emit(
                         conn.app,
                         serde_json::json!({"name":"cache_miss","channel":channel}),
@@ -434,7 +465,7 @@ impl Shard {
 
     fn fanout(&self, b: Broadcast) {
         if b.cache {
-            let ttl = self.shared.cfg.apps[b.app].cache_ttl;
+            let ttl = self.app(b.app).cache_ttl;
             self.cache
                 .borrow_mut()
                 .put(b.app, &b.channel, b.frame.clone(), Instant::now(), ttl);
@@ -516,9 +547,33 @@ impl Shard {
         }
     }
 
+    /// Takes a new app table: per-app state grows to its slots, and the connections of apps it
+    /// no longer has are closed with 4003 (Pusher's "application disabled").
+    fn reload(&self, set: &crate::apps::AppSet) {
+        let next = Rc::new(set.clone());
+        self.index.borrow_mut().ensure_apps(next.len());
+        self.cache.borrow_mut().ensure_apps(next.len());
+        let old = self.apps.replace(Rc::clone(&next));
+        let mut closed = 0usize;
+        let conns = self.conns.borrow().all();
+        for conn in conns {
+            if old.is_live(conn.app) && !next.is_live(conn.app) && conn.is_open() {
+                conn.close_pusher(PusherError::AppDisabled);
+                conn.flush_and_notify();
+                closed += 1;
+            }
+        }
+        tracing::debug!(
+            shard = self.id,
+            apps = next.live().count(),
+            closed,
+            "app table reloaded"
+        );
+    }
+
     /// This shard's numbers for a scrape.
     fn snapshot(&self) -> crate::metrics::Snapshot {
-        let apps = self.shared.cfg.apps.len();
+        let apps = self.apps().len();
         let mut connections = vec![0u64; apps];
         for c in self.conns.borrow().iter() {
             connections[c.app] += 1;
@@ -574,6 +629,8 @@ impl Shard {
             ShardCmd::Scrape(reply) => {
                 let _ = reply.try_send(self.snapshot());
             }
+            ShardCmd::Reload(set) => self.reload(&set),
+            ShardCmd::Tls(cfg) => *self.tls.borrow_mut() = Some(cfg),
             ShardCmd::Drain { window } => {
                 // Stop accepting now: dropping the task cancels it and closes the listener, so
                 // the kernel sends new connections to the other listeners on this port (a new
@@ -712,7 +769,7 @@ impl Shard {
                 conn,
                 socket_id,
             } => {
-                let max = self.shared.cfg.apps[app].max_presence_members;
+                let max = self.app(app).max_presence_members;
                 let node = self.shared.node;
                 let outcome = self.presence.borrow_mut().join(
                     app,
@@ -1032,24 +1089,24 @@ impl Shard {
             }
             n
         };
-        let a = &self.shared.cfg.apps[app];
+        let a = self.app(app);
         let presence = ChannelKind::of(&channel) == ChannelKind::Presence;
         let before = total.saturating_add_signed(-delta);
         if !a.webhooks.is_empty() {
             let hooks = &self.shared.webhooks;
-            if before == 0 && total > 0 && webhooks::wanted(a, "channel_occupied") {
+            if before == 0 && total > 0 && webhooks::wanted(&a, "channel_occupied") {
                 hooks.emit(
                     app,
                     serde_json::json!({"name":"channel_occupied","channel":&*channel}),
                 );
             }
-            if before > 0 && total == 0 && webhooks::wanted(a, "channel_vacated") {
+            if before > 0 && total == 0 && webhooks::wanted(&a, "channel_vacated") {
                 hooks.emit(
                     app,
                     serde_json::json!({"name":"channel_vacated","channel":&*channel}),
                 );
             }
-            if !presence && webhooks::wanted(a, "subscription_count") {
+            if !presence && webhooks::wanted(&a, "subscription_count") {
                 hooks.emit(
                     app,
                     serde_json::json!({"name":"subscription_count","channel":&*channel,"subscription_count":total}),
@@ -1070,8 +1127,8 @@ impl Shard {
 
     /// A presence webhook (`member_added` / `member_removed`), when the app wants it.
     fn member_hook(&self, app: usize, name: &str, channel: &str, user_id: &str) {
-        let a = &self.shared.cfg.apps[app];
-        if !a.webhooks.is_empty() && webhooks::wanted(a, name) {
+        let a = self.app(app);
+        if !a.webhooks.is_empty() && webhooks::wanted(&a, name) {
             self.shared.webhooks.emit(
                 app,
                 serde_json::json!({"name": name, "channel": channel, "user_id": user_id}),
@@ -1262,8 +1319,7 @@ impl Shard {
         self.cache.borrow_mut().purge(now);
         let pong_timeout = self.shared.cfg.pong_timeout;
         for conn in self.conns.borrow().all() {
-            let activity =
-                Duration::from_secs(self.shared.cfg.apps[conn.app].activity_timeout.into());
+            let activity = Duration::from_secs(self.app(conn.app).activity_timeout.into());
             conn.check_liveness(now, activity, pong_timeout);
         }
     }

@@ -22,7 +22,7 @@ const MAX_EVENT_NAME: usize = 200;
 
 /// One Pusher message from the client.
 pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
-    if let Some(limit) = shard.shared.cfg.apps[conn.app].rate_limit {
+    if let Some(limit) = shard.app(conn.app).rate_limit {
         // Reverb's semantics: at most `max` messages per `per` window, per connection.
         let (start, n) = conn.rate_window.get();
         let now = Instant::now();
@@ -127,7 +127,7 @@ fn subscribe(
         ));
         return;
     }
-    let app = &shard.shared.cfg.apps[conn.app];
+    let app = shard.app(conn.app);
     if let Some(user) = channel::server_to_user_id(channel) {
         // Only the signed-in user may listen to their own server-to-user channel.
         if conn.user.borrow().as_deref() != Some(user) {
@@ -227,7 +227,7 @@ fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
 }
 
 fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, data: &[u8]) {
-    let app = &shard.shared.cfg.apps[conn.app];
+    let app = shard.app(conn.app);
     let reject = |code: PusherError, why: &str| {
         conn.send_text(&outbound::error(Some(code.code()), why));
     };
@@ -296,7 +296,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         .events_client
         .set(shard.stats.events_client.get() + 1);
     let json = outbound::client_event(event, channel, data, user_id.as_deref());
-    if !app.webhooks.is_empty() && crate::webhooks::wanted(app, "client_event") {
+    if !app.webhooks.is_empty() && crate::webhooks::wanted(&app, "client_event") {
         let mut hook = serde_json::json!({
             "name": "client_event",
             "channel": channel,
@@ -332,7 +332,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
 }
 
 fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Option<&str>) {
-    let app = &shard.shared.cfg.apps[conn.app];
+    let app = shard.app(conn.app);
     if conn.user.borrow().is_some() {
         conn.send_text(&outbound::error(
             None,

@@ -22,6 +22,8 @@ pub const APP_SECRET: &str = "test-secret";
 pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Its working directory (holds `config.toml` when `server_toml` was given).
+    pub dir: std::path::PathBuf,
     stderr_path: std::path::PathBuf,
 }
 
@@ -143,6 +145,7 @@ impl Daemon {
         Daemon {
             addr: addr.parse().unwrap(),
             child,
+            dir,
             stderr_path,
         }
     }
