@@ -209,3 +209,87 @@ fn failed_deliveries_are_retried() {
     let names = ep.wait_for(1, Duration::from_secs(8));
     assert!(names.contains(&"channel_occupied".to_owned()), "{names:?}");
 }
+
+fn cluster_node(redis: &RedisServer, hooks: &str) -> Daemon {
+    Daemon::builder()
+        .env("REDIS_URL", redis.url())
+        .env("REVERB_SCALING_ENABLED", "true")
+        .env("BTS_APP_WEBHOOK_URLS", hooks)
+        .start()
+}
+
+fn count(ep: &Endpoint, name: &str) -> usize {
+    ep.names().iter().filter(|n| *n == name).count()
+}
+
+#[test]
+fn cluster_sends_each_webhook_once_for_the_whole_cluster() {
+    let redis = RedisServer::start();
+    let ep = Endpoint::start(0);
+    let a = cluster_node(&redis, &ep.url);
+    let mut b = cluster_node(&redis, &ep.url);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for d in [&a, &b] {
+        loop {
+            let up: Value = serde_json::from_str(&http(d.addr, "GET", "/up", b"").1).unwrap();
+            if up["cluster_nodes"] == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not form: {up}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The channel fills on A, then on B: one channel_occupied.
+    let mut on_a = a.client();
+    on_a.subscribe("sports.football");
+    let mut on_b = b.client();
+    on_b.subscribe("sports.football");
+    // The same user joins a presence channel on both nodes: one member_added.
+    let mut pa = a.client();
+    pa.join("presence-match", "7", json!(null));
+    let mut pb = b.client();
+    pb.join("presence-match", "7", json!(null));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(count(&ep, "channel_occupied"), 2, "{:?}", ep.names()); // sports.football + presence-match
+    assert_eq!(count(&ep, "member_added"), 1, "{:?}", ep.names());
+    // B's subscriber and B's socket of user 7 leave: the channel and the user are still there.
+    on_b.close();
+    pb.close();
+    std::thread::sleep(Duration::from_millis(3600));
+    assert_eq!(count(&ep, "channel_vacated"), 0, "{:?}", ep.names());
+    assert_eq!(count(&ep, "member_removed"), 0, "{:?}", ep.names());
+    // A's leaves, and within the hold-back a subscriber comes back on B: neither a vacated nor
+    // a second occupied (the same node holds both).
+    on_a.close();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = b.client();
+    again.subscribe("sports.football");
+    std::thread::sleep(Duration::from_millis(3600));
+    assert_eq!(count(&ep, "channel_vacated"), 0, "{:?}", ep.names());
+    assert_eq!(count(&ep, "channel_occupied"), 2, "{:?}", ep.names());
+    // User 7's last socket (on A) leaves: one member_removed; and the presence channel empties.
+    pa.close();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while count(&ep, "member_removed") < 1 || count(&ep, "channel_vacated") < 1 {
+        assert!(Instant::now() < deadline, "{:?}", ep.names());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node B dies holding the only subscriber of sports.football: A sends the vacated, once,
+    // after the node timeout and the hold-back.
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(20);
+    while count(&ep, "channel_vacated") < 2 {
+        assert!(Instant::now() < deadline, "{:?}", ep.names());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("vacated after the node died: {:?}", killed.elapsed());
+    std::thread::sleep(Duration::from_millis(1000));
+    let names = ep.names();
+    assert_eq!(count(&ep, "channel_occupied"), 2, "{names:?}");
+    assert_eq!(count(&ep, "channel_vacated"), 2, "{names:?}");
+    assert_eq!(count(&ep, "member_added"), 1, "{names:?}");
+    assert_eq!(count(&ep, "member_removed"), 1, "{names:?}");
+    drop(again);
+}

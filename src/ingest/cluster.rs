@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, ChannelPart, QueryKind, QueryPart, RemoteCmd, ShardCmd};
@@ -104,6 +105,205 @@ pub enum Wire {
     },
     #[serde(rename = "term")]
     Terminate { n: u64, a: String, u: String },
+    /// Node `n`'s own occupancy of a webhook key (`hook_key_*`) turned on or off: the cluster-
+    /// wide webhooks (occupied/vacated, member_added/removed) are decided from these, in the
+    /// order Redis delivers them, which is the same on every node (`Arbiter`).
+    #[serde(rename = "hk")]
+    Hook {
+        n: u64,
+        a: String,
+        k: String,
+        on: bool,
+    },
+    /// Node `n` saw node `d` go silent past the timeout.
+    #[serde(rename = "gone")]
+    Gone { n: u64, d: u64 },
+}
+
+/// Webhook key of a channel's occupancy.
+pub fn hook_key_channel(channel: &str) -> String {
+    format!("c\0{channel}")
+}
+
+/// Webhook key of a user's membership of a presence channel.
+pub fn hook_key_member(channel: &str, user_id: &str) -> String {
+    format!("m\0{channel}\0{user_id}")
+}
+
+/// Decides which node sends each cluster-wide webhook, once.
+///
+/// Every node sends `Wire::Hook` when its *own* occupancy of a key turns on or off (its first
+/// subscriber of a channel, its last; a user's first socket on it, the last). Redis delivers
+/// the messages of one pub/sub channel to every subscriber in one order, the sender included,
+/// so every node applies the same sequence and reaches the same conclusions: the key became
+/// occupied cluster-wide (no node had it before) or empty (no node has it now), and which node
+/// emits that webhook. The emitter of a key is sticky: the node that emitted its last webhook
+/// emits the next one while it lives, so a `channel_vacated` held back for 3 s and the
+/// `channel_occupied` that cancels it meet in the same node's webhook queue. A node's death is
+/// sequenced the same way (`Wire::Gone`, sent by every node that notices; the first one
+/// counts): the keys only it held become empty, emitted by the node whose `Gone` came first
+/// (or their sticky emitter).
+#[derive(Debug, Default)]
+pub struct Arbiter {
+    keys: HashMap<(String, String), Occupancy>,
+    /// Nodes declared gone (stream order), with when: their late messages are ignored.
+    dead: HashMap<u64, Instant>,
+}
+
+#[derive(Debug)]
+struct Occupancy {
+    nodes: Vec<u64>,
+    emitter: Option<u64>,
+    idle_since: Option<Instant>,
+}
+
+/// Empty keys are forgotten after this long (far beyond the 3 s hold-back).
+const ARBITER_IDLE: Duration = Duration::from_secs(300);
+/// Most keys tracked; beyond, new keys are not arbitrated (counted as dropped webhooks).
+const ARBITER_MAX_KEYS: usize = 1_000_000;
+
+impl Arbiter {
+    fn pick(&self, emitter: Option<u64>, from: u64) -> u64 {
+        match emitter {
+            Some(e) if !self.dead.contains_key(&e) => e,
+            _ => from,
+        }
+    }
+
+    /// Applies node `from`'s change of `key`; `Some(on)` when this node (`me`) must send the
+    /// cluster-wide webhook (`on`: occupied / member_added, else vacated / member_removed).
+    pub fn apply(&mut self, me: u64, from: u64, app: &str, key: &str, on: bool) -> Option<bool> {
+        if self.dead.contains_key(&from) {
+            return None;
+        }
+        let k = (app.to_owned(), key.to_owned());
+        if !self.keys.contains_key(&k) {
+            if !on || self.keys.len() >= ARBITER_MAX_KEYS {
+                return None;
+            }
+            self.keys.insert(
+                k.clone(),
+                Occupancy {
+                    nodes: Vec::new(),
+                    emitter: None,
+                    idle_since: None,
+                },
+            );
+        }
+        let (emitter, empty_before) = {
+            let e = &self.keys[&k];
+            (e.emitter, e.nodes.is_empty())
+        };
+        let who = self.pick(emitter, from);
+        let e = self.keys.get_mut(&k)?;
+        if on {
+            if e.nodes.contains(&from) {
+                return None;
+            }
+            e.nodes.push(from);
+            e.idle_since = None;
+            if !empty_before {
+                return None;
+            }
+        } else {
+            let pos = e.nodes.iter().position(|n| *n == from)?;
+            e.nodes.swap_remove(pos);
+            if !e.nodes.is_empty() {
+                return None;
+            }
+            e.idle_since = Some(Instant::now());
+        }
+        e.emitter = Some(who);
+        (who == me).then_some(on)
+    }
+
+    /// Node `from` declared `dead` gone: the (app, key)s that became empty and whose
+    /// vacated / member_removed this node (`me`) must send.
+    pub fn gone(&mut self, me: u64, from: u64, dead: u64) -> Vec<(String, String)> {
+        if self.dead.contains_key(&dead) || self.dead.contains_key(&from) {
+            return Vec::new();
+        }
+        self.dead.insert(dead, Instant::now());
+        let mut mine = Vec::new();
+        let dead_set = &self.dead;
+        for (k, e) in self.keys.iter_mut() {
+            let Some(pos) = e.nodes.iter().position(|n| *n == dead) else {
+                continue;
+            };
+            e.nodes.swap_remove(pos);
+            if e.nodes.is_empty() {
+                let who = match e.emitter {
+                    Some(x) if !dead_set.contains_key(&x) => x,
+                    _ => from,
+                };
+                e.emitter = Some(who);
+                e.idle_since = Some(Instant::now());
+                if who == me {
+                    mine.push(k.clone());
+                }
+            }
+        }
+        mine
+    }
+
+    /// `node` announced itself again after being declared gone.
+    pub fn revive(&mut self, node: u64) {
+        self.dead.remove(&node);
+    }
+
+    /// Forgets keys empty for a long time, and old death records.
+    pub fn gc(&mut self) {
+        self.keys
+            .retain(|_, e| e.idle_since.is_none_or(|t| t.elapsed() < ARBITER_IDLE));
+        self.dead
+            .retain(|_, t| t.elapsed() < Duration::from_secs(3600));
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The webhook event for an arbitrated key (`None`: not a key we make).
+fn hook_event(key: &str, on: bool) -> Option<(&'static str, Value)> {
+    let mut parts = key.split('\0');
+    match (parts.next()?, parts.next(), parts.next()) {
+        ("c", Some(channel), None) => {
+            let name = if on {
+                "channel_occupied"
+            } else {
+                "channel_vacated"
+            };
+            Some((name, serde_json::json!({"name": name, "channel": channel})))
+        }
+        ("m", Some(channel), Some(user)) => {
+            let name = if on { "member_added" } else { "member_removed" };
+            Some((
+                name,
+                serde_json::json!({"name": name, "channel": channel, "user_id": user}),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Sends an arbitrated webhook through this node's webhook queue, when the app wants it.
+fn emit_arbitrated(shared: &Shared, app_id: &str, key: &str, on: bool) {
+    let apps = shared.apps.current();
+    let Some(slot) = apps.by_id(app_id) else {
+        return;
+    };
+    let app = apps.get(slot);
+    let Some((name, event)) = hook_event(key, on) else {
+        return;
+    };
+    if !app.webhooks.is_empty() && crate::webhooks::wanted(app, name) {
+        shared.webhooks.emit(slot, event);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +352,8 @@ pub struct Cluster {
     out_rx: Mutex<Option<Receiver<Vec<u8>>>>,
     /// Live peers. Touched on heartbeats and queries only, never per event.
     peers: Mutex<HashMap<u64, Peer>>,
+    /// Cluster-wide webhook decisions; used by the ingest thread only.
+    pub arbiter: Mutex<Arbiter>,
     /// Messages dropped because the outbox was full or Redis was unreachable.
     pub dropped: AtomicU64,
     pub published: AtomicU64,
@@ -167,6 +369,7 @@ impl Cluster {
             out,
             out_rx: Mutex::new(Some(rx)),
             peers: Mutex::new(HashMap::new()),
+            arbiter: Mutex::new(Arbiter::default()),
             dropped: AtomicU64::new(0),
             published: AtomicU64::new(0),
             received: AtomicU64::new(0),
@@ -329,8 +532,43 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
         | Wire::Heartbeat { n, .. }
         | Wire::Query { n, .. }
         | Wire::Answer { n, .. }
-        | Wire::Terminate { n, .. } => *n,
+        | Wire::Terminate { n, .. }
+        | Wire::Hook { n, .. }
+        | Wire::Gone { n, .. } => *n,
     };
+    // Webhook arbitration applies every node's messages, this node's own included, in the
+    // order Redis delivered them.
+    match &msg {
+        Wire::Hook { a, k, on, .. } => {
+            let decided = cluster
+                .arbiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(cluster.node, from, a, k, *on);
+            if let Some(on) = decided {
+                emit_arbitrated(shared, a, k, on);
+            }
+        }
+        Wire::Hello { .. } => {
+            // A node declared gone came back (it re-announces itself): take its messages again.
+            cluster
+                .arbiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .revive(from);
+        }
+        Wire::Gone { d, .. } => {
+            let mine = cluster
+                .arbiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .gone(cluster.node, from, *d);
+            for (a, k) in mine {
+                emit_arbitrated(shared, &a, &k, false);
+            }
+        }
+        _ => {}
+    }
     if from == cluster.node {
         return;
     }
@@ -423,7 +661,7 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
                 })
             });
         }
-        Wire::Hello { .. } | Wire::Heartbeat { .. } => {}
+        Wire::Hello { .. } | Wire::Heartbeat { .. } | Wire::Hook { .. } | Wire::Gone { .. } => {}
         Wire::Query { n, o, id, a, k } => {
             let Some(app) = router.app_index(&a) else {
                 return;
@@ -495,7 +733,16 @@ pub fn tick(shared: &Shared) {
             "cluster: node silent for {NODE_TIMEOUT:?}; removing its members"
         );
         send_all(shared, || ShardCmd::Remote(RemoteCmd::NodeGone { node }));
+        cluster.publish(&Wire::Gone {
+            n: cluster.node,
+            d: node,
+        });
     }
+    cluster
+        .arbiter
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .gc();
 }
 
 /// After the ingest (re)subscribed: announce ourselves and our members.
@@ -521,6 +768,50 @@ fn send_all(shared: &Shared, mut cmd: impl FnMut() -> ShardCmd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every node applies the same sequence; exactly one of them sends each webhook, and the
+    /// emitter of a key stays the same while it lives.
+    #[test]
+    fn arbiter_picks_one_emitter_per_transition() {
+        let seq = [
+            (1, "k", true),  // occupied, by 1
+            (2, "k", true),  // still occupied
+            (1, "k", false), // 2 still holds it
+            (2, "k", false), // vacated: the sticky emitter (1) sends it
+            (3, "k", true),  // occupied again: 1 again
+        ];
+        let mut sent: Vec<(u64, bool)> = Vec::new();
+        for me in [1u64, 2, 3] {
+            let mut arb = Arbiter::default();
+            for (from, key, on) in seq {
+                if let Some(on) = arb.apply(me, from, "app", key, on) {
+                    sent.push((me, on));
+                }
+            }
+        }
+        assert_eq!(sent, vec![(1, true), (1, false), (1, true)]);
+        // Node 1 dies; 3's Gone is sequenced first, 2's second. Only 3 holds "k", so "k" stays;
+        // "j", held by 1 only (emitter 1, dead), becomes empty: 3 sends its vacated.
+        let mut out = Vec::new();
+        for me in [2u64, 3] {
+            let mut arb = Arbiter::default();
+            for (from, key, on) in seq {
+                arb.apply(me, from, "app", key, on);
+            }
+            arb.apply(me, 1, "app", "j", true);
+            out.extend(arb.gone(me, 3, 1).into_iter().map(|k| (me, k.1)));
+            assert!(arb.gone(me, 2, 1).is_empty());
+            // Late messages from the dead node are ignored.
+            assert_eq!(arb.apply(me, 1, "app", "x", true), None);
+        }
+        assert_eq!(out, vec![(3, "j".to_owned())]);
+        assert_eq!(
+            hook_event(&hook_key_member("presence-m", "7"), false)
+                .unwrap()
+                .1,
+            serde_json::json!({"name":"member_removed","channel":"presence-m","user_id":"7"})
+        );
+    }
 
     #[test]
     fn wire_round_trip() {

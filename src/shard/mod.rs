@@ -813,8 +813,14 @@ impl Shard {
                 if router.try_push(origin, ShardCmd::Joined(reply)).is_err() {
                     tracing::warn!(%channel, "inbox full: presence answer dropped");
                 }
+                if outcome != presence::Join::Full {
+                    let mine = self
+                        .presence
+                        .borrow()
+                        .node_sockets(app, &channel, &user_id, node);
+                    self.member_hook(app, new_member, mine == 1, true, &channel, &user_id);
+                }
                 if new_member {
-                    self.member_hook(app, "member_added", &channel, &user_id);
                     self.announce_added(app, channel, &user_id, Some(socket_id));
                 }
             }
@@ -834,12 +840,20 @@ impl Shard {
                         s: socket_id.to_string(),
                     });
                 }
-                if self
+                let had = self
+                    .presence
+                    .borrow()
+                    .node_sockets(app, &channel, &user_id, node);
+                let last = self
                     .presence
                     .borrow_mut()
-                    .leave(app, &channel, &user_id, node)
-                {
-                    self.member_hook(app, "member_removed", &channel, &user_id);
+                    .leave(app, &channel, &user_id, node);
+                let has = self
+                    .presence
+                    .borrow()
+                    .node_sockets(app, &channel, &user_id, node);
+                self.member_hook(app, last, had > 0 && has == 0, false, &channel, &user_id);
+                if last {
                     self.announce_removed(app, channel, &user_id, Some(socket_id));
                 }
             }
@@ -1092,15 +1106,33 @@ impl Shard {
         let a = self.app(app);
         let presence = ChannelKind::of(&channel) == ChannelKind::Presence;
         let before = total.saturating_add_signed(-delta);
+        let occupancy = if before == 0 && total > 0 {
+            Some(true)
+        } else if before > 0 && total == 0 {
+            Some(false)
+        } else {
+            None
+        };
+        if let (Some(cluster), Some(on)) = (&self.shared.cluster, occupancy) {
+            // This node's first or last subscriber: the arbiter decides the cluster-wide
+            // occupied / vacated webhook (`ingest::cluster::Arbiter`).
+            cluster.publish(&Wire::Hook {
+                n: self.shared.node,
+                a: self.shared.router.app_id(app).to_owned(),
+                k: crate::ingest::cluster::hook_key_channel(&channel),
+                on,
+            });
+        }
         if !a.webhooks.is_empty() {
             let hooks = &self.shared.webhooks;
-            if before == 0 && total > 0 && webhooks::wanted(&a, "channel_occupied") {
+            let local = self.shared.cluster.is_none();
+            if local && before == 0 && total > 0 && webhooks::wanted(&a, "channel_occupied") {
                 hooks.emit(
                     app,
                     serde_json::json!({"name":"channel_occupied","channel":&*channel}),
                 );
             }
-            if before > 0 && total == 0 && webhooks::wanted(&a, "channel_vacated") {
+            if local && before > 0 && total == 0 && webhooks::wanted(&a, "channel_vacated") {
                 hooks.emit(
                     app,
                     serde_json::json!({"name":"channel_vacated","channel":&*channel}),
@@ -1125,8 +1157,34 @@ impl Shard {
         }
     }
 
-    /// A presence webhook (`member_added` / `member_removed`), when the app wants it.
-    fn member_hook(&self, app: usize, name: &str, channel: &str, user_id: &str) {
+    /// A presence webhook (`member_added` when `on`, else `member_removed`). Alone, when the
+    /// user's membership changed (`changed`) and the app wants it; in a cluster, the node-level
+    /// change (`node_changed`: this node's first or last socket of the user) goes to the
+    /// arbiter, which sends the cluster-wide webhook once (`ingest::cluster::Arbiter`).
+    fn member_hook(
+        &self,
+        app: usize,
+        changed: bool,
+        node_changed: bool,
+        on: bool,
+        channel: &str,
+        user_id: &str,
+    ) {
+        if let Some(cluster) = &self.shared.cluster {
+            if node_changed {
+                cluster.publish(&Wire::Hook {
+                    n: self.shared.node,
+                    a: self.shared.router.app_id(app).to_owned(),
+                    k: crate::ingest::cluster::hook_key_member(channel, user_id),
+                    on,
+                });
+            }
+            return;
+        }
+        if !changed {
+            return;
+        }
+        let name = if on { "member_added" } else { "member_removed" };
         let a = self.app(app);
         if !a.webhooks.is_empty() && webhooks::wanted(&a, name) {
             self.shared.webhooks.emit(

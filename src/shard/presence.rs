@@ -91,6 +91,15 @@ impl PresenceRegistry {
         Join::NewMember
     }
 
+    /// Sockets `user_id` has in the channel on `node`.
+    pub fn node_sockets(&self, app: usize, channel: &Arc<str>, user_id: &str, node: u64) -> u32 {
+        self.channels
+            .get(&(app, Arc::clone(channel)))
+            .and_then(|m| m.by_user.get(user_id))
+            .and_then(|m| m.sockets.iter().find(|(n, _)| *n == node))
+            .map_or(0, |(_, k)| *k)
+    }
+
     /// One socket of `user_id` on `node` left; `true` when it was the user's last anywhere
     /// (announce member_removed).
     pub fn leave(&mut self, app: usize, channel: &Arc<str>, user_id: &str, node: u64) -> bool {
