@@ -193,10 +193,10 @@ impl Conn {
         socket_id: SocketId,
         app: usize,
         fd: RawFd,
-        tls: Option<rustls::ServerConnection>,
+        tls: Option<Box<rustls::ServerConnection>>,
     ) -> Conn {
         Conn {
-            tls: tls.map(|t| Box::new(RefCell::new(t))),
+            tls: tls.map(|t| Box::new(RefCell::new(*t))),
             tls_closing: Cell::new(false),
             id,
             socket_id,
@@ -548,11 +548,13 @@ impl Conn {
     }
 }
 
-/// Serves one accepted TCP connection: HTTP API requests (keep-alive) until a WebSocket upgrade.
+/// Serves one accepted TCP connection: HTTP API requests (keep-alive) until a WebSocket upgrade,
+/// then hands the connection to a task of its own for the Pusher session.
 ///
-/// The HTTP phase runs in its own boxed future, freed before the WebSocket session starts: the
-/// session future, which lives as long as the connection, then carries none of the HTTP phase's
-/// buffers (measured: ~9 KiB per idle connection before, see ARCHITECTURE.md).
+/// This task (request heads, the API, checks, the 101, refusals, and for TLS the handshake) ends
+/// at the upgrade, freeing everything it held; the session task, which lives as long as the
+/// connection, carries none of it (measured: ~9 KiB per idle connection when the two were one
+/// future, see BENCHMARKS.md).
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let hs_timeout = shard.shared.cfg.handshake_timeout;
@@ -565,23 +567,20 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             glommio::timer::timeout(hs_timeout, async { Ok(stream.peek(&mut first).await) }).await;
         match peeked {
             Ok(Ok(1)) if first[0] == crate::tls::HANDSHAKE_RECORD => {
-                // Boxed: the plain path's future does not carry the TLS handshake's state.
-                return Box::pin(serve_tls(shard, stream, tls)).await;
+                return serve_tls(shard, stream, tls).await;
             }
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
     }
-    // Everything before the session (request head, checks, 101, refusals) runs in a boxed future
-    // freed once it is done, so the future that lives as long as the connection stays small.
-    let Some((app, _guard, leftover)) = Box::pin(handshake(&shard, &mut stream)).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut stream).await else {
         return;
     };
-    live(&shard, stream, None, app, leftover).await;
+    glommio::spawn_local(live(shard, stream, None, app, guard, leftover)).detach();
 }
 
 /// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
-/// rustls; then the session with the TLS state moved into the connection.
+/// rustls; then the session, with the TLS state moved into the connection.
 async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerConfig>) {
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let accept = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
@@ -593,42 +592,54 @@ async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerC
         }
         Err(_) => return,
     };
-    let Some((app, _guard, leftover)) = handshake(&shard, &mut tls).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut tls).await else {
         return;
     };
     let (stream, session) = tls.into_inner();
-    live(&shard, stream, Some(session), app, leftover).await;
+    glommio::spawn_local(live(
+        shard,
+        stream,
+        Some(Box::new(session)),
+        app,
+        guard,
+        leftover,
+    ))
+    .detach();
 }
 
-/// The Pusher session of an upgraded connection, from `connection_established` to the end.
+/// The Pusher session of an upgraded connection, from `connection_established` to the end: the
+/// one future that lives as long as the connection, so it holds only what the session needs.
 async fn live(
-    shard: &Rc<Shard>,
+    shard: Rc<Shard>,
     mut stream: TcpStream,
-    tls: Option<rustls::ServerConnection>,
+    // Boxed: a `ServerConnection` is over a kilobyte.
+    tls: Option<Box<rustls::ServerConnection>>,
     app: usize,
+    _guard: AppConnGuard,
     leftover: Vec<u8>,
 ) {
-    let cfg = shard.app(app);
+    let (activity_timeout, max_message) = {
+        let cfg = shard.app(app);
+        (cfg.activity_timeout, cfg.max_message_size)
+    };
     let _ = stream.set_read_timeout(None);
     let conn = shard.register_with(app, stream.as_raw_fd(), tls);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
     conn.send_text(&outbound::connection_established(
         conn.socket_id,
-        cfg.activity_timeout,
+        activity_timeout,
     ));
-    let max_message = cfg.max_message_size;
-    drop(cfg);
-    session(shard, &conn, &mut stream, leftover, max_message).await;
+    session(&shard, &conn, &mut stream, leftover, max_message).await;
     shard.unregister(&conn);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "disconnected");
 }
 
 /// HTTP requests, then the WebSocket upgrade with its checks. `Some` when a Pusher session may
 /// start: the app, its connection-count guard, and bytes the client sent after the request head.
-async fn handshake<'a, S: Stream>(
-    shard: &'a Shard,
+async fn handshake<S: Stream>(
+    shard: &Rc<Shard>,
     stream: &mut S,
-) -> Option<(usize, AppConnGuard<'a>, Vec<u8>)> {
+) -> Option<(usize, AppConnGuard, Vec<u8>)> {
     let (req, leftover) = http_phase(shard, stream).await?;
     let Some(ws_key) = req
         .ws_key
@@ -644,7 +655,6 @@ async fn handshake<'a, S: Stream>(
         .await
         .ok()?;
     stream.flush().await.ok()?;
-    let shared = &shard.shared;
     let app = match check_upgrade(shard, &req) {
         Ok(app) => app,
         Err(err) => {
@@ -657,7 +667,7 @@ async fn handshake<'a, S: Stream>(
         return None;
     }
     let limit = shard.app(app).max_connections;
-    let Some(guard) = AppConnGuard::try_new(&shared.app_conns[app], limit) else {
+    let Some(guard) = AppConnGuard::try_new(Rc::clone(shard), app, limit) else {
         refuse(stream, PusherError::OverQuota).await;
         return None;
     };

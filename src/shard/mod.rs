@@ -312,7 +312,7 @@ impl Shard {
         &self,
         app: usize,
         fd: std::os::fd::RawFd,
-        tls: Option<rustls::ServerConnection>,
+        tls: Option<Box<rustls::ServerConnection>>,
     ) -> Rc<Conn> {
         bump(&self.stats.connects);
         let socket_id = self.new_socket_id();
@@ -1449,6 +1449,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                // Boxed: the accept loop's own future stays small.
                 glommio::spawn_local(conn::serve(Rc::clone(&shard), stream)).detach();
             }
             Err(e) => {
@@ -1478,22 +1479,26 @@ async fn sweep_loop(shard: Rc<Shard>) {
 }
 
 /// Decrements an app's live-connection count when a connection ends, however it ends.
-pub(crate) struct AppConnGuard<'a>(&'a AtomicUsize);
+pub(crate) struct AppConnGuard {
+    shard: Rc<Shard>,
+    app: usize,
+}
 
-impl<'a> AppConnGuard<'a> {
+impl AppConnGuard {
     /// Counts a new connection; `None` (and nothing counted) when the app is at `max`.
-    pub(crate) fn try_new(counter: &'a AtomicUsize, max: Option<usize>) -> Option<Self> {
+    pub(crate) fn try_new(shard: Rc<Shard>, app: usize, max: Option<usize>) -> Option<Self> {
+        let counter = &shard.shared.app_conns[app];
         let before = counter.fetch_add(1, Ordering::Relaxed);
         if max.is_some_and(|m| before >= m) {
             counter.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(AppConnGuard(counter))
+        Some(AppConnGuard { shard, app })
     }
 }
 
-impl Drop for AppConnGuard<'_> {
+impl Drop for AppConnGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.shard.shared.app_conns[self.app].fetch_sub(1, Ordering::Relaxed);
     }
 }
