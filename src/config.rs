@@ -68,6 +68,10 @@ pub struct Cli {
     /// No /metrics listener (METRICS_ENABLED=false).
     #[arg(long)]
     pub no_metrics: bool,
+    /// Serve the debug console at /console (BTS_CONSOLE=true), opened with BTS_CONSOLE_TOKEN or,
+    /// when none is set, the app secret.
+    #[arg(long)]
+    pub console: bool,
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -268,7 +272,19 @@ pub struct Config {
     pub drain_window: Duration,
     /// Where Prometheus metrics are served; `None` when turned off.
     pub metrics: Option<SocketAddr>,
+    /// The debug console at /console; `None` (the default) when turned off.
+    pub console: Option<ConsoleConfig>,
 }
+
+/// The debug console (`/console`): off unless enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// What opens it (BTS_CONSOLE_TOKEN); `None`: the secret of the app it shows.
+    pub token: Option<String>,
+}
+
+/// Shortest console token accepted.
+pub const MIN_CONSOLE_TOKEN: usize = 8;
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
 pub const DEV_APP_KEY: &str = "bts-guru-dev-key";
@@ -349,6 +365,8 @@ pub struct RawServer {
     pub metrics_port: Option<u16>,
     pub metrics_host: Option<IpAddr>,
     pub metrics: Option<bool>,
+    pub console: Option<bool>,
+    pub console_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -670,7 +688,29 @@ impl Config {
         } else {
             None
         };
+        let console_on = cli.console
+            || env_parse::<bool>(env, "BTS_CONSOLE", "true or false")?
+                .or(s.console)
+                .unwrap_or(false);
+        let console = if console_on {
+            let token = env_str(env, "BTS_CONSOLE_TOKEN")
+                .or(s.console_token.clone())
+                .map(|t| t.trim().to_owned());
+            if let Some(t) = &token {
+                if t.len() < MIN_CONSOLE_TOKEN {
+                    return Err(ConfigError::BadValue {
+                        name: "BTS_CONSOLE_TOKEN".into(),
+                        value: "(hidden)".into(),
+                        why: "must be at least 8 characters",
+                    });
+                }
+            }
+            Some(ConsoleConfig { token })
+        } else {
+            None
+        };
         Ok(Config {
+            console,
             listen: SocketAddr::new(host, port),
             shard_cpus,
             apps,
@@ -1090,6 +1130,36 @@ mod tests {
             &["https://a.test".to_owned()],
             Some("https://a.test")
         ));
+    }
+
+    #[test]
+    fn console_is_off_unless_enabled_and_takes_a_token() {
+        assert_eq!(resolve(&Cli::default(), &[], "").unwrap().console, None);
+        let on = Cli {
+            console: true,
+            ..Cli::default()
+        };
+        let c = resolve(&on, &[], "").unwrap();
+        assert_eq!(c.console, Some(ConsoleConfig { token: None }));
+        let by_env = resolve(&Cli::default(), &[("BTS_CONSOLE", "true")], "").unwrap();
+        assert!(by_env.console.is_some());
+        let by_file = "[server]\nconsole = true\nconsole_token = \"from-the-file\"";
+        let c = resolve(&Cli::default(), &[], by_file).unwrap();
+        assert_eq!(c.console.unwrap().token.as_deref(), Some("from-the-file"));
+        // Environment beats the file, for the switch and for the token.
+        let e = [("BTS_CONSOLE", "false")];
+        assert_eq!(resolve(&Cli::default(), &e, by_file).unwrap().console, None);
+        let e = [("BTS_CONSOLE_TOKEN", " from-the-env ")];
+        let c = resolve(&Cli::default(), &e, by_file).unwrap();
+        assert_eq!(c.console.unwrap().token.as_deref(), Some("from-the-env"));
+        // A token set while the console is off changes nothing.
+        let e = [("BTS_CONSOLE_TOKEN", "x")];
+        assert_eq!(resolve(&Cli::default(), &e, "").unwrap().console, None);
+        let err = resolve(&on, &[("BTS_CONSOLE_TOKEN", "short")], "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BTS_CONSOLE_TOKEN"), "{err}");
+        assert!(!err.contains("short"), "the token is not echoed: {err}");
     }
 
     #[test]

@@ -102,6 +102,12 @@ fn main() -> ExitCode {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ready {}", running.addr);
     let _ = out.flush();
+    if running.shared.cfg.console.is_some() {
+        tracing::info!(
+            "debug console at http://{}/console (token: BTS_CONSOLE_TOKEN, else the app secret)",
+            running.addr
+        );
+    }
     drop(out);
     running.wait();
     ExitCode::SUCCESS

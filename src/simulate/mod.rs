@@ -157,6 +157,19 @@ impl SimulateArgs {
     }
 }
 
+/// The sport channels (`sports.{sport}`): every `match.update` of that sport goes to one, so
+/// they are what a scoreboard subscribes to.
+pub fn sport_channels() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for league in &teams::LEAGUES {
+        let name = format!("sports.{}", league.sport.slug());
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// Where the run publishes, resolved from flags, environment and `.env`.
 struct Target {
     app_id: String,
@@ -385,6 +398,11 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sport_channels_cover_every_league_once() {
+        assert_eq!(sport_channels(), ["sports.football", "sports.basketball"]);
+    }
 
     #[test]
     fn defaults_and_flags_parse() {

@@ -120,6 +120,8 @@ impl Daemon {
             .env_remove("REDIS_URL")
             .env_remove("REDIS_HOST")
             .env_remove("REDIS_PREFIX")
+            .env_remove("BTS_CONSOLE")
+            .env_remove("BTS_CONSOLE_TOKEN")
             .env("BTS_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -702,6 +704,43 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     assert_eq!(summary["ok"], true, "{report}");
     eprintln!("{script}: {}", stdout.trim_end());
     summary
+}
+
+/// One GET with `Connection: close` and extra headers; returns (status, Content-Type, body).
+pub fn http_get(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&resp)));
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, content_type, resp[split + 4..].to_vec())
 }
 
 /// A free loopback port (bound, then released).
