@@ -72,6 +72,10 @@ pub struct Cli {
     /// when none is set, the app secret.
     #[arg(long)]
     pub console: bool,
+    /// Never join a cluster, whatever REVERB_SCALING_ENABLED says (`bts-guru demo`: simulated
+    /// events must not reach a real deployment's nodes).
+    #[arg(skip)]
+    pub standalone: bool,
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -86,6 +90,8 @@ pub enum Command {
     },
     /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
     Simulate(Box<crate::simulate::SimulateArgs>),
+    /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
+    Demo(crate::console::demo::DemoArgs),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -669,9 +675,11 @@ impl Config {
             ));
         }
         let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
-        let cluster_on = cli.cluster
-            || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?.unwrap_or(false)
-            || file.redis.cluster.unwrap_or(false);
+        let cluster_on = !cli.standalone
+            && (cli.cluster
+                || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?
+                    .unwrap_or(false)
+                || file.redis.cluster.unwrap_or(false));
         let cluster = if cluster_on {
             if redis.is_none() {
                 return Err(ConfigError::Other(
@@ -1160,6 +1168,23 @@ mod tests {
             .to_string();
         assert!(err.contains("BTS_CONSOLE_TOKEN"), "{err}");
         assert!(!err.contains("short"), "the token is not echoed: {err}");
+    }
+
+    #[test]
+    fn standalone_never_joins_a_cluster() {
+        let e = [
+            ("REVERB_APP_ID", "1"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+            ("REVERB_SCALING_ENABLED", "true"),
+            ("REDIS_HOST", "127.0.0.1"),
+        ];
+        assert!(resolve(&Cli::default(), &e, "").unwrap().cluster.is_some());
+        let demo = Cli {
+            standalone: true,
+            ..Cli::default()
+        };
+        assert_eq!(resolve(&demo, &e, "").unwrap().cluster, None);
     }
 
     #[test]

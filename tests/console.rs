@@ -1,7 +1,9 @@
 //! The debug console and `bts-guru demo`, over real sockets: the console is off unless enabled,
 //! the page and its stats need the token (the app secret, or BTS_CONSOLE_TOKEN when set), the
 //! assets are the vendored pusher-js and the page's own code, and the stats report connections
-//! per shard, channels with their subscribers, events in and delivery latency.
+//! per shard, channels with their subscribers, events in and delivery latency. The demo prints
+//! its console URL, honours REVERB_* like the daemon, feeds itself through its HTTP API, and
+//! refuses a port a daemon already listens on.
 //!
 //! What the page does in a browser is tests/console_browser.rs.
 
@@ -296,4 +298,98 @@ fn stats_report_connections_channels_events_and_latency() {
         assert!(Instant::now() < deadline, "closes not counted: {s}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn demo_prints_its_console_url_and_feeds_itself() {
+    let demo = Demo::start(&["--shards", "2"], &["--port", "0"], &[]);
+    assert_eq!(demo.addr.ip().to_string(), "127.0.0.1");
+    assert_eq!(
+        demo.url,
+        format!("http://{}/console?token=bts-guru-dev-secret", demo.addr)
+    );
+    let (status, _, _) = http_get(demo.addr, "/console?token=bts-guru-dev-secret", &[]);
+    assert_eq!(status, 200);
+    // A viewer of a sport channel gets the simulator's updates.
+    let mut viewer = Client::connect(demo.addr, "bts-guru-dev-key");
+    viewer.subscribe("sports.football");
+    let update = viewer.next_event(Duration::from_secs(15));
+    assert_eq!(update["event"], "match.update", "{update}");
+    let data: Value = serde_json::from_str(update["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["sport_id"], "football", "{data}");
+    let s = stats(demo.addr, demo.token());
+    assert!(s["events_in"]["http"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["shard_count"], 2);
+    assert!(demo.stderr().contains("simulate:"), "{}", demo.stderr());
+}
+
+#[test]
+fn demo_honours_the_daemons_configuration() {
+    // REVERB_* as the daemon reads them: the app, its secret as the token, the port.
+    let demo = Demo::start(
+        &[],
+        &[],
+        &[
+            ("REVERB_APP_ID", APP_ID),
+            ("REVERB_APP_KEY", APP_KEY),
+            ("REVERB_APP_SECRET", APP_SECRET),
+            ("REVERB_SERVER_HOST", "127.0.0.1"),
+            ("REVERB_SERVER_PORT", "0"),
+        ],
+    );
+    assert_eq!(demo.token(), APP_SECRET);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = stats(demo.addr, APP_SECRET);
+        assert_eq!(s["app"]["id"], APP_ID);
+        if s["events_in"]["http"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the simulator published nothing: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A configured console token opens it instead, and is what the URL carries.
+    let demo = Demo::start(
+        &[],
+        &["--port", "0"],
+        &[("BTS_CONSOLE_TOKEN", "demo token/1")],
+    );
+    assert_eq!(demo.token(), "demo+token%2F1");
+    let (status, _, _) = http_get(demo.addr, &format!("/console?token={}", demo.token()), &[]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn demo_refuses_a_port_a_daemon_listens_on() {
+    // A running daemon listens with SO_REUSEPORT: binding beside it would succeed and split its
+    // clients, so the demo must refuse instead.
+    let d = Daemon::start(1);
+    let port = d.addr.port().to_string();
+    let (mut child, stderr_path) = Demo::spawn(&[], &["--port", &port], &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("demo did not refuse port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(stderr_path).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&port) && stderr.contains("--port"),
+        "{stderr}"
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "", "no ready line");
+    // The daemon still serves its clients.
+    let mut c = d.client();
+    c.subscribe("news");
 }

@@ -11,6 +11,8 @@
 //! Owns nothing on the shard and adds no state: every request is answered from a fresh scrape.
 //! Must not serve anything but the login page without the token (compared in constant time).
 
+pub mod demo;
+
 use std::borrow::Cow;
 use std::sync::Arc;
 

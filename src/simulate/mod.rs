@@ -110,7 +110,7 @@ pub struct SimulateArgs {
     pub quiet: bool,
 }
 
-fn parse_matches(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_matches(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
         _ => Err(format!(
@@ -119,7 +119,7 @@ fn parse_matches(s: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_positive(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 && x <= 100_000.0 => Ok(x),
         _ => Err(format!("expected a positive number, got {s:?}")),

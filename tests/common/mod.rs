@@ -706,6 +706,93 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     summary
 }
 
+/// `bts-guru demo` started with `args` after `demo` (and `global` before it) and `env`; killed
+/// when dropped. The environment is hermetic: no REVERB_*, REDIS_* or BTS_* of whoever runs the
+/// tests, and no `.env` (`--env-file /dev/null`).
+pub struct Demo {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The `console <url>` line's URL.
+    pub url: String,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Demo {
+    pub fn start(global: &[&str], args: &[&str], env: &[(&str, &str)]) -> Demo {
+        let (mut child, stderr_path) = Demo::spawn(global, args, env);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        let mut console = String::new();
+        out.read_line(&mut ready).unwrap();
+        out.read_line(&mut console).unwrap();
+        let (Some(addr), Some(url)) = (
+            ready.trim().strip_prefix("ready "),
+            console.trim().strip_prefix("console "),
+        ) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "demo did not print `ready <addr>` and `console <url>`; stdout {ready:?} {console:?}; stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        Demo {
+            addr: addr.parse().unwrap(),
+            url: url.to_owned(),
+            child,
+            stderr_path,
+        }
+    }
+
+    /// Starts the demo without reading its output (for runs expected to fail).
+    pub fn spawn(
+        global: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Child, std::path::PathBuf) {
+        let dir = scratch_dir();
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bts-guru"));
+        cmd.args(["--env-file", "/dev/null"])
+            .args(global)
+            .arg("demo")
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, _) in std::env::vars() {
+            if ["REVERB_", "REDIS_", "BTS_", "METRICS_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (cmd.spawn().expect("spawn bts-guru demo"), stderr_path)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The token in the console URL (as printed, percent-encoded).
+    pub fn token(&self) -> &str {
+        self.url.split_once("token=").map_or("", |(_, t)| t)
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One GET with `Connection: close` and extra headers; returns (status, Content-Type, body).
 pub fn http_get(
     addr: SocketAddr,
