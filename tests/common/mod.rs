@@ -637,9 +637,36 @@ impl Drop for RedisServer {
 /// the JSON summary line it printed; panics with node's output and the daemon's log tail when the
 /// script fails, hangs past `deadline`, or the Node packages are missing.
 pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value {
+    let args = [
+        d.addr.ip().to_string(),
+        d.addr.port().to_string(),
+        APP_ID.into(),
+        APP_KEY.into(),
+        APP_SECRET.into(),
+    ];
+    run_node_script(
+        script,
+        &args,
+        &["pusher-js", "pusher", "laravel-echo"],
+        deadline,
+        &|| d.stderr(),
+    )
+}
+
+/// Runs `node tests/compat/<script> <args>` (after checking that the `packages` it imports are
+/// installed) and returns the JSON summary line it printed last, which must say `"ok": true`;
+/// panics with node's output and the tail of the server's log (read by `server_log` once node is
+/// done) otherwise, or when it runs past `deadline`.
+pub fn run_node_script(
+    script: &str,
+    args: &[String],
+    packages: &[&str],
+    deadline: Duration,
+    server_log: &dyn Fn() -> String,
+) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let compat = root.join("tests/compat");
-    for pkg in ["pusher-js", "pusher", "laravel-echo"] {
+    for pkg in packages {
         assert!(
             compat
                 .join("node_modules")
@@ -652,9 +679,7 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     }
     let mut child = Command::new("node")
         .arg(format!("tests/compat/{script}"))
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .args([APP_ID, APP_KEY, APP_SECRET])
+        .args(args)
         .current_dir(root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -686,7 +711,7 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     };
     let stdout = out.join().unwrap();
     let stderr = err.join().unwrap();
-    let log = d.stderr();
+    let log = server_log();
     let lines: Vec<&str> = log.lines().collect();
     let tail = lines[lines.len().saturating_sub(60)..].join("\n");
     let report = format!(
