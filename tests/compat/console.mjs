@@ -5,6 +5,8 @@
 // Then the tail is pointed at one channel, and what arrives must come from it.
 //
 // Usage: node console.mjs <console URL with ?token=> <screenshot.png>
+//   SCREENSHOT_AFTER_MS (default 5000): how long to let traffic flow before the screenshot
+//   (docs/console.png was taken after 30000, so the events/s line has some history).
 // Prints one JSON summary line on stdout and exits 0 when every check passes; otherwise prints
 // `console: FAIL: <why>` on stderr and exits 1. Run by tests/console_browser.rs.
 
@@ -83,7 +85,7 @@ try {
 
   // A few more seconds of traffic so the picture has a sparkline, then the screenshot.
   step = 'taking the screenshot';
-  await page.waitForTimeout(5000);
+  await page.waitForTimeout(Number(process.env.SCREENSHOT_AFTER_MS ?? 5000));
   await page.screenshot({ path: screenshot });
 
   // Follow one channel: what arrives next must be from it.

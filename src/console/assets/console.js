@@ -188,7 +188,7 @@
                            old.d.away_team.score !== d.away_team.score);
     matches.set(d.match_id, {
       d,
-      flashUntil: scored ? Date.now() + 3000 : (old ? old.flashUntil : 0),
+      flashUntil: scored ? Date.now() + 1500 : (old ? old.flashUntil : 0),
       finishedAt: d.status === 'finished' ? ((old && old.finishedAt) || Date.now()) : 0,
     });
     // The channels this match publishes to, so that a tail pattern can find them.
