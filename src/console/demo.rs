@@ -4,8 +4,9 @@
 //! It resolves its configuration exactly as the daemon does (flags, REVERB_* environment, `.env`,
 //! `--config`), so it can run beside a real deployment with that deployment's apps, but it stays
 //! on its own: it never joins a cluster, sends no webhooks, opens no /metrics listener unless
-//! `--metrics-port` is given, and refuses a port another process already listens on (with
-//! SO_REUSEPORT it would otherwise share that port and take some of a running daemon's clients).
+//! `--metrics-port` is given, drains in one second, and refuses a port another process already
+//! listens on (with SO_REUSEPORT it would otherwise share that port and take some of a running
+//! daemon's clients).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -40,7 +41,9 @@ pub struct DemoArgs {
 
 impl DemoArgs {
     /// The daemon settings the demo runs with: its own --host/--port over those before `demo`,
-    /// the console on, never a cluster node, no /metrics listener unless a port was given.
+    /// the console on, never a cluster node, no /metrics listener unless a port was given, and
+    /// a one-second drain on Ctrl-C unless --drain-secs says otherwise (nobody needs ten seconds
+    /// to reconnect to a demo).
     pub fn apply(&self, cli: &mut Cli) {
         cli.host = self.host.or(cli.host);
         cli.port = self.port.or(cli.port);
@@ -49,6 +52,7 @@ impl DemoArgs {
         if cli.metrics_port.is_none() {
             cli.no_metrics = true;
         }
+        cli.drain_secs.get_or_insert(1);
     }
 }
 
@@ -168,7 +172,8 @@ mod tests {
         d.apply(&mut c);
         assert_eq!((c.port, c.shards, c.host), (Some(9000), Some(2), None));
         assert!(c.console && c.standalone && c.no_metrics);
-        let mut c = cli(&["--metrics-port", "0", "demo"]);
+        assert_eq!(c.drain_secs, Some(1));
+        let mut c = cli(&["--metrics-port", "0", "--drain-secs", "5", "demo"]);
         let Some(crate::config::Command::Demo(d)) = c.command.take() else {
             panic!("demo subcommand")
         };

@@ -110,9 +110,9 @@ fn presented_token(req: &Request) -> Option<&str> {
     })
 }
 
-/// Constant-time comparison: both sides are reduced to an HMAC of the same fixed message under
-/// themselves as keys, and the two MACs (always 32 bytes) compared with `verify_slice`, so
-/// neither the content nor the length of the expected token shows in the response time.
+/// Constant-time comparison: each side becomes the HMAC of one fixed message keyed by itself,
+/// and the two 32-byte MACs are compared with `verify_slice`, so the response time does not
+/// tell how much of a guess was right, nor the token's length.
 fn token_matches(given: &str, expected: &str) -> bool {
     const MSG: &[u8] = b"bts-guru console";
     !given.is_empty() && auth::verify(given, MSG, &auth::sign(expected, MSG))
