@@ -103,7 +103,8 @@ const INCOMPLETE: &str = "a shard did not answer in time; counts would not be ex
 /// Answers one HTTP request, and counts it by endpoint and status.
 pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Response {
     let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
-        crate::console::handle(shard, req).await
+        // Boxed: only console requests pay for its future, not every connection's handshake.
+        Box::pin(crate::console::handle(shard, req)).await
     } else {
         let (status, body) = route(shard, req, body).await;
         Response::json(status, body)
