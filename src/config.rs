@@ -78,6 +78,14 @@ pub struct Cli {
     /// Log format on stderr: `human` (default) or `json` (one JSON object per line).
     #[arg(long, env = "BTS_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
     pub log_format: String,
+    /// Serve the debug console at /console (BTS_CONSOLE=true), opened with BTS_CONSOLE_TOKEN or,
+    /// when none is set, the app secret.
+    #[arg(long)]
+    pub console: bool,
+    /// Never join a cluster, whatever REVERB_SCALING_ENABLED says (`bts-guru demo`: simulated
+    /// events must not reach a real deployment's nodes).
+    #[arg(skip)]
+    pub standalone: bool,
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -92,6 +100,8 @@ pub enum Command {
     },
     /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
     Simulate(Box<crate::simulate::SimulateArgs>),
+    /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
+    Demo(crate::console::demo::DemoArgs),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -278,6 +288,8 @@ pub struct Config {
     pub drain_window: Duration,
     /// Where Prometheus metrics are served; `None` when turned off.
     pub metrics: Option<SocketAddr>,
+    /// The debug console at /console; `None` (the default) when turned off.
+    pub console: Option<ConsoleConfig>,
     /// Certificate and key for TLS on the main port; `None`: plain ws:// and http:// only.
     pub tls: Option<TlsFiles>,
 }
@@ -289,6 +301,16 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
+
+/// The debug console (`/console`): off unless enabled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    /// What opens it (BTS_CONSOLE_TOKEN); `None`: the secret of the app it shows.
+    pub token: Option<String>,
+}
+
+/// Shortest console token accepted.
+pub const MIN_CONSOLE_TOKEN: usize = 8;
 
 pub const DEV_APP_ID: &str = "bts-guru-dev";
 pub const DEV_APP_KEY: &str = "bts-guru-dev-key";
@@ -371,6 +393,8 @@ pub struct RawServer {
     pub metrics: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub console: Option<bool>,
+    pub console_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -673,9 +697,11 @@ impl Config {
             ));
         }
         let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
-        let cluster_on = cli.cluster
-            || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?.unwrap_or(false)
-            || file.redis.cluster.unwrap_or(false);
+        let cluster_on = !cli.standalone
+            && (cli.cluster
+                || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?
+                    .unwrap_or(false)
+                || file.redis.cluster.unwrap_or(false));
         let cluster = if cluster_on {
             if redis.is_none() {
                 return Err(ConfigError::Other(
@@ -719,8 +745,30 @@ impl Config {
                     ))
                 }
             };
+        let console_on = cli.console
+            || env_parse::<bool>(env, "BTS_CONSOLE", "true or false")?
+                .or(s.console)
+                .unwrap_or(false);
+        let console = if console_on {
+            let token = env_str(env, "BTS_CONSOLE_TOKEN")
+                .or(s.console_token.clone())
+                .map(|t| t.trim().to_owned());
+            if let Some(t) = &token {
+                if t.len() < MIN_CONSOLE_TOKEN {
+                    return Err(ConfigError::BadValue {
+                        name: "BTS_CONSOLE_TOKEN".into(),
+                        value: "(hidden)".into(),
+                        why: "must be at least 8 characters",
+                    });
+                }
+            }
+            Some(ConsoleConfig { token })
+        } else {
+            None
+        };
         Ok(Config {
             tls,
+            console,
             listen: SocketAddr::new(host, port),
             shard_cpus,
             apps,
@@ -1140,6 +1188,53 @@ mod tests {
             &["https://a.test".to_owned()],
             Some("https://a.test")
         ));
+    }
+
+    #[test]
+    fn console_is_off_unless_enabled_and_takes_a_token() {
+        assert_eq!(resolve(&Cli::default(), &[], "").unwrap().console, None);
+        let on = Cli {
+            console: true,
+            ..Cli::default()
+        };
+        let c = resolve(&on, &[], "").unwrap();
+        assert_eq!(c.console, Some(ConsoleConfig { token: None }));
+        let by_env = resolve(&Cli::default(), &[("BTS_CONSOLE", "true")], "").unwrap();
+        assert!(by_env.console.is_some());
+        let by_file = "[server]\nconsole = true\nconsole_token = \"from-the-file\"";
+        let c = resolve(&Cli::default(), &[], by_file).unwrap();
+        assert_eq!(c.console.unwrap().token.as_deref(), Some("from-the-file"));
+        // Environment beats the file, for the switch and for the token.
+        let e = [("BTS_CONSOLE", "false")];
+        assert_eq!(resolve(&Cli::default(), &e, by_file).unwrap().console, None);
+        let e = [("BTS_CONSOLE_TOKEN", " from-the-env ")];
+        let c = resolve(&Cli::default(), &e, by_file).unwrap();
+        assert_eq!(c.console.unwrap().token.as_deref(), Some("from-the-env"));
+        // A token set while the console is off changes nothing.
+        let e = [("BTS_CONSOLE_TOKEN", "x")];
+        assert_eq!(resolve(&Cli::default(), &e, "").unwrap().console, None);
+        let err = resolve(&on, &[("BTS_CONSOLE_TOKEN", "short")], "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BTS_CONSOLE_TOKEN"), "{err}");
+        assert!(!err.contains("short"), "the token is not echoed: {err}");
+    }
+
+    #[test]
+    fn standalone_never_joins_a_cluster() {
+        let e = [
+            ("REVERB_APP_ID", "1"),
+            ("REVERB_APP_KEY", "k"),
+            ("REVERB_APP_SECRET", "s"),
+            ("REVERB_SCALING_ENABLED", "true"),
+            ("REDIS_HOST", "127.0.0.1"),
+        ];
+        assert!(resolve(&Cli::default(), &e, "").unwrap().cluster.is_some());
+        let demo = Cli {
+            standalone: true,
+            ..Cli::default()
+        };
+        assert_eq!(resolve(&demo, &e, "").unwrap().cluster, None);
     }
 
     #[test]

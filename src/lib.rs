@@ -13,6 +13,7 @@
 //! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
 //! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
 //! - [`simulate`]: `bts-guru simulate`, a live-sports feed publishing through the HTTP API or Redis.
+//! - [`console`]: the debug console page at `/console` (off by default) and `bts-guru demo`.
 //! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
 //! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
 //!
@@ -22,6 +23,7 @@
 pub mod apps;
 pub mod bench;
 pub mod config;
+pub mod console;
 pub mod doctor;
 pub mod fanout;
 pub mod ingest;

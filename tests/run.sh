@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: on a fresh Debian machine (with Rust from rustup), installs what the tests
-# need -- a C compiler for glommio's bundled liburing, redis-server, Node.js and npm, and the
-# Node packages of the client-compatibility test -- then runs every check and every test.
+# need -- a C compiler for glommio's bundled liburing, redis-server, Node.js and npm, Chromium
+# for the console's browser test, and the Node packages of the client-compatibility and browser
+# tests -- then runs every check and every test.
 # `.ci/run` runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ command -v cc >/dev/null || need+=(build-essential)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 { command -v prlimit >/dev/null && command -v setpriv >/dev/null; } || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
@@ -28,7 +30,7 @@ if [ "$node_major" -lt 20 ]; then
   exit 1
 fi
 
-echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo)"
+echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo, playwright-core)"
 npm ci --prefix tests/compat --no-audit --no-fund --loglevel=error
 
 echo "== cargo fmt --check"

@@ -1,7 +1,8 @@
 //! The bts-guru daemon: flags and environment, logging, then `bts_guru::run`.
 //!
 //! The global allocator is mimalloc (see `sys::Allocator` for the one exception).
-//! stdout carries exactly one line, `ready <addr>`, once every shard accepts; logs go to stderr.
+//! stdout carries exactly one line, `ready <addr>`, once every shard accepts (`demo` adds a
+//! second, `console <url>`); logs go to stderr.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -9,13 +10,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use bts_guru::config::{Cli, Command, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
+use bts_guru::console::demo;
 use bts_guru::doctor;
 
 #[global_allocator]
 static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     // Before logging and the daemon's configuration: the simulator is a client of its own.
     if let Some(Command::Simulate(args)) = &cli.command {
         return match bts_guru::simulate::run(args) {
@@ -25,6 +27,13 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         };
+    }
+    let demo = match &cli.command {
+        Some(Command::Demo(d)) => Some(d.clone()),
+        _ => None,
+    };
+    if let Some(d) = &demo {
+        d.apply(&mut cli);
     }
     // Non-blocking writer: a slow stderr never stalls a shard's reactor.
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
@@ -40,13 +49,19 @@ fn main() -> ExitCode {
         logs.init();
     }
 
-    let cfg =
+    let mut cfg =
         match ProcessEnv::load(cli.env_file.as_ref()).and_then(|env| Config::resolve(&cli, &env)) {
             Ok(cfg) => cfg,
             Err(e) => return fail(&format!("configuration error: {e}")),
         };
     if let Some(Command::Doctor { profile }) = &cli.command {
         return doctor(profile, cfg.shards());
+    }
+    if demo.is_some() {
+        demo::adjust(&mut cfg);
+        if let Err(e) = demo::check_port_free(cfg.listen) {
+            return fail(&e);
+        }
     }
     if cfg.dev_credentials {
         tracing::warn!(
@@ -111,6 +126,21 @@ fn main() -> ExitCode {
         .expect("spawn the signal thread");
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "ready {}", running.addr);
+    let cfg = &running.shared.cfg;
+    if let Some(d) = demo {
+        let url = bts_guru::console::url(running.addr, demo::console_token(cfg));
+        let _ = writeln!(out, "console {url}");
+        let _ = out.flush();
+        eprintln!("bts-guru demo: open {url} in a browser (Ctrl-C stops)");
+        if let Err(e) = demo::spawn_feed(d, running.addr, cfg.apps[0].clone(), cli.env_file) {
+            return fail(&format!("cannot start the simulator thread: {e}"));
+        }
+    } else if cfg.console.is_some() {
+        tracing::info!(
+            "debug console at http://{}/console (token: BTS_CONSOLE_TOKEN, else the app secret)",
+            running.addr
+        );
+    }
     let _ = out.flush();
     drop(out);
     running.wait();

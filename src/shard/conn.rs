@@ -740,8 +740,8 @@ async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request
                 _ => return None,
             }
         }
-        let (status, body) = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
-        let resp = handshake::json_response(status, &body, req.close);
+        let reply = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
+        let resp = reply.to_bytes(req.close);
         if stream.write_all(&resp).await.is_err() || stream.flush().await.is_err() || req.close {
             return None;
         }

@@ -1,7 +1,7 @@
 //! The Pusher HTTP API, served by whichever shard accepted the request: signed publishes
 //! (`events`, `batch_events`) handed to every shard through the router; signed reads (channels,
-//! one channel, its users, connections) answered from every shard's part; user termination; and
-//! `GET /up`.
+//! one channel, its users, connections) answered from every shard's part; user termination;
+//! `GET /up`; and, when enabled, the debug console's routes (`crate::console`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
 use crate::ingest::cluster::Wire;
 use crate::protocol::{auth, channel, outbound, ChannelKind, SocketId};
-use crate::ws::handshake::Request;
+use crate::ws::handshake::{Request, Response};
 
 /// Most channels one event may name (Pusher's limit).
 pub const MAX_CHANNELS_PER_EVENT: usize = 100;
@@ -82,7 +82,7 @@ fn err(status: u16, msg: &str) -> Reply {
 }
 
 /// Totals per channel from every shard's part: (subscriptions, presence users).
-fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
+pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
     let mut out: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
     for p in parts {
         for c in &p.channels {
@@ -100,15 +100,21 @@ fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
 
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
-/// Answers one HTTP request: `(status, JSON body)`, and counts it by endpoint and status.
-pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
-    let reply = route(shard, req, body).await;
+/// Answers one HTTP request, and counts it by endpoint and status.
+pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Response {
+    let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
+        // Boxed: only console requests pay for its future, not every connection's handshake.
+        Box::pin(crate::console::handle(shard, req)).await
+    } else {
+        let (status, body) = route(shard, req, body).await;
+        Response::json(status, body)
+    };
     let endpoint = endpoint_label(req);
     *shard
         .stats
         .http
         .borrow_mut()
-        .entry((endpoint, reply.0))
+        .entry((endpoint, reply.status))
         .or_default() += 1;
     reply
 }
@@ -126,6 +132,7 @@ fn endpoint_label(req: &Request) -> &'static str {
         ["apps", _, "channels", _, "users"] => "channel_users",
         ["apps", _, "connections"] => "connections",
         ["apps", _, "users", _, "terminate_connections"] => "terminate_connections",
+        ["console", ..] => "console",
         _ => "other",
     }
 }

@@ -7,7 +7,7 @@
 
 pub mod cache;
 pub mod conn;
-mod http;
+pub(crate) mod http;
 pub mod index;
 pub mod presence;
 mod session;

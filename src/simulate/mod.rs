@@ -110,7 +110,7 @@ pub struct SimulateArgs {
     pub quiet: bool,
 }
 
-fn parse_matches(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_matches(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
         _ => Err(format!(
@@ -119,7 +119,7 @@ fn parse_matches(s: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_positive(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_positive(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 && x <= 100_000.0 => Ok(x),
         _ => Err(format!("expected a positive number, got {s:?}")),
@@ -155,6 +155,19 @@ impl SimulateArgs {
             start_unix_ms,
         }
     }
+}
+
+/// The sport channels (`sports.{sport}`): every `match.update` of that sport goes to one, so
+/// they are what a scoreboard subscribes to.
+pub fn sport_channels() -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for league in &teams::LEAGUES {
+        let name = format!("sports.{}", league.sport.slug());
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }
 
 /// Where the run publishes, resolved from flags, environment and `.env`.
@@ -385,6 +398,11 @@ fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sport_channels_cover_every_league_once() {
+        assert_eq!(sport_channels(), ["sports.football", "sports.basketball"]);
+    }
 
     #[test]
     fn defaults_and_flags_parse() {

@@ -28,6 +28,8 @@ pub struct Request {
     pub origin: Option<String>,
     /// `Expect: 100-continue` (curl sends it for bodies over 1 KiB, Guzzle over 1 MB).
     pub expect_continue: bool,
+    /// The `Authorization` header (the debug console takes `Bearer <token>`).
+    pub authorization: Option<String>,
 }
 
 impl Request {
@@ -105,6 +107,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("authorization") {
+            out.authorization = Some(value.to_owned());
         }
     }
     out.wants_upgrade = upgrade && conn_upgrade;
@@ -121,8 +125,33 @@ pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A complete HTTP/1.1 response with a JSON body.
-pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
+/// An HTTP answer before it is written. Static bodies (the console's assets) are borrowed from
+/// the binary, never copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: std::borrow::Cow<'static, [u8]>,
+}
+
+impl Response {
+    pub fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body: body.into_bytes().into(),
+        }
+    }
+
+    /// The complete HTTP/1.1 response: head and body.
+    pub fn to_bytes(&self, close: bool) -> Vec<u8> {
+        let mut out = head(self.status, self.content_type, self.body.len(), close).into_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+}
+
+fn head(status: u16, content_type: &str, len: usize, close: bool) -> String {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -140,10 +169,15 @@ pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
     };
     let connection = if close { "close" } else { "keep-alive" };
     format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: {connection}\r\n\r\n"
     )
-    .into_bytes()
+}
+
+/// A complete HTTP/1.1 response with a JSON body.
+pub fn json_response(status: u16, body: &str, close: bool) -> Vec<u8> {
+    let mut out = head(status, "application/json", body.len(), close).into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
 }
 
 #[cfg(test)]
@@ -184,5 +218,26 @@ mod tests {
         assert_eq!(req.query_param("auth_signature"), Some("a+b"));
         assert_eq!(req.content_length, Some(2));
         assert!(req.close && !req.wants_upgrade);
+        assert_eq!(req.authorization, None);
+    }
+
+    #[test]
+    fn responses_carry_their_content_type() {
+        let raw = b"GET /console/api/stats HTTP/1.1\r\nAuthorization: Bearer t0ken\r\n\r\n";
+        let (req, _) = parse(raw).unwrap().unwrap();
+        assert_eq!(req.authorization.as_deref(), Some("Bearer t0ken"));
+        let page = Response {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: (&b"<p>hi</p>"[..]).into(),
+        };
+        assert_eq!(
+            page.to_bytes(false),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 9\r\nConnection: keep-alive\r\n\r\n<p>hi</p>"
+        );
+        assert_eq!(
+            Response::json(404, "{}".into()).to_bytes(true),
+            json_response(404, "{}", true)
+        );
     }
 }

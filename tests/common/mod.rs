@@ -122,6 +122,8 @@ impl Daemon {
             .env_remove("REDIS_URL")
             .env_remove("REDIS_HOST")
             .env_remove("REDIS_PREFIX")
+            .env_remove("BTS_CONSOLE")
+            .env_remove("BTS_CONSOLE_TOKEN")
             .env("BTS_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -638,9 +640,36 @@ impl Drop for RedisServer {
 /// the JSON summary line it printed; panics with node's output and the daemon's log tail when the
 /// script fails, hangs past `deadline`, or the Node packages are missing.
 pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value {
+    let args = [
+        d.addr.ip().to_string(),
+        d.addr.port().to_string(),
+        APP_ID.into(),
+        APP_KEY.into(),
+        APP_SECRET.into(),
+    ];
+    run_node_script(
+        script,
+        &args,
+        &["pusher-js", "pusher", "laravel-echo"],
+        deadline,
+        &|| d.stderr(),
+    )
+}
+
+/// Runs `node tests/compat/<script> <args>` (after checking that the `packages` it imports are
+/// installed) and returns the JSON summary line it printed last, which must say `"ok": true`;
+/// panics with node's output and the tail of the server's log (read by `server_log` once node is
+/// done) otherwise, or when it runs past `deadline`.
+pub fn run_node_script(
+    script: &str,
+    args: &[String],
+    packages: &[&str],
+    deadline: Duration,
+    server_log: &dyn Fn() -> String,
+) -> Value {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let compat = root.join("tests/compat");
-    for pkg in ["pusher-js", "pusher", "laravel-echo"] {
+    for pkg in packages {
         assert!(
             compat
                 .join("node_modules")
@@ -653,9 +682,7 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     }
     let mut child = Command::new("node")
         .arg(format!("tests/compat/{script}"))
-        .arg(d.addr.ip().to_string())
-        .arg(d.addr.port().to_string())
-        .args([APP_ID, APP_KEY, APP_SECRET])
+        .args(args)
         .current_dir(root)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -687,7 +714,7 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     };
     let stdout = out.join().unwrap();
     let stderr = err.join().unwrap();
-    let log = d.stderr();
+    let log = server_log();
     let lines: Vec<&str> = log.lines().collect();
     let tail = lines[lines.len().saturating_sub(60)..].join("\n");
     let report = format!(
@@ -705,6 +732,130 @@ pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value 
     assert_eq!(summary["ok"], true, "{report}");
     eprintln!("{script}: {}", stdout.trim_end());
     summary
+}
+
+/// `bts-guru demo` started with `args` after `demo` (and `global` before it) and `env`; killed
+/// when dropped. The environment is hermetic: no REVERB_*, REDIS_* or BTS_* of whoever runs the
+/// tests, and no `.env` (`--env-file /dev/null`).
+pub struct Demo {
+    pub child: Child,
+    pub addr: SocketAddr,
+    /// The `console <url>` line's URL.
+    pub url: String,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Demo {
+    pub fn start(global: &[&str], args: &[&str], env: &[(&str, &str)]) -> Demo {
+        let (mut child, stderr_path) = Demo::spawn(global, args, env);
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut ready = String::new();
+        let mut console = String::new();
+        out.read_line(&mut ready).unwrap();
+        out.read_line(&mut console).unwrap();
+        let (Some(addr), Some(url)) = (
+            ready.trim().strip_prefix("ready "),
+            console.trim().strip_prefix("console "),
+        ) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "demo did not print `ready <addr>` and `console <url>`; stdout {ready:?} {console:?}; stderr:\n{}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        Demo {
+            addr: addr.parse().unwrap(),
+            url: url.to_owned(),
+            child,
+            stderr_path,
+        }
+    }
+
+    /// Starts the demo without reading its output (for runs expected to fail).
+    pub fn spawn(
+        global: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Child, std::path::PathBuf) {
+        let dir = scratch_dir();
+        let stderr_path = dir.join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bts-guru"));
+        cmd.args(["--env-file", "/dev/null"])
+            .args(global)
+            .arg("demo")
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, _) in std::env::vars() {
+            if ["REVERB_", "REDIS_", "BTS_", "METRICS_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (cmd.spawn().expect("spawn bts-guru demo"), stderr_path)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The token in the console URL (as printed, percent-encoded).
+    pub fn token(&self) -> &str {
+        self.url.split_once("token=").map_or("", |(_, t)| t)
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One GET with `Connection: close` and extra headers; returns (status, Content-Type, body).
+pub fn http_get(
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(&resp)));
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, content_type, resp[split + 4..].to_vec())
 }
 
 /// A free loopback port (bound, then released).
