@@ -17,6 +17,10 @@ use bts_guru::doctor;
 static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
 
 fn main() -> ExitCode {
+    // Before the allocator maps its arenas (see `sys::disable_transparent_huge_pages`).
+    if std::env::var_os("BTS_HUGE_PAGES").is_none_or(|v| v != "1") {
+        bts_guru::sys::disable_transparent_huge_pages();
+    }
     let mut cli = Cli::parse();
     // Before logging and the daemon's configuration: the simulator is a client of its own.
     if let Some(Command::Simulate(args)) = &cli.command {

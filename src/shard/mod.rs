@@ -1466,6 +1466,7 @@ async fn sweep_loop(shard: Rc<Shard>) {
     loop {
         glommio::timer::sleep(tick).await;
         shard.sweep(Instant::now());
+        crate::sys::allocator_collect();
         let dropped = shard.shared.router.dropped(shard.id);
         if dropped > shard.stats.broadcasts_dropped.get() {
             tracing::warn!(
