@@ -93,7 +93,7 @@ pub struct Cli {
 pub enum Command {
     /// Check this host against a tuning profile and the daemon's needs; exits 1 on a failure.
     Doctor {
-        /// `large` (tuning/sysctl.conf), `small` (tuning/sysctl-small.conf), `low-latency`
+        /// `large` or `high-connections` (tuning/high-connections.conf), `small` (tuning/sysctl-small.conf), `low-latency`
         /// (tuning/low-latency.conf, an overlay) or a file path.
         #[arg(long, default_value = "large")]
         profile: String,

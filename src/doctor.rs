@@ -1,4 +1,4 @@
-//! `bts-guru doctor`: checks this host against a tuning profile (tuning/sysctl.conf or
+//! `bts-guru doctor`: checks this host against a tuning profile (tuning/high-connections.conf or
 //! tuning/sysctl-small.conf) and against what the daemon needs (io_uring allowed, locked memory
 //! for the shards, open files, CPUs), and says what to change. It only reads.
 
@@ -33,7 +33,7 @@ pub struct Finding {
 }
 
 /// The profiles shipped in tuning/, embedded so `doctor` works from anywhere.
-pub const LARGE: &str = include_str!("../tuning/sysctl.conf");
+pub const LARGE: &str = include_str!("../tuning/high-connections.conf");
 pub const SMALL: &str = include_str!("../tuning/sysctl-small.conf");
 /// Overlay for latency over CPU (busy polling, no autocorking).
 pub const LOW_LATENCY: &str = include_str!("../tuning/low-latency.conf");

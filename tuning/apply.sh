@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the bts-guru kernel tuning on THIS host:
-#   sysctl.conf (or sysctl-small.conf with --small) -> /etc/sysctl.d/60-bts-guru.conf
+#   high-connections.conf (or sysctl-small.conf with --small) -> /etc/sysctl.d/60-bts-guru.conf
 #   limits.conf                                     -> /etc/security/limits.d/bts-guru.conf
 # then runs `sysctl --system` and reads every value back.
 #
@@ -9,7 +9,7 @@
 #     are commented out in the installed copy when the running kernel already has more (systemd
 #     raises fs.file-max and fs.nr_open to the maximum on many distributions);
 #   - the large profile is refused when its tcp_mem maximum exceeds 25% of this host's RAM
-#     (--force overrides; better, rescale tcp_mem as sysctl.conf explains);
+#     (--force overrides; better, rescale tcp_mem as high-connections.conf explains);
 #   - other sysctl files that set the same keys later (and so win) are reported.
 # --dry-run prints the plan and changes nothing; it does not need root.
 # bts-guru.service is not installed here; tuning/README.md has those steps.
@@ -33,7 +33,7 @@ usage() {
 Usage: $PROG [--small] [--dry-run] [--force]
 
   --small    install sysctl-small.conf (2-4 cores, a few GB RAM, <= ~20k connections)
-             instead of sysctl.conf (large bare-metal host)
+             instead of high-connections.conf (large bare-metal host)
   --dry-run  print what would be installed and which values would change; change nothing
   --force    install the large profile even if its tcp_mem exceeds 25% of RAM
   -h, --help this text
@@ -81,7 +81,7 @@ done
 if ((small)); then
 	profile=$SRC_DIR/sysctl-small.conf
 else
-	profile=$SRC_DIR/sysctl.conf
+	profile=$SRC_DIR/high-connections.conf
 fi
 limits=$SRC_DIR/limits.conf
 [[ -r $profile ]] || die "cannot read $profile"

@@ -189,7 +189,7 @@ fn reload(shared: &bts_guru::shard::Shared) {
 /// `bts-guru doctor`: prints the checks on stdout; exit 1 when one fails.
 fn doctor(profile: &str, shards: usize) -> ExitCode {
     let text = match profile {
-        "large" => doctor::LARGE.to_owned(),
+        "large" | "high-connections" => doctor::LARGE.to_owned(),
         "small" => doctor::SMALL.to_owned(),
         "low-latency" => doctor::LOW_LATENCY.to_owned(),
         path => match std::fs::read_to_string(path) {
