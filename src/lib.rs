@@ -212,7 +212,7 @@ pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadEr
         for shard in 0..shared.router.shards() {
             // A reload must reach every shard: wait out a full inbox (bounded).
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while shared.router.try_push(shard, cmd()).is_err() {
+            while shared.router.try_push_control(shard, cmd()).is_err() {
                 if std::time::Instant::now() > deadline {
                     tracing::error!(shard, "reload: shard inbox stayed full for 10 s");
                     break;

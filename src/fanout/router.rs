@@ -304,6 +304,15 @@ impl Router {
             .position(|a| &**a == app_id)
     }
 
+    /// Like `try_push`, for control commands a caller retries (a reload): a full inbox is not
+    /// counted as a dropped broadcast.
+    pub fn try_push_control(&self, shard: usize, cmd: ShardCmd) -> Result<(), ShardCmd> {
+        let inbox = &self.inboxes[shard];
+        let r = inbox.queue.push(cmd);
+        inbox.waker.wake();
+        r
+    }
+
     /// Queues `cmd` for `shard` and wakes it. Never blocks; `Err` gives the command back when the
     /// inbox is full (already counted as dropped).
     pub fn try_push(&self, shard: usize, cmd: ShardCmd) -> Result<(), ShardCmd> {
