@@ -180,3 +180,24 @@ fn memlock_limit_is_checked_at_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let d = Daemon::builder().arg("--log-format").arg("json").start();
+    let mut c = d.client();
+    c.subscribe("sports.football");
+    drop(c);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = d.stderr();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("\"all shards accepting\"")),
+        "{log}"
+    );
+}
