@@ -23,6 +23,8 @@ pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
     stderr_path: std::path::PathBuf,
+    /// Everything the daemon printed on stdout, the `ready` line included.
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 pub struct DaemonBuilder {
@@ -130,9 +132,18 @@ impl Daemon {
         let mut child = cmd.spawn().expect("spawn bts-guru");
         // The daemon prints exactly one line on stdout, `ready <addr>`, once every shard accepts.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Keep reading stdout, so anything printed later is seen (and never hits a closed pipe).
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        let sink = std::sync::Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            while out.read_line(&mut rest).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&rest);
+                rest.clear();
+            }
+        });
         let Some(addr) = line.trim().strip_prefix("ready ") else {
             let _ = child.wait();
             panic!(
@@ -144,6 +155,7 @@ impl Daemon {
             addr: addr.parse().unwrap(),
             child,
             stderr_path,
+            stdout,
         }
     }
 
@@ -174,6 +186,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the daemon printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn stderr(&self) -> String {
