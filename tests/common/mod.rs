@@ -47,6 +47,12 @@ impl DaemonBuilder {
         self.toml = Some(t.to_owned());
         self
     }
+    /// Listen on this address instead of 127.0.0.1 (the harness's credentials are not the
+    /// development ones, so any address may be bound).
+    pub fn host(mut self, host: &str) -> Self {
+        self.args[1] = host.to_owned();
+        self
+    }
     /// Listen on this port instead of a free one (to start a second process beside a first).
     pub fn port(mut self, port: u16) -> Self {
         self.args[3] = port.to_string();
