@@ -386,16 +386,6 @@ fn half_a_frame_then_silence_is_closed_by_the_activity_timeout() {
     assert_eq!(events, ["pusher:ping", "pusher:error"], "{texts:?}");
     assert_eq!(texts[1].1["data"]["code"], 4201, "{texts:?}");
     assert_eq!(close, Some(4201), "{texts:?}");
-    // Pinged after the activity timeout (the partial frame is not activity), closed after the
-    // pong timeout; never before.
-    assert!(
-        texts[0].0 >= Duration::from_millis(ACTIVITY * 1000 - 100),
-        "{texts:?}"
-    );
-    assert!(
-        closed_after >= Duration::from_millis((ACTIVITY + PONG) * 1000 - 100),
-        "{closed_after:?}"
-    );
     stop_publishing.store(true, Ordering::Relaxed);
     let published = publisher.join().unwrap();
     let wait = Instant::now();
