@@ -83,3 +83,78 @@ fn tiny_fanout_delivers_every_event_once_in_order() {
     );
     assert!(v["server"]["rss_kib_connected"].as_u64().unwrap() > 0);
 }
+
+/// A short soak (the 30-minute run's checks on 300 connections for 20 s): churning connections
+/// and subscriptions over public, private and presence channels while publishing; every
+/// delivery checked, presence counts compared with the HTTP API, the server's open files back
+/// to where they started.
+#[test]
+fn short_soak_checks_deliveries_presence_and_open_files() {
+    let d = Daemon::start(2);
+    let out = Command::new(env!("CARGO_BIN_EXE_bts-guru-bench"))
+        .args(["--host", "127.0.0.1", "--port", &d.addr.port().to_string()])
+        .args([
+            "--app-id",
+            APP_ID,
+            "--app-key",
+            APP_KEY,
+            "--app-secret",
+            APP_SECRET,
+        ])
+        .args(["--server-pid", &d.pid().to_string(), "--timeout-s", "120"])
+        .args(["soak", "--connections", "300", "--duration", "20"])
+        .args(["--warmup", "5", "--churn-rate", "30", "--sub-rate", "60"])
+        .args(["--rate", "20", "--steady", "10", "--progress-s", "5"])
+        .args(["--public-channels", "4", "--private-channels", "4"])
+        .args(["--presence-channels", "4", "--presence-max-members", "40"])
+        // RSS of a debug build over 7.5 s windows is noisy at this size; the 30-minute run
+        // holds the 2 % bound (RELIABILITY.md).
+        .args(["--max-rss-growth-pct", "25"])
+        .env_remove("REVERB_APP_ID")
+        .env_remove("REVERB_APP_KEY")
+        .env_remove("REVERB_APP_SECRET")
+        .output()
+        .expect("run bts-guru-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = || {
+        format!(
+            "stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon stderr (tail):\n{}",
+            d.stderr()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    };
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "one JSON line; {}", context());
+    let v: Value = serde_json::from_str(lines[0]).expect("the JSON line parses");
+    assert!(out.status.success(), "{:?}; {}", out.status, context());
+    assert_eq!(v["ok"], true, "{}", context());
+    assert_eq!(v["scenario"], "soak");
+    // It churned, on every kind of channel, and checked what it claims to have checked.
+    assert!(
+        v["connections"]["disconnects"].as_u64().unwrap() > 100,
+        "{}",
+        context()
+    );
+    assert!(v["subscriptions"]["unsubscribes"].as_u64().unwrap() > 50);
+    assert!(v["subscriptions"]["presence_joins"].as_u64().unwrap() > 20);
+    assert!(v["deliveries"]["received"].as_u64().unwrap() > 1000);
+    assert!(v["deliveries"]["steady_received"].as_u64().unwrap() > 100);
+    for k in ["missing", "duplicated_or_reordered", "unexpected"] {
+        assert_eq!(v["deliveries"][k], 0, "{k}; {}", context());
+    }
+    assert_eq!(v["presence"]["api_mismatches"], serde_json::json!([]));
+    assert!(v["presence"]["member_views"].as_u64().unwrap() > 0);
+    let fds = &v["server"];
+    assert!(
+        fds["fds_after_close"].as_u64().unwrap() <= fds["fds_start"].as_u64().unwrap(),
+        "{}",
+        context()
+    );
+    assert!(fds["fds_after_warmup"].as_u64().unwrap() >= 300);
+    assert_eq!(fds["connections_after_close"], 0);
+}

@@ -9,11 +9,13 @@
 //! the server's CPU and RSS come from /proc ([`stats`]). Output: a table on stdout, then exactly
 //! one JSON line, and optionally an SVG percentile plot ([`svg`]).
 //!
-//! Scenarios ([`scenario`]): `fanout`, `idle`, `churn`, `presence`, `max`.
+//! Scenarios ([`scenario`]): `fanout`, `idle`, `churn`, `presence`, `max`, and the long `soak`
+//! ([`soak`]).
 
 pub mod publish;
 pub mod report;
 pub mod scenario;
+pub mod soak;
 pub mod stats;
 pub mod svg;
 pub mod sys;
@@ -154,6 +156,10 @@ pub enum Scenario {
     Presence(PresenceArgs),
     /// Raise the event rate stepwise until loss or p99 over the limit; report the best step.
     Max(MaxArgs),
+    /// Long run: C connections churning (connects and disconnects, subscribes and unsubscribes
+    /// over public, private and presence channels) while events are published at a steady
+    /// rate; checks server RSS and fds, every delivery, and presence counts at the end.
+    Soak(SoakArgs),
 }
 
 #[derive(ClapArgs, Debug, Clone)]
@@ -287,6 +293,72 @@ pub struct MaxArgs {
     pub drain_ms: u64,
     /// Channel names are <prefix><i>.
     #[arg(long, default_value = "sports.football.leagues.l")]
+    pub channel_prefix: String,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+pub struct SoakArgs {
+    /// Connections held open (the population churns, its size stays).
+    #[arg(short = 'c', long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Connections closed and replaced by new ones per second, once all are open.
+    #[arg(long, default_value_t = 500.0)]
+    pub churn_rate: f64,
+    /// Subscribe and unsubscribe operations per second, all connections together.
+    #[arg(long, default_value_t = 500.0)]
+    pub sub_rate: f64,
+    /// Events per second published, all channels together (one channel per event).
+    #[arg(short = 'r', long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seconds from the first connection to the end of the churn, warm-up included.
+    #[arg(short = 'd', long, default_value_t = 1800.0)]
+    pub duration: f64,
+    /// Seconds of warm-up (the ramp included); RSS and fds are compared from its end.
+    #[arg(long, default_value_t = 120.0)]
+    pub warmup: f64,
+    /// New connections per second while ramping up to --connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp_rate: f64,
+    /// Public channels.
+    #[arg(long, default_value_t = 20)]
+    pub public_channels: usize,
+    /// Private channels (subscriptions signed with the app secret).
+    #[arg(long, default_value_t = 20)]
+    pub private_channels: usize,
+    /// Presence channels (channel_data signed with the app secret).
+    #[arg(long, default_value_t = 20)]
+    pub presence_channels: usize,
+    /// Most users the generator puts in one presence channel (the server's limit is 100).
+    #[arg(long, default_value_t = 90)]
+    pub presence_max_members: usize,
+    /// Distinct presence users; connections pick one at random, so a user may have several
+    /// sockets in a channel (default: connections / 4).
+    #[arg(long)]
+    pub users: Option<usize>,
+    /// Most channels one connection is subscribed to at a time.
+    #[arg(long, default_value_t = 3)]
+    pub max_subs: usize,
+    /// Connections that stay the whole run, subscribed to one channel of each kind.
+    #[arg(long, default_value_t = 100)]
+    pub steady: usize,
+    /// Fraction of the disconnects that drop TCP without a WebSocket close frame.
+    #[arg(long, default_value_t = 0.1)]
+    pub abrupt_fraction: f64,
+    /// Largest RSS growth allowed between the end of the warm-up and the end, percent.
+    #[arg(long, default_value_t = 2.0)]
+    pub max_rss_growth_pct: f64,
+    /// How long a subscriber may take to receive every event it is owed before unsubscribing
+    /// or at the end (else those events count as missing), seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub catch_up_s: f64,
+    /// Publisher threads (one HTTP connection each; each owns every P-th channel).
+    #[arg(long, default_value_t = 2)]
+    pub publishers: usize,
+    /// Seconds between progress lines on stderr.
+    #[arg(long, default_value_t = 10.0)]
+    pub progress_s: f64,
+    /// Channel names start with this (a random suffix keeps runs apart).
+    #[arg(long, default_value = "soak")]
     pub channel_prefix: String,
 }
 

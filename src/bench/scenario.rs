@@ -30,6 +30,7 @@ fn scenario_name(s: &Scenario) -> &'static str {
         Scenario::Churn(_) => "churn",
         Scenario::Presence(_) => "presence",
         Scenario::Max(_) => "max",
+        Scenario::Soak(_) => "soak",
     }
 }
 
@@ -65,6 +66,7 @@ fn estimate_secs(args: &Args) -> f64 {
             connect(a.connections)
                 + a.max_steps as f64 * (a.step_s + a.drain_ms as f64 / 1000.0 + 2.0)
         }
+        Scenario::Soak(a) => super::soak::estimate_secs(a),
     }
 }
 
@@ -92,6 +94,7 @@ pub fn run(args: Args) -> i32 {
         Scenario::Churn(a) => churn(&env, a),
         Scenario::Presence(a) => presence(&env, a),
         Scenario::Max(a) => max(&env, a),
+        Scenario::Soak(a) => super::soak::soak(&env, a),
     });
     match result {
         Ok(mut report) => {
@@ -132,15 +135,15 @@ fn plot_subtitle(r: &Report) -> String {
 }
 
 /// What every scenario needs: where the server is, how to publish, how to watch it.
-struct Env {
-    c: Common,
-    addr: SocketAddr,
-    host_header: String,
-    via: Via,
-    creds: Creds,
-    sources: Vec<IpAddr>,
-    threads: usize,
-    nonce: String,
+pub(super) struct Env {
+    pub(super) c: Common,
+    pub(super) addr: SocketAddr,
+    pub(super) host_header: String,
+    pub(super) via: Via,
+    pub(super) creds: Creds,
+    pub(super) sources: Vec<IpAddr>,
+    pub(super) threads: usize,
+    pub(super) nonce: String,
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
@@ -207,7 +210,7 @@ impl Env {
         })
     }
 
-    fn ws_path(&self) -> String {
+    pub(super) fn ws_path(&self) -> String {
         format!(
             "/app/{}?protocol=7&client=bts-guru-bench&version={}&flash=false",
             self.c.app_key,
@@ -222,7 +225,7 @@ impl Env {
     }
 
     /// Checks the open-files limit can take `n` connections (plus some slack).
-    fn check_fds(&self, n: usize) -> Result<()> {
+    pub(super) fn check_fds(&self, n: usize) -> Result<()> {
         let limit = super::sys::raise_nofile();
         if (n as u64) + 64 > limit {
             return Err(BenchError(format!(
@@ -233,7 +236,7 @@ impl Env {
         Ok(())
     }
 
-    fn target_json(&self) -> Value {
+    pub(super) fn target_json(&self) -> Value {
         json!({
             "host": self.c.host,
             "port": self.c.port,
@@ -470,7 +473,7 @@ fn connect_failure(workers: Workers, c: &Connected, want: u64) -> BenchError {
 
 /// One WebSocket connection with tungstenite's blocking client: checks the server answers, the
 /// key is accepted and (when `probe` is set) that an event published by us arrives.
-fn preflight(env: &Env, probe: bool) -> Result<()> {
+pub(super) fn preflight(env: &Env, probe: bool) -> Result<()> {
     let stream = TcpStream::connect_timeout(&env.addr, Duration::from_secs(3)).map_err(|e| {
         format!(
             "cannot connect to {}: {e} (is the server running on {}:{}?)",
@@ -575,7 +578,7 @@ fn read_json(ws: &mut tungstenite::WebSocket<TcpStream>) -> std::result::Result<
 }
 
 /// `GET /apps/{id}/connections` (Reverb and bts-guru have it; Pusher does not).
-fn server_connections(env: &Env) -> Option<u64> {
+pub(super) fn server_connections(env: &Env) -> Option<u64> {
     let api_host = env.c.api_host.clone().unwrap_or_else(|| env.c.host.clone());
     let api_port = env.c.api_port.unwrap_or(env.c.port);
     let addr = resolve(&api_host, api_port).ok()?;
@@ -810,7 +813,7 @@ fn connect_rows(
     );
 }
 
-fn title(env: &Env, what: &str) -> String {
+pub(super) fn title(env: &Env, what: &str) -> String {
     format!(
         "bts-guru-bench {what} against ws://{} (app {}, publish via {})",
         env.host_header,

@@ -836,11 +836,11 @@ impl Worker {
 }
 
 /// Paced senders catch up at most 100 ms of backlog in one burst.
-fn catch_up_floor(now: Instant) -> Instant {
+pub(super) fn catch_up_floor(now: Instant) -> Instant {
     now.checked_sub(Duration::from_millis(100)).unwrap_or(now)
 }
 
-fn next_mask(rng: &mut u64) -> [u8; 4] {
+pub(super) fn next_mask(rng: &mut u64) -> [u8; 4] {
     let mut x = *rng;
     x ^= x << 13;
     x ^= x >> 7;
@@ -849,7 +849,7 @@ fn next_mask(rng: &mut u64) -> [u8; 4] {
     (x as u32).to_le_bytes()
 }
 
-fn connect_nonblocking(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
+pub(super) fn connect_nonblocking(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_nonblocking(true)?;
     s.set_nodelay(true)?;

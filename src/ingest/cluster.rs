@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, ChannelPart, QueryKind, QueryPart, RemoteCmd, ShardCmd};
-use crate::protocol::{channel, SocketId};
+use crate::protocol::{channel, depth, SocketId};
 use crate::shard::Shared;
 
 /// How often a node says it is alive.
@@ -518,6 +518,11 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
     let Some(cluster) = shared.cluster.as_ref() else {
         return;
     };
+    // Unknown fields are skipped through serde, which recurses once per level.
+    if !depth::within(payload, depth::MAX_JSON_DEPTH) {
+        shared.ingest.malformed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let mut bytes = payload.to_vec();
     let Ok(msg) = simd_json::serde::from_slice::<Wire>(&mut bytes) else {
         shared.ingest.malformed.fetch_add(1, Ordering::Relaxed);

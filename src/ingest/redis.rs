@@ -22,7 +22,7 @@ use simd_json::BorrowedValue;
 use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::Broadcast;
-use crate::protocol::{channel, outbound, SocketId};
+use crate::protocol::{channel, depth, outbound, SocketId};
 use crate::shard::Shared;
 
 /// Counters shared with the shards (read on `/up`; written by the ingest thread only).
@@ -52,6 +52,8 @@ pub enum PayloadError {
     BadChannel,
     #[error("event name longer than 200 characters")]
     LongEvent,
+    #[error("payload nested deeper than {} levels", depth::MAX_JSON_DEPTH)]
+    TooDeep,
 }
 
 /// An event decoded from Laravel's payload.
@@ -65,6 +67,10 @@ pub struct LaravelEvent {
 
 /// Decodes `{"event":E,"data":D,"socket":S|null}`. `payload` is scratch for simd-json.
 pub fn decode(payload: &mut [u8]) -> Result<LaravelEvent, PayloadError> {
+    // Building the value, serializing `data` again and dropping it recurse once per level.
+    if !depth::within(payload, depth::MAX_JSON_DEPTH) {
+        return Err(PayloadError::TooDeep);
+    }
     let v = simd_json::to_borrowed_value(payload).map_err(|_| PayloadError::NotAnObject)?;
     let BorrowedValue::Object(obj) = v else {
         return Err(PayloadError::NotAnObject);
@@ -280,6 +286,17 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn deeply_nested_payload_is_refused_before_parsing() {
+        let mut p = format!(
+            r#"{{"event":"e","data":{}{},"socket":null}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        )
+        .into_bytes();
+        assert_eq!(decode(&mut p), Err(PayloadError::TooDeep));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::borrow::Cow;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
+use super::depth;
+
 /// A message a client sent, borrowing from the (unmasked, in-place parsed) frame payload.
 #[derive(Debug, PartialEq)]
 pub enum ClientMessage<'a> {
@@ -43,10 +45,16 @@ pub enum InboundError {
     NotAnEvent,
     #[error("{0} needs data.channel as a string")]
     MissingChannel(&'static str),
+    #[error("JSON nested deeper than {} levels", depth::MAX_JSON_DEPTH)]
+    TooDeep,
 }
 
 /// Parses one text frame's payload. `buf` is scratch: simd-json rewrites it while parsing.
 pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
+    // Building the value recurses once per level: refuse deep nesting before parsing.
+    if !depth::within(buf, depth::MAX_JSON_DEPTH) {
+        return Err(InboundError::TooDeep);
+    }
     let value = simd_json::to_borrowed_value(buf).map_err(|_| InboundError::NotAnEvent)?;
     let BorrowedValue::Object(mut obj) = value else {
         return Err(InboundError::NotAnEvent);
@@ -60,7 +68,7 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
         "pusher:ping" => ClientMessage::Ping,
         "pusher:pong" => ClientMessage::Pong,
         "pusher:subscribe" => {
-            let data = data_object(data);
+            let data = data_object(data)?;
             let channel =
                 field(&data, "channel").ok_or(InboundError::MissingChannel("pusher:subscribe"))?;
             ClientMessage::Subscribe {
@@ -70,13 +78,13 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
             }
         }
         "pusher:unsubscribe" => {
-            let data = data_object(data);
+            let data = data_object(data)?;
             let channel = field(&data, "channel")
                 .ok_or(InboundError::MissingChannel("pusher:unsubscribe"))?;
             ClientMessage::Unsubscribe { channel }
         }
         "pusher:signin" => {
-            let data = data_object(data);
+            let data = data_object(data)?;
             ClientMessage::Signin {
                 auth: field(&data, "auth"),
                 user_data: field(&data, "user_data"),
@@ -98,15 +106,19 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
 }
 
 /// Pusher clients send `data` as an object; a few send it JSON-encoded as a string. Both work.
-fn data_object(data: Option<BorrowedValue<'_>>) -> Option<BorrowedValue<'_>> {
+/// A string is JSON from outside too, so its nesting is checked before it is parsed.
+fn data_object(data: Option<BorrowedValue<'_>>) -> Result<Option<BorrowedValue<'_>>, InboundError> {
     match data {
         Some(BorrowedValue::String(s)) => {
+            if !depth::within(s.as_bytes(), depth::MAX_JSON_DEPTH) {
+                return Err(InboundError::TooDeep);
+            }
             let mut bytes = s.as_bytes().to_vec();
-            simd_json::to_owned_value(&mut bytes)
+            Ok(simd_json::to_owned_value(&mut bytes)
                 .ok()
-                .map(|v| BorrowedValue::from(v).into_static())
+                .map(|v| BorrowedValue::from(v).into_static()))
         }
-        other => other,
+        other => Ok(other),
     }
 }
 
@@ -197,5 +209,33 @@ mod tests {
         check(r#"{"data":{}}"#, Err(InboundError::NotAnEvent));
         check(r#"{"event":5}"#, Err(InboundError::NotAnEvent));
         check("", Err(InboundError::NotAnEvent));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // 100,000 levels would overflow the stack while the value is built (issue 8).
+        let deep = format!(
+            r#"{{"event":"client-x","channel":"private-a","data":{}1{}}}"#,
+            r#"{"a":"#.repeat(100_000),
+            "}".repeat(100_000)
+        );
+        check(&deep, Err(InboundError::TooDeep));
+        let deep_array = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        check(&deep_array, Err(InboundError::TooDeep));
+        // `data` sent as a string is parsed too: its nesting is checked as well.
+        let inner = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let as_string = serde_json::json!({"event":"pusher:subscribe","data": inner}).to_string();
+        check(&as_string, Err(InboundError::TooDeep));
+        // At the limit it parses.
+        let ok = format!(
+            r#"{{"event":"client-x","data":{}{}}}"#,
+            "[".repeat(depth::MAX_JSON_DEPTH - 1),
+            "]".repeat(depth::MAX_JSON_DEPTH - 1)
+        );
+        let mut buf = ok.into_bytes();
+        assert!(matches!(
+            parse(&mut buf),
+            Ok(ClientMessage::ClientEvent { .. })
+        ));
     }
 }

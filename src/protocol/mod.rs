@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod channel;
+pub mod depth;
 pub mod error;
 pub mod inbound;
 pub mod members;

@@ -13,7 +13,7 @@ use super::Shard;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
 use crate::ingest::cluster::Wire;
-use crate::protocol::{auth, channel, outbound, ChannelKind, SocketId};
+use crate::protocol::{auth, channel, depth, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::{Request, Response};
 
 /// Most channels one event may name (Pusher's limit).
@@ -280,6 +280,16 @@ fn decode(segment: &str) -> String {
 async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Reply {
     let shared = &shard.shared;
     let app = shard.app(app_idx);
+    // Deserializing `data` (any JSON) and skipping unknown fields recurse once per level.
+    if !depth::within(body, depth::MAX_JSON_DEPTH) {
+        return err(
+            400,
+            &format!(
+                "Invalid JSON body: nested deeper than {} levels",
+                depth::MAX_JSON_DEPTH
+            ),
+        );
+    }
     let mut body = body.to_vec();
     let events = if !batch {
         match simd_json::serde::from_slice::<EventBody>(&mut body) {

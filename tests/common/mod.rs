@@ -25,6 +25,8 @@ pub struct Daemon {
     /// Its working directory (holds `config.toml` when `server_toml` was given).
     pub dir: std::path::PathBuf,
     stderr_path: std::path::PathBuf,
+    /// Everything the daemon printed on stdout, the `ready` line included.
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 pub struct DaemonBuilder {
@@ -45,6 +47,12 @@ impl DaemonBuilder {
     /// Extra TOML appended to the `[server]` table of the generated config file.
     pub fn server_toml(mut self, t: &str) -> Self {
         self.toml = Some(t.to_owned());
+        self
+    }
+    /// Listen on this address instead of 127.0.0.1 (the harness's credentials are not the
+    /// development ones, so any address may be bound).
+    pub fn host(mut self, host: &str) -> Self {
+        self.args[1] = host.to_owned();
         self
     }
     /// Listen on this port instead of a free one (to start a second process beside a first).
@@ -134,9 +142,18 @@ impl Daemon {
         let mut child = cmd.spawn().expect("spawn bts-guru");
         // The daemon prints exactly one line on stdout, `ready <addr>`, once every shard accepts.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Keep reading stdout, so anything printed later is seen (and never hits a closed pipe).
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        let sink = std::sync::Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            while out.read_line(&mut rest).unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&rest);
+                rest.clear();
+            }
+        });
         let Some(addr) = line.trim().strip_prefix("ready ") else {
             let _ = child.wait();
             panic!(
@@ -149,6 +166,7 @@ impl Daemon {
             child,
             dir,
             stderr_path,
+            stdout,
         }
     }
 
@@ -179,6 +197,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// What the daemon printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn stderr(&self) -> String {
