@@ -64,6 +64,8 @@ def integrity(runs, server):
         if srv != server:
             continue
         for r in rs:
+            if not r.get("ok", False):
+                bad.append(f"{scen}: run failed ({'; '.join(r.get('problems') or ['?'])})")
             d = r.get("deliveries") or {}
             for k in ("missing", "duplicates", "reordered"):
                 if d.get(k):
