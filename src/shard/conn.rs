@@ -144,6 +144,19 @@ enum Io {
     Done,
 }
 
+/// What only signed-in connections and presence members need (`Conn::ext`).
+#[derive(Default)]
+pub(super) struct Extra {
+    /// The user this connection signed in as (`pusher:signin`).
+    pub user: Option<Rc<str>>,
+    /// User ids whose online/offline changes this connection is told (from its `user_data`).
+    pub watchlist: Vec<Rc<str>>,
+    /// Presence channels joined: (channel, user id), so leaving and client events know the user.
+    pub presence: Vec<(Rc<str>, Rc<str>)>,
+    /// Presence channels whose owner shard has not answered the join yet.
+    pub presence_pending: Vec<Rc<str>>,
+}
+
 /// A WebSocket connection's state shared between its task and its shard.
 pub struct Conn {
     pub id: ConnId,
@@ -168,14 +181,9 @@ pub struct Conn {
     pub(super) in_dirty: Cell<bool>,
     /// The close code sent or received, for the disconnect metrics.
     close_code: Cell<Option<u16>>,
-    /// The user this connection signed in as (`pusher:signin`).
-    pub(super) user: RefCell<Option<Rc<str>>>,
-    /// User ids whose online/offline changes this connection is told (from its `user_data`).
-    pub(super) watchlist: RefCell<Vec<Rc<str>>>,
-    /// Presence channels joined: (channel, user id), so leaving and client events know the user.
-    pub(super) presence: RefCell<Vec<(Rc<str>, Rc<str>)>>,
-    /// Presence channels whose owner shard has not answered the join yet.
-    pub(super) presence_pending: RefCell<Vec<Rc<str>>>,
+    /// Sign-in and presence state, allocated the first time a connection signs in or joins a
+    /// presence channel: most connections never do, and each idle connection's size counts.
+    extra: RefCell<Option<Box<Extra>>>,
     /// TLS state of a wss:// connection (boxed: plain connections pay one pointer).
     tls: Option<Box<RefCell<rustls::ServerConnection>>>,
     /// TLS: our close_notify is queued.
@@ -212,14 +220,54 @@ impl Conn {
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
             close_code: Cell::new(None),
-            user: RefCell::new(None),
-            watchlist: RefCell::new(Vec::new()),
-            presence: RefCell::new(Vec::new()),
-            presence_pending: RefCell::new(Vec::new()),
+            extra: RefCell::new(None),
             rate_window: Cell::new((Instant::now(), 0)),
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
         }
+    }
+
+    /// Sign-in and presence state, created on first use.
+    pub(super) fn ext(&self) -> std::cell::RefMut<'_, Extra> {
+        std::cell::RefMut::map(self.extra.borrow_mut(), |e| {
+            &mut **e.get_or_insert_with(Box::default)
+        })
+    }
+
+    /// Takes the sign-in and presence state (the connection is ending).
+    pub(super) fn take_ext(&self) -> Option<Box<Extra>> {
+        self.extra.borrow_mut().take()
+    }
+
+    /// The signed-in user, if any (no allocation).
+    pub(super) fn user(&self) -> Option<Rc<str>> {
+        self.extra.borrow().as_ref().and_then(|e| e.user.clone())
+    }
+
+    /// The user this connection joined presence channel `channel` as (no allocation).
+    pub(super) fn presence_user(&self, channel: &str) -> Option<Rc<str>> {
+        self.extra.borrow().as_ref().and_then(|e| {
+            e.presence
+                .iter()
+                .find(|(c, _)| &**c == channel)
+                .map(|(_, u)| Rc::clone(u))
+        })
+    }
+
+    /// Presence channels whose join is pending (no allocation).
+    pub(super) fn pending_joins(&self) -> usize {
+        self.extra
+            .borrow()
+            .as_ref()
+            .map_or(0, |e| e.presence_pending.len())
+    }
+
+    /// Whether a join of `channel` is pending (no allocation).
+    pub(super) fn join_pending(&self, channel: &str) -> bool {
+        self.extra
+            .borrow()
+            .as_ref()
+            .is_some_and(|e| e.presence_pending.iter().any(|c| &**c == channel))
     }
 
     /// Queues a broadcast frame. Over `max` unsent bytes, the connection is a slow consumer: its

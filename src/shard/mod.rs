@@ -32,6 +32,7 @@ use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
 use crate::webhooks;
 
 pub use conn::Conn;
+use conn::Extra;
 use index::SubscriptionIndex;
 
 /// State every shard reads and none owns: configuration, the router, per-app connection
@@ -330,12 +331,19 @@ impl Shard {
         for (app, ch) in &chans {
             self.count_changed(*app, ch, -1);
         }
-        let memberships = std::mem::take(&mut *conn.presence.borrow_mut());
-        for (ch, user) in memberships {
-            self.send_leave(conn, &ch, &user);
-        }
-        if let Some(user) = conn.user.borrow_mut().take() {
-            self.user_presence(conn, &user, -1);
+        if let Some(ext) = conn.take_ext() {
+            let Extra {
+                user,
+                watchlist,
+                presence,
+                ..
+            } = *ext;
+            for (ch, user) in presence {
+                self.send_leave(conn, &ch, &user);
+            }
+            if let Some(user) = user {
+                self.user_offline(conn, &user, watchlist);
+            }
         }
         self.conns.borrow_mut().remove(conn.id);
     }
@@ -389,9 +397,9 @@ impl Shard {
     /// Leaves a presence channel `conn` had joined (unsubscribe).
     fn leave_presence(&self, conn: &Conn, channel: &str) {
         let user = {
-            let mut joined = conn.presence.borrow_mut();
-            let pos = joined.iter().position(|(c, _)| &**c == channel);
-            pos.map(|i| joined.swap_remove(i).1)
+            let mut ext = conn.ext();
+            let pos = ext.presence.iter().position(|(c, _)| &**c == channel);
+            pos.map(|i| ext.presence.swap_remove(i).1)
         };
         if let Some(user) = user {
             self.send_leave(conn, channel, &user);
@@ -673,6 +681,16 @@ impl Shard {
     /// A connection signed in (`+1`) or closed (`-1`) as `user`: tell the user's owner, and
     /// start or stop watching the users on its watchlist.
     fn user_presence(&self, conn: &Conn, user: &str, delta: i32) {
+        let watchlist = conn.ext().watchlist.clone();
+        self.user_watch(conn, user, delta, watchlist);
+    }
+
+    /// A signed-in connection ended: its user loses a connection, its watches stop.
+    fn user_offline(&self, conn: &Conn, user: &str, watchlist: Vec<Rc<str>>) {
+        self.user_watch(conn, user, -1, watchlist);
+    }
+
+    fn user_watch(&self, conn: &Conn, user: &str, delta: i32, watchlist: Vec<Rc<str>>) {
         let router = &self.shared.router;
         let _ = router.try_push(
             router.user_owner(conn.app, user),
@@ -682,11 +700,6 @@ impl Shard {
                 delta,
             },
         );
-        let watchlist = if delta > 0 {
-            conn.watchlist.borrow().clone()
-        } else {
-            std::mem::take(&mut *conn.watchlist.borrow_mut())
-        };
         for watched in watchlist {
             let _ = router.try_push(
                 router.user_owner(conn.app, &watched),
@@ -1045,16 +1058,17 @@ impl Shard {
     fn presence_joined(&self, j: Joined) {
         let conn = self.conns.borrow().get(j.conn).cloned();
         let waiting = conn.as_ref().filter(|c| {
-            let mut pending = c.presence_pending.borrow_mut();
-            let before = pending.len();
-            pending.retain(|ch| **ch != *j.channel);
-            pending.len() < before && c.is_open()
+            if !c.join_pending(&j.channel) {
+                return false;
+            }
+            c.ext().presence_pending.retain(|ch| **ch != *j.channel);
+            c.is_open()
         });
         match (waiting, j.result) {
             (Some(conn), Ok(frame)) => {
                 self.subscribe_local(conn, &j.channel);
-                conn.presence
-                    .borrow_mut()
+                conn.ext()
+                    .presence
                     .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
                 conn.enqueue_shared(&Rc::new(frame), self.shared.cfg.max_outbound_bytes);
                 self.send_cached(conn, &j.channel);
@@ -1197,7 +1211,7 @@ impl Shard {
     /// terminate_connections: close every connection signed in as `user_id` with 4009.
     fn terminate_user(&self, app: usize, user_id: &str) {
         for conn in self.conns.borrow().all() {
-            if conn.app == app && conn.user.borrow().as_deref() == Some(user_id) {
+            if conn.app == app && conn.user().as_deref() == Some(user_id) {
                 conn.close_pusher(PusherError::Unauthorized);
                 self.mark_dirty(&conn);
             }

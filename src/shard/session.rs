@@ -106,11 +106,7 @@ fn subscribe(
         .index
         .borrow()
         .is_subscribed(conn.id, conn.app, channel)
-        || conn
-            .presence_pending
-            .borrow()
-            .iter()
-            .any(|c| &**c == channel)
+        || conn.join_pending(channel)
     {
         // Pusher answers a repeated subscribe as a fresh one; the membership does not change.
         if ChannelKind::of(channel) != ChannelKind::Presence {
@@ -118,9 +114,7 @@ fn subscribe(
         }
         return;
     }
-    if shard.index.borrow().channels_of(conn.id) + conn.presence_pending.borrow().len()
-        >= MAX_CHANNELS_PER_CONN
-    {
+    if shard.index.borrow().channels_of(conn.id) + conn.pending_joins() >= MAX_CHANNELS_PER_CONN {
         conn.send_text(&outbound::error(
             None,
             &format!("Subscription limit reached: at most {MAX_CHANNELS_PER_CONN} channels per connection"),
@@ -130,7 +124,7 @@ fn subscribe(
     let app = shard.app(conn.app);
     if let Some(user) = channel::server_to_user_id(channel) {
         // Only the signed-in user may listen to their own server-to-user channel.
-        if conn.user.borrow().as_deref() != Some(user) {
+        if conn.user().as_deref() != Some(user) {
             unauthorized(
                 conn,
                 &format!("{channel:?} needs pusher:signin as user {user:?}"),
@@ -182,7 +176,7 @@ fn subscribe(
         // Membership is decided by the channel's owner shard; the subscription starts when it
         // answers (ShardCmd::Joined), with the whole channel's members.
         let channel_arc: Arc<str> = Arc::from(channel);
-        conn.presence_pending.borrow_mut().push(Rc::from(channel));
+        conn.ext().presence_pending.push(Rc::from(channel));
         let owner = shard.shared.router.owner(conn.app, channel);
         let op = PresenceOp::Join {
             app: conn.app,
@@ -199,9 +193,7 @@ fn subscribe(
             .try_push(owner, ShardCmd::Presence(op))
             .is_err()
         {
-            conn.presence_pending
-                .borrow_mut()
-                .retain(|c| &**c != channel);
+            conn.ext().presence_pending.retain(|c| &**c != channel);
             conn.send_text(&outbound::subscription_error(
                 channel,
                 "Overloaded",
@@ -218,9 +210,9 @@ fn subscribe(
 
 fn unsubscribe(shard: &Shard, conn: &Conn, channel: &str) {
     // A join still waiting for the owner is undone when its answer arrives.
-    conn.presence_pending
-        .borrow_mut()
-        .retain(|c| &**c != channel);
+    if conn.join_pending(channel) {
+        conn.ext().presence_pending.retain(|c| &**c != channel);
+    }
     if shard.unsubscribe_local(conn, channel) {
         shard.leave_presence(conn, channel);
     }
@@ -285,12 +277,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         );
     }
     conn.client_tokens.set(tokens - 1.0);
-    let user_id = conn
-        .presence
-        .borrow()
-        .iter()
-        .find(|(c, _)| &**c == channel)
-        .map(|(_, u)| Rc::clone(u));
+    let user_id = conn.presence_user(channel);
     shard
         .stats
         .events_client
@@ -333,7 +320,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
 
 fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Option<&str>) {
     let app = shard.app(conn.app);
-    if conn.user.borrow().is_some() {
+    if conn.user().is_some() {
         conn.send_text(&outbound::error(
             None,
             "This connection is already signed in",
@@ -356,12 +343,15 @@ fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Optio
         // Pusher and Soketi close the connection on a failed sign-in.
         _ => return conn.close_pusher(PusherError::Unauthorized),
     };
-    *conn.user.borrow_mut() = Some(Rc::from(user.id.as_str()));
-    *conn.watchlist.borrow_mut() = user
-        .watchlist
-        .iter()
-        .map(|w| Rc::from(w.as_str()))
-        .collect();
+    {
+        let mut ext = conn.ext();
+        ext.user = Some(Rc::from(user.id.as_str()));
+        ext.watchlist = user
+            .watchlist
+            .iter()
+            .map(|w| Rc::from(w.as_str()))
+            .collect();
+    }
     conn.send_text(&outbound::signin_success(user_data));
     shard.user_presence(conn, &user.id, 1);
 }
