@@ -249,8 +249,15 @@ fn cluster_sends_each_webhook_once_for_the_whole_cluster() {
     pa.join("presence-match", "7", json!(null));
     let mut pb = b.client();
     pb.join("presence-match", "7", json!(null));
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(count(&ep, "channel_occupied"), 2, "{:?}", ep.names()); // sports.football + presence-match
+    // sports.football and presence-match: two occupied; user 7: one member_added. Wait for them,
+    // then make sure no second copy follows.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&ep, "channel_occupied") < 2 || count(&ep, "member_added") < 1 {
+        assert!(Instant::now() < deadline, "{:?}", ep.names());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(count(&ep, "channel_occupied"), 2, "{:?}", ep.names());
     assert_eq!(count(&ep, "member_added"), 1, "{:?}", ep.names());
     // B's subscriber and B's socket of user 7 leave: the channel and the user are still there.
     on_b.close();
