@@ -19,7 +19,7 @@
 //! Neither edge needs a timing margin.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -36,7 +36,7 @@ use super::scenario::{preflight, server_connections, title, Env};
 use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
 use super::sys::{self, Epoll};
 use super::wire;
-use super::worker::{catch_up_floor, connect_nonblocking, next_mask};
+use super::worker::{catch_up_floor, connect_nonblocking, next_mask, write_queued};
 use super::{BenchError, Result, SoakArgs};
 
 /// How long the server may take to answer our close frame.
@@ -1145,33 +1145,16 @@ fn sub_op(ctx: &mut Ctx, conn: &mut Conn) {
 
 /// Writes what is queued; asks for POLLOUT only while something is left.
 fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    while !conn.outbuf.is_empty() {
-        match conn.stream.write(&conn.outbuf) {
-            Ok(0) => return Fate::Drop(Some("write returned 0".into())),
-            Ok(n) => {
-                conn.outbuf.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Fate::Drop(Some(format!("write: {e}"))),
-        }
+    match write_queued(
+        &mut conn.stream,
+        &mut conn.outbuf,
+        &mut conn.out_interest,
+        epoll,
+        tok,
+    ) {
+        Ok(()) => Fate::Keep,
+        Err(e) => Fate::Drop(Some(e)),
     }
-    let want_out = !conn.outbuf.is_empty();
-    if want_out != conn.out_interest {
-        let interest = if want_out {
-            sys::IN | sys::OUT
-        } else {
-            sys::IN
-        };
-        if let Err(e) = epoll.modify(conn.stream.as_raw_fd(), tok, interest) {
-            return Fate::Drop(Some(format!("epoll_ctl: {e}")));
-        }
-        conn.out_interest = want_out;
-    }
-    if conn.outbuf.capacity() > 4096 && conn.outbuf.is_empty() {
-        conn.outbuf = Vec::new();
-    }
-    Fate::Keep
 }
 
 fn read_input(ctx: &mut Ctx, conn: &mut Conn, scratch: &mut [u8]) -> Fate {

@@ -883,33 +883,55 @@ fn start_close(ctx: &mut Ctx, conn: &mut Conn, tok: u64) {
 
 /// Writes what is queued; asks for POLLOUT only while something is left.
 fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    while !conn.outbuf.is_empty() {
-        match conn.stream.write(&conn.outbuf) {
-            Ok(0) => return Fate::Drop(Some("write returned 0".into())),
+    match write_queued(
+        &mut conn.stream,
+        &mut conn.outbuf,
+        &mut conn.out_interest,
+        epoll,
+        tok,
+    ) {
+        Ok(()) => Fate::Keep,
+        Err(e) => Fate::Drop(Some(e)),
+    }
+}
+
+/// Writes what is queued in `outbuf` without blocking; asks epoll for POLLOUT (`out_interest`)
+/// only while something is left, and frees a large emptied buffer. `Err`: why the connection
+/// must be dropped.
+pub(super) fn write_queued(
+    stream: &mut TcpStream,
+    outbuf: &mut Vec<u8>,
+    out_interest: &mut bool,
+    epoll: &Epoll,
+    tok: u64,
+) -> std::result::Result<(), String> {
+    while !outbuf.is_empty() {
+        match stream.write(outbuf) {
+            Ok(0) => return Err("write returned 0".into()),
             Ok(n) => {
-                conn.outbuf.drain(..n);
+                outbuf.drain(..n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Fate::Drop(Some(format!("write: {e}"))),
+            Err(e) => return Err(format!("write: {e}")),
         }
     }
-    let want_out = !conn.outbuf.is_empty();
-    if want_out != conn.out_interest {
+    let want_out = !outbuf.is_empty();
+    if want_out != *out_interest {
         let interest = if want_out {
             sys::IN | sys::OUT
         } else {
             sys::IN
         };
-        if let Err(e) = epoll.modify(conn.stream.as_raw_fd(), tok, interest) {
-            return Fate::Drop(Some(format!("epoll_ctl: {e}")));
-        }
-        conn.out_interest = want_out;
+        epoll
+            .modify(stream.as_raw_fd(), tok, interest)
+            .map_err(|e| format!("epoll_ctl: {e}"))?;
+        *out_interest = want_out;
     }
-    if conn.outbuf.capacity() > 4096 && conn.outbuf.is_empty() {
-        conn.outbuf = Vec::new();
+    if outbuf.capacity() > 4096 && outbuf.is_empty() {
+        *outbuf = Vec::new();
     }
-    Fate::Keep
+    Ok(())
 }
 
 fn read_input(ctx: &mut Ctx, conn: &mut Conn, tok: u64, scratch: &mut [u8]) -> Fate {
