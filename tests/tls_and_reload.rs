@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,27 +49,7 @@ fn scratch(tag: &str) -> std::path::PathBuf {
 
 /// A TLS client trusting only `ca`.
 fn tls_connect(addr: SocketAddr, ca: &CertificateDer<'static>) -> Tls {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
-            .unwrap();
-    let sock = TcpStream::connect(addr).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    sock.set_nodelay(true).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    // Finish the handshake now, so a certificate problem shows here.
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
-    }
-    tls
+    tls_connect_any(addr, &[ca])
 }
 
 /// The certificate the server presented.
@@ -88,28 +67,13 @@ fn https(
     target: &str,
     body: &[u8],
 ) -> (u16, String) {
-    let mut s = tls_connect(addr, ca);
-    let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    s.flush().unwrap();
-    let mut resp = Vec::new();
-    let _ = s.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    http_over(
+        &mut tls_connect(addr, ca),
+        "localhost",
+        method,
+        target,
+        body,
+    )
 }
 
 /// A signed `POST /apps/{id}/events` target for `body`.
@@ -320,7 +284,9 @@ fn tls_connect_any(addr: SocketAddr, cas: &[&CertificateDer<'static>]) -> Tls {
             .unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.set_nodelay(true).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, sock);
+    // Finish the handshake now, so a certificate problem shows here.
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
     }

@@ -521,12 +521,25 @@ impl Api {
 pub fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    http_over(&mut s, &addr.to_string(), method, target, body)
+}
+
+/// One HTTP/1.1 request with `Connection: close` over an open stream (plain or TLS); returns
+/// (status, body).
+pub fn http_over<S: Read + Write>(
+    s: &mut S,
+    host: &str,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> (u16, String) {
     let head = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
+    s.flush().unwrap();
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let text = String::from_utf8_lossy(&resp).into_owned();
