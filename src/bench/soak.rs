@@ -36,7 +36,9 @@ use super::scenario::{preflight, server_connections, title, Env};
 use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
 use super::sys::{self, Epoll};
 use super::wire;
-use super::worker::{catch_up_floor, connect_nonblocking, next_mask, write_queued};
+use super::worker::{
+    catch_up_floor, connect_nonblocking, next_mask, slot_mut, token, write_queued,
+};
 use super::{BenchError, Result, SoakArgs};
 
 /// How long the server may take to answer our close frame.
@@ -382,18 +384,6 @@ struct SoakWorker {
     next_scan: Instant,
     quiesce: Option<Sender<()>>,
     final_fence: Option<Sender<()>>,
-}
-
-fn token(idx: u32, gen: u32) -> u64 {
-    ((gen as u64) << 32) | idx as u64
-}
-
-fn slot_mut<'a>(slots: &'a mut [Option<Conn>], gens: &[u32], tok: u64) -> Option<&'a mut Conn> {
-    let idx = (tok & 0xFFFF_FFFF) as usize;
-    if gens.get(idx) != Some(&((tok >> 32) as u32)) {
-        return None;
-    }
-    slots.get_mut(idx)?.as_mut()
 }
 
 fn per_thread(total: usize, threads: usize, i: usize) -> usize {

@@ -282,11 +282,18 @@ pub struct Worker {
     leave_next: Instant,
 }
 
-fn token(idx: u32, gen: u32) -> u64 {
+/// An epoll token: a connection's slot and its generation, so a stale event never reaches a
+/// newer connection in the same slot.
+pub(super) fn token(idx: u32, gen: u32) -> u64 {
     ((gen as u64) << 32) | idx as u64
 }
 
-fn slot_mut<'a>(slots: &'a mut [Option<Conn>], gens: &[u32], tok: u64) -> Option<&'a mut Conn> {
+/// The connection a token names, if its slot still holds that generation.
+pub(super) fn slot_mut<'a, C>(
+    slots: &'a mut [Option<C>],
+    gens: &[u32],
+    tok: u64,
+) -> Option<&'a mut C> {
     let idx = (tok & 0xFFFF_FFFF) as usize;
     if gens.get(idx) != Some(&((tok >> 32) as u32)) {
         return None;
