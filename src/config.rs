@@ -272,6 +272,13 @@ pub struct Config {
     pub pong_timeout: Duration,
     /// Bytes queued for one connection before it is closed as a slow consumer (4100).
     pub max_outbound_bytes: usize,
+    /// Write coalescing window in ms (0: off): a connection is written at most once per window,
+    /// so events arriving faster than that leave together, at the cost of up to this much
+    /// latency for them. Connections receiving less often are written at once.
+    pub write_coalesce_ms: u32,
+    /// Batch each burst's broadcast writes through a per-shard io_uring (one system call per
+    /// 256 connections) instead of one `sendmsg` per connection.
+    pub send_ring: bool,
     /// Commands each shard's inbox holds before new broadcasts for it are dropped and counted.
     pub inbox_capacity: usize,
     /// A request head must arrive within this time.
@@ -324,6 +331,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_000;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 16 << 20;
 pub const DEFAULT_MAX_REQUEST_SIZE: usize = 10_000;
 pub const DEFAULT_OUTBOUND_BYTES: usize = 1 << 20;
+/// Write coalescing window (`write_coalesce_ms`); see BENCHMARKS.md for the trade.
+pub const DEFAULT_WRITE_COALESCE_MS: u32 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -383,6 +392,8 @@ pub struct RawServer {
     pub max_request_size: Option<usize>,
     pub pong_timeout_secs: Option<u64>,
     pub max_outbound_bytes: Option<usize>,
+    pub write_coalesce_ms: Option<u32>,
+    pub send_ring: Option<bool>,
     pub inbox_capacity: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub allow_dev_credentials: Option<bool>,
@@ -683,6 +694,17 @@ impl Config {
                  ({biggest_message}), or no event that size could ever be delivered"
             )));
         }
+        let write_coalesce_ms = env_parse(env, "BTS_WRITE_COALESCE_MS", "milliseconds")?
+            .or(s.write_coalesce_ms)
+            .unwrap_or(DEFAULT_WRITE_COALESCE_MS);
+        if write_coalesce_ms > 1000 {
+            return Err(ConfigError::Other(format!(
+                "write_coalesce_ms must be at most 1000 (got {write_coalesce_ms})"
+            )));
+        }
+        let send_ring = env_parse::<bool>(env, "BTS_SEND_RING", "true or false")?
+            .or(s.send_ring)
+            .unwrap_or(true);
         let pong_timeout = s.pong_timeout_secs.unwrap_or(30);
         let handshake_timeout = s.handshake_timeout_secs.unwrap_or(10);
         if pong_timeout == 0 || handshake_timeout == 0 {
@@ -775,6 +797,8 @@ impl Config {
             max_request_size,
             pong_timeout: Duration::from_secs(pong_timeout),
             max_outbound_bytes,
+            write_coalesce_ms,
+            send_ring,
             inbox_capacity,
             handshake_timeout: Duration::from_secs(handshake_timeout),
             max_cache_channels: s.max_cache_channels.unwrap_or(100_000).max(1),
@@ -1244,5 +1268,23 @@ mod tests {
             .to_string();
         assert!(err.contains("REVERB_SERVER_PORT"), "{err}");
         assert!(toml::from_str::<RawFile>("[server]\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn write_path_settings_come_from_env_or_file_and_are_bounded() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert_eq!(c.write_coalesce_ms, DEFAULT_WRITE_COALESCE_MS);
+        assert!(c.send_ring);
+        let file = "[server]\nwrite_coalesce_ms = 20\nsend_ring = false";
+        let c = resolve(&Cli::default(), &[], file).unwrap();
+        assert_eq!((c.write_coalesce_ms, c.send_ring), (20, false));
+        let e = [("BTS_WRITE_COALESCE_MS", "0"), ("BTS_SEND_RING", "true")];
+        let c = resolve(&Cli::default(), &e, file).unwrap();
+        assert_eq!((c.write_coalesce_ms, c.send_ring), (0, true));
+        let err = resolve(&Cli::default(), &[("BTS_WRITE_COALESCE_MS", "5000")], "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("write_coalesce_ms"), "{err}");
+        assert!(resolve(&Cli::default(), &[("BTS_SEND_RING", "maybe")], "").is_err());
     }
 }

@@ -16,19 +16,21 @@ use crate::fanout::router::ShardCmd;
 use crate::shard::Shared;
 
 thread_local! {
-    /// Frames and bytes written to sockets by this thread (one shard per thread).
-    static WRITTEN: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Frames, bytes and socket writes done by this thread (one shard per thread).
+    static WRITTEN: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
 }
 
-/// Counts frames and bytes a `sendmsg` completed (shard thread only).
+/// Counts one socket write (a `sendmsg` or a send-ring entry) that completed `frames` frames
+/// and `bytes` bytes (shard thread only).
 pub fn count_written(frames: u64, bytes: u64) {
     WRITTEN.with(|w| {
-        let (f, b) = w.get();
-        w.set((f + frames, b + bytes));
+        let (f, b, n) = w.get();
+        w.set((f + frames, b + bytes, n + 1));
     });
 }
 
-pub fn written() -> (u64, u64) {
+/// (frames, bytes, writes) written by this thread.
+pub fn written() -> (u64, u64, u64) {
     WRITTEN.with(Cell::get)
 }
 
@@ -50,6 +52,8 @@ pub struct Snapshot {
     pub events_client: u64,
     pub frames_out: u64,
     pub bytes_out: u64,
+    /// Socket writes that carried them; `frames_out / writes_out` is how well frames coalesce.
+    pub writes_out: u64,
     pub slow_consumer_closes: u64,
     pub inbox_overflows: u64,
     /// (channel kind, channels, subscriptions) on this shard.
@@ -228,6 +232,18 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         o,
         "bts_frames_out_total {}",
         snaps.iter().map(|s| s.frames_out).sum::<u64>()
+    );
+    family(
+        &mut o,
+        "bts_socket_writes_total",
+        "counter",
+        "Socket writes (sendmsg calls and send-ring entries) that carried the frames; \
+         bts_frames_out_total / bts_socket_writes_total is the frames per write.",
+    );
+    let _ = writeln!(
+        o,
+        "bts_socket_writes_total {}",
+        snaps.iter().map(|s| s.writes_out).sum::<u64>()
     );
     family(
         &mut o,

@@ -318,6 +318,7 @@ mod tests {
                 events_client: 1,
                 frames_out: 10,
                 bytes_out: 100,
+                writes_out: 5,
                 slow_consumer_closes: 0,
                 inbox_overflows: 0,
                 channels: Vec::new(),

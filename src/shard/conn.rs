@@ -79,6 +79,9 @@ impl OutQueue {
 
     /// Drops `n` sent bytes from the front; counts the frames and bytes written.
     fn advance(&mut self, mut n: usize) {
+        if n == 0 {
+            return;
+        }
         self.bytes -= n;
         let (sent, mut frames) = (n, 0);
         while n > 0 {
@@ -177,8 +180,11 @@ pub struct Conn {
     last_seen: Cell<Instant>,
     /// When the server pinged, if the client has not answered since.
     ping_sent: Cell<Option<Instant>>,
-    /// Already on the shard's dirty list for the current burst.
+    /// Already on the shard's dirty list for the current burst (or deferred by write
+    /// coalescing: frames queued meanwhile join the same write).
     pub(super) in_dirty: Cell<bool>,
+    /// Shard clock (`Shard::now_ms`) of the last broadcast write, for write coalescing.
+    pub(super) last_write: Cell<u32>,
     /// The close code sent or received, for the disconnect metrics.
     close_code: Cell<Option<u16>>,
     /// Sign-in and presence state, allocated the first time a connection signs in or joins a
@@ -219,6 +225,7 @@ impl Conn {
             last_seen: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
+            last_write: Cell::new(0),
             close_code: Cell::new(None),
             extra: RefCell::new(None),
             rate_window: Cell::new((Instant::now(), 0)),
@@ -941,4 +948,75 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
         pos += used;
     }
     rbuf.drain(..pos);
+}
+
+/// The shard's send ring writes connections through these.
+impl crate::sys::send_ring::Peer for Conn {
+    fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Fills `iov` with the queued frames (up to its length), or `None` when this connection
+    /// must be written by `flush` (TLS, blocked on a full socket, not open, nothing queued).
+    /// The iovecs point into the queue, which nothing changes until `complete_send`.
+    fn prepare_send(&self, iov: &mut [libc::iovec]) -> Option<(usize, usize)> {
+        if self.tls.is_some() || self.state.get() != State::Open {
+            return None;
+        }
+        let out = self.out.borrow();
+        if out.blocked || out.chunks.is_empty() {
+            return None;
+        }
+        let mut total = 0;
+        let mut count = 0;
+        for (i, c) in out.chunks.iter().take(iov.len()).enumerate() {
+            let s = if i == 0 {
+                &c.as_slice()[out.head_off..]
+            } else {
+                c.as_slice()
+            };
+            iov[i] = libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            };
+            total += s.len();
+            count += 1;
+        }
+        Some((count, total))
+    }
+
+    /// The send ring's result for this connection's entry: bytes sent, or `-errno`.
+    fn complete_send(&self, res: i32, asked: usize) {
+        if res < 0 {
+            if res == -libc::EAGAIN {
+                self.out.borrow_mut().blocked = true;
+                self.wake();
+            } else {
+                self.mark_dead();
+            }
+            return;
+        }
+        let n = res as usize;
+        let more = {
+            let mut out = self.out.borrow_mut();
+            out.advance(n);
+            if n < asked {
+                // The socket took part: it is full, so wait for writability (as `flush` would
+                // after its next `sendmsg` answered EAGAIN).
+                out.blocked = true;
+                drop(out);
+                self.wake();
+                return;
+            }
+            !out.chunks.is_empty()
+        };
+        if more {
+            // More frames than one entry carries.
+            Conn::flush_and_notify(self);
+        }
+    }
+
+    fn flush_and_notify(&self) {
+        Conn::flush_and_notify(self);
+    }
 }

@@ -201,6 +201,20 @@ pub struct Shard {
     drain_requested: Cell<Option<Duration>>,
     /// Connections with frames queued by the current burst, flushed once it is drained.
     dirty: RefCell<Vec<Rc<Conn>>>,
+    /// Write coalescing: dirty connections written less than `write_coalesce` ago, held until
+    /// their window ends so the frames queued meanwhile leave in the same write.
+    deferred: RefCell<Vec<Rc<Conn>>>,
+    /// The pacer task, parked while nothing is deferred.
+    pacer: RefCell<Option<std::task::Waker>>,
+    /// Arrival times of events some of whose writes were deferred (for the latency histogram).
+    deferred_burst: RefCell<Vec<Instant>>,
+    /// Reused list of connections to write now.
+    writing: RefCell<Vec<Rc<Conn>>>,
+    /// Batches broadcast writes into one system call per `sys::send_ring::ENTRIES` connections;
+    /// `None` when turned off or when this host refused an io_uring.
+    ring: RefCell<Option<crate::sys::send_ring::SendRing<Conn>>>,
+    /// Start of the shard's millisecond clock (`now_ms`).
+    epoch: Instant,
     next_conn: Cell<u64>,
     rng: Cell<u64>,
     pub stats: Stats,
@@ -264,6 +278,12 @@ impl Shard {
             shared,
             conns: RefCell::default(),
             dirty: RefCell::default(),
+            deferred: RefCell::default(),
+            pacer: RefCell::default(),
+            deferred_burst: RefCell::default(),
+            writing: RefCell::default(),
+            ring: RefCell::new(None),
+            epoch: Instant::now(),
             next_conn: Cell::new(0),
             rng: Cell::new(seed),
             stats: Stats::default(),
@@ -518,18 +538,98 @@ impl Shard {
             .set(self.stats.frames_queued.get() + queued);
     }
 
-    /// Writes what the last burst queued: one `sendmsg` per connection.
+    /// Milliseconds since the shard started, offset so that a new connection's `last_write` of 0
+    /// is always older than any coalescing window (wraps after 49 days; a wrap can at worst hold
+    /// one write back for one window).
+    fn now_ms(&self) -> u32 {
+        (self.epoch.elapsed().as_millis() as u32).wrapping_add(1 << 16)
+    }
+
+    /// Writes what the last burst queued: one write per connection, batched through the send
+    /// ring when there is one. With write coalescing on, a connection written less than the
+    /// window ago is deferred to the pacer instead, so a fast stream of events reaches it in
+    /// fewer, larger writes.
     fn flush_dirty(&self) {
         let mut list = std::mem::take(&mut *self.dirty.borrow_mut());
-        for conn in list.drain(..) {
-            conn.in_dirty.set(false);
-            conn.flush_and_notify();
+        if list.is_empty() {
+            *self.dirty.borrow_mut() = list;
+            return;
         }
+        let window = self.shared.cfg.write_coalesce_ms;
+        let now = self.now_ms();
+        let mut writing = std::mem::take(&mut *self.writing.borrow_mut());
+        {
+            let mut deferred = self.deferred.borrow_mut();
+            let was_empty = deferred.is_empty();
+            for conn in list.drain(..) {
+                if window > 0 && now.wrapping_sub(conn.last_write.get()) < window && conn.is_open()
+                {
+                    // Stays marked dirty: frames queued meanwhile join this write.
+                    deferred.push(conn);
+                    continue;
+                }
+                conn.in_dirty.set(false);
+                conn.last_write.set(now);
+                writing.push(conn);
+            }
+            if was_empty && !deferred.is_empty() {
+                if let Some(w) = self.pacer.borrow_mut().take() {
+                    w.wake();
+                }
+            }
+        }
+        self.write_now(&mut writing);
+        *self.writing.borrow_mut() = writing;
         // Keep the allocation for the next burst.
         let mut dirty = self.dirty.borrow_mut();
         if dirty.is_empty() {
             *dirty = list;
         }
+    }
+
+    /// Writes every connection in `conns` (emptied): through the send ring, or one `sendmsg`
+    /// each when there is no ring or the batch is too small to gain from one.
+    fn write_now(&self, conns: &mut Vec<Rc<Conn>>) {
+        const RING_MIN: usize = 4;
+        if conns.len() >= RING_MIN {
+            let mut ring = self.ring.borrow_mut();
+            if let Some(r) = ring.as_mut() {
+                if let Err(e) = r.send(conns) {
+                    tracing::warn!(shard = self.id, error = %e, "send ring failed: writing with sendmsg from now on");
+                    *ring = None;
+                }
+            }
+        }
+        for conn in conns.drain(..) {
+            conn.flush_and_notify();
+        }
+    }
+
+    /// The pacer's turn: writes the deferred connections whose window has ended. Returns how
+    /// long until the next one is due, or `None` when nothing is deferred.
+    fn flush_deferred(&self) -> Option<Duration> {
+        let window = self.shared.cfg.write_coalesce_ms;
+        let now = self.now_ms();
+        let mut writing = std::mem::take(&mut *self.writing.borrow_mut());
+        let mut next: Option<u32> = None;
+        self.deferred.borrow_mut().retain(|conn| {
+            let waited = now.wrapping_sub(conn.last_write.get());
+            if waited >= window || !conn.is_open() {
+                conn.in_dirty.set(false);
+                conn.last_write.set(now);
+                writing.push(Rc::clone(conn));
+                false
+            } else {
+                let left = window - waited;
+                next = Some(next.map_or(left, |n| n.min(left)));
+                true
+            }
+        });
+        self.write_now(&mut writing);
+        *self.writing.borrow_mut() = writing;
+        let mut burst = std::mem::take(&mut *self.deferred_burst.borrow_mut());
+        self.record_latency(&mut burst);
+        next.map(|ms| Duration::from_millis(ms.into()))
     }
 
     /// Takes up to `DRAIN_BATCH` commands from the inbox, then flushes, then records how long
@@ -544,14 +644,25 @@ impl Shard {
         }
         self.flush_dirty();
         let mut burst = self.stats.burst.borrow_mut();
-        if !burst.is_empty() {
-            let now = Instant::now();
-            let mut latency = self.stats.latency.borrow_mut();
-            let h = latency.get_or_insert_with(crate::metrics::new_histogram);
-            for t in burst.drain(..) {
-                let us = now.duration_since(t).as_micros().clamp(1, 60_000_000) as u64;
-                let _ = h.record(us);
-            }
+        if self.deferred.borrow().is_empty() {
+            self.record_latency(&mut burst);
+        } else {
+            // Some of these events' writes wait for the pacer: count them when it runs.
+            self.deferred_burst.borrow_mut().append(&mut burst);
+        }
+    }
+
+    /// Records, and empties, the arrival times of events whose writes just went out.
+    fn record_latency(&self, burst: &mut Vec<Instant>) {
+        if burst.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut latency = self.stats.latency.borrow_mut();
+        let h = latency.get_or_insert_with(crate::metrics::new_histogram);
+        for t in burst.drain(..) {
+            let us = now.duration_since(t).as_micros().clamp(1, 60_000_000) as u64;
+            let _ = h.record(us);
         }
     }
 
@@ -602,7 +713,7 @@ impl Shard {
                 e.1 += subs as u64;
             }
         }
-        let (frames_out, bytes_out) = crate::metrics::written();
+        let (frames_out, bytes_out, writes_out) = crate::metrics::written();
         crate::metrics::Snapshot {
             shard: self.id,
             connections,
@@ -612,6 +723,7 @@ impl Shard {
             events_client: self.stats.events_client.get(),
             frames_out,
             bytes_out,
+            writes_out,
             slow_consumer_closes: self.stats.slow_consumer_closes.get(),
             inbox_overflows: self.shared.router.dropped(self.id),
             channels: kinds.into_iter().map(|(k, (c, s))| (k, c, s)).collect(),
@@ -1410,6 +1522,19 @@ pub async fn run(
     let accept = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
     *shard.accept_task.borrow_mut() = Some(accept);
     glommio::spawn_local(sweep_loop(Rc::clone(&shard))).detach();
+    if shard.shared.cfg.write_coalesce_ms > 0 {
+        glommio::spawn_local(pacer_loop(Rc::clone(&shard))).detach();
+    }
+    if shard.shared.cfg.send_ring {
+        match crate::sys::send_ring::SendRing::new() {
+            Ok(r) => *shard.ring.borrow_mut() = Some(r),
+            Err(e) => tracing::warn!(
+                shard = id,
+                error = %e,
+                "no io_uring for batched sends: writing with one sendmsg per connection"
+            ),
+        }
+    }
     let _ = ready.send(id);
     tracing::debug!(shard = id, "accepting");
     loop {
@@ -1471,6 +1596,25 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Write coalescing: sleeps until the first deferred connection's window ends, writes the due
+/// ones, and parks while nothing is deferred.
+async fn pacer_loop(shard: Rc<Shard>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            if shard.deferred.borrow().is_empty() {
+                *shard.pacer.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
+        while let Some(wait) = shard.flush_deferred() {
+            glommio::timer::sleep(wait).await;
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The one module allowed `unsafe`: raw-fd `sendmsg` with iovecs (glommio's stream has no vectored
-//! write), handing listening sockets to glommio, CPU affinity, and resource limits.
+//! write), the shards' send ring (batched `SENDMSG` through io_uring), handing listening sockets
+//! to glommio, CPU affinity, and resource limits.
 #![allow(unsafe_code)]
+
+pub mod send_ring;
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
