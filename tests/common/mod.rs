@@ -236,6 +236,11 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Keep a failing test's logs (bts-guru-test-<pid>-<nanos> in the temp directory) to look
+        // at; clean up after a passing one, so test runs do not fill the temp directory.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
