@@ -344,7 +344,8 @@ pub struct SoakArgs {
     /// Fraction of the disconnects that drop TCP without a WebSocket close frame.
     #[arg(long, default_value_t = 0.1)]
     pub abrupt_fraction: f64,
-    /// Largest RSS growth allowed between the end of the warm-up and the end, percent.
+    /// Largest RSS growth allowed after the warm-up, percent, by the least-squares trend of the
+    /// per-second samples from the end of the warm-up to the end.
     #[arg(long, default_value_t = 2.0)]
     pub max_rss_growth_pct: f64,
     /// How long a subscriber may take to receive every event it is owed before unsubscribing
