@@ -104,6 +104,13 @@ impl OutQueue {
         self.chunks.front().map(|c| &c.as_slice()[self.head_off..])
     }
 
+    /// The unsent bytes, frame by frame: the front frame from `head_off`, then the others.
+    fn unsent(&self) -> impl Iterator<Item = &[u8]> {
+        self.front()
+            .into_iter()
+            .chain(self.chunks.iter().skip(1).map(Chunk::as_slice))
+    }
+
     /// Drops every frame not yet started, keeping a partly sent one (and, with TLS, every
     /// encrypted record: dropping one would break the record sequence) so the stream stays valid.
     fn discard_unsent(&mut self) {
@@ -380,13 +387,8 @@ impl Conn {
                 let mut iov = [IoSlice::new(&[]); sys::MAX_IOV];
                 let mut count = 0;
                 let mut total = 0;
-                for (i, c) in out.chunks.iter().take(sys::MAX_IOV).enumerate() {
-                    let s = if i == 0 {
-                        &c.as_slice()[out.head_off..]
-                    } else {
-                        c.as_slice()
-                    };
-                    iov[i] = IoSlice::new(s);
+                for (v, s) in iov.iter_mut().zip(out.unsent()) {
+                    *v = IoSlice::new(s);
                     count += 1;
                     total += s.len();
                 }
@@ -969,13 +971,8 @@ impl crate::sys::send_ring::Peer for Conn {
         }
         let mut total = 0;
         let mut count = 0;
-        for (i, c) in out.chunks.iter().take(iov.len()).enumerate() {
-            let s = if i == 0 {
-                &c.as_slice()[out.head_off..]
-            } else {
-                c.as_slice()
-            };
-            iov[i] = libc::iovec {
+        for (v, s) in iov.iter_mut().zip(out.unsent()) {
+            *v = libc::iovec {
                 iov_base: s.as_ptr() as *mut libc::c_void,
                 iov_len: s.len(),
             };
