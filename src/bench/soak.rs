@@ -37,7 +37,7 @@ use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
 use super::sys::{self, Epoll};
 use super::wire;
 use super::worker::{
-    catch_up_floor, connect_nonblocking, next_mask, slot_mut, token, write_queued,
+    catch_up_floor, connect_nonblocking, next_mask, slot_mut, token, write_queued, Fate,
 };
 use super::{BenchError, Result, SoakArgs};
 
@@ -328,12 +328,6 @@ struct Conn {
     close_when_fenced: Option<bool>,
     /// Remove now, dropping TCP without a close frame.
     drop_now: bool,
-}
-
-enum Fate {
-    Keep,
-    /// Remove it; the string is the error (None: a clean end).
-    Drop(Option<String>),
 }
 
 struct Ctx {
@@ -1135,16 +1129,13 @@ fn sub_op(ctx: &mut Ctx, conn: &mut Conn) {
 
 /// Writes what is queued; asks for POLLOUT only while something is left.
 fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    match write_queued(
+    write_queued(
         &mut conn.stream,
         &mut conn.outbuf,
         &mut conn.out_interest,
         epoll,
         tok,
-    ) {
-        Ok(()) => Fate::Keep,
-        Err(e) => Fate::Drop(Some(e)),
-    }
+    )
 }
 
 fn read_input(ctx: &mut Ctx, conn: &mut Conn, scratch: &mut [u8]) -> Fate {

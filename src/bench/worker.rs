@@ -254,7 +254,7 @@ struct Ctx {
 }
 
 /// Marks a connection's fate after handling its input.
-enum Fate {
+pub(super) enum Fate {
     Keep,
     /// Remove it; the string is the error (None: a clean end).
     Drop(Option<String>),
@@ -890,37 +890,34 @@ fn start_close(ctx: &mut Ctx, conn: &mut Conn, tok: u64) {
 
 /// Writes what is queued; asks for POLLOUT only while something is left.
 fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    match write_queued(
+    write_queued(
         &mut conn.stream,
         &mut conn.outbuf,
         &mut conn.out_interest,
         epoll,
         tok,
-    ) {
-        Ok(()) => Fate::Keep,
-        Err(e) => Fate::Drop(Some(e)),
-    }
+    )
 }
 
 /// Writes what is queued in `outbuf` without blocking; asks epoll for POLLOUT (`out_interest`)
-/// only while something is left, and frees a large emptied buffer. `Err`: why the connection
-/// must be dropped.
+/// only while something is left, and frees a large emptied buffer. `Fate::Drop`: the connection
+/// must be dropped, and why.
 pub(super) fn write_queued(
     stream: &mut TcpStream,
     outbuf: &mut Vec<u8>,
     out_interest: &mut bool,
     epoll: &Epoll,
     tok: u64,
-) -> std::result::Result<(), String> {
+) -> Fate {
     while !outbuf.is_empty() {
         match stream.write(outbuf) {
-            Ok(0) => return Err("write returned 0".into()),
+            Ok(0) => return Fate::Drop(Some("write returned 0".into())),
             Ok(n) => {
                 outbuf.drain(..n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("write: {e}")),
+            Err(e) => return Fate::Drop(Some(format!("write: {e}"))),
         }
     }
     let want_out = !outbuf.is_empty();
@@ -930,15 +927,15 @@ pub(super) fn write_queued(
         } else {
             sys::IN
         };
-        epoll
-            .modify(stream.as_raw_fd(), tok, interest)
-            .map_err(|e| format!("epoll_ctl: {e}"))?;
+        if let Err(e) = epoll.modify(stream.as_raw_fd(), tok, interest) {
+            return Fate::Drop(Some(format!("epoll_ctl: {e}")));
+        }
         *out_interest = want_out;
     }
     if outbuf.capacity() > 4096 && outbuf.is_empty() {
         *outbuf = Vec::new();
     }
-    Ok(())
+    Fate::Keep
 }
 
 fn read_input(ctx: &mut Ctx, conn: &mut Conn, tok: u64, scratch: &mut [u8]) -> Fate {
