@@ -135,7 +135,8 @@ enum State {
 }
 
 pub(crate) enum Enqueued {
-    Yes,
+    /// Queued; the connection's unsent bytes now.
+    Yes(usize),
     /// Over `max_outbound_bytes`: the connection is being closed with 4100.
     Overflow,
     /// Closing or dead: nothing queued.
@@ -187,9 +188,11 @@ pub struct Conn {
     last_seen: Cell<Instant>,
     /// When the server pinged, if the client has not answered since.
     ping_sent: Cell<Option<Instant>>,
-    /// Already on the shard's dirty list for the current burst (or deferred by write
-    /// coalescing: frames queued meanwhile join the same write).
+    /// Has frames waiting for the shard's write: on the shard's dirty list for the current
+    /// burst, or deferred by write coalescing (frames queued meanwhile join the same write).
     pub(super) in_dirty: Cell<bool>,
+    /// On the shard's deferred list (at most once).
+    pub(super) in_deferred: Cell<bool>,
     /// Shard clock (`Shard::now_ms`) of the last broadcast write, for write coalescing.
     pub(super) last_write: Cell<u32>,
     /// The close code sent or received, for the disconnect metrics.
@@ -232,6 +235,7 @@ impl Conn {
             last_seen: Cell::new(Instant::now()),
             ping_sent: Cell::new(None),
             in_dirty: Cell::new(false),
+            in_deferred: Cell::new(false),
             last_write: Cell::new(0),
             close_code: Cell::new(None),
             extra: RefCell::new(None),
@@ -300,7 +304,7 @@ impl Conn {
             return Enqueued::Overflow;
         }
         out.push(Chunk::Shared(Rc::clone(frame)));
-        Enqueued::Yes
+        Enqueued::Yes(out.bytes)
     }
 
     #[doc(hidden)]
@@ -362,6 +366,11 @@ impl Conn {
 
     pub(super) fn is_open(&self) -> bool {
         self.state.get() == State::Open
+    }
+
+    /// Unsent bytes in the outbound queue.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes
     }
 
     /// Writes as much of the queue as the socket takes now, in one `sendmsg` per up to

@@ -505,8 +505,9 @@ impl Shard {
         }
         // One non-atomic Rc per shard per event: the per-subscriber clones below never touch
         // the cross-core refcount inside `Bytes`.
-        let frame = Rc::new(b.frame);
+        let (len, frame) = (b.frame.len(), Rc::new(b.frame));
         let max = self.shared.cfg.max_outbound_bytes;
+        let full = self.coalesce_full();
         let conns = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
         let mut queued = 0;
@@ -515,15 +516,22 @@ impl Shard {
             if Some(conn.socket_id) == b.except {
                 continue;
             }
-            match conn.enqueue_shared(&frame, max) {
-                conn::Enqueued::Yes => queued += 1,
-                conn::Enqueued::Overflow => self
-                    .stats
-                    .slow_consumer_closes
-                    .set(self.stats.slow_consumer_closes.get() + 1),
+            let crossed = match conn.enqueue_shared(&frame, max) {
+                conn::Enqueued::Yes(bytes) => {
+                    queued += 1;
+                    bytes >= full && bytes - len < full
+                }
+                conn::Enqueued::Overflow => {
+                    self.stats
+                        .slow_consumer_closes
+                        .set(self.stats.slow_consumer_closes.get() + 1);
+                    false
+                }
                 conn::Enqueued::Closed => continue,
-            }
-            if !conn.in_dirty.replace(true) {
+            };
+            // A deferred connection whose queue just filled up is written with this burst
+            // instead of at its window's end (`flush_dirty` skips it if it is listed twice).
+            if !conn.in_dirty.replace(true) || (crossed && conn.in_deferred.get()) {
                 dirty.push(Rc::clone(conn));
             }
         }
@@ -557,15 +565,25 @@ impl Shard {
         }
         let window = self.shared.cfg.write_coalesce_ms;
         let now = self.now_ms();
+        let full = self.coalesce_full();
         let mut writing = std::mem::take(&mut *self.writing.borrow_mut());
         {
             let mut deferred = self.deferred.borrow_mut();
             let was_empty = deferred.is_empty();
             for conn in list.drain(..) {
-                if window > 0 && now.wrapping_sub(conn.last_write.get()) < window && conn.is_open()
+                if !conn.in_dirty.get() {
+                    // Listed twice this burst and already taken for writing.
+                    continue;
+                }
+                if window > 0
+                    && now.wrapping_sub(conn.last_write.get()) < window
+                    && conn.is_open()
+                    && conn.queued_bytes() < full
                 {
                     // Stays marked dirty: frames queued meanwhile join this write.
-                    deferred.push(conn);
+                    if !conn.in_deferred.replace(true) {
+                        deferred.push(conn);
+                    }
                     continue;
                 }
                 conn.in_dirty.set(false);
@@ -585,6 +603,14 @@ impl Shard {
         if dirty.is_empty() {
             *dirty = list;
         }
+    }
+
+    /// Queued bytes at which a connection is written at once, whatever its coalescing window:
+    /// holding a fast stream back for a whole window would otherwise fill the queue of a client
+    /// that keeps up and close it with 4100 as a slow consumer. A quarter of the bound (at most
+    /// 64 KiB) is already a large write, so nothing is gained by waiting longer.
+    fn coalesce_full(&self) -> usize {
+        (self.shared.cfg.max_outbound_bytes / 4).clamp(1, 64 << 10)
     }
 
     /// Writes every connection in `conns` (emptied): through the send ring, or one `sendmsg`
@@ -612,9 +638,16 @@ impl Shard {
         let now = self.now_ms();
         let mut writing = std::mem::take(&mut *self.writing.borrow_mut());
         let mut next: Option<u32> = None;
+        let full = self.coalesce_full();
         self.deferred.borrow_mut().retain(|conn| {
+            if !conn.in_dirty.get() {
+                // Written since it was deferred (its queue filled up).
+                conn.in_deferred.set(false);
+                return false;
+            }
             let waited = now.wrapping_sub(conn.last_write.get());
-            if waited >= window || !conn.is_open() {
+            if waited >= window || !conn.is_open() || conn.queued_bytes() >= full {
+                conn.in_deferred.set(false);
                 conn.in_dirty.set(false);
                 conn.last_write.set(now);
                 writing.push(Rc::clone(conn));
