@@ -2,8 +2,8 @@
 # The test command: on a fresh Debian machine (with Rust from rustup), installs what the tests
 # need -- a C compiler for glommio's bundled liburing, redis-server, Node.js and npm, Chromium
 # for the console's browser test, the Node packages of the client-compatibility and browser
-# tests, and iproute2 for the network-namespace fault test -- then runs every check and every
-# test.
+# tests, iproute2 for the network-namespace fault test, and curl for the HTTP upload test --
+# then runs every check and every test.
 # `.ci/run` runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ command -v npm >/dev/null || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 { command -v prlimit >/dev/null && command -v setpriv >/dev/null; } || need+=(util-linux)
 command -v openssl >/dev/null || need+=(openssl)
+# tests/http_bodies.rs uploads with curl (Expect: 100-continue, chunked).
+command -v curl >/dev/null || need+=(curl)
 # tests/faults.rs puts a client in a network namespace behind a veth pair (needs root, as CI is).
 command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then

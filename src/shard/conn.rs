@@ -24,6 +24,7 @@ use glommio::net::TcpStream;
 use super::{AppConnGuard, ConnId, Shard};
 use crate::protocol::{outbound, PusherError, SocketId};
 use crate::sys;
+use crate::ws::chunked;
 use crate::ws::codec::{self, Decoder, Inbound, Text};
 use crate::ws::handshake::{self, Request};
 
@@ -716,6 +717,12 @@ async fn handshake<S: Stream>(
         respond_and_close(stream, &handshake::json_response(400, body, true)).await;
         return None;
     };
+    if !handshake::valid_ws_key(ws_key) {
+        let body =
+            r#"{"error":"Sec-WebSocket-Key must be 16 bytes in base64 (RFC 6455 section 4.2.1)"}"#;
+        respond_and_close(stream, &handshake::json_response(400, body, true)).await;
+        return None;
+    }
     stream
         .write_all(&handshake::switching_protocols(ws_key))
         .await
@@ -742,84 +749,206 @@ async fn handshake<S: Stream>(
 
 /// Answers HTTP requests until the peer goes away (`None`) or asks for a WebSocket upgrade
 /// (`Some`, with any bytes it already sent after the request head).
+///
+/// Time is bounded per request, however slowly bytes trickle in (slowloris, slow bodies): the
+/// wait for a request's first byte (on a new connection, or between keep-alive requests) gets
+/// `handshake_timeout`, and so does the rest of the request, head and body together, from that
+/// first byte. An idle connection is closed silently; a request still incomplete at its deadline
+/// is answered 408 and the connection closed. Each new request gets a fresh deadline.
 async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request, Vec<u8>)> {
     let cfg = &shard.shared.cfg;
+    let limit = cfg.handshake_timeout;
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        // The whole head must arrive within the handshake timeout, however slowly it trickles
-        // in (slowloris); each read is bounded by the same timeout as well.
-        let head = glommio::timer::timeout(cfg.handshake_timeout, async {
-            Ok(read_head(stream, &mut buf).await)
-        })
-        .await;
-        let (req, head_len) = match head {
-            Err(_) | Ok(Ok(None)) => return None,
-            Ok(Ok(Some(x))) => x,
-            Ok(Err(e)) => {
-                let status = if e == handshake::HeadError::TooLarge {
-                    431
-                } else {
-                    400
-                };
-                let body = format!(r#"{{"error":"{e}"}}"#);
-                let resp = handshake::json_response(status, &body, true);
-                respond_and_close(stream, &resp).await;
-                return None;
-            }
-        };
-        if req.wants_upgrade {
-            buf.drain(..head_len);
-            return Some((req, buf));
-        }
-        let len = req.content_length.unwrap_or(0);
-        let refusal = if req.chunked {
-            Some((411, r#"{"error":"Content-Length required"}"#.to_owned()))
-        } else if len > cfg.max_request_size {
-            Some((
-                413,
-                format!(
-                    r#"{{"error":"request body is larger than {} bytes"}}"#,
-                    cfg.max_request_size
-                ),
-            ))
-        } else {
-            None
-        };
-        if let Some((status, body)) = refusal {
-            let resp = handshake::json_response(status, &body, true);
-            respond_and_close(stream, &resp).await;
-            return None;
-        }
-        if req.expect_continue
-            && buf.len() < head_len + len
-            && (stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
-                || stream.flush().await.is_err())
-        {
-            return None;
-        }
-        while buf.len() < head_len + len {
-            match read_more(stream, &mut buf).await {
-                Ok(n) if n > 0 => {}
+        if buf.is_empty() {
+            // No request has begun, so there is none to answer (RFC 9112 §9.5: a server may
+            // close an idle connection at any time).
+            match within(Instant::now() + limit, read_more(stream, &mut buf)).await {
+                Some(Ok(n)) if n > 0 => {}
                 _ => return None,
             }
         }
-        let reply = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
+        let deadline = Instant::now() + limit;
+        let (req, head_len) = match within(deadline, read_head(stream, &mut buf)).await {
+            None => return timed_out(stream, limit).await,
+            Some(Ok(None)) => return None,
+            Some(Ok(Some(x))) => x,
+            Some(Err(e)) => return refuse_request(stream, e.status(), &e.to_string()).await,
+        };
+        // From here `buf` holds what followed the head: body, next request, or WebSocket frames.
+        buf.drain(..head_len);
+        if req.wants_upgrade {
+            if req.chunked || req.content_length.unwrap_or(0) > 0 {
+                // After the 101 the bytes that follow are frames to us, but a body to a proxy
+                // that does not take part in the upgrade: refuse rather than disagree.
+                return refuse_request(stream, 400, "a WebSocket upgrade request has no body")
+                    .await;
+            }
+            return Some((req, buf));
+        }
+        if req.content_length.unwrap_or(0) > cfg.max_request_size {
+            let too_large = chunked::ChunkError::TooLarge(cfg.max_request_size);
+            return refuse_request(stream, 413, &too_large.to_string()).await;
+        }
+        let body = match within(deadline, read_body(shard, stream, &req, &mut buf)).await {
+            None => return timed_out(stream, limit).await,
+            Some(Ok(body)) => body,
+            Some(Err(BodyError::Gone)) => return None,
+            Some(Err(BodyError::Refused(resp))) => {
+                respond_and_close(stream, &resp.to_bytes(true)).await;
+                return None;
+            }
+            Some(Err(BodyError::Ended)) => {
+                return refuse_request(stream, 400, "request body ended early").await
+            }
+            Some(Err(BodyError::Chunked(e))) => {
+                return refuse_request(stream, e.status(), &e.to_string()).await
+            }
+        };
+        let bytes = match &body {
+            Body::Buffered(len) => &buf[..*len],
+            Body::Decoded(v) => v.as_slice(),
+        };
+        let reply = super::http::handle(shard, &req, bytes).await;
         let resp = reply.to_bytes(req.close);
-        if stream.write_all(&resp).await.is_err() || stream.flush().await.is_err() || req.close {
+        // A client that sends requests but reads no answers cannot hold the task either.
+        let sent = within(Instant::now() + limit, async {
+            stream.write_all(&resp).await?;
+            stream.flush().await
+        })
+        .await;
+        if !matches!(sent, Some(Ok(()))) || req.close {
             return None;
         }
-        buf.drain(..head_len + len);
+        if let Body::Buffered(len) = body {
+            buf.drain(..len);
+        }
     }
+}
+
+/// Runs `fut` until `deadline`; `None` when the deadline came first.
+async fn within<T>(deadline: Instant, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    glommio::timer::timeout(left, async { Ok(fut.await) })
+        .await
+        .ok()
+}
+
+/// A request body, read: its first bytes of the read buffer (`Content-Length`), or decoded
+/// (chunked, with the framing already dropped from the buffer).
+enum Body {
+    Buffered(usize),
+    Decoded(Vec<u8>),
+}
+
+/// Why a body was not read.
+enum BodyError {
+    /// Malformed chunked framing, or over the size limit.
+    Chunked(chunked::ChunkError),
+    /// The peer closed (or the read failed) before the body was complete.
+    Ended,
+    /// `Expect: 100-continue` and the request is refused whatever its body: this answer.
+    Refused(handshake::Response),
+    /// Writing `100 Continue` failed: the peer is gone.
+    Gone,
+}
+
+/// Reads the body of `req` (the head already removed from `buf`). On return `buf` starts with
+/// the body (`Body::Buffered`) or with what followed it (`Body::Decoded`). Memory is bounded:
+/// a `Content-Length` body was checked against the limit before this; a chunked body is
+/// decoded as it arrives and refused at the first chunk size that passes the limit.
+async fn read_body<S: Stream>(
+    shard: &Shard,
+    stream: &mut S,
+    req: &Request,
+    buf: &mut Vec<u8>,
+) -> Result<Body, BodyError> {
+    // RFC 9110 §10.1.1: `100 Continue` (or the final answer) before waiting for the body, and
+    // only then: a client that sent its body at once is not made to read an interim answer.
+    let mut expecting = req.expect_continue;
+    if req.chunked {
+        let mut dec = chunked::Decoder::new(shard.shared.cfg.max_request_size);
+        let mut body = Vec::new();
+        loop {
+            if !buf.is_empty() {
+                let (used, progress) = dec.feed(buf, &mut body).map_err(BodyError::Chunked)?;
+                buf.drain(..used);
+                if progress == chunked::Progress::Done {
+                    return Ok(Body::Decoded(body));
+                }
+            }
+            if std::mem::take(&mut expecting) {
+                continue_or_refuse(shard, stream, req).await?;
+            }
+            match read_more(stream, buf).await {
+                Ok(n) if n > 0 => {}
+                _ => return Err(BodyError::Ended),
+            }
+        }
+    }
+    let len = req.content_length.unwrap_or(0);
+    while buf.len() < len {
+        if std::mem::take(&mut expecting) {
+            continue_or_refuse(shard, stream, req).await?;
+        }
+        match read_more(stream, buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(BodyError::Ended),
+        }
+    }
+    Ok(Body::Buffered(len))
+}
+
+/// `Expect: 100-continue`: the final answer at once when the request is refused whatever its
+/// body (unknown path or app, wrong method, bad signature), else `100 Continue`, so a client
+/// never waits for nothing (curl waits 1 s before sending anyway).
+async fn continue_or_refuse<S: Stream>(
+    shard: &Shard,
+    stream: &mut S,
+    req: &Request,
+) -> Result<(), BodyError> {
+    if let Some(resp) = super::http::refuse_before_body(shard, req) {
+        return Err(BodyError::Refused(resp));
+    }
+    if stream
+        .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        .await
+        .is_err()
+        || stream.flush().await.is_err()
+    {
+        return Err(BodyError::Gone);
+    }
+    Ok(())
+}
+
+/// Answers `status` with `{"error": msg}` and closes: the request's framing cannot be trusted,
+/// so neither can anything after it on this connection.
+async fn refuse_request<T, S: Stream>(stream: &mut S, status: u16, msg: &str) -> Option<T> {
+    let body = serde_json::json!({ "error": msg }).to_string();
+    respond_and_close(stream, &handshake::json_response(status, &body, true)).await;
+    None
+}
+
+/// A request not complete at its deadline: 408, and the connection closed.
+async fn timed_out<T, S: Stream>(stream: &mut S, limit: Duration) -> Option<T> {
+    let msg = format!("request not completed within {} s", limit.as_secs());
+    refuse_request(stream, 408, &msg).await
 }
 
 /// Sends a final response, half-closes, and discards what the client is still sending (bounded in
 /// time and bytes), so that closing with unread input does not reset the connection before the
 /// client has read the response.
 async fn respond_and_close<S: Stream>(stream: &mut S, resp: &[u8]) {
-    if stream.write_all(resp).await.is_err() || stream.flush().await.is_err() {
+    // A peer that reads nothing cannot hold the task: the write is bounded like the linger.
+    let sent = glommio::timer::timeout(LINGER, async {
+        Ok(async {
+            stream.write_all(resp).await?;
+            stream.flush().await
+        }
+        .await)
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
         return;
     }
     let _ = stream.close().await;

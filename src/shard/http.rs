@@ -109,14 +109,40 @@ pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Respons
         let (status, body) = route(shard, req, body).await;
         Response::json(status, body)
     };
+    count(shard, req, reply.status);
+    reply
+}
+
+/// Counts an answer by endpoint and status.
+fn count(shard: &Shard, req: &Request, status: u16) {
     let endpoint = endpoint_label(req);
     *shard
         .stats
         .http
         .borrow_mut()
-        .entry((endpoint, reply.status))
+        .entry((endpoint, status))
         .or_default() += 1;
-    reply
+}
+
+/// For `Expect: 100-continue` (RFC 9110 §10.1.1), before the body is read: the answer when the
+/// request is refused whatever its body (unknown path or app, wrong method, missing or bad
+/// signature, stale timestamp), counted like any other; `None` when the body is needed.
+pub(super) fn refuse_before_body(shard: &Shard, req: &Request) -> Option<Response> {
+    if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
+        return None;
+    }
+    let (status, body) = match resolve(shard, req) {
+        Err(reply) => reply,
+        // The signature covers the query, `body_md5` included, not the body itself: all but
+        // the body's digest can be checked now (`route` checks everything again with the body).
+        Ok(Target::Api(app_idx, _)) => match verify(shard, app_idx, req, &[]) {
+            Ok(()) => return None,
+            Err(reply) => reply,
+        },
+        Ok(Target::Up | Target::Ready) => return None,
+    };
+    count(shard, req, status);
+    Some(Response::json(status, body))
 }
 
 /// A bounded label for metrics (never the raw path).
@@ -137,41 +163,35 @@ fn endpoint_label(req: &Request) -> &'static str {
     }
 }
 
-async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
+/// Where a request goes, from its method and path alone.
+enum Target {
+    Up,
+    Ready,
+    Api(usize, Route),
+}
+
+/// Routes a request by method and path: the app and endpoint, or the refusal (404, 405, 426).
+fn resolve(shard: &Shard, req: &Request) -> Result<Target, Reply> {
     if req.path == "/up" {
-        return up(shard);
+        return Ok(Target::Up);
     }
     if req.path == "/ready" {
-        // Readiness: false while draining, so load balancers stop sending new clients here.
-        return if shard
-            .shared
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            (503, r#"{"ready":false,"draining":true}"#.to_owned())
-        } else {
-            (200, r#"{"ready":true}"#.to_owned())
-        };
+        return Ok(Target::Ready);
     }
     let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     let (app_id, rest) = match parts.as_slice() {
         ["apps", id, rest @ ..] if !rest.is_empty() => (*id, rest),
         ["app", _] => {
-            return err(
+            return Err(err(
                 426,
                 "WebSocket connections need an Upgrade: websocket request",
-            )
+            ))
         }
-        _ => return err(404, "Not found"),
+        _ => return Err(err(404, "Not found")),
     };
-    let shared = &shard.shared;
     let Some(app_idx) = shard.apps().by_id(app_id) else {
-        return err(404, &format!("Unknown app {app_id:?}"));
+        return Err(err(404, &format!("Unknown app {app_id:?}")));
     };
-    let app = shard.app(app_idx);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let method = req.method.as_str();
     let route = match (method, rest) {
         ("POST", ["events"]) => Route::Events,
@@ -182,21 +202,55 @@ async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
         ("GET", ["connections"]) => Route::Connections,
         ("POST", ["users", user, "terminate_connections"]) => Route::Terminate(decode(user)),
         (_, ["events" | "batch_events" | "channels" | "connections", ..] | ["users", ..]) => {
-            return err(405, "Method not allowed")
+            return Err(err(405, "Method not allowed"))
         }
-        _ => return err(404, "Not found"),
+        _ => return Err(err(404, "Not found")),
     };
-    if let Err(e) = auth::verify_api_request(
+    Ok(Target::Api(app_idx, route))
+}
+
+/// Pusher's HTTP API signature: key, version, timestamp window, the signature over method, path
+/// and query, and `body_md5` when `body` is not empty; 401 otherwise.
+fn verify(shard: &Shard, app_idx: usize, req: &Request, body: &[u8]) -> Result<(), Reply> {
+    let app = shard.app(app_idx);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    auth::verify_api_request(
         &app.key,
         &app.secret,
-        method,
+        &req.method,
         &req.path,
         &req.query,
         body,
         now,
-    ) {
-        return err(401, &e.to_string());
+    )
+    .map_err(|e| err(401, &e.to_string()))
+}
+
+async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
+    let (app_idx, route) = match resolve(shard, req) {
+        Err(reply) => return reply,
+        Ok(Target::Up) => return up(shard),
+        Ok(Target::Ready) => {
+            // Readiness: false while draining, so load balancers stop sending new clients here.
+            return if shard
+                .shared
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                (503, r#"{"ready":false,"draining":true}"#.to_owned())
+            } else {
+                (200, r#"{"ready":true}"#.to_owned())
+            };
+        }
+        Ok(Target::Api(app_idx, route)) => (app_idx, route),
+    };
+    if let Err(reply) = verify(shard, app_idx, req, body) {
+        return reply;
     }
+    let shared = &shard.shared;
+    let app = shard.app(app_idx);
     match route {
         Route::Events | Route::Batch => {
             publish(shard, app_idx, body, matches!(route, Route::Batch)).await

@@ -21,7 +21,7 @@ pub struct Request {
     pub ws_key: Option<String>,
     pub ws_version: Option<String>,
     pub content_length: Option<usize>,
-    /// `Transfer-Encoding: chunked`; not supported for API bodies (411).
+    /// `Transfer-Encoding: chunked`, the only transfer coding accepted (`ws::chunked` decodes it).
     pub chunked: bool,
     /// HTTP/1.0, or `Connection: close`.
     pub close: bool,
@@ -41,6 +41,8 @@ impl Request {
     }
 }
 
+/// A request head refused. Each is answered (`status`) and the connection closed: after a head
+/// whose framing is in doubt, nothing that follows on the connection can be trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
     #[error("malformed HTTP request")]
@@ -49,6 +51,57 @@ pub enum HeadError {
     TooLarge,
     #[error("invalid Content-Length")]
     BadLength,
+    #[error("more than one Content-Length")]
+    DuplicateLength,
+    #[error("more than one Transfer-Encoding")]
+    DuplicateEncoding,
+    #[error("Transfer-Encoding other than chunked")]
+    UnsupportedEncoding,
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndEncoding,
+    #[error("Transfer-Encoding in an HTTP/1.0 request")]
+    EncodingInHttp10,
+    #[error("line in the request head not ended by CRLF")]
+    BareLineEnding,
+}
+
+impl HeadError {
+    /// 431 for an oversized head (RFC 6585 §5), 400 for the rest.
+    pub fn status(self) -> u16 {
+        if self == HeadError::TooLarge {
+            431
+        } else {
+            400
+        }
+    }
+}
+
+/// `Content-Length = 1*DIGIT` (RFC 9110 §8.6): no sign, no spaces, no list, and it must fit.
+/// (`str::parse` alone would take `+5`.)
+fn content_length(value: &str) -> Result<usize, HeadError> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(HeadError::BadLength);
+    }
+    value.parse().map_err(|_| HeadError::BadLength)
+}
+
+/// httparse accepts a bare LF as a line ending (RFC 9112 §2.2 allows it); a proxy in front of us
+/// may not, and would then see other header fields than we do (request smuggling). So every
+/// line of the head must end with CRLF, and a CR may not appear elsewhere.
+fn has_bare_line_ending(head: &[u8]) -> bool {
+    head.iter().enumerate().any(|(i, &b)| match b {
+        b'\n' => i == 0 || head[i - 1] != b'\r',
+        b'\r' => head.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    })
+}
+
+/// RFC 6455 §4.2.1: `Sec-WebSocket-Key` is a base64-encoded 16-byte nonce.
+pub fn valid_ws_key(key: &str) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .is_ok_and(|k| k.len() == 16)
 }
 
 /// Parses a request head from the front of `buf`: `Ok(None)` means read more; `Ok(Some((req,
@@ -66,6 +119,12 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     if n > MAX_HEAD {
         return Err(HeadError::TooLarge);
     }
+    if has_bare_line_ending(&buf[..n]) {
+        return Err(HeadError::BareLineEnding);
+    }
+    // httparse knows only HTTP/1.0 and HTTP/1.1 (anything else, HTTP/2.0 included, is a version
+    // error above); obs-fold lines are refused by it in requests (a header name cannot start
+    // with whitespace), as RFC 9112 §5.2 asks.
     let target = req.path.ok_or(HeadError::Malformed)?;
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut out = Request {
@@ -78,6 +137,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         ..Request::default()
     };
     let (mut upgrade, mut conn_upgrade) = (false, false);
+    let mut encoding = false;
     for h in req.headers.iter() {
         let value = std::str::from_utf8(h.value)
             .map_err(|_| HeadError::Malformed)?
@@ -100,9 +160,25 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             out.ws_version = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("content-length") {
-            out.content_length = Some(value.parse().map_err(|_| HeadError::BadLength)?);
+            // Two Content-Length fields are refused even when equal: RFC 9110 §8.6 lets a
+            // recipient merge identical values, but a proxy in front of us may take either one
+            // or reject, and any disagreement about where a body ends is request smuggling.
+            // No client we serve sends two.
+            if out.content_length.is_some() {
+                return Err(HeadError::DuplicateLength);
+            }
+            out.content_length = Some(content_length(value)?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            out.chunked = value.to_ascii_lowercase().contains("chunked");
+            if encoding {
+                return Err(HeadError::DuplicateEncoding);
+            }
+            encoding = true;
+            // RFC 9112 §6.1: chunked must be the final coding; we decode no other coding, so
+            // it must be the only one (`gzip, chunked`, `chunked, gzip`, `identity`: refused).
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(HeadError::UnsupportedEncoding);
+            }
+            out.chunked = true;
         } else if name.eq_ignore_ascii_case("expect") {
             out.expect_continue = value.eq_ignore_ascii_case("100-continue");
         } else if name.eq_ignore_ascii_case("origin") {
@@ -110,6 +186,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         } else if name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value.to_owned());
         }
+    }
+    if encoding && out.content_length.is_some() {
+        // RFC 9112 §6.3: a message with both may be an attempt at request smuggling.
+        return Err(HeadError::LengthAndEncoding);
+    }
+    if encoding && req.version == Some(0) {
+        // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+        return Err(HeadError::EncodingInHttp10);
     }
     out.wants_upgrade = upgrade && conn_upgrade;
     Ok(Some((out, n)))
@@ -208,6 +292,105 @@ mod tests {
         );
         let bad_len = b"POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
         assert_eq!(parse(bad_len), Err(HeadError::BadLength));
+    }
+
+    /// Each shape a proxy could read differently from us (RFC 9112 §6.3, §2.2, §5.2) is refused.
+    #[test]
+    fn request_smuggling_shapes_are_refused() {
+        use HeadError::*;
+        let cases: &[(&str, HeadError)] = &[
+            (
+                "Content-Length: 5\r\nTransfer-Encoding: chunked",
+                LengthAndEncoding,
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nContent-Length: 5",
+                LengthAndEncoding,
+            ),
+            ("Transfer-Encoding: gzip, chunked", UnsupportedEncoding),
+            ("Transfer-Encoding: chunked, gzip", UnsupportedEncoding),
+            ("Transfer-Encoding: identity", UnsupportedEncoding),
+            ("Transfer-Encoding: xchunked", UnsupportedEncoding),
+            ("Transfer-Encoding: chunked;q=1", UnsupportedEncoding),
+            ("Transfer-Encoding:", UnsupportedEncoding),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+                DuplicateEncoding,
+            ),
+            ("Content-Length: 5\r\nContent-Length: 5", DuplicateLength),
+            ("Content-Length: 5\r\nContent-Length: 6", DuplicateLength),
+            ("Content-Length: +5", BadLength),
+            ("Content-Length: -1", BadLength),
+            ("Content-Length: 5 5", BadLength),
+            ("Content-Length: 5, 5", BadLength),
+            ("Content-Length: 0x5", BadLength),
+            ("Content-Length: five", BadLength),
+            ("Content-Length:", BadLength),
+            ("Content-Length: 99999999999999999999999", BadLength),
+        ];
+        for (headers, want) in cases {
+            let raw = format!("POST /apps/1/events HTTP/1.1\r\nHost: x\r\n{headers}\r\n\r\n");
+            assert_eq!(parse(raw.as_bytes()), Err(*want), "{headers:?}");
+            assert_eq!(want.status(), 400);
+        }
+        // Exactly `chunked`, in any case, with surrounding whitespace, is accepted.
+        let raw = b"POST /x HTTP/1.1\r\nTransfer-Encoding:  ChUnKeD \r\n\r\n";
+        let (req, _) = parse(raw).unwrap().unwrap();
+        assert!(req.chunked && req.content_length.is_none());
+        let raw = b"POST /x HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(parse(raw), Err(EncodingInHttp10));
+        // Bare LF anywhere, or a CR alone, is refused (httparse itself would accept the LFs).
+        for raw in [
+            &b"POST /x HTTP/1.1\nHost: x\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nHost: x\nContent-Length: 5\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: x\r\n\n",
+            b"POST /x HTTP/1.1\n\n",
+            b"\nPOST /x HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw),
+                Err(BareLineEnding),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert!(parse(b"POST /x HTTP/1.1\r\nX-A: a\rb\r\n\r\n").is_err());
+        // obs-fold, whitespace before the colon, other versions: httparse refuses them.
+        for raw in [
+            &b"POST /x HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n"[..],
+            b"POST /x HTTP/1.1\r\nX-A: a\r\n\tb\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nContent-Length : 5\r\n\r\n",
+            b"POST /x HTTP/2.0\r\nHost: x\r\n\r\n",
+            b"POST /x HTTP/1.2\r\nHost: x\r\n\r\n",
+            b"POST /x HTTP/1.10\r\nHost: x\r\n\r\n",
+            b"POST /x HTTP/1\r\nHost: x\r\n\r\n",
+            b"POST /x FOO/1.1\r\nHost: x\r\n\r\n",
+            b"POST /x\r\nHost: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw),
+                Err(Malformed),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert_eq!(HeadError::TooLarge.status(), 431);
+    }
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        assert!(valid_ws_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            "",
+            "x",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25j",
+            "dGhlIHNhbXBsZSBub25jZSE=",
+            "!!!!!!!!!!!!!!!!!!!!!!==",
+        ] {
+            assert!(!valid_ws_key(bad), "{bad:?}");
+        }
     }
 
     #[test]

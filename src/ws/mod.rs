@@ -1,7 +1,9 @@
-//! WebSocket (RFC 6455) for a server: the HTTP request head and Upgrade (`handshake`), inbound
-//! frame decoding with limits and server frame encoding (`codec`).
+//! WebSocket (RFC 6455) for a server: the HTTP request head and Upgrade (`handshake`), chunked
+//! request bodies (`chunked`), inbound frame decoding with limits and server frame encoding
+//! (`codec`).
 //!
 //! Knows nothing about Pusher or channels, and does no I/O.
 
+pub mod chunked;
 pub mod codec;
 pub mod handshake;
