@@ -117,12 +117,14 @@ pub struct Running {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// Graceful drain of every shard: readiness turns false, listeners close (new connections go to
-/// other processes on the same port), clients are closed with 4200 spread over `window`, queued
-/// frames are flushed first. Blocks until every shard finished, or `window` plus 10 s.
+/// Graceful drain of every shard: readiness turns false, every listener closes (the shards'
+/// and the metrics one: new connections go to other processes on the same ports), clients are
+/// closed with 4200 spread over `window`, queued frames are flushed first. Blocks until every
+/// shard finished, or `window` plus 10 s.
 pub fn drain(shared: &shard::Shared, window: Duration) {
     use std::sync::atomic::Ordering::SeqCst;
     shared.draining.store(true, SeqCst);
+    shared.metrics_listener.close();
     let shards = shared.router.shards();
     for shard in 0..shards {
         let _ = shared
