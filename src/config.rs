@@ -465,6 +465,7 @@ impl ProcessEnv {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
+                // A later line wins, as in phpdotenv.
                 file.insert(k, v);
             }
         }
@@ -473,11 +474,44 @@ impl ProcessEnv {
 }
 
 impl Env for ProcessEnv {
+    /// The process environment first, else the file; either way read as Laravel's `env()` reads
+    /// it ([`laravel_value`]), so a Laravel `.env` means to bts-guru what it means to Laravel.
     fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name)
+        let raw = std::env::var(name)
             .ok()
-            .or_else(|| self.file.get(name).cloned())
+            .or_else(|| self.file.get(name).cloned())?;
+        laravel_value(name, &raw)
     }
+}
+
+/// Variables whose `null` Laravel passes on as null where its configuration has a non-null
+/// default, with an effect bts-guru reproduces: `REDIS_PREFIX=null` gives the redis broadcaster
+/// no prefix at all (`config/database.php` `options.prefix`, used as the broadcaster's channel
+/// prefix), not the APP_NAME-derived default.
+const NULL_MEANS_EMPTY: [&str; 1] = ["REDIS_PREFIX"];
+
+/// A variable's value as Laravel's `env()` returns it (`Illuminate\Support\Env::get`), given
+/// the string the environment or the dotenv parser holds (the parser has already removed the
+/// file's own quotes and expanded `${VAR}`): `true`/`(true)` and `false`/`(false)` (any case)
+/// are booleans, written here as `true`/`false`; `empty`/`(empty)` is the empty string;
+/// `null`/`(null)` is unset (`None`; the empty string for [`NULL_MEANS_EMPTY`]); otherwise one
+/// pair of matching surrounding quotes is removed (`'/\A([\'"])(.*)\1\z/'`).
+pub fn laravel_value(name: &str, raw: &str) -> Option<String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "(true)" => return Some("true".into()),
+        "false" | "(false)" => return Some("false".into()),
+        "empty" | "(empty)" => return Some(String::new()),
+        "null" | "(null)" if NULL_MEANS_EMPTY.contains(&name) => return Some(String::new()),
+        "null" | "(null)" => return None,
+        _ => {}
+    }
+    let b = raw.as_bytes();
+    let quoted = b.len() >= 2 && matches!(b[0], b'"' | b'\'') && b[b.len() - 1] == b[0];
+    // PCRE's `.` stops at a newline: a multi-line value keeps its quotes.
+    if quoted && !raw[1..raw.len() - 1].contains('\n') {
+        return Some(raw[1..raw.len() - 1].to_owned());
+    }
+    Some(raw.to_owned())
 }
 
 fn env_parse<T: std::str::FromStr>(
@@ -496,6 +530,21 @@ fn env_parse<T: std::str::FromStr>(
                 value: v,
                 why,
             }),
+    }
+}
+
+/// A boolean variable: `true`/`false` (after [`laravel_value`], which folds `TRUE`, `(true)`
+/// and the like into these), or `1`/`0`, which PHP reads as true and false too.
+fn env_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
+    match env.get(name).as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(v) => Err(ConfigError::BadValue {
+            name: name.to_owned(),
+            value: v.to_owned(),
+            why: "true or false (or 1 or 0)",
+        }),
     }
 }
 
@@ -548,7 +597,7 @@ impl Config {
             accept_client_events_from: env_str(env, "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM"),
             allowed_origins: env_str(env, "BTS_APP_ALLOWED_ORIGINS")
                 .map(|v| v.split(',').map(|o| o.trim().to_owned()).collect()),
-            rate_limiting: env_parse(env, "REVERB_APP_RATE_LIMITING_ENABLED", "true or false")?,
+            rate_limiting: env_bool(env, "REVERB_APP_RATE_LIMITING_ENABLED")?,
             rate_limit_max_attempts: env_parse(
                 env,
                 "REVERB_APP_RATE_LIMITING_MAX_ATTEMPTS",
@@ -559,11 +608,7 @@ impl Config {
                 "REVERB_APP_RATE_LIMITING_DECAY_SECONDS",
                 "seconds",
             )?,
-            rate_limit_terminate: env_parse(
-                env,
-                "REVERB_APP_RATE_LIMIT_TERMINATE",
-                "true or false",
-            )?,
+            rate_limit_terminate: env_bool(env, "REVERB_APP_RATE_LIMIT_TERMINATE")?,
             webhooks: env_str(env, "BTS_APP_WEBHOOK_URLS").map(|v| {
                 v.split(',')
                     .map(|u| WebhookTarget {
@@ -640,8 +685,7 @@ impl Config {
 
         let allow_dev = cli.allow_dev_credentials
             || s.allow_dev_credentials.unwrap_or(false)
-            || env_parse::<bool>(env, "BTS_ALLOW_DEV_CREDENTIALS", "true or false")?
-                .unwrap_or(false);
+            || env_bool(env, "BTS_ALLOW_DEV_CREDENTIALS")?.unwrap_or(false);
         let host_given = cli
             .host
             .or(env_parse(env, "REVERB_SERVER_HOST", "an IP address")?)
@@ -702,7 +746,7 @@ impl Config {
                 "write_coalesce_ms must be at most 1000 (got {write_coalesce_ms})"
             )));
         }
-        let send_ring = env_parse::<bool>(env, "BTS_SEND_RING", "true or false")?
+        let send_ring = env_bool(env, "BTS_SEND_RING")?
             .or(s.send_ring)
             .unwrap_or(true);
         let pong_timeout = s.pong_timeout_secs.unwrap_or(30);
@@ -721,8 +765,7 @@ impl Config {
         let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
         let cluster_on = !cli.standalone
             && (cli.cluster
-                || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?
-                    .unwrap_or(false)
+                || env_bool(env, "REVERB_SCALING_ENABLED")?.unwrap_or(false)
                 || file.redis.cluster.unwrap_or(false));
         let cluster = if cluster_on {
             if redis.is_none() {
@@ -767,10 +810,8 @@ impl Config {
                     ))
                 }
             };
-        let console_on = cli.console
-            || env_parse::<bool>(env, "BTS_CONSOLE", "true or false")?
-                .or(s.console)
-                .unwrap_or(false);
+        let console_on =
+            cli.console || env_bool(env, "BTS_CONSOLE")?.or(s.console).unwrap_or(false);
         let console = if console_on {
             let token = env_str(env, "BTS_CONSOLE_TOKEN")
                 .or(s.console_token.clone())
@@ -806,7 +847,7 @@ impl Config {
             redis,
             cluster,
             metrics: if cli.no_metrics
-                || !env_parse::<bool>(env, "METRICS_ENABLED", "true or false")?
+                || !env_bool(env, "METRICS_ENABLED")?
                     .or(s.metrics)
                     .unwrap_or(true)
             {
@@ -1259,6 +1300,120 @@ mod tests {
             ..Cli::default()
         };
         assert_eq!(resolve(&demo, &e, "").unwrap().cluster, None);
+    }
+
+    #[test]
+    fn values_read_as_laravels_env_reads_them() {
+        let v = |raw: &str| laravel_value("X", raw);
+        assert_eq!(v("null"), None);
+        assert_eq!(v("(null)"), None);
+        assert_eq!(v("NULL"), None);
+        assert_eq!(laravel_value("REDIS_PREFIX", "null"), Some(String::new()));
+        assert_eq!(v("empty").as_deref(), Some(""));
+        assert_eq!(v("(Empty)").as_deref(), Some(""));
+        for t in ["true", "(true)", "TRUE", "True"] {
+            assert_eq!(v(t).as_deref(), Some("true"), "{t}");
+        }
+        for f in ["false", "(false)", "FALSE"] {
+            assert_eq!(v(f).as_deref(), Some("false"), "{f}");
+        }
+        assert_eq!(v("\"quoted\"").as_deref(), Some("quoted"));
+        assert_eq!(v("'single'").as_deref(), Some("single"));
+        assert_eq!(v("\"mismatched'").as_deref(), Some("\"mismatched'"));
+        assert_eq!(v("\"").as_deref(), Some("\""));
+        assert_eq!(v("\"two\nlines\"").as_deref(), Some("\"two\nlines\""));
+        assert_eq!(
+            v("\"null\"").as_deref(),
+            Some("null"),
+            "quotes go after the keywords"
+        );
+        assert_eq!(v("p@ss null").as_deref(), Some("p@ss null"));
+        assert_eq!(v("").as_deref(), Some(""));
+    }
+
+    /// A scratch dotenv file, removed on drop.
+    struct EnvFile(PathBuf);
+
+    impl EnvFile {
+        fn new(text: &str) -> EnvFile {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "bts-guru-env-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            std::fs::write(&path, text).unwrap();
+            EnvFile(path)
+        }
+
+        fn resolve(&self) -> Result<Config, ConfigError> {
+            let env = ProcessEnv::load(Some(&self.0)).unwrap();
+            Config::from_parts(&Cli::default(), &env, RawFile::default(), vec![0, 1])
+        }
+    }
+
+    impl Drop for EnvFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    const LARAVEL_11_ENV: &str = include_str!("../tests/fixtures/laravel-11.env");
+
+    #[test]
+    fn a_fresh_laravel_11_env_configures_the_app_and_a_redis_without_password() {
+        let c = EnvFile::new(LARAVEL_11_ENV).resolve().unwrap();
+        let a = &c.apps[0];
+        assert_eq!(
+            (a.id.as_str(), a.key.as_str(), a.secret.as_str()),
+            ("384615", "wlzqyxyd6t1mudlnbpnr", "tjhxz1zwvtxy2xvhsqfn")
+        );
+        assert!(!c.dev_credentials);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        // REDIS_PASSWORD=null is no password, as in Laravel; not the password "null".
+        let r = c.redis.unwrap();
+        assert_eq!(r.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(r.prefix, "laravel_database_");
+        assert_eq!(c.cluster, None);
+    }
+
+    #[test]
+    fn laravel_keywords_in_an_env_file() {
+        let with = |extra: &str| EnvFile::new(&format!("{LARAVEL_11_ENV}\n{extra}\n")).resolve();
+        let c = with("REDIS_PASSWORD=(null)\nREDIS_USERNAME=null").unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://127.0.0.1:6379/0");
+        let c = with("REDIS_PASSWORD=\"s3cret\"").unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://:s3cret@127.0.0.1:6379/0");
+        let c = with("REDIS_PREFIX=null").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "");
+        let c = with("REDIS_PREFIX=(empty)").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "");
+        let c = with("REDIS_PREFIX=\"my_app_\"").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "my_app_");
+        let c = with("REDIS_HOST=null").unwrap();
+        assert_eq!(c.redis, None, "no Redis host: ingest off");
+        let c = with("REVERB_SCALING_ENABLED=(true)\nBTS_CONSOLE=TRUE\nMETRICS_ENABLED=(false)")
+            .unwrap();
+        assert!(c.cluster.is_some() && c.console.is_some() && c.metrics.is_none());
+        let c = with("REVERB_SCALING_ENABLED=1\nREVERB_APP_RATE_LIMITING_ENABLED=true").unwrap();
+        assert!(c.cluster.is_some() && c.apps[0].rate_limit.is_some());
+        let c = with("REVERB_SCALING_ENABLED=false\nREVERB_SERVER_PORT=null").unwrap();
+        assert_eq!((c.cluster.is_none(), c.listen.port()), (true, 8080));
+        let c = with("REVERB_APP_MAX_CONNECTIONS=null\nREVERB_APP_ACTIVITY_TIMEOUT=empty").unwrap();
+        assert_eq!(
+            (c.apps[0].max_connections, c.apps[0].activity_timeout),
+            (None, DEFAULT_ACTIVITY_TIMEOUT)
+        );
+        // The README's `.env` block: comments after unquoted values.
+        let c = with(
+            "REVERB_SERVER_HOST=127.0.0.1   # where bts-guru binds\nREVERB_SERVER_PORT=8090 # x",
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8090".parse().unwrap());
+        let err = with("REVERB_SCALING_ENABLED=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REVERB_SCALING_ENABLED"), "{err}");
     }
 
     #[test]
