@@ -13,16 +13,37 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-/// Command-line flags of the daemon.
-#[derive(Debug, Default, Parser)]
+/// The command line: the daemon's flags and an optional subcommand. `demo` takes the daemon's
+/// flags after it too (`bts-guru demo --config c.toml`), and those win over the ones before it.
+#[derive(Debug, Parser)]
 #[command(
     name = "bts-guru",
     version,
     about = "Pusher-protocol WebSocket broadcast server"
 )]
-pub struct Cli {
+pub struct Invocation {
     #[command(subcommand)]
     pub command: Option<Command>,
+    #[command(flatten)]
+    pub cli: Cli,
+}
+
+impl Invocation {
+    /// The daemon's flags as they apply (for `demo`: its own over those before it, then what
+    /// the demo forces, see `DemoArgs::apply`), and the subcommand.
+    pub fn into_parts(self) -> (Cli, Option<Command>) {
+        let Invocation { command, mut cli } = self;
+        if let Some(Command::Demo(d)) = &command {
+            cli = cli.overlay(d.daemon.clone());
+            d.args.apply(&mut cli);
+        }
+        (cli, command)
+    }
+}
+
+/// Command-line flags of the daemon.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Cli {
     /// Address to bind (overrides REVERB_SERVER_HOST; default 0.0.0.0, or 127.0.0.1 while running
     /// with the built-in development credentials).
     #[arg(long)]
@@ -76,8 +97,13 @@ pub struct Cli {
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// Log format on stderr: `human` (default) or `json` (one JSON object per line).
-    #[arg(long, env = "BTS_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "BTS_LOG_FORMAT", value_parser = ["human", "json"])]
+    pub log_format: Option<String>,
+    /// Write the process id to this file once every shard accepts, and remove it on exit if it
+    /// still holds this process's id (BTS_PID_FILE); `kill -HUP "$(cat FILE)"` then reloads
+    /// the newest process, even while an old one drains beside it.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
     /// Serve the debug console at /console (BTS_CONSOLE=true), opened with BTS_CONSOLE_TOKEN or,
     /// when none is set, the app secret.
     #[arg(long)]
@@ -86,6 +112,57 @@ pub struct Cli {
     /// events must not reach a real deployment's nodes).
     #[arg(skip)]
     pub standalone: bool,
+}
+
+impl Cli {
+    /// These flags with `later`'s (given after a subcommand) over them.
+    pub fn overlay(self, later: Cli) -> Cli {
+        // Destructured without `..`: a new flag does not compile until it is merged here.
+        let Cli {
+            host,
+            port,
+            shards,
+            config,
+            env_file,
+            allow_dev_credentials,
+            redis,
+            no_redis,
+            ingest_cpu,
+            cluster,
+            drain_secs,
+            metrics_port,
+            metrics_host,
+            no_metrics,
+            tls_cert,
+            tls_key,
+            log_format,
+            pid_file,
+            console,
+            standalone,
+        } = later;
+        Cli {
+            host: host.or(self.host),
+            port: port.or(self.port),
+            shards: shards.or(self.shards),
+            config: config.or(self.config),
+            env_file: env_file.or(self.env_file),
+            allow_dev_credentials: allow_dev_credentials || self.allow_dev_credentials,
+            redis: redis.or(self.redis),
+            no_redis: no_redis || self.no_redis,
+            ingest_cpu: ingest_cpu.or(self.ingest_cpu),
+            cluster: cluster || self.cluster,
+            drain_secs: drain_secs.or(self.drain_secs),
+            metrics_port: metrics_port.or(self.metrics_port),
+            metrics_host: metrics_host.or(self.metrics_host),
+            no_metrics: no_metrics || self.no_metrics,
+            tls_cert: tls_cert.or(self.tls_cert),
+            tls_key: tls_key.or(self.tls_key),
+            log_format: log_format.or(self.log_format),
+            pid_file: pid_file.or(self.pid_file),
+            console: console || self.console,
+            standalone: standalone || self.standalone,
+        }
+    }
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -101,7 +178,8 @@ pub enum Command {
     /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
     Simulate(Box<crate::simulate::SimulateArgs>),
     /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
-    Demo(crate::console::demo::DemoArgs),
+    /// Takes every daemon flag (--config, --env-file, --host, --port, ...) after `demo` too.
+    Demo(Box<crate::console::demo::DemoCommand>),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -299,6 +377,8 @@ pub struct Config {
     pub console: Option<ConsoleConfig>,
     /// Certificate and key for TLS on the main port; `None`: plain ws:// and http:// only.
     pub tls: Option<TlsFiles>,
+    /// Where the process id is written once every shard accepts (`--pid-file`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// PEM files for TLS (`--tls-cert` / `--tls-key`, BTS_TLS_CERT / BTS_TLS_KEY, or
@@ -406,6 +486,7 @@ pub struct RawServer {
     pub tls_key: Option<PathBuf>,
     pub console: Option<bool>,
     pub console_token: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -829,9 +910,29 @@ impl Config {
         } else {
             None
         };
+        let pid_file = cli
+            .pid_file
+            .clone()
+            .or(env_str(env, "BTS_PID_FILE").map(PathBuf::from))
+            .or(s.pid_file.clone());
+        if let Some(path) = &pid_file {
+            // Refuse now what could only fail after the sockets are bound.
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if path.is_dir() || !dir.is_dir() {
+                return Err(ConfigError::BadValue {
+                    name: "--pid-file / BTS_PID_FILE / pid_file".into(),
+                    value: path.display().to_string(),
+                    why: "must be a file name in an existing directory",
+                });
+            }
+        }
         Ok(Config {
             tls,
             console,
+            pid_file,
             listen: SocketAddr::new(host, port),
             shard_cpus,
             apps,

@@ -353,6 +353,16 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
 mod tests {
     use super::*;
 
+    /// `BTS_LOG=debug` must work in the build users run: no compile-time cap on tracing's
+    /// level (`cargo test --release --lib static_log_level` checks the release profile).
+    #[test]
+    fn static_log_level_is_not_capped() {
+        assert_eq!(
+            tracing::level_filters::STATIC_MAX_LEVEL,
+            tracing::level_filters::LevelFilter::TRACE
+        );
+    }
+
     #[test]
     fn three_executors_fit_8_mib() {
         assert_eq!(plan_io_memory(3, Some(8 << 20), false).unwrap(), IO_MEMORY);
