@@ -45,7 +45,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use config::Config;
 
 /// glommio registers `io_memory` with 3 io_uring rings per executor, pinned against
-/// RLIMIT_MEMLOCK (notes/glommio-findings.md §1). Our sockets never use those buffers (they are
+/// RLIMIT_MEMLOCK (docs/glommio-findings.md §1). Our sockets never use those buffers (they are
 /// for DMA file I/O), so a small amount is enough: 512 KiB pins 1.5 MiB per executor, and 3
 /// executors fit in an 8 MiB limit with room to spare.
 pub const IO_MEMORY: usize = 512 << 10;
