@@ -13,16 +13,37 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-/// Command-line flags of the daemon.
-#[derive(Debug, Default, Parser)]
+/// The command line: the daemon's flags and an optional subcommand. `demo` takes the daemon's
+/// flags after it too (`bts-guru demo --config c.toml`), and those win over the ones before it.
+#[derive(Debug, Parser)]
 #[command(
     name = "bts-guru",
     version,
     about = "Pusher-protocol WebSocket broadcast server"
 )]
-pub struct Cli {
+pub struct Invocation {
     #[command(subcommand)]
     pub command: Option<Command>,
+    #[command(flatten)]
+    pub cli: Cli,
+}
+
+impl Invocation {
+    /// The daemon's flags as they apply (for `demo`: its own over those before it, then what
+    /// the demo forces, see `DemoArgs::apply`), and the subcommand.
+    pub fn into_parts(self) -> (Cli, Option<Command>) {
+        let Invocation { command, mut cli } = self;
+        if let Some(Command::Demo(d)) = &command {
+            cli = cli.overlay(d.daemon.clone());
+            d.args.apply(&mut cli);
+        }
+        (cli, command)
+    }
+}
+
+/// Command-line flags of the daemon.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Cli {
     /// Address to bind (overrides REVERB_SERVER_HOST; default 0.0.0.0, or 127.0.0.1 while running
     /// with the built-in development credentials).
     #[arg(long)]
@@ -76,8 +97,13 @@ pub struct Cli {
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
     /// Log format on stderr: `human` (default) or `json` (one JSON object per line).
-    #[arg(long, env = "BTS_LOG_FORMAT", default_value = "human", value_parser = ["human", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "BTS_LOG_FORMAT", value_parser = ["human", "json"])]
+    pub log_format: Option<String>,
+    /// Write the process id to this file once every shard accepts, and remove it on exit if it
+    /// still holds this process's id (BTS_PID_FILE); `kill -HUP "$(cat FILE)"` then reloads
+    /// the newest process, even while an old one drains beside it.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
     /// Serve the debug console at /console (BTS_CONSOLE=true), opened with BTS_CONSOLE_TOKEN or,
     /// when none is set, the app secret.
     #[arg(long)]
@@ -86,6 +112,57 @@ pub struct Cli {
     /// events must not reach a real deployment's nodes).
     #[arg(skip)]
     pub standalone: bool,
+}
+
+impl Cli {
+    /// These flags with `later`'s (given after a subcommand) over them.
+    pub fn overlay(self, later: Cli) -> Cli {
+        // Destructured without `..`: a new flag does not compile until it is merged here.
+        let Cli {
+            host,
+            port,
+            shards,
+            config,
+            env_file,
+            allow_dev_credentials,
+            redis,
+            no_redis,
+            ingest_cpu,
+            cluster,
+            drain_secs,
+            metrics_port,
+            metrics_host,
+            no_metrics,
+            tls_cert,
+            tls_key,
+            log_format,
+            pid_file,
+            console,
+            standalone,
+        } = later;
+        Cli {
+            host: host.or(self.host),
+            port: port.or(self.port),
+            shards: shards.or(self.shards),
+            config: config.or(self.config),
+            env_file: env_file.or(self.env_file),
+            allow_dev_credentials: allow_dev_credentials || self.allow_dev_credentials,
+            redis: redis.or(self.redis),
+            no_redis: no_redis || self.no_redis,
+            ingest_cpu: ingest_cpu.or(self.ingest_cpu),
+            cluster: cluster || self.cluster,
+            drain_secs: drain_secs.or(self.drain_secs),
+            metrics_port: metrics_port.or(self.metrics_port),
+            metrics_host: metrics_host.or(self.metrics_host),
+            no_metrics: no_metrics || self.no_metrics,
+            tls_cert: tls_cert.or(self.tls_cert),
+            tls_key: tls_key.or(self.tls_key),
+            log_format: log_format.or(self.log_format),
+            pid_file: pid_file.or(self.pid_file),
+            console: console || self.console,
+            standalone: standalone || self.standalone,
+        }
+    }
 }
 
 /// Subcommands; without one, the daemon runs.
@@ -101,7 +178,8 @@ pub enum Command {
     /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
     Simulate(Box<crate::simulate::SimulateArgs>),
     /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
-    Demo(crate::console::demo::DemoArgs),
+    /// Takes every daemon flag (--config, --env-file, --host, --port, ...) after `demo` too.
+    Demo(Box<crate::console::demo::DemoCommand>),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -299,6 +377,8 @@ pub struct Config {
     pub console: Option<ConsoleConfig>,
     /// Certificate and key for TLS on the main port; `None`: plain ws:// and http:// only.
     pub tls: Option<TlsFiles>,
+    /// Where the process id is written once every shard accepts (`--pid-file`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// PEM files for TLS (`--tls-cert` / `--tls-key`, BTS_TLS_CERT / BTS_TLS_KEY, or
@@ -406,6 +486,7 @@ pub struct RawServer {
     pub tls_key: Option<PathBuf>,
     pub console: Option<bool>,
     pub console_token: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -465,6 +546,7 @@ impl ProcessEnv {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
+                // A later line wins, as in phpdotenv.
                 file.insert(k, v);
             }
         }
@@ -473,11 +555,44 @@ impl ProcessEnv {
 }
 
 impl Env for ProcessEnv {
+    /// The process environment first, else the file; either way read as Laravel's `env()` reads
+    /// it ([`laravel_value`]), so a Laravel `.env` means to bts-guru what it means to Laravel.
     fn get(&self, name: &str) -> Option<String> {
-        std::env::var(name)
+        let raw = std::env::var(name)
             .ok()
-            .or_else(|| self.file.get(name).cloned())
+            .or_else(|| self.file.get(name).cloned())?;
+        laravel_value(name, &raw)
     }
+}
+
+/// Variables whose `null` Laravel passes on as null where its configuration has a non-null
+/// default, with an effect bts-guru reproduces: `REDIS_PREFIX=null` gives the redis broadcaster
+/// no prefix at all (`config/database.php` `options.prefix`, used as the broadcaster's channel
+/// prefix), not the APP_NAME-derived default.
+const NULL_MEANS_EMPTY: [&str; 1] = ["REDIS_PREFIX"];
+
+/// A variable's value as Laravel's `env()` returns it (`Illuminate\Support\Env::get`), given
+/// the string the environment or the dotenv parser holds (the parser has already removed the
+/// file's own quotes and expanded `${VAR}`): `true`/`(true)` and `false`/`(false)` (any case)
+/// are booleans, written here as `true`/`false`; `empty`/`(empty)` is the empty string;
+/// `null`/`(null)` is unset (`None`; the empty string for [`NULL_MEANS_EMPTY`]); otherwise one
+/// pair of matching surrounding quotes is removed (`'/\A([\'"])(.*)\1\z/'`).
+pub fn laravel_value(name: &str, raw: &str) -> Option<String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "(true)" => return Some("true".into()),
+        "false" | "(false)" => return Some("false".into()),
+        "empty" | "(empty)" => return Some(String::new()),
+        "null" | "(null)" if NULL_MEANS_EMPTY.contains(&name) => return Some(String::new()),
+        "null" | "(null)" => return None,
+        _ => {}
+    }
+    let b = raw.as_bytes();
+    let quoted = b.len() >= 2 && matches!(b[0], b'"' | b'\'') && b[b.len() - 1] == b[0];
+    // PCRE's `.` stops at a newline: a multi-line value keeps its quotes.
+    if quoted && !raw[1..raw.len() - 1].contains('\n') {
+        return Some(raw[1..raw.len() - 1].to_owned());
+    }
+    Some(raw.to_owned())
 }
 
 fn env_parse<T: std::str::FromStr>(
@@ -496,6 +611,21 @@ fn env_parse<T: std::str::FromStr>(
                 value: v,
                 why,
             }),
+    }
+}
+
+/// A boolean variable: `true`/`false` (after [`laravel_value`], which folds `TRUE`, `(true)`
+/// and the like into these), or `1`/`0`, which PHP reads as true and false too.
+fn env_bool(env: &dyn Env, name: &str) -> Result<Option<bool>, ConfigError> {
+    match env.get(name).as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("true" | "1") => Ok(Some(true)),
+        Some("false" | "0") => Ok(Some(false)),
+        Some(v) => Err(ConfigError::BadValue {
+            name: name.to_owned(),
+            value: v.to_owned(),
+            why: "true or false (or 1 or 0)",
+        }),
     }
 }
 
@@ -548,7 +678,7 @@ impl Config {
             accept_client_events_from: env_str(env, "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM"),
             allowed_origins: env_str(env, "BTS_APP_ALLOWED_ORIGINS")
                 .map(|v| v.split(',').map(|o| o.trim().to_owned()).collect()),
-            rate_limiting: env_parse(env, "REVERB_APP_RATE_LIMITING_ENABLED", "true or false")?,
+            rate_limiting: env_bool(env, "REVERB_APP_RATE_LIMITING_ENABLED")?,
             rate_limit_max_attempts: env_parse(
                 env,
                 "REVERB_APP_RATE_LIMITING_MAX_ATTEMPTS",
@@ -559,11 +689,7 @@ impl Config {
                 "REVERB_APP_RATE_LIMITING_DECAY_SECONDS",
                 "seconds",
             )?,
-            rate_limit_terminate: env_parse(
-                env,
-                "REVERB_APP_RATE_LIMIT_TERMINATE",
-                "true or false",
-            )?,
+            rate_limit_terminate: env_bool(env, "REVERB_APP_RATE_LIMIT_TERMINATE")?,
             webhooks: env_str(env, "BTS_APP_WEBHOOK_URLS").map(|v| {
                 v.split(',')
                     .map(|u| WebhookTarget {
@@ -640,8 +766,7 @@ impl Config {
 
         let allow_dev = cli.allow_dev_credentials
             || s.allow_dev_credentials.unwrap_or(false)
-            || env_parse::<bool>(env, "BTS_ALLOW_DEV_CREDENTIALS", "true or false")?
-                .unwrap_or(false);
+            || env_bool(env, "BTS_ALLOW_DEV_CREDENTIALS")?.unwrap_or(false);
         let host_given = cli
             .host
             .or(env_parse(env, "REVERB_SERVER_HOST", "an IP address")?)
@@ -702,7 +827,7 @@ impl Config {
                 "write_coalesce_ms must be at most 1000 (got {write_coalesce_ms})"
             )));
         }
-        let send_ring = env_parse::<bool>(env, "BTS_SEND_RING", "true or false")?
+        let send_ring = env_bool(env, "BTS_SEND_RING")?
             .or(s.send_ring)
             .unwrap_or(true);
         let pong_timeout = s.pong_timeout_secs.unwrap_or(30);
@@ -721,8 +846,7 @@ impl Config {
         let redis = resolve_redis(cli, env, &file.redis, &apps, &cpus, shards)?;
         let cluster_on = !cli.standalone
             && (cli.cluster
-                || env_parse::<bool>(env, "REVERB_SCALING_ENABLED", "true or false")?
-                    .unwrap_or(false)
+                || env_bool(env, "REVERB_SCALING_ENABLED")?.unwrap_or(false)
                 || file.redis.cluster.unwrap_or(false));
         let cluster = if cluster_on {
             if redis.is_none() {
@@ -767,10 +891,8 @@ impl Config {
                     ))
                 }
             };
-        let console_on = cli.console
-            || env_parse::<bool>(env, "BTS_CONSOLE", "true or false")?
-                .or(s.console)
-                .unwrap_or(false);
+        let console_on =
+            cli.console || env_bool(env, "BTS_CONSOLE")?.or(s.console).unwrap_or(false);
         let console = if console_on {
             let token = env_str(env, "BTS_CONSOLE_TOKEN")
                 .or(s.console_token.clone())
@@ -788,9 +910,29 @@ impl Config {
         } else {
             None
         };
+        let pid_file = cli
+            .pid_file
+            .clone()
+            .or(env_str(env, "BTS_PID_FILE").map(PathBuf::from))
+            .or(s.pid_file.clone());
+        if let Some(path) = &pid_file {
+            // Refuse now what could only fail after the sockets are bound.
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            if path.is_dir() || !dir.is_dir() {
+                return Err(ConfigError::BadValue {
+                    name: "--pid-file / BTS_PID_FILE / pid_file".into(),
+                    value: path.display().to_string(),
+                    why: "must be a file name in an existing directory",
+                });
+            }
+        }
         Ok(Config {
             tls,
             console,
+            pid_file,
             listen: SocketAddr::new(host, port),
             shard_cpus,
             apps,
@@ -806,7 +948,7 @@ impl Config {
             redis,
             cluster,
             metrics: if cli.no_metrics
-                || !env_parse::<bool>(env, "METRICS_ENABLED", "true or false")?
+                || !env_bool(env, "METRICS_ENABLED")?
                     .or(s.metrics)
                     .unwrap_or(true)
             {
@@ -1259,6 +1401,120 @@ mod tests {
             ..Cli::default()
         };
         assert_eq!(resolve(&demo, &e, "").unwrap().cluster, None);
+    }
+
+    #[test]
+    fn values_read_as_laravels_env_reads_them() {
+        let v = |raw: &str| laravel_value("X", raw);
+        assert_eq!(v("null"), None);
+        assert_eq!(v("(null)"), None);
+        assert_eq!(v("NULL"), None);
+        assert_eq!(laravel_value("REDIS_PREFIX", "null"), Some(String::new()));
+        assert_eq!(v("empty").as_deref(), Some(""));
+        assert_eq!(v("(Empty)").as_deref(), Some(""));
+        for t in ["true", "(true)", "TRUE", "True"] {
+            assert_eq!(v(t).as_deref(), Some("true"), "{t}");
+        }
+        for f in ["false", "(false)", "FALSE"] {
+            assert_eq!(v(f).as_deref(), Some("false"), "{f}");
+        }
+        assert_eq!(v("\"quoted\"").as_deref(), Some("quoted"));
+        assert_eq!(v("'single'").as_deref(), Some("single"));
+        assert_eq!(v("\"mismatched'").as_deref(), Some("\"mismatched'"));
+        assert_eq!(v("\"").as_deref(), Some("\""));
+        assert_eq!(v("\"two\nlines\"").as_deref(), Some("\"two\nlines\""));
+        assert_eq!(
+            v("\"null\"").as_deref(),
+            Some("null"),
+            "quotes go after the keywords"
+        );
+        assert_eq!(v("p@ss null").as_deref(), Some("p@ss null"));
+        assert_eq!(v("").as_deref(), Some(""));
+    }
+
+    /// A scratch dotenv file, removed on drop.
+    struct EnvFile(PathBuf);
+
+    impl EnvFile {
+        fn new(text: &str) -> EnvFile {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "bts-guru-env-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            std::fs::write(&path, text).unwrap();
+            EnvFile(path)
+        }
+
+        fn resolve(&self) -> Result<Config, ConfigError> {
+            let env = ProcessEnv::load(Some(&self.0)).unwrap();
+            Config::from_parts(&Cli::default(), &env, RawFile::default(), vec![0, 1])
+        }
+    }
+
+    impl Drop for EnvFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    const LARAVEL_11_ENV: &str = include_str!("../tests/fixtures/laravel-11.env");
+
+    #[test]
+    fn a_fresh_laravel_11_env_configures_the_app_and_a_redis_without_password() {
+        let c = EnvFile::new(LARAVEL_11_ENV).resolve().unwrap();
+        let a = &c.apps[0];
+        assert_eq!(
+            (a.id.as_str(), a.key.as_str(), a.secret.as_str()),
+            ("384615", "wlzqyxyd6t1mudlnbpnr", "tjhxz1zwvtxy2xvhsqfn")
+        );
+        assert!(!c.dev_credentials);
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        // REDIS_PASSWORD=null is no password, as in Laravel; not the password "null".
+        let r = c.redis.unwrap();
+        assert_eq!(r.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(r.prefix, "laravel_database_");
+        assert_eq!(c.cluster, None);
+    }
+
+    #[test]
+    fn laravel_keywords_in_an_env_file() {
+        let with = |extra: &str| EnvFile::new(&format!("{LARAVEL_11_ENV}\n{extra}\n")).resolve();
+        let c = with("REDIS_PASSWORD=(null)\nREDIS_USERNAME=null").unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://127.0.0.1:6379/0");
+        let c = with("REDIS_PASSWORD=\"s3cret\"").unwrap();
+        assert_eq!(c.redis.unwrap().url, "redis://:s3cret@127.0.0.1:6379/0");
+        let c = with("REDIS_PREFIX=null").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "");
+        let c = with("REDIS_PREFIX=(empty)").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "");
+        let c = with("REDIS_PREFIX=\"my_app_\"").unwrap();
+        assert_eq!(c.redis.unwrap().prefix, "my_app_");
+        let c = with("REDIS_HOST=null").unwrap();
+        assert_eq!(c.redis, None, "no Redis host: ingest off");
+        let c = with("REVERB_SCALING_ENABLED=(true)\nBTS_CONSOLE=TRUE\nMETRICS_ENABLED=(false)")
+            .unwrap();
+        assert!(c.cluster.is_some() && c.console.is_some() && c.metrics.is_none());
+        let c = with("REVERB_SCALING_ENABLED=1\nREVERB_APP_RATE_LIMITING_ENABLED=true").unwrap();
+        assert!(c.cluster.is_some() && c.apps[0].rate_limit.is_some());
+        let c = with("REVERB_SCALING_ENABLED=false\nREVERB_SERVER_PORT=null").unwrap();
+        assert_eq!((c.cluster.is_none(), c.listen.port()), (true, 8080));
+        let c = with("REVERB_APP_MAX_CONNECTIONS=null\nREVERB_APP_ACTIVITY_TIMEOUT=empty").unwrap();
+        assert_eq!(
+            (c.apps[0].max_connections, c.apps[0].activity_timeout),
+            (None, DEFAULT_ACTIVITY_TIMEOUT)
+        );
+        // The README's `.env` block: comments after unquoted values.
+        let c = with(
+            "REVERB_SERVER_HOST=127.0.0.1   # where bts-guru binds\nREVERB_SERVER_PORT=8090 # x",
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8090".parse().unwrap());
+        let err = with("REVERB_SCALING_ENABLED=maybe")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REVERB_SCALING_ENABLED"), "{err}");
     }
 
     #[test]

@@ -45,7 +45,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use config::Config;
 
 /// glommio registers `io_memory` with 3 io_uring rings per executor, pinned against
-/// RLIMIT_MEMLOCK (notes/glommio-findings.md §1). Our sockets never use those buffers (they are
+/// RLIMIT_MEMLOCK (docs/glommio-findings.md §1). Our sockets never use those buffers (they are
 /// for DMA file I/O), so a small amount is enough: 512 KiB pins 1.5 MiB per executor, and 3
 /// executors fit in an 8 MiB limit with room to spare.
 pub const IO_MEMORY: usize = 512 << 10;
@@ -117,12 +117,14 @@ pub struct Running {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
-/// Graceful drain of every shard: readiness turns false, listeners close (new connections go to
-/// other processes on the same port), clients are closed with 4200 spread over `window`, queued
-/// frames are flushed first. Blocks until every shard finished, or `window` plus 10 s.
+/// Graceful drain of every shard: readiness turns false, every listener closes (the shards'
+/// and the metrics one: new connections go to other processes on the same ports), clients are
+/// closed with 4200 spread over `window`, queued frames are flushed first. Blocks until every
+/// shard finished, or `window` plus 10 s.
 pub fn drain(shared: &shard::Shared, window: Duration) {
     use std::sync::atomic::Ordering::SeqCst;
     shared.draining.store(true, SeqCst);
+    shared.metrics_listener.close();
     let shards = shared.router.shards();
     for shard in 0..shards {
         let _ = shared
@@ -350,6 +352,16 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `BTS_LOG=debug` must work in the build users run: no compile-time cap on tracing's
+    /// level (`cargo test --release --lib static_log_level` checks the release profile).
+    #[test]
+    fn static_log_level_is_not_capped() {
+        assert_eq!(
+            tracing::level_filters::STATIC_MAX_LEVEL,
+            tracing::level_filters::LevelFilter::TRACE
+        );
+    }
 
     #[test]
     fn three_executors_fit_8_mib() {

@@ -1,19 +1,42 @@
 //! Prometheus metrics. Counters live on each shard as plain `Cell`s (or thread-locals for the
 //! write path), with no atomics or locks on the per-event path; a scrape asks every shard for a
 //! snapshot through its inbox and renders the sum. Served on its own listener (default
-//! 127.0.0.1:9601) by a std thread, so scraping never touches a shard's socket loop.
+//! 127.0.0.1:9601) by std threads, so scraping never touches a shard's socket loop.
+//!
+//! The listener is a bounded, hostile-tolerant HTTP/1.1 responder: SO_REUSEPORT (a new process
+//! binds beside a draining one, as the WebSocket port does), closed when a drain starts, one
+//! thread per connection up to [`MAX_CONNECTIONS`], a request head of at most [`MAX_HEAD`] bytes
+//! (431 beyond) that must arrive within [`HEAD_TIMEOUT`] (408 after), and, when every slot is
+//! taken, the connection that has waited longest for its head is dropped to make room: a
+//! scraper that trickles bytes can delay nobody.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 use crate::fanout::router::ShardCmd;
 use crate::shard::Shared;
+
+/// Largest request head (request line and headers) the metrics listener reads; 431 beyond.
+pub const MAX_HEAD: usize = 8 << 10;
+/// Time a connection has to send its whole request head; 408 after.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed to write the answer to a scraper that does not read it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once (one thread each). When all are taken, the oldest one still
+/// sending its head is closed for the new one; when all are past their head, the new one gets
+/// 503.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Listen backlog of the metrics socket (scrapers are few).
+const BACKLOG: i32 = 128;
+/// Stack of a connection thread: rendering needs little, and sixteen of them stay small.
+const STACK: usize = 256 << 10;
 
 thread_local! {
     /// Frames, bytes and socket writes done by this thread (one shard per thread).
@@ -64,39 +87,285 @@ pub struct Snapshot {
     pub latency: Histogram<u64>,
 }
 
-/// Starts the metrics listener (bound here, so a port in use fails start-up).
+/// The metrics listener's handle on [`Shared`]: the drain closes it.
+#[derive(Debug, Default)]
+pub struct Listener {
+    /// A duplicate of the listening socket, shut down by [`Listener::close`].
+    socket: Mutex<Option<socket2::Socket>>,
+    closed: AtomicBool,
+}
+
+impl Listener {
+    /// Stops accepting at once (a drain starting): shutting the listening socket down takes it
+    /// out of the port's SO_REUSEPORT group, so new scrapes go to a process started beside this
+    /// one, and wakes the accept loop, which then closes it. Scrapes already accepted are
+    /// answered.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sk) = socket {
+            let _ = sk.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Connections in flight: how many threads, and which connections are still sending their head
+/// (oldest first), with a handle to cut each one off.
+#[derive(Default)]
+struct Slots {
+    threads: usize,
+    next_id: u64,
+    reading: VecDeque<(u64, TcpStream)>,
+}
+
+/// Starts the metrics listener (bound here, so a port in use fails start-up). Like the
+/// WebSocket port it is bound with SO_REUSEPORT, so a new process can start beside one that is
+/// draining; `shared.metrics_listener` closes it.
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let local = listener.local_addr()?;
+    let sk = crate::sys::reuseport_listener(addr, BACKLOG)?;
+    let local = sk
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("metrics listener has no IP address"))?;
+    *shared
+        .metrics_listener
+        .socket
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(sk.try_clone()?);
+    let listener: TcpListener = sk.into();
     std::thread::Builder::new()
         .name("bts-metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut reader = BufReader::new(&stream);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                // Skip the headers.
-                let mut h = String::new();
-                while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
-                    h.clear();
-                }
-                let (status, ctype, body) = if line.starts_with("GET /metrics ") {
-                    ("200 OK", "text/plain; version=0.0.4", render(&shared, &gather(&shared)))
-                } else {
-                    ("404 Not Found", "text/plain", "not found: try /metrics\n".to_owned())
-                };
-                let mut w = &stream;
-                let _ = write!(
-                    w,
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })?;
+        .spawn(move || accept_loop(&listener, &shared))?;
     Ok(local)
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    loop {
+        let accepted = listener.accept();
+        if shared.metrics_listener.is_closed() {
+            tracing::debug!("metrics listener closed");
+            return;
+        }
+        match accepted {
+            Ok((stream, _)) => admit(stream, shared, &slots),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "metrics listener: accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Gives `stream` a thread of its own, making room by cutting off the connection that has
+/// waited longest for its head when every slot is taken.
+fn admit(stream: TcpStream, shared: &Arc<Shared>, slots: &Arc<Mutex<Slots>>) {
+    let lock = || slots.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(handle) = stream.try_clone() else {
+        return;
+    };
+    let id = {
+        let mut s = lock();
+        if s.threads >= MAX_CONNECTIONS {
+            match s.reading.pop_front() {
+                // Its thread sees the shutdown at its next read and ends.
+                Some((_, oldest)) => {
+                    let _ = oldest.shutdown(Shutdown::Both);
+                }
+                None => {
+                    drop(s);
+                    busy(&stream);
+                    return;
+                }
+            }
+        }
+        // Cut-off threads take a moment to end: never more than twice the cap in all.
+        if s.threads >= 2 * MAX_CONNECTIONS {
+            drop(s);
+            busy(&stream);
+            return;
+        }
+        s.threads += 1;
+        s.next_id += 1;
+        let id = s.next_id;
+        s.reading.push_back((id, handle));
+        id
+    };
+    let shared = Arc::clone(shared);
+    let slots2 = Arc::clone(slots);
+    let spawned = std::thread::Builder::new()
+        .name("bts-metrics-conn".into())
+        .stack_size(STACK)
+        .spawn(move || {
+            respond(&stream, &shared, &|| take_slot(&slots2, id));
+            let mut s = slots2.lock().unwrap_or_else(|e| e.into_inner());
+            s.threads -= 1;
+            s.reading.retain(|(i, _)| *i != id);
+        });
+    if spawned.is_err() {
+        let mut s = lock();
+        s.threads -= 1;
+        s.reading.retain(|(i, _)| *i != id);
+    }
+}
+
+/// The head is in: this connection may no longer be cut off. `false` if it already was.
+fn take_slot(slots: &Mutex<Slots>, id: u64) -> bool {
+    let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+    let before = s.reading.len();
+    s.reading.retain(|(i, _)| *i != id);
+    s.reading.len() < before
+}
+
+/// 503 without reading anything (every slot busy rendering).
+fn busy(stream: &TcpStream) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    reply(
+        stream,
+        "503 Service Unavailable",
+        "text/plain",
+        "busy: too many scrapes at once\n",
+    );
+}
+
+/// Why a request head was not read.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    /// Over [`MAX_HEAD`] bytes without its end.
+    TooLarge,
+    /// Not complete within [`HEAD_TIMEOUT`].
+    Timeout,
+    /// The peer closed, reset, or was cut off.
+    Gone,
+}
+
+/// Reads one request head (up to its blank line) into `buf`, within `deadline` and
+/// [`MAX_HEAD`] bytes; returns its length.
+fn read_head(
+    stream: &mut impl Read,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    set_timeout: &dyn Fn(Duration),
+) -> Result<usize, HeadError> {
+    buf.clear();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HeadError::Timeout);
+        }
+        set_timeout(left);
+        let room = (MAX_HEAD - buf.len()).min(chunk.len());
+        let n = match stream.read(&mut chunk[..room]) {
+            Ok(0) => return Err(HeadError::Gone),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(HeadError::Timeout)
+            }
+            Err(_) => return Err(HeadError::Gone),
+        };
+        // Look for the blank line from just before the new bytes (it may straddle reads).
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head_end(&buf[from..]) {
+            return Ok(from + end);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+/// Length of the head up to and including its blank line (RFC 9112 §2.2 lets a server accept a
+/// bare LF as a line terminator).
+fn head_end(b: &[u8]) -> Option<usize> {
+    (0..b.len()).find_map(|i| {
+        if b[i..].starts_with(b"\r\n\r\n") {
+            Some(i + 4)
+        } else if b[i..].starts_with(b"\n\n") {
+            Some(i + 2)
+        } else if b[i..].starts_with(b"\n\r\n") {
+            Some(i + 3)
+        } else {
+            None
+        }
+    })
+}
+
+/// Serves one connection: one request, one answer, then close. `head_done` is called once the
+/// head is in; `false` means the connection was cut off meanwhile.
+fn respond(stream: &TcpStream, shared: &Shared, head_done: &dyn Fn() -> bool) {
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let mut buf = Vec::with_capacity(MAX_HEAD);
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    let set_timeout = |d: Duration| {
+        let _ = stream.set_read_timeout(Some(d));
+    };
+    let mut reader = stream;
+    let head = read_head(&mut reader, &mut buf, deadline, &set_timeout);
+    if !head_done() {
+        return;
+    }
+    let len = match head {
+        Ok(len) => len,
+        Err(HeadError::TooLarge) => {
+            reply(
+                stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head over 8 KiB\n",
+            );
+            return;
+        }
+        Err(HeadError::Timeout) => {
+            reply(
+                stream,
+                "408 Request Timeout",
+                "text/plain",
+                "request head not received in time\n",
+            );
+            return;
+        }
+        Err(HeadError::Gone) => return,
+    };
+    let line = buf[..len].split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    if method == b"GET" && path == b"/metrics" {
+        let body = render(shared, &gather(shared));
+        reply(stream, "200 OK", "text/plain; version=0.0.4", &body);
+    } else {
+        reply(
+            stream,
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n",
+        );
+    }
+}
+
+fn reply(mut stream: &TcpStream, status: &str, ctype: &str, body: &str) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.shutdown(Shutdown::Write);
 }
 
 /// Asks every shard for its snapshot (a shard that does not answer in 2 s is left out).

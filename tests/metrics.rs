@@ -122,3 +122,143 @@ fn metrics_can_be_turned_off_and_default_to_loopback() {
         "{log}"
     );
 }
+
+/// A request head with no end: the listener answers 431 after 8 KiB and closes, so the bytes
+/// stop at the socket buffers instead of growing the daemon (before: a 300 MB line grew RSS by
+/// 307 MB), and a scrape meanwhile is answered.
+#[test]
+fn a_header_line_without_newline_is_cut_off_at_8_kib_and_memory_stays_flat() {
+    use std::io::{Read, Write};
+    let port = free_port();
+    let d = Daemon::builder().metrics_port(port).start();
+    scrape(port);
+    let before = d.rss_kib();
+    let mut hostile = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    hostile
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    hostile
+        .write_all(b"GET /metrics HTTP/1.1\r\nX-Long: ")
+        .unwrap();
+    let chunk = vec![b'a'; 1 << 20];
+    let mut sent = 0usize;
+    let limit = 64 << 20;
+    while sent < limit {
+        match hostile.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+        if sent == 4 << 20 {
+            // Another scraper is served while this one streams.
+            assert!(scrape(port).contains("bts_connects_total"));
+        }
+    }
+    assert!(
+        sent < limit,
+        "the listener took all {sent} bytes of one header line"
+    );
+    // The answer, if it arrived before the reset: 431.
+    let mut resp = Vec::new();
+    let _ = hostile.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 431"),
+        "{resp}"
+    );
+    let grown = d.rss_kib().saturating_sub(before);
+    assert!(grown < 8 << 10, "RSS grew {grown} KiB after {sent} bytes");
+    assert!(scrape(port).contains("bts_connects_total"));
+
+    // A head over 8 KiB that does end is refused with 431 too.
+    let mut big = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!(
+        "GET /metrics HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(9000)
+    );
+    let _ = big.write_all(head.as_bytes());
+    let mut resp = String::new();
+    let _ = big.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+}
+
+/// Slow scrapers (each trickling its head a byte at a time, reopened as soon as they are cut
+/// off, more of them than the listener serves at once) delay no real scrape: the listener
+/// serves connections concurrently and drops the one that has waited longest for its head.
+#[test]
+fn slowloris_scrapers_do_not_block_a_real_scrape() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let port = free_port();
+    let _d = Daemon::builder().metrics_port(port).start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickle = |stop: Arc<AtomicBool>| {
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n");
+                while !stop.load(Ordering::Relaxed) && s.write_all(b"X").is_ok() {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        })
+    };
+    let slow: Vec<_> = (0..40).map(|_| trickle(Arc::clone(&stop))).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let m = scrape(port);
+        assert!(m.contains("bts_connects_total"), "{m}");
+        // Well under the 5 s head deadline: nobody waited for a slow one to time out.
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "scrape took {:?}",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in slow {
+        t.join().unwrap();
+    }
+    // One slow head on its own gets 408 once its 5 s are up.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+}
+
+/// A drain closes the metrics listener at once, like the WebSocket port's, so a new process
+/// started beside this one answers the scrapes.
+#[test]
+fn the_metrics_listener_closes_when_a_drain_starts() {
+    let port = free_port();
+    let mut d = Daemon::builder()
+        .metrics_port(port)
+        .arg("--drain-secs")
+        .arg("30")
+        .start();
+    let mut c = d.client();
+    c.subscribe("sports.football");
+    scrape(port);
+    d.signal("TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics port still accepting 5 s into the drain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        d.wait_exit(Duration::from_millis(10)),
+        None,
+        "still draining"
+    );
+}

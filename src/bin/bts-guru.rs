@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bts_guru::config::{Cli, Command, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
+use bts_guru::config::{
+    Command, Config, Invocation, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET,
+};
 use bts_guru::console::demo;
 use bts_guru::doctor;
 
@@ -21,9 +23,9 @@ fn main() -> ExitCode {
     if std::env::var_os("BTS_HUGE_PAGES").is_none_or(|v| v != "1") {
         bts_guru::sys::disable_transparent_huge_pages();
     }
-    let mut cli = Cli::parse();
+    let (cli, command) = Invocation::parse().into_parts();
     // Before logging and the daemon's configuration: the simulator is a client of its own.
-    if let Some(Command::Simulate(args)) = &cli.command {
+    if let Some(Command::Simulate(args)) = &command {
         return match bts_guru::simulate::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -32,13 +34,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    let demo = match &cli.command {
-        Some(Command::Demo(d)) => Some(d.clone()),
+    let demo = match &command {
+        Some(Command::Demo(d)) => Some(d.args.clone()),
         _ => None,
     };
-    if let Some(d) = &demo {
-        d.apply(&mut cli);
-    }
     // Non-blocking writer: a slow stderr never stalls a shard's reactor.
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = tracing_subscriber::EnvFilter::try_from_env("BTS_LOG")
@@ -47,7 +46,7 @@ fn main() -> ExitCode {
         .with_writer(writer)
         .with_env_filter(filter)
         .with_ansi(false);
-    if cli.log_format == "json" {
+    if cli.log_format.as_deref() == Some("json") {
         logs.json().flatten_event(true).init();
     } else {
         logs.init();
@@ -58,7 +57,7 @@ fn main() -> ExitCode {
             Ok(cfg) => cfg,
             Err(e) => return fail(&format!("configuration error: {e}")),
         };
-    if let Some(Command::Doctor { profile }) = &cli.command {
+    if let Some(Command::Doctor { profile }) = &command {
         return doctor(profile, cfg.shards());
     }
     if demo.is_some() {
@@ -89,6 +88,12 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(&e.to_string()),
     };
+    let pid_file = match running.shared.cfg.pid_file.as_deref().map(PidFile::write) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => return fail(&e),
+        None => None,
+    };
+    let pid_file2 = pid_file.clone();
     let window = running.shared.cfg.drain_window;
     let shared = std::sync::Arc::clone(&running.shared);
     let mut signals = match signal_hook::iterator::Signals::new([
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
                 }
                 if draining {
                     eprintln!("bts-guru: second signal ({sig}), exiting now");
+                    PidFile::remove(&pid_file2);
                     std::process::exit(1);
                 }
                 draining = true;
@@ -120,8 +126,10 @@ fn main() -> ExitCode {
                     "bts-guru: signal {sig}: draining over {window:?} (send again to exit at once)"
                 );
                 let shared = std::sync::Arc::clone(&shared);
+                let pid_file = pid_file2.clone();
                 std::thread::spawn(move || {
                     bts_guru::drain(&shared, window);
+                    PidFile::remove(&pid_file);
                     eprintln!("bts-guru: drained, exiting");
                     std::process::exit(0);
                 });
@@ -148,17 +156,56 @@ fn main() -> ExitCode {
     let _ = out.flush();
     drop(out);
     running.wait();
+    PidFile::remove(&pid_file);
     ExitCode::SUCCESS
+}
+
+/// `--pid-file`: this process's id, for `kill -HUP "$(cat FILE)"`.
+#[derive(Clone)]
+struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    /// Writes the id through a temporary file and a rename, so a reader never sees half of it.
+    /// A process started beside a draining one replaces the old one's file.
+    fn write(path: &std::path::Path) -> Result<PidFile, String> {
+        let pid = std::process::id();
+        let name = path
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy());
+        let tmp = path.with_file_name(format!(".{name}.{pid}.tmp"));
+        std::fs::write(&tmp, format!("{pid}\n"))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                format!("cannot write the pid file {}: {e}", path.display())
+            })?;
+        Ok(PidFile(path.to_owned()))
+    }
+
+    /// Removes the file on exit, unless a newer process has written its own id there since.
+    fn remove(file: &Option<PidFile>) {
+        let Some(PidFile(path)) = file else {
+            return;
+        };
+        let ours =
+            std::fs::read_to_string(path).is_ok_and(|t| t.trim() == std::process::id().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// SIGHUP: re-reads the flags' files (`--config`, `--env-file` / `.env`) and applies what can
 /// change without a restart: apps and the TLS certificate.
 fn reload(shared: &bts_guru::shard::Shared) {
-    let cfg = Cli::try_parse().map_err(|e| e.to_string()).and_then(|cli| {
-        ProcessEnv::load(cli.env_file.as_ref())
-            .and_then(|env| Config::resolve(&cli, &env))
-            .map_err(|e| e.to_string())
-    });
+    let cfg = Invocation::try_parse()
+        .map_err(|e| e.to_string())
+        .and_then(|inv| {
+            let (cli, _) = inv.into_parts();
+            ProcessEnv::load(cli.env_file.as_ref())
+                .and_then(|env| Config::resolve(&cli, &env))
+                .map_err(|e| e.to_string())
+        });
     let cfg = match cfg {
         Ok(cfg) => cfg,
         Err(e) => {

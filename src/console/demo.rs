@@ -1,8 +1,8 @@
 //! `bts-guru demo`: the daemon with the console on, fed by the simulator through its own HTTP
 //! API, in one process that needs nothing else installed.
 //!
-//! It resolves its configuration exactly as the daemon does (flags, REVERB_* environment, `.env`,
-//! `--config`), so it can run beside a real deployment with that deployment's apps, but it stays
+//! It resolves its configuration exactly as the daemon does (flags, before or after `demo`,
+//! REVERB_* environment, `.env`, `--config`), so it can run beside a real deployment with that deployment's apps, but it stays
 //! on its own: it never joins a cluster, sends no webhooks, opens no /metrics listener unless
 //! `--metrics-port` is given, drains in one second, and refuses a port another process already
 //! listens on (with SO_REUSEPORT it would otherwise share that port and take some of a running
@@ -15,21 +15,24 @@ use std::time::Duration;
 use crate::config::{App, Cli, Config};
 use crate::simulate::{self, SimulateArgs, Via};
 
-/// Flags of `bts-guru demo` (the daemon's own flags go before `demo`).
+/// `bts-guru demo`: the simulator's flags and every flag of the daemon (which may also come
+/// before `demo`; those after it win).
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoCommand {
+    #[command(flatten)]
+    pub args: DemoArgs,
+    #[command(flatten)]
+    pub daemon: Cli,
+}
+
+/// The demo's own flags: the simulated feed.
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Address to bind (as the daemon's --host; default 127.0.0.1 with the built-in development
-    /// credentials).
-    #[arg(long)]
-    pub host: Option<IpAddr>,
-    /// Port to bind (as the daemon's --port; default REVERB_SERVER_PORT, else 8080; 0 picks one).
-    #[arg(long)]
-    pub port: Option<u16>,
     /// Concurrent simulated matches per round (1 to 1000).
     #[arg(long, default_value_t = 8, value_parser = simulate::parse_matches)]
     pub matches: usize,
-    /// Events published per second.
-    #[arg(long, default_value_t = 30.0, value_parser = simulate::parse_positive)]
+    /// Events published per second (the default keeps up with 8 matches at --speed 2).
+    #[arg(long, default_value_t = 2.0 * simulate::DEFAULT_RATE, value_parser = simulate::parse_positive)]
     pub rate: f64,
     /// Match minutes per real second (2: a football match takes about a minute).
     #[arg(long, default_value_t = 2.0, value_parser = simulate::parse_positive)]
@@ -40,13 +43,10 @@ pub struct DemoArgs {
 }
 
 impl DemoArgs {
-    /// The daemon settings the demo runs with: its own --host/--port over those before `demo`,
-    /// the console on, never a cluster node, no /metrics listener unless a port was given, and
-    /// a one-second drain on Ctrl-C unless --drain-secs says otherwise (nobody needs ten seconds
-    /// to reconnect to a demo).
+    /// What the demo forces on the daemon's settings: the console on, never a cluster node, no
+    /// /metrics listener unless a port was given, and a one-second drain on Ctrl-C unless
+    /// --drain-secs says otherwise (nobody needs ten seconds to reconnect to a demo).
     pub fn apply(&self, cli: &mut Cli) {
-        cli.host = self.host.or(cli.host);
-        cli.port = self.port.or(cli.port);
         cli.console = true;
         cli.standalone = true;
         if cli.metrics_port.is_none() {
@@ -158,31 +158,66 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn cli(argv: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("bts-guru").chain(argv.iter().copied())).unwrap()
+    fn parse(argv: &[&str]) -> (Cli, DemoArgs) {
+        let inv = crate::config::Invocation::try_parse_from(
+            std::iter::once("bts-guru").chain(argv.iter().copied()),
+        )
+        .unwrap();
+        let (cli, command) = inv.into_parts();
+        let Some(crate::config::Command::Demo(d)) = command else {
+            panic!("demo subcommand")
+        };
+        (cli, d.args)
     }
 
     #[test]
     fn demo_flags_override_the_daemons_and_turn_the_console_on() {
-        let mut c = cli(&["--port", "1", "--shards", "2", "demo", "--port", "9000"]);
-        let Some(crate::config::Command::Demo(d)) = c.command.take() else {
-            panic!("demo subcommand")
-        };
-        assert_eq!((d.matches, d.rate, d.speed, d.seed), (8, 30.0, 2.0, None));
-        d.apply(&mut c);
+        let (c, d) = parse(&["--port", "1", "--shards", "2", "demo", "--port", "9000"]);
+        assert_eq!((d.matches, d.rate, d.speed, d.seed), (8, 80.0, 2.0, None));
         assert_eq!((c.port, c.shards, c.host), (Some(9000), Some(2), None));
         assert!(c.console && c.standalone && c.no_metrics);
         assert_eq!(c.drain_secs, Some(1));
-        let mut c = cli(&["--metrics-port", "0", "--drain-secs", "5", "demo"]);
-        let Some(crate::config::Command::Demo(d)) = c.command.take() else {
-            panic!("demo subcommand")
-        };
-        d.apply(&mut c);
+        let (c, _) = parse(&["--metrics-port", "0", "--drain-secs", "5", "demo"]);
         assert!(
             !c.no_metrics,
             "an explicit --metrics-port keeps the listener"
         );
+        assert_eq!(c.drain_secs, Some(5));
         assert_eq!(c.port, None, "the daemon's default port then applies");
+    }
+
+    #[test]
+    fn every_daemon_flag_is_taken_after_demo_too() {
+        let (c, d) = parse(&[
+            "--log-format",
+            "json",
+            "--allow-dev-credentials",
+            "demo",
+            "--config",
+            "c.toml",
+            "--env-file",
+            "x.env",
+            "--host",
+            "0.0.0.0",
+            "--shards",
+            "3",
+            "--metrics-port",
+            "9700",
+            "--drain-secs",
+            "4",
+            "--matches",
+            "2",
+        ]);
+        assert_eq!(c.config.as_deref(), Some(std::path::Path::new("c.toml")));
+        assert_eq!(c.env_file.as_deref(), Some(std::path::Path::new("x.env")));
+        assert_eq!(c.host, Some(IpAddr::from([0, 0, 0, 0])));
+        assert_eq!(
+            (c.shards, c.metrics_port, c.drain_secs),
+            (Some(3), Some(9700), Some(4))
+        );
+        assert!(c.allow_dev_credentials && !c.no_metrics);
+        assert_eq!(c.log_format.as_deref(), Some("json"));
+        assert_eq!(d.matches, 2);
     }
 
     #[test]
@@ -207,8 +242,6 @@ mod tests {
         )
         .unwrap();
         let d = DemoArgs {
-            host: None,
-            port: None,
             matches: 4,
             rate: 10.0,
             speed: 2.0,

@@ -1,7 +1,7 @@
 //! One bounded inbox per shard, fed from any thread (other shards' HTTP API handlers today; the
 //! Redis ingest thread later) and drained by its shard.
 //!
-//! A crossbeam `ArrayQueue` plus an `AtomicWaker`: measured in `notes/glommio-findings.md` §2 to
+//! A crossbeam `ArrayQueue` plus an `AtomicWaker`: measured in `docs/glommio-findings.md` §2 to
 //! beat glommio's own channels, and the only option a plain std thread can feed. The queue wakes
 //! its shard itself: no polling timer. Wakes coalesce: after the first, later pushes are no-ops
 //! until the shard parks again, which batches bursts for free.

@@ -132,6 +132,45 @@ pub fn spawn(
 
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Why connecting and subscribing to Redis failed, as the log says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Redis refused the credentials (a wrong REDIS_PASSWORD or REDIS_USERNAME, a password sent
+    /// to a Redis without one, or none sent to a Redis that needs one).
+    Authentication,
+    /// The credentials were accepted but the user may not PSUBSCRIBE/SUBSCRIBE (Redis ACLs).
+    Permission,
+    /// Anything else: nothing listening, a timeout, a TLS failure, a dropped connection.
+    Unreachable,
+}
+
+impl Failure {
+    pub fn of(e: &redis::RedisError) -> Failure {
+        if e.kind() == redis::ErrorKind::AuthenticationFailed {
+            return Failure::Authentication;
+        }
+        match e.code() {
+            // NOAUTH: no credentials sent; WRONGPASS: Redis 6+ ACL users.
+            Some("NOAUTH" | "WRONGPASS") => Failure::Authentication,
+            Some("NOPERM") => Failure::Permission,
+            _ => Failure::Unreachable,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Failure::Authentication => {
+                "Redis authentication failed (check REDIS_PASSWORD and REDIS_USERNAME, or the \
+                 credentials in REDIS_URL)"
+            }
+            Failure::Permission => {
+                "Redis refused the subscription: its ACL does not allow this user PSUBSCRIBE"
+            }
+            Failure::Unreachable => "Redis unreachable",
+        }
+    }
+}
+
 fn run(cfg: &RedisConfig, shared: &Shared) {
     let stats = &shared.ingest;
     let mut backoff = Duration::from_millis(50);
@@ -144,6 +183,9 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
         // The PubSub handle must live as long as the subscription: dropping it unsubscribes.
         let subscribed = conn.and_then(|mut conn| {
+            // A PING first: a Redis that wants a password answers NOAUTH here, while a
+            // PSUBSCRIBE's refusal would only arrive later, looking like a dropped connection.
+            redis::cmd("PING").query::<()>(&mut conn)?;
             let mut pubsub = conn.as_pubsub();
             pubsub.psubscribe(&pattern)?;
             if let Some(cluster) = &shared.cluster {
@@ -161,7 +203,16 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             tracing::info!(redis = %cfg.redacted_url(), %pattern, "Redis ingest subscribed");
             let err = consume(cfg, shared, &mut pubsub);
             stats.connected.store(false, Ordering::Relaxed);
-            tracing::warn!(error = %err, "Redis ingest lost its connection; reconnecting");
+            match Failure::of(&err) {
+                Failure::Unreachable => {
+                    tracing::warn!(error = %err, "Redis ingest lost its connection; reconnecting")
+                }
+                refused => tracing::warn!(
+                    error = %err,
+                    "{}; Redis ingest reconnecting",
+                    refused.describe()
+                ),
+            }
             Ok(())
         });
         match subscribed {
@@ -172,7 +223,8 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
                     tracing::warn!(
                         redis = %cfg.redacted_url(),
                         error = %e,
-                        "Redis unreachable; serving WebSocket and HTTP API locally, retrying"
+                        "{}; serving WebSocket and HTTP API locally, retrying",
+                        Failure::of(&e).describe()
                     );
                     last_error_log = Some(Instant::now());
                 }

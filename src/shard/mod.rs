@@ -58,6 +58,10 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// Shards that finished draining.
     pub drained: AtomicUsize,
+    /// The /metrics listener, closed when a drain starts.
+    pub metrics_listener: crate::metrics::Listener,
+    /// Shards whose listener a drain has closed.
+    pub listeners_closed: AtomicUsize,
 }
 
 impl Shared {
@@ -87,6 +91,8 @@ impl Shared {
             tls: Default::default(),
             draining: Default::default(),
             drained: AtomicUsize::new(0),
+            metrics_listener: Default::default(),
+            listeners_closed: AtomicUsize::new(0),
         }
     }
 }
@@ -197,6 +203,10 @@ pub struct Shard {
     next_query: Cell<u64>,
     /// The accept loop; dropped (cancelled, listener closed) when draining starts.
     accept_task: RefCell<Option<glommio::Task<()>>>,
+    /// A duplicate of the listening socket: shut down when draining starts, which takes this
+    /// shard out of the port's SO_REUSEPORT group at once (the cancelled accept task closes its
+    /// own descriptor only when the executor next gets to it).
+    listener: RefCell<Option<socket2::Socket>>,
     /// A drain was asked for (by the inbox); the shard loop starts it.
     drain_requested: Cell<Option<Duration>>,
     /// Connections with frames queued by the current burst, flushed once it is drained.
@@ -274,6 +284,7 @@ impl Shard {
             queries: RefCell::default(),
             next_query: Cell::new(0),
             accept_task: RefCell::new(None),
+            listener: RefCell::new(None),
             drain_requested: Cell::new(None),
             shared,
             conns: RefCell::default(),
@@ -785,10 +796,17 @@ impl Shard {
             ShardCmd::Reload(set) => self.reload(&set),
             ShardCmd::Tls(cfg) => *self.tls.borrow_mut() = Some(cfg),
             ShardCmd::Drain { window } => {
-                // Stop accepting now: dropping the task cancels it and closes the listener, so
-                // the kernel sends new connections to the other listeners on this port (a new
-                // process started beside this one).
+                // Stop accepting now: shutting the listener down takes it out of the port's
+                // SO_REUSEPORT group, so the kernel sends new connections to the other listeners
+                // on this port (a new process started beside this one); dropping the task
+                // cancels it and closes its descriptor.
+                if let Some(sk) = self.listener.borrow_mut().take() {
+                    let _ = sk.shutdown(std::net::Shutdown::Both);
+                }
                 self.accept_task.borrow_mut().take();
+                self.shared
+                    .listeners_closed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 self.drain_requested.set(Some(window));
             }
             ShardCmd::CountDelta {
@@ -1550,8 +1568,10 @@ pub async fn run(
     listener: socket2::Socket,
     ready: std::sync::mpsc::Sender<usize>,
 ) {
+    let dup = listener.try_clone().ok();
     let listener = crate::sys::into_glommio_listener(listener);
     let shard = Rc::new(Shard::new(id, shared));
+    *shard.listener.borrow_mut() = dup;
     let accept = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
     *shard.accept_task.borrow_mut() = Some(accept);
     glommio::spawn_local(sweep_loop(Rc::clone(&shard))).detach();
@@ -1584,6 +1604,19 @@ pub async fn run(
 /// all reconnect in the same instant; waits for the closes to finish (bounded), then reports.
 async fn drain(shard: Rc<Shard>, window: Duration) {
     const STEP: Duration = Duration::from_millis(50);
+    // Close no client before every shard's listener is closed: a client closed here must not
+    // reconnect to this process through another shard's listener, nor miss an event that the
+    // HTTP API of this process would take after its reconnect to the new one.
+    let all_closed = Instant::now() + Duration::from_secs(1);
+    while shard
+        .shared
+        .listeners_closed
+        .load(std::sync::atomic::Ordering::SeqCst)
+        < shard.shared.router.shards()
+        && Instant::now() < all_closed
+    {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
     let mut conns = shard.conns.borrow().all();
     // Fisher-Yates with the shard's generator: the jitter.
     for i in (1..conns.len()).rev() {

@@ -417,6 +417,55 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// What `--help` promises at the defaults of `simulate` (8 matches, --speed 1) and `demo`
+    /// (--speed 2, twice the rate): a football match takes about two minutes, or one, and the
+    /// match clock never runs slow enough for the simulator's warning.
+    #[test]
+    fn the_defaults_keep_the_promised_pace_without_a_warning() {
+        use crate::simulate::{clock_behind, DEFAULT_RATE};
+        for (speed, rate, minutes) in [(1.0, DEFAULT_RATE, 2.0), (2.0, 2.0 * DEFAULT_RATE, 1.0)] {
+            for seed in 0..5 {
+                let o = FeedOptions {
+                    rate,
+                    speed,
+                    matches: 8,
+                    ..opts(seed, 8)
+                };
+                let mut f = Feed::new(&o);
+                let mut kicked_off: Vec<Option<f64>> = vec![None; 8];
+                let mut next_check = 5.0;
+                while !f.done() {
+                    f.tick();
+                    let secs = f.ticks() as f64 / rate;
+                    if secs >= next_check {
+                        // As the simulator checks it, every 5 s.
+                        next_check += 5.0;
+                        assert!(
+                            !clock_behind(f.sim_minutes(), secs, speed),
+                            "speed {speed}, seed {seed}: clock at {:.2} min/s after {secs} s",
+                            f.sim_minutes() / secs
+                        );
+                    }
+                    for (i, m) in f.matches.iter().enumerate() {
+                        if m.status != Status::Scheduled && kicked_off[i].is_none() {
+                            kicked_off[i] = Some(secs);
+                        }
+                        if m.status == Status::Finished && m.league.sport.slug() == "football" {
+                            if let Some(start) = kicked_off[i].filter(|s| *s >= 0.0) {
+                                let took = (secs - start) / 60.0;
+                                assert!(
+                                    (0.8 * minutes..1.25 * minutes).contains(&took),
+                                    "speed {speed}, seed {seed}: a football match took {took:.2} min"
+                                );
+                                kicked_off[i] = Some(-1.0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     pub(crate) fn opts(seed: u64, matches: usize) -> FeedOptions {
         FeedOptions {
             seed,

@@ -50,16 +50,34 @@ pub enum Via {
     Redis,
 }
 
+/// `bts-guru simulate --rate`'s default: enough for the default 8 matches at `--speed 1`, so the
+/// match clock keeps (nearly) the asked speed and no warning is printed.
+pub const DEFAULT_RATE: f64 = 40.0;
+
+/// Below this share of `--speed`, the simulator says its match clock runs slower than asked.
+/// Even a rate that keeps up lands a little under 1: a tick that finds an event waiting
+/// publishes it instead of moving the clock (8 matches at the defaults: 0.84 or more).
+pub const SLOW_CLOCK: f64 = 0.75;
+
+/// True when the match clock, `sim_minutes` after `secs` of real time, runs clearly slower than
+/// `speed` match minutes per second.
+pub fn clock_behind(sim_minutes: f64, secs: f64, speed: f64) -> bool {
+    sim_minutes / secs.max(0.001) < SLOW_CLOCK * speed
+}
+
 /// Flags of `bts-guru simulate`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimulateArgs {
     /// Number of concurrent matches (1 to 1000), spread over football and basketball leagues.
     #[arg(long, default_value_t = 8, value_parser = parse_matches)]
     pub matches: usize,
-    /// Events published per second, overall.
-    #[arg(long, default_value_t = 5.0, value_parser = parse_positive)]
+    /// Events published per second, overall (the default keeps up with 8 matches at --speed 1;
+    /// more matches or a higher speed need more).
+    #[arg(long, default_value_t = DEFAULT_RATE, value_parser = parse_positive)]
     pub rate: f64,
-    /// Match minutes per real second (1: a football match takes about two minutes).
+    /// Match minutes per real second (1: a football match takes about two minutes). The match
+    /// clock moves on only while nothing else waits to be published, so with too low a --rate
+    /// it runs slower, and the simulator says so.
     #[arg(long, default_value_t = 1.0, value_parser = parse_positive)]
     pub speed: f64,
     /// Seed for a repeatable run: the same seed and flags give the same events (default: drawn
@@ -337,7 +355,7 @@ pub fn run(args: &SimulateArgs) -> anyhow::Result<()> {
             next_summary = started.elapsed() + Duration::from_secs(5);
             let [scheduled, live, half_time, finished] = feed.counts();
             let clock_speed = feed.sim_minutes() / secs.max(0.001);
-            let behind = if clock_speed < 0.9 * args.speed {
+            let behind = if clock_behind(feed.sim_minutes(), secs, args.speed) {
                 format!(
                     " (slower than --speed {}: more happens than --rate {} can publish; raise \
                      --rate or lower --speed)",
@@ -407,7 +425,7 @@ mod tests {
     #[test]
     fn defaults_and_flags_parse() {
         let a = SimulateArgs::from_args(Vec::<String>::new()).unwrap();
-        assert_eq!((a.matches, a.rate, a.speed), (8, 5.0, 1.0));
+        assert_eq!((a.matches, a.rate, a.speed), (8, DEFAULT_RATE, 1.0));
         assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 8080));
         assert_eq!(a.via, Via::Http);
         assert!(a.seed.is_none() && a.duration.is_none() && !a.cache);

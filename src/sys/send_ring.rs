@@ -6,7 +6,7 @@
 //! (a full socket answers `-EAGAIN` instead of parking the request): the completions are all
 //! there when `submit_and_wait` returns, nothing is left in flight, and glommio's own rings never
 //! see this one. What a socket did not take goes back to the connection's task, exactly as after
-//! a short `sendmsg`. See `../shared/notes/glommio-findings.md` §3 for the measurements that
+//! a short `sendmsg`. See `docs/glommio-findings.md` §3 for the measurements that
 //! motivated it; BENCHMARKS.md for what it gains here.
 
 use std::os::fd::RawFd;

@@ -68,6 +68,11 @@ impl DaemonBuilder {
     pub fn shards(self, n: usize) -> Self {
         self.arg("--shards").arg(n.to_string())
     }
+    /// No REVERB_APP_* in the daemon's environment (the app then comes from a file).
+    pub fn without_app_env(mut self) -> Self {
+        self.env.retain(|(k, _)| !k.starts_with("REVERB_APP_"));
+        self
+    }
     pub fn start(self) -> Daemon {
         Daemon::spawn(self)
     }
