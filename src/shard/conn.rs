@@ -62,7 +62,8 @@ struct OutQueue {
     chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already sent.
     head_off: usize,
-    /// Unsent bytes in `chunks`; bounded by `max_outbound_bytes`.
+    /// Unsent bytes in `chunks`, whatever queued them (broadcasts, replies, pings); bounded by
+    /// `max_outbound_bytes`, plus at most one final `pusher:error` and close frame.
     bytes: usize,
     /// The last send hit a full socket buffer; the task is waiting for writability.
     blocked: bool,
@@ -176,6 +177,8 @@ pub struct Conn {
     pub app: usize,
     fd: RawFd,
     out: RefCell<OutQueue>,
+    /// `max_outbound_bytes`: the bound on `out.bytes` for every frame queued while open.
+    max_out: usize,
     /// The connection task's waker, woken when the shard needs it (blocked, closing, dead).
     task: RefCell<Option<Waker>>,
     state: Cell<State>,
@@ -218,6 +221,7 @@ impl Conn {
         app: usize,
         fd: RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
+        max_out: usize,
     ) -> Conn {
         Conn {
             tls: tls.map(|t| Box::new(RefCell::new(*t))),
@@ -227,6 +231,7 @@ impl Conn {
             app,
             fd,
             out: RefCell::default(),
+            max_out,
             task: RefCell::new(None),
             state: Cell::new(State::Open),
             peer_closed: Cell::new(false),
@@ -288,22 +293,33 @@ impl Conn {
             .is_some_and(|e| e.presence_pending.iter().any(|c| &**c == channel))
     }
 
-    /// Queues a broadcast frame. Over `max` unsent bytes, the connection is a slow consumer: its
-    /// unsent frames are dropped and it is closed with 4100 so its client reconnects with backoff
-    /// instead of this shard's memory growing.
-    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>, max: usize) -> Enqueued {
+    /// Queues a broadcast frame. Over `max_outbound_bytes` unsent bytes, the connection is a slow
+    /// consumer: its unsent frames are dropped and it is closed with 4100 so its client
+    /// reconnects with backoff instead of this shard's memory growing.
+    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>) -> Enqueued {
+        self.enqueue(frame.len(), || Chunk::Shared(Rc::clone(frame)))
+    }
+
+    /// Queues a frame of this connection's own (a reply, a pong, a ping) under the same bound as
+    /// broadcasts: a client that sends and never reads cannot make the queue outgrow it.
+    fn enqueue_own(&self, frame: Vec<u8>) -> Enqueued {
+        self.enqueue(frame.len(), || Chunk::Own(frame))
+    }
+
+    fn enqueue(&self, len: usize, chunk: impl FnOnce() -> Chunk) -> Enqueued {
         if self.state.get() != State::Open {
             return Enqueued::Closed;
         }
         let mut out = self.out.borrow_mut();
-        if out.bytes + frame.len() > max {
+        if out.bytes + len > self.max_out {
             out.discard_unsent();
             drop(out);
             tracing::debug!(socket_id = %self.socket_id, "slow consumer: closing with 4100");
+            crate::metrics::count_slow_consumer();
             self.close_pusher(PusherError::OverCapacity);
             return Enqueued::Overflow;
         }
-        out.push(Chunk::Shared(Rc::clone(frame)));
+        out.push(chunk());
         Enqueued::Yes(out.bytes)
     }
 
@@ -315,22 +331,31 @@ impl Conn {
         out.head_off = 0;
     }
 
-    /// Queues a text frame for this connection alone.
+    /// Queues a text frame for this connection alone (closing it with 4100 if that would take
+    /// its queue over `max_outbound_bytes`).
     pub(super) fn send_text(&self, json: &[u8]) {
         if self.state.get() == State::Open {
-            self.out
-                .borrow_mut()
-                .push(Chunk::Own(codec::server_frame(codec::OP_TEXT, json)));
+            self.enqueue_own(codec::server_frame(codec::OP_TEXT, json));
         }
     }
 
+    /// Answers a WebSocket ping (RFC 6455 §5.5.3: same payload), under the queue's bound.
+    fn send_pong(&self, payload: &[u8]) {
+        self.enqueue_own(codec::server_frame(codec::OP_PONG, payload));
+    }
+
     /// Sends `pusher:error` and closes with the same code (protocol 7: fatal errors are both).
+    /// Both frames are queued past `max_outbound_bytes` (a closing client should learn why, and
+    /// the connection queues nothing after them, so they exceed it by a few hundred bytes once).
     pub(super) fn close_pusher(&self, err: PusherError) {
         if self.state.get() != State::Open {
             return;
         }
         let msg = err.to_string();
-        self.send_text(&outbound::error(Some(err.code()), &msg));
+        self.out.borrow_mut().push(Chunk::Own(codec::server_frame(
+            codec::OP_TEXT,
+            &outbound::error(Some(err.code()), &msg),
+        )));
         self.close_ws(err.code(), &msg);
     }
 
@@ -597,7 +622,11 @@ impl Conn {
                 }
             }
         }
-        if !self.peer_closed.get() {
+        // A closing connection whose socket is full has a peer that is not reading: it cannot
+        // answer our close frame before the deadline, and reading (and discarding) what it sends
+        // meanwhile would only let it keep this shard busy. Its writes wake us if it reads again.
+        let stalled = self.state.get() != State::Open && self.out.borrow().blocked;
+        if !self.peer_closed.get() && !stalled {
             let mut chunk = [0u8; READ_CHUNK];
             match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
@@ -943,10 +972,7 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
                 conn.close_ws(code.unwrap_or(codec::close::NORMAL), "");
                 conn.peer_closed.set(true);
             }
-            Inbound::Ping(payload) if conn.is_open() => conn
-                .out
-                .borrow_mut()
-                .push(Chunk::Own(codec::server_frame(codec::OP_PONG, &payload))),
+            Inbound::Ping(payload) if conn.is_open() => conn.send_pong(&payload),
             Inbound::Text(text) if conn.is_open() => match text {
                 Text::InBuf(r) => {
                     let (s, e) = (pos + r.start, pos + r.end);

@@ -1,0 +1,178 @@
+//! Hostile clients (issue 13 §1): a client that floods messages which each earn a reply and never
+//! reads them cannot grow the daemon's memory past its connection's outbound bound (it is closed
+//! with 4100 instead), while another subscriber keeps receiving throughout.
+
+mod common;
+#[path = "common/flood.rs"]
+mod flood;
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flood::Kind;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(10);
+/// `max_outbound_bytes` in the flood tests: small, so the bound is obvious against the slack.
+const BOUND: u64 = 64 * 1024;
+/// Allowance over the bound for everything else a daemon's RSS does meanwhile (allocator caches,
+/// the healthy subscriber, the publisher's requests). Without the defence, each flood grows RSS
+/// by well over 50 MiB before it ends.
+const SLACK_KIB: u64 = 16 * 1024;
+
+/// Publishes `seq` 0, 1, ... on `channel` every 50 ms until `stop`; a reader thread checks that the
+/// healthy client gets every one, in order, each within 5 s. Returns (publisher, reader).
+fn keep_publishing(
+    d: &Daemon,
+    mut healthy: Client,
+    channel: &'static str,
+    stop: Arc<AtomicBool>,
+) -> (
+    std::thread::JoinHandle<u64>,
+    std::thread::JoinHandle<Result<u64, String>>,
+) {
+    let api = d.api();
+    let stop2 = Arc::clone(&stop);
+    let publisher = std::thread::spawn(move || {
+        let mut seq = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            let data = json!({ "seq": seq }).to_string();
+            let (s, body) = api.trigger(&[channel], "tick", &data);
+            assert_eq!(s, 200, "{body}");
+            seq += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        seq
+    });
+    let reader = std::thread::spawn(move || {
+        let mut next = 0u64;
+        loop {
+            match healthy.next(Duration::from_secs(5)) {
+                Got::Event(v) if v["event"] == "tick" => {
+                    let data: serde_json::Value =
+                        serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+                    if data["seq"] != next {
+                        return Err(format!("expected seq {next}, got {v}"));
+                    }
+                    next += 1;
+                }
+                Got::Event(v) => return Err(format!("unexpected {v}")),
+                Got::Closed(c) => return Err(format!("healthy client closed with {c:?}")),
+                // Silence is only fine once the publisher has stopped.
+                Got::Timeout if stop.load(Ordering::Relaxed) => return Ok(next),
+                Got::Timeout => return Err(format!("no event for 5 s after seq {next}")),
+            }
+        }
+    });
+    (publisher, reader)
+}
+
+/// One flood of `kind` from a client that never reads, against a daemon whose connections may
+/// queue `BOUND` bytes: RSS stays within the bound plus slack, the flooder is closed with 4100,
+/// and a healthy subscriber receives every event meanwhile.
+fn flood_is_bounded_and_closed_4100(kind: Kind, env: &[(&str, &str)]) {
+    let metrics_port = free_port();
+    let mut b = Daemon::builder()
+        .metrics_port(metrics_port)
+        .server_toml(&format!("max_outbound_bytes = {BOUND}"));
+    for (k, v) in env {
+        b = b.env(k, *v);
+    }
+    let d = b.start();
+    let mut healthy = d.client();
+    healthy.subscribe("sports.football");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (publisher, reader) = keep_publishing(&d, healthy, "sports.football", Arc::clone(&stop));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.rss_kib();
+    let peak = flood::RssPeak::start(d.pid());
+    let mut attacker = flood::connect(d.addr, APP_KEY);
+    // 48 MB is ~370,000 messages: without the bound, far more replies than the slack holds. And
+    // more than the kernel buffers between the two, so the flood stalls once the daemon stops
+    // reading the closing connection.
+    let cap = (48 << 20).max(flood::kernel_buffers() + (16 << 20));
+    let out = flood::flood(&mut attacker, kind, cap, Duration::from_secs(6));
+    let peak = peak.finish();
+    eprintln!("{kind:?} flood: {out:?}; RSS {before} KiB before, peak {peak} KiB");
+    assert!(
+        peak < before + BOUND / 1024 + SLACK_KIB,
+        "{kind:?} flood ({out:?}) grew RSS from {before} KiB to {peak} KiB"
+    );
+
+    // Once closing with its socket full, the daemon stops reading it: the flood stalls instead
+    // of keeping the shard busy decoding input it would discard.
+    assert!(out.stalled, "{kind:?} flood never stalled: {out:?}");
+    // Closed as a slow consumer: counted at once, and the connection ends within the 5 s close
+    // grace (its client never reads the close frame).
+    let deadline = Instant::now() + T;
+    loop {
+        let m = scrape_metrics(metrics_port);
+        if metric(&m, r#"bts_disconnects_total{code="4100"}"#) == 1.0 {
+            assert_eq!(metric(&m, "bts_slow_consumer_closes_total"), 1.0, "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flooder ({out:?}) not closed with 4100:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its socket is over: reading it ends (EOF or reset) instead of waiting.
+    attacker
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut sink = [0u8; 4096];
+    loop {
+        match attacker.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "flooder's socket still open: {e}"
+                );
+                break;
+            }
+        }
+    }
+
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().expect("publisher");
+    let received = reader.join().expect("reader");
+    assert_eq!(received, Ok(published), "healthy subscriber");
+    assert!(published >= 20, "only {published} events published");
+}
+
+#[test]
+fn pong_flood_from_a_client_that_never_reads_is_bounded_and_closed_4100() {
+    flood_is_bounded_and_closed_4100(Kind::Ping, &[]);
+}
+
+#[test]
+fn pusher_ping_flood_from_a_client_that_never_reads_is_bounded_and_closed_4100() {
+    flood_is_bounded_and_closed_4100(Kind::PusherPing, &[]);
+}
+
+#[test]
+fn refused_subscribe_flood_from_a_client_that_never_reads_is_bounded_and_closed_4100() {
+    flood_is_bounded_and_closed_4100(Kind::Subscribe, &[]);
+}
+
+#[test]
+fn rate_limited_flood_from_a_client_that_never_reads_is_bounded_and_closed_4100() {
+    // Every message past the first is refused with a 4301 pusher:error, which is queued too.
+    flood_is_bounded_and_closed_4100(
+        Kind::Subscribe,
+        &[
+            ("REVERB_APP_RATE_LIMITING_ENABLED", "true"),
+            ("REVERB_APP_RATE_LIMITING_MAX_ATTEMPTS", "1"),
+        ],
+    );
+}
