@@ -1,6 +1,7 @@
 //! Hostile clients (issue 13 §1): a client that floods messages which each earn a reply and never
 //! reads them cannot grow the daemon's memory past its connection's outbound bound (it is closed
-//! with 4100 instead), while another subscriber keeps receiving throughout.
+//! with 4100 instead), and pings beyond the app's rate close the connection with 4301, while
+//! other clients keep receiving throughout.
 
 mod common;
 #[path = "common/flood.rs"]
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use flood::Kind;
 use serde_json::json;
+use tungstenite::Message;
 
 const T: Duration = Duration::from_secs(10);
 /// `max_outbound_bytes` in the flood tests: small, so the bound is obvious against the slack.
@@ -77,7 +79,9 @@ fn flood_is_bounded_and_closed_4100(kind: Kind, env: &[(&str, &str)]) {
     let metrics_port = free_port();
     let mut b = Daemon::builder()
         .metrics_port(metrics_port)
-        .server_toml(&format!("max_outbound_bytes = {BOUND}"));
+        .server_toml(&format!("max_outbound_bytes = {BOUND}"))
+        // Pings are allowed at any rate here: this test is about the outbound bound.
+        .env("BTS_APP_MAX_PINGS_PER_SECOND", "1000000000");
     for (k, v) in env {
         b = b.env(k, *v);
     }
@@ -175,4 +179,87 @@ fn rate_limited_flood_from_a_client_that_never_reads_is_bounded_and_closed_4100(
             ("REVERB_APP_RATE_LIMITING_MAX_ATTEMPTS", "1"),
         ],
     );
+}
+
+/// Reads until the server closes: (pongs of either kind seen, pusher:error code, close code).
+fn pongs_until_close(c: &mut Client) -> (usize, Option<u64>, Option<u16>) {
+    c.set_timeout(Duration::from_millis(500));
+    let deadline = Instant::now() + T;
+    let (mut pongs, mut err) = (0, None);
+    loop {
+        assert!(Instant::now() < deadline, "server did not close");
+        match c.ws.read() {
+            Ok(Message::Pong(_)) => pongs += 1,
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                match v["event"].as_str() {
+                    Some("pusher:pong") => pongs += 1,
+                    Some("pusher:error") => err = v["data"]["code"].as_u64(),
+                    _ => panic!("unexpected {v}"),
+                }
+            }
+            Ok(Message::Close(f)) => return (pongs, err, f.map(|f| u16::from(f.code))),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read failed before a close frame: {e}"),
+        }
+    }
+}
+
+#[test]
+fn pings_beyond_the_rate_close_4301_while_a_client_pinging_sanely_stays() {
+    // The default: 10 pings per second per connection.
+    let d = Daemon::start(1);
+    let mut polite = d.client();
+    polite.subscribe("sports.football");
+    let mut control = d.client();
+    let mut text = d.client();
+    // 30 WebSocket pings at once: 10 answered, then pusher:error 4301 and close 4301.
+    for _ in 0..30 {
+        control
+            .ws
+            .write(Message::Ping(vec![1u8; 8].into()))
+            .unwrap();
+    }
+    control.ws.flush().unwrap();
+    let (pongs, err, close) = pongs_until_close(&mut control);
+    assert_eq!((err, close), (Some(4301), Some(4301)));
+    assert!(pongs <= 10, "{pongs} pongs");
+    // `pusher:ping` counts the same way.
+    for _ in 0..30 {
+        text.ws
+            .write(Message::text(r#"{"event":"pusher:ping","data":{}}"#))
+            .unwrap();
+    }
+    text.ws.flush().unwrap();
+    let (pongs, err, close) = pongs_until_close(&mut text);
+    assert_eq!((err, close), (Some(4301), Some(4301)));
+    assert!(pongs <= 10, "{pongs} pongs");
+    // A client pinging 4 times a second (both kinds) gets every answer and keeps receiving.
+    polite.set_timeout(T);
+    for i in 0..8 {
+        if i % 2 == 0 {
+            polite.ws.send(Message::Ping(vec![i as u8].into())).unwrap();
+            loop {
+                match polite.ws.read().unwrap() {
+                    Message::Pong(p) => {
+                        assert_eq!(&p[..], &[i as u8]);
+                        break;
+                    }
+                    Message::Text(t) => panic!("unexpected {t}"),
+                    _ => {}
+                }
+            }
+        } else {
+            polite.send_json(json!({"event":"pusher:ping","data":{}}));
+            polite.expect_event("pusher:pong");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(d.api().trigger(&["sports.football"], "e", "{}").0, 200);
+    assert_eq!(polite.next_event(T)["event"], "e");
 }

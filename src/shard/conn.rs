@@ -212,6 +212,9 @@ pub struct Conn {
     /// Client-event token bucket: tokens left and when they were last topped up.
     pub(super) client_tokens: Cell<f64>,
     pub(super) client_refill: Cell<Instant>,
+    /// Ping rate window (`max_pings_per_second`): its start on the shard clock
+    /// (`Shard::now_ms`) and the pings seen in it.
+    pub(super) ping_window: Cell<(u32, u32)>,
 }
 
 impl Conn {
@@ -247,6 +250,7 @@ impl Conn {
             rate_window: Cell::new((Instant::now(), 0)),
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
+            ping_window: Cell::new((0, 0)),
         }
     }
 
@@ -972,7 +976,12 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
                 conn.close_ws(code.unwrap_or(codec::close::NORMAL), "");
                 conn.peer_closed.set(true);
             }
-            Inbound::Ping(payload) if conn.is_open() => conn.send_pong(&payload),
+            // Over the app's ping rate, `ping_allowed` closes the connection (4301) instead.
+            Inbound::Ping(payload)
+                if conn.is_open() && super::session::ping_allowed(shard, conn) =>
+            {
+                conn.send_pong(&payload)
+            }
             Inbound::Text(text) if conn.is_open() => match text {
                 Text::InBuf(r) => {
                     let (s, e) = (pos + r.start, pos + r.end);

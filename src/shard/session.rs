@@ -51,7 +51,11 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
         }
     };
     match msg {
-        ClientMessage::Ping => conn.send_text(outbound::pong()),
+        ClientMessage::Ping => {
+            if ping_allowed(shard, conn) {
+                conn.send_text(outbound::pong());
+            }
+        }
         ClientMessage::Pong => {}
         ClientMessage::Subscribe {
             channel,
@@ -81,6 +85,29 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
             ));
         }
     }
+}
+
+/// Counts one ping (a WebSocket ping frame or `pusher:ping`) against the app's
+/// `max_pings_per_second`; over it, the connection is closed with 4301 and `false` returned.
+/// Answering pings costs a shard a reply each, so a client may not ask faster than any Pusher
+/// client would (pusher-js pings once per activity timeout at most).
+pub(super) fn ping_allowed(shard: &Shard, conn: &Conn) -> bool {
+    let limit = shard.app(conn.app).max_pings_per_second;
+    let now = shard.now_ms();
+    let (start, n) = conn.ping_window.get();
+    // A fixed one-second window on the shard clock (wrapping arithmetic: the clock is u32 ms).
+    let (start, n) = if now.wrapping_sub(start) >= 1000 {
+        (now, 0)
+    } else {
+        (start, n)
+    };
+    if n >= limit {
+        tracing::debug!(socket_id = %conn.socket_id, limit, "ping flood: closing with 4301");
+        conn.close_pusher(PusherError::RateLimited);
+        return false;
+    }
+    conn.ping_window.set((start, n + 1));
+    true
 }
 
 fn unauthorized(conn: &Conn, why: &str) {
