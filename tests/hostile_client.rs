@@ -1,7 +1,8 @@
-//! Hostile clients (issue 13 §1): a client that floods messages which each earn a reply and never
-//! reads them cannot grow the daemon's memory past its connection's outbound bound (it is closed
-//! with 4100 instead), and pings beyond the app's rate close the connection with 4301, while
-//! other clients keep receiving throughout.
+//! Hostile clients (issue 13 §1 and §6): a client that floods messages which each earn a reply
+//! and never reads them cannot grow the daemon's memory past its connection's outbound bound (it
+//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301, and
+//! a client event never becomes a cache channel's cached event, while other clients keep
+//! receiving throughout.
 
 mod common;
 #[path = "common/flood.rs"]
@@ -262,4 +263,45 @@ fn pings_beyond_the_rate_close_4301_while_a_client_pinging_sanely_stays() {
     }
     assert_eq!(d.api().trigger(&["sports.football"], "e", "{}").0, 200);
     assert_eq!(polite.next_event(T)["event"], "e");
+}
+
+#[test]
+fn client_events_never_replace_a_cache_channels_cached_event() {
+    let d = Daemon::start(1);
+    let ch = "private-cache-match.7";
+    let mut a = d.client();
+    let mut b = d.client();
+    a.subscribe_private(ch);
+    b.subscribe_private(ch);
+    let _ = a.expect_event("pusher:cache_miss");
+    let _ = b.expect_event("pusher:cache_miss");
+    // The server's event is cached, then a member's client event goes to the others only.
+    assert_eq!(d.api().trigger(&[ch], "score", r#"{"s":"1-0"}"#).0, 200);
+    assert_eq!(a.next_event(T)["data"], r#"{"s":"1-0"}"#);
+    assert_eq!(b.next_event(T)["data"], r#"{"s":"1-0"}"#);
+    a.send_json(json!({"event":"client-fake","channel":ch,"data":{"s":"9-9"}}));
+    assert_eq!(b.next_event(T)["event"], "client-fake");
+    // A late subscriber gets the server's event, not the client's.
+    let mut late = d.client();
+    late.subscribe_private(ch);
+    let ev = late.next_event(T);
+    assert_eq!(
+        (ev["event"].as_str(), ev["data"].as_str()),
+        (Some("score"), Some(r#"{"s":"1-0"}"#))
+    );
+    let (s, info) = d.api().get(&format!("channels/{ch}"), &[("info", "cache")]);
+    assert_eq!(s, 200);
+    assert_eq!(info["cache"]["event"], "score", "{info}");
+    // On a cache channel the server never published to, a client event leaves a cache miss.
+    let empty = "presence-cache-lobby";
+    a.join(empty, "u1", json!({}));
+    b.join(empty, "u2", json!({}));
+    let _ = a.expect_event("pusher:cache_miss");
+    let _ = a.expect_event("pusher_internal:member_added");
+    let _ = b.expect_event("pusher:cache_miss");
+    a.send_json(json!({"event":"client-fake","channel":empty,"data":{}}));
+    assert_eq!(b.next_event(T)["event"], "client-fake");
+    let mut late = d.client();
+    late.join(empty, "u3", json!({}));
+    assert_eq!(late.next_event(T)["event"], "pusher:cache_miss");
 }

@@ -330,7 +330,8 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
             c: channel.to_owned(),
             j: String::from_utf8_lossy(&json).into_owned(),
             x: Some(conn.socket_id.to_string()),
-            k: channel::is_cache(channel),
+            // Cache channels keep what the server published, never a client's event.
+            k: false,
         });
     }
     let frame = SharedFrame::text(&json);
@@ -340,7 +341,9 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         frame: frame.0,
         // Never echoed to the sender.
         except: Some(conn.socket_id),
-        cache: channel::is_cache(channel),
+        // A cache channel's cached event is the last one its server published: a client event
+        // would otherwise replace it for the whole TTL (Pusher caches server events only).
+        cache: false,
         created: std::time::Instant::now(),
     });
 }
