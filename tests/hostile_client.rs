@@ -1,8 +1,8 @@
 //! Hostile clients (issue 13 §1 and §6): a client that floods messages which each earn a reply
 //! and never reads them cannot grow the daemon's memory past its connection's outbound bound (it
-//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301, and
-//! a client event never becomes a cache channel's cached event, while other clients keep
-//! receiving throughout.
+//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301, a
+//! client event never becomes a cache channel's cached event, and `#` names other than
+//! `#server-to-user-<id>` are refused. Every test keeps another subscriber receiving throughout.
 
 mod common;
 #[path = "common/flood.rs"]
@@ -304,4 +304,29 @@ fn client_events_never_replace_a_cache_channels_cached_event() {
     let mut late = d.client();
     late.join(empty, "u3", json!({}));
     assert_eq!(late.next_event(T)["event"], "pusher:cache_miss");
+}
+
+#[test]
+fn hash_channels_other_than_server_to_user_are_refused() {
+    let d = Daemon::start(1);
+    let mut c = d.client();
+    for name in ["#foo", "#server-to-user-", "#private-x"] {
+        c.send_json(json!({"event":"pusher:subscribe","data":{"channel":name}}));
+        let ev = c.expect_event("pusher:error");
+        let msg = ev["data"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("reserved") && msg.contains(&format!("{name:?}")),
+            "{ev}"
+        );
+    }
+    // Refused like any invalid name: the connection goes on, nothing was subscribed.
+    c.subscribe("sports.football");
+    let (s, body) = d.api().trigger(&["#foo"], "e", "{}");
+    assert_eq!(s, 400, "{body}");
+    let (s, body) = d.api().get("channels", &[]);
+    assert_eq!(s, 200);
+    assert_eq!(body["channels"].as_object().unwrap().len(), 1, "{body}");
+    // The one `#` channel still works as before: refused until signed in as its user.
+    c.send_json(json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-42"}}));
+    assert_eq!(c.expect_event("pusher:error")["data"]["code"], 4009);
 }
