@@ -1,6 +1,7 @@
 //! Hostile clients (issue 13 §1 and §6): a client that floods messages which each earn a reply
 //! and never reads them cannot grow the daemon's memory past its connection's outbound bound (it
-//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301, a
+//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301 (and a
+//! closed connection that keeps sending is dropped after 1 MiB), a
 //! client event never becomes a cache channel's cached event, and `#` names other than
 //! `#server-to-user-<id>` are refused. Every test keeps another subscriber receiving throughout.
 
@@ -263,6 +264,57 @@ fn pings_beyond_the_rate_close_4301_while_a_client_pinging_sanely_stays() {
     }
     assert_eq!(d.api().trigger(&["sports.football"], "e", "{}").0, 200);
     assert_eq!(polite.next_event(T)["event"], "e");
+}
+
+#[test]
+fn ping_flood_from_a_client_that_never_reads_is_closed_4301_and_dropped() {
+    // The default ping rate (10 per second): the flood is closed with 4301 at its 11th ping. The
+    // daemon then reads at most 1 MiB more from it before dropping it, instead of decoding and
+    // discarding it at full speed for the 5 s close grace.
+    let metrics_port = free_port();
+    let d = Daemon::builder().metrics_port(metrics_port).start();
+    let mut healthy = d.client();
+    healthy.subscribe("sports.football");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (publisher, reader) = keep_publishing(&d, healthy, "sports.football", Arc::clone(&stop));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = d.rss_kib();
+    let mut attacker = flood::connect(d.addr, APP_KEY);
+    let buffers = flood::kernel_buffers();
+    let out = flood::flood(
+        &mut attacker,
+        Kind::Ping,
+        buffers + (64 << 20),
+        Duration::from_secs(8),
+    );
+    let after = d.rss_kib();
+    eprintln!("4301 ping flood: {out:?}; RSS {before} KiB before, {after} KiB after");
+    assert!(out.closed.is_some(), "flooder never dropped: {out:?}");
+    // What it got in: 1 MiB after the close, plus what the kernel buffers held when it was dropped.
+    assert!(
+        out.sent < buffers + (4 << 20),
+        "the daemon took {out:?} (kernel buffers {buffers})"
+    );
+    let deadline = Instant::now() + T;
+    while metric(
+        &scrape_metrics(metrics_port),
+        r#"bts_disconnects_total{code="4301"}"#,
+    ) != 1.0
+    {
+        assert!(Instant::now() < deadline, "no 4301 disconnect counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let published = publisher.join().expect("publisher");
+    assert_eq!(
+        reader.join().expect("reader"),
+        Ok(published),
+        "healthy subscriber"
+    );
+    assert!(
+        after < before + SLACK_KIB,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
 }
 
 #[test]

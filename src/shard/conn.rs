@@ -29,6 +29,9 @@ use crate::ws::handshake::{self, Request};
 
 /// How long a closing connection may take to drain its queue and finish the close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How many bytes a closing connection's peer may still send (read and discarded) before it is
+/// dropped: enough to finish what was in flight, too little to keep a shard busy.
+const CLOSE_LINGER_BYTES: usize = 1 << 20;
 /// Bytes read per `recv`; a stack buffer, so idle connections hold no read buffer at all.
 const READ_CHUNK: usize = 2048;
 /// Bytes read per `recv` while a request head or body is arriving.
@@ -128,9 +131,11 @@ impl OutQueue {
 enum State {
     Open,
     /// We sent (or queued) our close frame; the connection ends once it is flushed and the peer
-    /// answers, or at `deadline`.
+    /// answers, or at `deadline`, or once the peer has sent `CLOSE_LINGER_BYTES` more.
     Closing {
         deadline: Instant,
+        /// Bytes read from the peer since.
+        read: usize,
     },
     Dead,
 }
@@ -378,6 +383,7 @@ impl Conn {
             .push(Chunk::Own(codec::close_frame(code, reason)));
         self.state.set(State::Closing {
             deadline: Instant::now() + CLOSE_GRACE,
+            read: 0,
         });
         self.wake();
     }
@@ -549,7 +555,7 @@ impl Conn {
                 }
                 None => {}
             },
-            State::Closing { deadline } if now >= deadline => self.mark_dead(),
+            State::Closing { deadline, .. } if now >= deadline => self.mark_dead(),
             State::Closing { .. } | State::Dead => {}
         }
     }
@@ -635,6 +641,20 @@ impl Conn {
             match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
                 Poll::Ready(Ok(n)) => {
+                    if let State::Closing { deadline, read } = self.state.get() {
+                        // After our close frame a peer may finish what it was sending, not
+                        // stream on: one that keeps a shard reading and discarding (a ping
+                        // flood closed with 4301, say) is dropped, as after an HTTP refusal.
+                        if read + n > CLOSE_LINGER_BYTES {
+                            tracing::debug!(socket_id = %self.socket_id, "still sending after our close: dropping");
+                            self.mark_dead();
+                            return Poll::Ready(Io::Done);
+                        }
+                        self.state.set(State::Closing {
+                            deadline,
+                            read: read + n,
+                        });
+                    }
                     if !self.input(&chunk[..n], rbuf) {
                         return Poll::Ready(Io::Done);
                     }
