@@ -68,6 +68,8 @@ struct OutQueue {
     /// Unsent bytes in `chunks`, whatever queued them (broadcasts, replies, pings); bounded by
     /// `max_outbound_bytes`, plus at most one final `pusher:error` and close frame.
     bytes: usize,
+    /// `max_outbound_bytes` (here, next to `bytes`, for the compare on every queued frame).
+    max: usize,
     /// The last send hit a full socket buffer; the task is waiting for writability.
     blocked: bool,
     /// TLS connections: how many chunks at the front are already encrypted records (the rest is
@@ -134,8 +136,6 @@ enum State {
     /// answers, or at `deadline`, or once the peer has sent `CLOSE_LINGER_BYTES` more.
     Closing {
         deadline: Instant,
-        /// Bytes read from the peer since.
-        read: usize,
     },
     Dead,
 }
@@ -182,8 +182,6 @@ pub struct Conn {
     pub app: usize,
     fd: RawFd,
     out: RefCell<OutQueue>,
-    /// `max_outbound_bytes`: the bound on `out.bytes` for every frame queued while open.
-    max_out: usize,
     /// The connection task's waker, woken when the shard needs it (blocked, closing, dead).
     task: RefCell<Option<Waker>>,
     state: Cell<State>,
@@ -193,6 +191,8 @@ pub struct Conn {
     /// it closes, so our close frame is not lost to a reset caused by unread input.
     input_broken: Cell<bool>,
     write_shut: Cell<bool>,
+    /// Bytes read from the peer since we started closing (at most `CLOSE_LINGER_BYTES`).
+    closing_read: Cell<u32>,
     last_seen: Cell<Instant>,
     /// When the server pinged, if the client has not answered since.
     ping_sent: Cell<Option<Instant>>,
@@ -229,7 +229,7 @@ impl Conn {
         app: usize,
         fd: RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
-        max_out: usize,
+        max_outbound_bytes: usize,
     ) -> Conn {
         Conn {
             tls: tls.map(|t| Box::new(RefCell::new(*t))),
@@ -238,8 +238,11 @@ impl Conn {
             socket_id,
             app,
             fd,
-            out: RefCell::default(),
-            max_out,
+            out: RefCell::new(OutQueue {
+                max: max_outbound_bytes,
+                ..OutQueue::default()
+            }),
+            closing_read: Cell::new(0),
             task: RefCell::new(None),
             state: Cell::new(State::Open),
             peer_closed: Cell::new(false),
@@ -320,7 +323,7 @@ impl Conn {
             return Enqueued::Closed;
         }
         let mut out = self.out.borrow_mut();
-        if out.bytes + len > self.max_out {
+        if out.bytes + len > out.max {
             out.discard_unsent();
             drop(out);
             tracing::debug!(socket_id = %self.socket_id, "slow consumer: closing with 4100");
@@ -383,7 +386,6 @@ impl Conn {
             .push(Chunk::Own(codec::close_frame(code, reason)));
         self.state.set(State::Closing {
             deadline: Instant::now() + CLOSE_GRACE,
-            read: 0,
         });
         self.wake();
     }
@@ -555,7 +557,7 @@ impl Conn {
                 }
                 None => {}
             },
-            State::Closing { deadline, .. } if now >= deadline => self.mark_dead(),
+            State::Closing { deadline } if now >= deadline => self.mark_dead(),
             State::Closing { .. } | State::Dead => {}
         }
     }
@@ -641,19 +643,17 @@ impl Conn {
             match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
                 Poll::Ready(Ok(n)) => {
-                    if let State::Closing { deadline, read } = self.state.get() {
+                    if self.state.get() != State::Open {
                         // After our close frame a peer may finish what it was sending, not
                         // stream on: one that keeps a shard reading and discarding (a ping
                         // flood closed with 4301, say) is dropped, as after an HTTP refusal.
-                        if read + n > CLOSE_LINGER_BYTES {
+                        let read = self.closing_read.get() as usize + n;
+                        if read > CLOSE_LINGER_BYTES {
                             tracing::debug!(socket_id = %self.socket_id, "still sending after our close: dropping");
                             self.mark_dead();
                             return Poll::Ready(Io::Done);
                         }
-                        self.state.set(State::Closing {
-                            deadline,
-                            read: read + n,
-                        });
+                        self.closing_read.set(read as u32);
                     }
                     if !self.input(&chunk[..n], rbuf) {
                         return Poll::Ready(Io::Done);
