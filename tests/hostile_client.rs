@@ -1,9 +1,9 @@
 //! Hostile clients (issue 13 §1 and §6): a client that floods messages which each earn a reply
 //! and never reads them cannot grow the daemon's memory past its connection's outbound bound (it
-//! is closed with 4100 instead), pings beyond the app's rate close the connection with 4301 (and a
-//! closed connection that keeps sending is dropped after 1 MiB), a
-//! client event never becomes a cache channel's cached event, and `#` names other than
-//! `#server-to-user-<id>` are refused. Every test keeps another subscriber receiving throughout.
+//! is closed with 4100 instead); pings beyond the app's rate close the connection with 4301, and
+//! a closed connection that keeps sending is dropped after 1 MiB; a client event never becomes a
+//! cache channel's cached event; `#` names other than `#server-to-user-<id>` are refused. Every
+//! flood test keeps another subscriber receiving throughout.
 
 mod common;
 #[path = "common/flood.rs"]
