@@ -219,6 +219,7 @@ mod tests {
             max_connections: None,
             client_events: ClientEvents::Members,
             client_events_per_second: 10,
+            max_pings_per_second: 10,
             max_presence_members: 100,
             max_user_info: 2048,
             cache_ttl: Duration::from_secs(1800),

@@ -242,6 +242,9 @@ pub struct App {
     pub client_events: ClientEvents,
     /// Client events one connection may send per second (Pusher: 10); 4301 beyond.
     pub client_events_per_second: u32,
+    /// Pings (WebSocket ping frames and `pusher:ping`) one connection may send per second;
+    /// beyond, it is closed with 4301. Each ping costs a reply; no Pusher client comes close.
+    pub max_pings_per_second: u32,
     /// Most members (distinct users) in one presence channel (Pusher: 100).
     pub max_presence_members: usize,
     /// Largest presence `user_info`, as JSON bytes (Pusher: 1 KB; Reverb-style apps send more).
@@ -411,6 +414,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_000;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 16 << 20;
 pub const DEFAULT_MAX_REQUEST_SIZE: usize = 10_000;
 pub const DEFAULT_OUTBOUND_BYTES: usize = 1 << 20;
+/// Pings per connection per second before 4301: pusher-js pings at most once per activity
+/// timeout (30 s and up), browsers never ping, other clients' keep-alives come seconds apart.
+pub const DEFAULT_MAX_PINGS_PER_SECOND: u32 = 10;
 /// Write coalescing window (`write_coalesce_ms`); see BENCHMARKS.md for the trade.
 pub const DEFAULT_WRITE_COALESCE_MS: u32 = 20;
 
@@ -500,6 +506,7 @@ pub struct RawApp {
     pub max_connections: Option<usize>,
     pub accept_client_events_from: Option<String>,
     pub client_events_per_second: Option<u32>,
+    pub max_pings_per_second: Option<u32>,
     pub max_presence_members: Option<usize>,
     pub max_user_info: Option<usize>,
     pub cache_ttl_secs: Option<u64>,
@@ -676,6 +683,7 @@ impl Config {
             max_message_size: env_parse(env, "REVERB_APP_MAX_MESSAGE_SIZE", "bytes")?,
             max_connections: env_parse(env, "REVERB_APP_MAX_CONNECTIONS", "a count")?,
             accept_client_events_from: env_str(env, "REVERB_APP_ACCEPT_CLIENT_EVENTS_FROM"),
+            max_pings_per_second: env_parse(env, "BTS_APP_MAX_PINGS_PER_SECOND", "a count")?,
             allowed_origins: env_str(env, "BTS_APP_ALLOWED_ORIGINS")
                 .map(|v| v.split(',').map(|o| o.trim().to_owned()).collect()),
             rate_limiting: env_bool(env, "REVERB_APP_RATE_LIMITING_ENABLED")?,
@@ -719,6 +727,8 @@ impl Config {
                         .or(a.accept_client_events_from.take());
                     a.allowed_origins =
                         env_app.allowed_origins.clone().or(a.allowed_origins.take());
+                    a.max_pings_per_second =
+                        env_app.max_pings_per_second.or(a.max_pings_per_second);
                     a.rate_limiting = env_app.rate_limiting.or(a.rate_limiting);
                     a.rate_limit_max_attempts = env_app
                         .rate_limit_max_attempts
@@ -1132,6 +1142,15 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
                 .into(),
         ));
     }
+    let max_pings_per_second = a
+        .max_pings_per_second
+        .unwrap_or(DEFAULT_MAX_PINGS_PER_SECOND);
+    if max_pings_per_second == 0 {
+        return Err(bad(
+            "max_pings_per_second must be at least 1 (pusher-js pings when a connection is idle)"
+                .into(),
+        ));
+    }
     Ok(App {
         id,
         key,
@@ -1144,6 +1163,7 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             .as_deref()
             .map_or(ClientEvents::Members, ClientEvents::parse),
         client_events_per_second,
+        max_pings_per_second,
         max_presence_members,
         max_user_info,
         cache_ttl: Duration::from_secs(a.cache_ttl_secs.unwrap_or(1800)),
@@ -1542,5 +1562,26 @@ mod tests {
             .to_string();
         assert!(err.contains("write_coalesce_ms"), "{err}");
         assert!(resolve(&Cli::default(), &[("BTS_SEND_RING", "maybe")], "").is_err());
+    }
+
+    #[test]
+    fn ping_rate_comes_from_env_or_file_and_is_at_least_one() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert_eq!(c.apps[0].max_pings_per_second, DEFAULT_MAX_PINGS_PER_SECOND);
+        let file = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\nmax_pings_per_second = 50";
+        let c = resolve(&Cli::default(), &[], file).unwrap();
+        assert_eq!(c.apps[0].max_pings_per_second, 50);
+        let e = [
+            ("REVERB_APP_ID", "1"),
+            ("BTS_APP_MAX_PINGS_PER_SECOND", "3"),
+        ];
+        let c = resolve(&Cli::default(), &e, file).unwrap();
+        assert_eq!(c.apps[0].max_pings_per_second, 3);
+        let e = [
+            ("REVERB_APP_ID", "1"),
+            ("BTS_APP_MAX_PINGS_PER_SECOND", "0"),
+        ];
+        let err = resolve(&Cli::default(), &e, file).unwrap_err().to_string();
+        assert!(err.contains("max_pings_per_second"), "{err}");
     }
 }

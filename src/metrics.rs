@@ -41,6 +41,19 @@ const STACK: usize = 256 << 10;
 thread_local! {
     /// Frames, bytes and socket writes done by this thread (one shard per thread).
     static WRITTEN: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
+    /// Connections this thread closed with 4100 because their queue would pass its bound.
+    static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one connection closed as a slow consumer (shard thread only; whatever frame, a
+/// broadcast or a reply, would have taken its queue over the bound).
+pub fn count_slow_consumer() {
+    SLOW_CONSUMERS.with(|c| c.set(c.get() + 1));
+}
+
+/// Slow-consumer closes made by this thread.
+pub fn slow_consumers() -> u64 {
+    SLOW_CONSUMERS.with(Cell::get)
 }
 
 /// Counts one socket write (a `sendmsg` or a send-ring entry) that completed `frames` frames

@@ -58,9 +58,10 @@ pub fn server_to_user_id(name: &str) -> Option<&str> {
         .filter(|id| !id.is_empty())
 }
 
-/// A validated channel name: 1..=200 bytes of `[A-Za-z0-9_\-=@,.;]`, optionally led by `#`
-/// (reserved for server-to-user channels), as the Pusher SDKs validate
-/// (`^#?[-a-zA-Z0-9_=@,.;]+$`).
+/// A validated channel name: 1..=200 bytes of `[A-Za-z0-9_\-=@,.;]`, as the Pusher SDKs validate
+/// (`^#?[-a-zA-Z0-9_=@,.;]+$`), led by `#` only as `#server-to-user-<id>`: Pusher reserves the
+/// `#` prefix for its own channels, and any other `#` name would be an unauthenticated public
+/// channel in the reserved namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ChannelName(String);
 
@@ -73,6 +74,10 @@ pub enum ChannelNameError {
     TooLong,
     #[error("channel name may only contain A-Z, a-z, 0-9, '_', '-', '=', '@', ',', '.' and ';'")]
     BadChar,
+    #[error(
+        "channel names starting with '#' are reserved; the only one is #server-to-user-<user id>"
+    )]
+    Reserved,
 }
 
 impl ChannelName {
@@ -108,11 +113,13 @@ pub fn validate(s: &str) -> Result<(), ChannelNameError> {
     if body.is_empty() {
         return Err(ChannelNameError::Empty);
     }
-    if body.bytes().all(is_channel_byte) {
-        Ok(())
-    } else {
-        Err(ChannelNameError::BadChar)
+    if !body.bytes().all(is_channel_byte) {
+        return Err(ChannelNameError::BadChar);
     }
+    if body.len() < s.len() && server_to_user_id(s).is_none() {
+        return Err(ChannelNameError::Reserved);
+    }
+    Ok(())
 }
 
 fn is_channel_byte(b: u8) -> bool {
@@ -141,6 +148,19 @@ mod tests {
         assert_eq!(validate("a b"), Err(ChannelNameError::BadChar));
         assert_eq!(validate("a/b"), Err(ChannelNameError::BadChar));
         assert_eq!(validate("é"), Err(ChannelNameError::BadChar));
+        for reserved in [
+            "#foo",
+            "#server-to-user-",
+            "#server-to-user",
+            "#private-x",
+            "#cache-x",
+        ] {
+            assert_eq!(
+                validate(reserved),
+                Err(ChannelNameError::Reserved),
+                "{reserved}"
+            );
+        }
         assert_eq!(validate(&"a".repeat(200)), Ok(()));
         assert_eq!(validate(&"a".repeat(201)), Err(ChannelNameError::TooLong));
     }

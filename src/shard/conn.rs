@@ -30,6 +30,9 @@ use crate::ws::handshake::{self, Request};
 
 /// How long a closing connection may take to drain its queue and finish the close handshake.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How many bytes a closing connection's peer may still send (read and discarded) before it is
+/// dropped: enough to finish what was in flight, too little to keep a shard busy.
+const CLOSE_LINGER_BYTES: usize = 1 << 20;
 /// Bytes read per `recv`; a stack buffer, so idle connections hold no read buffer at all.
 const READ_CHUNK: usize = 2048;
 /// Bytes read per `recv` while a request head or body is arriving.
@@ -63,8 +66,11 @@ struct OutQueue {
     chunks: VecDeque<Chunk>,
     /// Bytes of the front chunk already sent.
     head_off: usize,
-    /// Unsent bytes in `chunks`; bounded by `max_outbound_bytes`.
+    /// Unsent bytes in `chunks`, whatever queued them (broadcasts, replies, pings); bounded by
+    /// `max_outbound_bytes`, plus at most one final `pusher:error` and close frame.
     bytes: usize,
+    /// `max_outbound_bytes` (here, next to `bytes`, for the compare on every queued frame).
+    max: usize,
     /// The last send hit a full socket buffer; the task is waiting for writability.
     blocked: bool,
     /// TLS connections: how many chunks at the front are already encrypted records (the rest is
@@ -128,7 +134,7 @@ impl OutQueue {
 enum State {
     Open,
     /// We sent (or queued) our close frame; the connection ends once it is flushed and the peer
-    /// answers, or at `deadline`.
+    /// answers, or at `deadline`, or once the peer has sent `CLOSE_LINGER_BYTES` more.
     Closing {
         deadline: Instant,
     },
@@ -186,6 +192,8 @@ pub struct Conn {
     /// it closes, so our close frame is not lost to a reset caused by unread input.
     input_broken: Cell<bool>,
     write_shut: Cell<bool>,
+    /// Bytes read from the peer since we started closing (at most `CLOSE_LINGER_BYTES`).
+    closing_read: Cell<u32>,
     last_seen: Cell<Instant>,
     /// When the server pinged, if the client has not answered since.
     ping_sent: Cell<Option<Instant>>,
@@ -210,6 +218,9 @@ pub struct Conn {
     /// Client-event token bucket: tokens left and when they were last topped up.
     pub(super) client_tokens: Cell<f64>,
     pub(super) client_refill: Cell<Instant>,
+    /// Ping rate window (`max_pings_per_second`): its start on the shard clock
+    /// (`Shard::now_ms`) and the pings seen in it.
+    pub(super) ping_window: Cell<(u32, u32)>,
 }
 
 impl Conn {
@@ -219,6 +230,7 @@ impl Conn {
         app: usize,
         fd: RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
+        max_outbound_bytes: usize,
     ) -> Conn {
         Conn {
             tls: tls.map(|t| Box::new(RefCell::new(*t))),
@@ -227,7 +239,11 @@ impl Conn {
             socket_id,
             app,
             fd,
-            out: RefCell::default(),
+            out: RefCell::new(OutQueue {
+                max: max_outbound_bytes,
+                ..OutQueue::default()
+            }),
+            closing_read: Cell::new(0),
             task: RefCell::new(None),
             state: Cell::new(State::Open),
             peer_closed: Cell::new(false),
@@ -243,6 +259,7 @@ impl Conn {
             rate_window: Cell::new((Instant::now(), 0)),
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
+            ping_window: Cell::new((0, 0)),
         }
     }
 
@@ -289,22 +306,33 @@ impl Conn {
             .is_some_and(|e| e.presence_pending.iter().any(|c| &**c == channel))
     }
 
-    /// Queues a broadcast frame. Over `max` unsent bytes, the connection is a slow consumer: its
-    /// unsent frames are dropped and it is closed with 4100 so its client reconnects with backoff
-    /// instead of this shard's memory growing.
-    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>, max: usize) -> Enqueued {
+    /// Queues a broadcast frame. Over `max_outbound_bytes` unsent bytes, the connection is a slow
+    /// consumer: its unsent frames are dropped and it is closed with 4100 so its client
+    /// reconnects with backoff instead of this shard's memory growing.
+    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>) -> Enqueued {
+        self.enqueue(frame.len(), || Chunk::Shared(Rc::clone(frame)))
+    }
+
+    /// Queues a frame of this connection's own (a reply, a pong, a ping) under the same bound as
+    /// broadcasts: a client that sends and never reads cannot make the queue outgrow it.
+    fn enqueue_own(&self, frame: Vec<u8>) -> Enqueued {
+        self.enqueue(frame.len(), || Chunk::Own(frame))
+    }
+
+    fn enqueue(&self, len: usize, chunk: impl FnOnce() -> Chunk) -> Enqueued {
         if self.state.get() != State::Open {
             return Enqueued::Closed;
         }
         let mut out = self.out.borrow_mut();
-        if out.bytes + frame.len() > max {
+        if out.bytes + len > out.max {
             out.discard_unsent();
             drop(out);
             tracing::debug!(socket_id = %self.socket_id, "slow consumer: closing with 4100");
+            crate::metrics::count_slow_consumer();
             self.close_pusher(PusherError::OverCapacity);
             return Enqueued::Overflow;
         }
-        out.push(Chunk::Shared(Rc::clone(frame)));
+        out.push(chunk());
         Enqueued::Yes(out.bytes)
     }
 
@@ -316,22 +344,31 @@ impl Conn {
         out.head_off = 0;
     }
 
-    /// Queues a text frame for this connection alone.
+    /// Queues a text frame for this connection alone (closing it with 4100 if that would take
+    /// its queue over `max_outbound_bytes`).
     pub(super) fn send_text(&self, json: &[u8]) {
         if self.state.get() == State::Open {
-            self.out
-                .borrow_mut()
-                .push(Chunk::Own(codec::server_frame(codec::OP_TEXT, json)));
+            self.enqueue_own(codec::server_frame(codec::OP_TEXT, json));
         }
     }
 
+    /// Answers a WebSocket ping (RFC 6455 §5.5.3: same payload), under the queue's bound.
+    fn send_pong(&self, payload: &[u8]) {
+        self.enqueue_own(codec::server_frame(codec::OP_PONG, payload));
+    }
+
     /// Sends `pusher:error` and closes with the same code (protocol 7: fatal errors are both).
+    /// Both frames are queued past `max_outbound_bytes` (a closing client should learn why, and
+    /// the connection queues nothing after them, so they exceed it by a few hundred bytes once).
     pub(super) fn close_pusher(&self, err: PusherError) {
         if self.state.get() != State::Open {
             return;
         }
         let msg = err.to_string();
-        self.send_text(&outbound::error(Some(err.code()), &msg));
+        self.out.borrow_mut().push(Chunk::Own(codec::server_frame(
+            codec::OP_TEXT,
+            &outbound::error(Some(err.code()), &msg),
+        )));
         self.close_ws(err.code(), &msg);
     }
 
@@ -598,11 +635,27 @@ impl Conn {
                 }
             }
         }
-        if !self.peer_closed.get() {
+        // A closing connection whose socket is full has a peer that is not reading: it cannot
+        // answer our close frame before the deadline, and reading (and discarding) what it sends
+        // meanwhile would only let it keep this shard busy. Its writes wake us if it reads again.
+        let stalled = self.state.get() != State::Open && self.out.borrow().blocked;
+        if !self.peer_closed.get() && !stalled {
             let mut chunk = [0u8; READ_CHUNK];
             match Pin::new(&mut *stream).poll_read(cx, &mut chunk) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::Done),
                 Poll::Ready(Ok(n)) => {
+                    if self.state.get() != State::Open {
+                        // After our close frame a peer may finish what it was sending, not
+                        // stream on: one that keeps a shard reading and discarding (a ping
+                        // flood closed with 4301, say) is dropped, as after an HTTP refusal.
+                        let read = self.closing_read.get() as usize + n;
+                        if read > CLOSE_LINGER_BYTES {
+                            tracing::debug!(socket_id = %self.socket_id, "still sending after our close: dropping");
+                            self.mark_dead();
+                            return Poll::Ready(Io::Done);
+                        }
+                        self.closing_read.set(read as u32);
+                    }
                     if !self.input(&chunk[..n], rbuf) {
                         return Poll::Ready(Io::Done);
                     }
@@ -1072,10 +1125,12 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
                 conn.close_ws(code.unwrap_or(codec::close::NORMAL), "");
                 conn.peer_closed.set(true);
             }
-            Inbound::Ping(payload) if conn.is_open() => conn
-                .out
-                .borrow_mut()
-                .push(Chunk::Own(codec::server_frame(codec::OP_PONG, &payload))),
+            // Over the app's ping rate, `ping_allowed` closes the connection (4301) instead.
+            Inbound::Ping(payload)
+                if conn.is_open() && super::session::ping_allowed(shard, conn) =>
+            {
+                conn.send_pong(&payload)
+            }
             Inbound::Text(text) if conn.is_open() => match text {
                 Text::InBuf(r) => {
                     let (s, e) = (pos + r.start, pos + r.end);

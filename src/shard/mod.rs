@@ -160,7 +160,6 @@ impl Slab {
 pub struct Stats {
     pub events_fanned_out: Cell<u64>,
     pub frames_queued: Cell<u64>,
-    pub slow_consumer_closes: Cell<u64>,
     pub broadcasts_dropped: Cell<u64>,
     pub connects: Cell<u64>,
     /// Ended connections by close code (1006: no close frame).
@@ -348,9 +347,16 @@ impl Shard {
     ) -> Rc<Conn> {
         bump(&self.stats.connects);
         let socket_id = self.new_socket_id();
-        self.conns
-            .borrow_mut()
-            .insert(|id| Rc::new(Conn::new(id, socket_id, app, fd, tls)))
+        self.conns.borrow_mut().insert(|id| {
+            Rc::new(Conn::new(
+                id,
+                socket_id,
+                app,
+                fd,
+                tls,
+                self.shared.cfg.max_outbound_bytes,
+            ))
+        })
     }
 
     /// Forgets a finished connection: its subscriptions, counts and presence memberships.
@@ -461,8 +467,7 @@ impl Shard {
         let cache = self.cache.borrow();
         match cache.get(conn.app, channel, Instant::now()) {
             Some(frame) => {
-                let max = self.shared.cfg.max_outbound_bytes;
-                conn.enqueue_shared(&Rc::new(frame.clone()), max);
+                conn.enqueue_shared(&Rc::new(frame.clone()));
             }
             None => {
                 conn.send_text(&outbound::cache_miss(channel));
@@ -517,7 +522,6 @@ impl Shard {
         // One non-atomic Rc per shard per event: the per-subscriber clones below never touch
         // the cross-core refcount inside `Bytes`.
         let (len, frame) = (b.frame.len(), Rc::new(b.frame));
-        let max = self.shared.cfg.max_outbound_bytes;
         let full = self.coalesce_full();
         let conns = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
@@ -527,17 +531,14 @@ impl Shard {
             if Some(conn.socket_id) == b.except {
                 continue;
             }
-            let crossed = match conn.enqueue_shared(&frame, max) {
+            let crossed = match conn.enqueue_shared(&frame) {
                 conn::Enqueued::Yes(bytes) => {
                     queued += 1;
                     bytes >= full && bytes - len < full
                 }
-                conn::Enqueued::Overflow => {
-                    self.stats
-                        .slow_consumer_closes
-                        .set(self.stats.slow_consumer_closes.get() + 1);
-                    false
-                }
+                // Closing with 4100 (counted by the connection): its close frame is written
+                // with this burst.
+                conn::Enqueued::Overflow => false,
                 conn::Enqueued::Closed => continue,
             };
             // A deferred connection whose queue just filled up is written with this burst
@@ -768,7 +769,7 @@ impl Shard {
             frames_out,
             bytes_out,
             writes_out,
-            slow_consumer_closes: self.stats.slow_consumer_closes.get(),
+            slow_consumer_closes: crate::metrics::slow_consumers(),
             inbox_overflows: self.shared.router.dropped(self.id),
             channels: kinds.into_iter().map(|(k, (c, s))| (k, c, s)).collect(),
             http: self.stats.http.borrow().clone(),
@@ -1233,7 +1234,7 @@ impl Shard {
                 conn.ext()
                     .presence
                     .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
-                conn.enqueue_shared(&Rc::new(frame), self.shared.cfg.max_outbound_bytes);
+                conn.enqueue_shared(&Rc::new(frame));
                 self.send_cached(conn, &j.channel);
                 self.mark_dirty(conn);
             }

@@ -51,7 +51,11 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
         }
     };
     match msg {
-        ClientMessage::Ping => conn.send_text(outbound::pong()),
+        ClientMessage::Ping => {
+            if ping_allowed(shard, conn) {
+                conn.send_text(outbound::pong());
+            }
+        }
         ClientMessage::Pong => {}
         ClientMessage::Subscribe {
             channel,
@@ -81,6 +85,29 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
             ));
         }
     }
+}
+
+/// Counts one ping (a WebSocket ping frame or `pusher:ping`) against the app's
+/// `max_pings_per_second`; over it, the connection is closed with 4301 and `false` returned.
+/// Answering pings costs a shard a reply each, so a client may not ask faster than any Pusher
+/// client would (pusher-js pings once per activity timeout at most).
+pub(super) fn ping_allowed(shard: &Shard, conn: &Conn) -> bool {
+    let limit = shard.app(conn.app).max_pings_per_second;
+    let now = shard.now_ms();
+    let (start, n) = conn.ping_window.get();
+    // A fixed one-second window on the shard clock (wrapping arithmetic: the clock is u32 ms).
+    let (start, n) = if now.wrapping_sub(start) >= 1000 {
+        (now, 0)
+    } else {
+        (start, n)
+    };
+    if n >= limit {
+        tracing::debug!(socket_id = %conn.socket_id, limit, "ping flood: closing with 4301");
+        conn.close_pusher(PusherError::RateLimited);
+        return false;
+    }
+    conn.ping_window.set((start, n + 1));
+    true
 }
 
 fn unauthorized(conn: &Conn, why: &str) {
@@ -303,7 +330,8 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
             c: channel.to_owned(),
             j: String::from_utf8_lossy(&json).into_owned(),
             x: Some(conn.socket_id.to_string()),
-            k: channel::is_cache(channel),
+            // Cache channels keep what the server published, never a client's event.
+            k: false,
         });
     }
     let frame = SharedFrame::text(&json);
@@ -313,7 +341,9 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         frame: frame.0,
         // Never echoed to the sender.
         except: Some(conn.socket_id),
-        cache: channel::is_cache(channel),
+        // A cache channel's cached event is the last one its server published: a client event
+        // would otherwise replace it for the whole TTL (Pusher caches server events only).
+        cache: false,
         created: std::time::Instant::now(),
     });
 }
