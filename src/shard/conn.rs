@@ -623,6 +623,8 @@ impl Conn {
 /// future, see BENCHMARKS.md).
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // For what is counted per source address (the console's failed logins).
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let _ = stream.set_read_timeout(Some(hs_timeout));
     let tls = shard.tls.borrow().clone();
@@ -633,13 +635,13 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             glommio::timer::timeout(hs_timeout, async { Ok(stream.peek(&mut first).await) }).await;
         match peeked {
             Ok(Ok(1)) if first[0] == crate::tls::HANDSHAKE_RECORD => {
-                return serve_tls(shard, stream, tls).await;
+                return serve_tls(shard, stream, tls, peer).await;
             }
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
     }
-    let Some((app, guard, leftover)) = handshake(&shard, &mut stream).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut stream, peer).await else {
         return;
     };
     glommio::spawn_local(live(shard, stream, None, app, guard, leftover)).detach();
@@ -647,7 +649,12 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 
 /// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
 /// rustls; then the session, with the TLS state moved into the connection.
-async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+async fn serve_tls(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    peer: Option<std::net::IpAddr>,
+) {
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let accept = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
     let mut tls = match glommio::timer::timeout(hs_timeout, async { Ok(accept.await) }).await {
@@ -658,7 +665,7 @@ async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerC
         }
         Err(_) => return,
     };
-    let Some((app, guard, leftover)) = handshake(&shard, &mut tls).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut tls, peer).await else {
         return;
     };
     let (stream, session) = tls.into_inner();
@@ -705,8 +712,9 @@ async fn live(
 async fn handshake<S: Stream>(
     shard: &Rc<Shard>,
     stream: &mut S,
+    peer: Option<std::net::IpAddr>,
 ) -> Option<(usize, AppConnGuard, Vec<u8>)> {
-    let (req, leftover) = http_phase(shard, stream).await?;
+    let (req, leftover) = http_phase(shard, stream, peer).await?;
     let Some(ws_key) = req
         .ws_key
         .as_deref()
@@ -742,7 +750,11 @@ async fn handshake<S: Stream>(
 
 /// Answers HTTP requests until the peer goes away (`None`) or asks for a WebSocket upgrade
 /// (`Some`, with any bytes it already sent after the request head).
-async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request, Vec<u8>)> {
+async fn http_phase<S: Stream>(
+    shard: &Shard,
+    stream: &mut S,
+    peer: Option<std::net::IpAddr>,
+) -> Option<(Request, Vec<u8>)> {
     let cfg = &shard.shared.cfg;
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -806,7 +818,7 @@ async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request
                 _ => return None,
             }
         }
-        let reply = super::http::handle(shard, &req, &buf[head_len..head_len + len]).await;
+        let reply = super::http::handle(shard, &req, &buf[head_len..head_len + len], peer).await;
         let resp = reply.to_bytes(req.close);
         if stream.write_all(&resp).await.is_err() || stream.flush().await.is_err() || req.close {
             return None;

@@ -101,10 +101,15 @@ pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)>
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
 /// Answers one HTTP request, and counts it by endpoint and status.
-pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Response {
+pub(super) async fn handle(
+    shard: &Shard,
+    req: &Request,
+    body: &[u8],
+    peer: Option<std::net::IpAddr>,
+) -> Response {
     let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
         // Boxed: only console requests pay for its future, not every connection's handshake.
-        Box::pin(crate::console::handle(shard, req)).await
+        Box::pin(crate::console::handle(shard, req, peer)).await
     } else {
         let (status, body) = route(shard, req, body).await;
         Response::json(status, body)
