@@ -178,7 +178,28 @@ pub struct App {
     pub rate_limit: Option<RateLimit>,
     /// Where to POST Pusher-style webhooks.
     pub webhooks: Vec<WebhookTarget>,
+    /// Most channels with subscribers, node-wide, counted once per shard that holds some (each
+    /// is an index entry there); a subscribe that would add one more is refused.
+    pub max_channels: Option<usize>,
+    /// Subscription changes: a token bucket per connection, refilled at `per_second` up to
+    /// `burst`; every subscribe and unsubscribe takes a token, and a subscribe that finds none
+    /// is refused with 4301 (an unsubscribe is always honoured).
+    pub subscription_rate: SubscriptionRate,
 }
+
+/// `subscription_changes_per_second` and `subscription_changes_burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscriptionRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Defaults no pusher-js or Laravel Echo app reaches: a reconnect subscribes to every channel
+/// of the connection at once, and one connection holds at most 1,000.
+pub const DEFAULT_SUBSCRIPTION_RATE: SubscriptionRate = SubscriptionRate {
+    per_second: 100,
+    burst: 1000,
+};
 
 /// A webhook endpoint and the event names it wants (`None`: all of them).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -299,7 +320,21 @@ pub struct Config {
     pub console: Option<ConsoleConfig>,
     /// Certificate and key for TLS on the main port; `None`: plain ws:// and http:// only.
     pub tls: Option<TlsFiles>,
+    /// Bound of each webhook class's queue, held events and retried events.
+    pub webhook_queue_capacity: usize,
+    /// Most channels with subscribers on one shard, all apps together: bounds each shard's
+    /// subscription index.
+    pub max_channels_per_shard: usize,
+    /// Most channels one `GET /apps/{id}/channels` lists; a listing with more is refused (400)
+    /// and names `filter_by_prefix`.
+    pub max_channels_listed: usize,
 }
+
+/// Defaults for the channel bounds: far above what any deployment we know of lists or holds
+/// (a sports site with one private channel per signed-in user stays under them), low enough
+/// that one shard's index and one listing stay bounded.
+pub const DEFAULT_MAX_CHANNELS_PER_SHARD: usize = 1_000_000;
+pub const DEFAULT_MAX_CHANNELS_LISTED: usize = 100_000;
 
 /// PEM files for TLS (`--tls-cert` / `--tls-key`, BTS_TLS_CERT / BTS_TLS_KEY, or
 /// `[server] tls_cert` / `tls_key`).
@@ -406,6 +441,9 @@ pub struct RawServer {
     pub tls_key: Option<PathBuf>,
     pub console: Option<bool>,
     pub console_token: Option<String>,
+    pub webhook_queue_capacity: Option<usize>,
+    pub max_channels_per_shard: Option<usize>,
+    pub max_channels_listed: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -429,6 +467,9 @@ pub struct RawApp {
     pub rate_limit_decay_seconds: Option<u64>,
     pub rate_limit_terminate: Option<bool>,
     pub webhooks: Option<Vec<WebhookTarget>>,
+    pub max_channels: Option<usize>,
+    pub subscription_changes_per_second: Option<u32>,
+    pub subscription_changes_burst: Option<u32>,
 }
 
 /// Environment lookups; the process environment in production, a map in tests.
@@ -788,7 +829,26 @@ impl Config {
         } else {
             None
         };
+        let webhook_queue_capacity = s
+            .webhook_queue_capacity
+            .unwrap_or(crate::webhooks::DEFAULT_CAPACITY);
+        let max_channels_per_shard = s
+            .max_channels_per_shard
+            .unwrap_or(DEFAULT_MAX_CHANNELS_PER_SHARD);
+        let max_channels_listed = s.max_channels_listed.unwrap_or(DEFAULT_MAX_CHANNELS_LISTED);
+        for (name, v) in [
+            ("webhook_queue_capacity", webhook_queue_capacity),
+            ("max_channels_per_shard", max_channels_per_shard),
+            ("max_channels_listed", max_channels_listed),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Other(format!("{name} must be at least 1")));
+            }
+        }
         Ok(Config {
+            webhook_queue_capacity,
+            max_channels_per_shard,
+            max_channels_listed,
             tls,
             console,
             listen: SocketAddr::new(host, port),
@@ -981,6 +1041,23 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             "max_message_size must be between 100 and {MAX_MESSAGE_SIZE_LIMIT} bytes (got {max_message_size})"
         )));
     }
+    let subscription_rate = SubscriptionRate {
+        per_second: a
+            .subscription_changes_per_second
+            .unwrap_or(DEFAULT_SUBSCRIPTION_RATE.per_second),
+        burst: a
+            .subscription_changes_burst
+            .unwrap_or(DEFAULT_SUBSCRIPTION_RATE.burst),
+    };
+    if subscription_rate.per_second == 0 || subscription_rate.burst == 0 {
+        return Err(bad(
+            "subscription_changes_per_second and subscription_changes_burst must be at least 1"
+                .into(),
+        ));
+    }
+    if a.max_channels == Some(0) {
+        return Err(bad("max_channels must be at least 1".into()));
+    }
     let client_events_per_second = a.client_events_per_second.unwrap_or(10);
     let max_presence_members = a.max_presence_members.unwrap_or(100);
     let max_user_info = a.max_user_info.unwrap_or(2048);
@@ -991,6 +1068,8 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
         ));
     }
     Ok(App {
+        max_channels: a.max_channels,
+        subscription_rate,
         id,
         key,
         secret,

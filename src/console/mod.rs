@@ -248,11 +248,12 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let shared = &shard.shared;
     let snaps = scrape(shard).await;
+    // Each shard's busiest channels only, not a listing of all: the page polls every second.
     let parts = shard
         .query(
             app,
-            QueryKind::Channels {
-                prefix: String::new(),
+            QueryKind::TopChannels {
+                limit: MAX_CHANNELS_LISTED,
             },
         )
         .await;
@@ -272,7 +273,14 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     match parts {
         Some(parts) => {
             let merged = crate::shard::http::merge(&parts);
-            body["channel_count"] = json!(merged.len());
+            // Exact while every shard listed all its channels; beyond, at least the largest
+            // shard's count (a channel with subscribers on several shards is one channel).
+            let complete = parts
+                .iter()
+                .all(|p| p.channels_total as usize <= MAX_CHANNELS_LISTED);
+            let most = parts.iter().map(|p| p.channels_total).max().unwrap_or(0);
+            body["channel_count"] = json!((merged.len() as u64).max(most));
+            body["channel_count_exact"] = json!(complete);
             body["channels"] = channel_list(merged);
         }
         // A shard did not answer in time: say so rather than show a partial count.
@@ -482,6 +490,7 @@ mod tests {
                 inbox_overflows: 0,
                 channels: Vec::new(),
                 http: Default::default(),
+                subscribes_refused: Default::default(),
                 latency,
             }
         };

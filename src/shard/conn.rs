@@ -209,6 +209,9 @@ pub struct Conn {
     /// Client-event token bucket: tokens left and when they were last topped up.
     pub(super) client_tokens: Cell<f64>,
     pub(super) client_refill: Cell<Instant>,
+    /// Subscription-change token bucket: tokens left and the shard clock (`Shard::now_ms`) when
+    /// they were last topped up (8 bytes: every connection pays for it).
+    pub(super) sub_tokens: Cell<(f32, u32)>,
 }
 
 impl Conn {
@@ -242,6 +245,7 @@ impl Conn {
             rate_window: Cell::new((Instant::now(), 0)),
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
+            sub_tokens: Cell::new((f32::MAX, 0)),
         }
     }
 
