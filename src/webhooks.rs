@@ -12,8 +12,9 @@
 //! - Two classes, each with its own hand-off queue, hold-back set and retry budget: occupancy
 //!   (`channel_occupied`, `channel_vacated`, `subscription_count`), which any anonymous socket can
 //!   cause by subscribing to fresh public channels, and the rest (members, client events, cache
-//!   misses). The second is taken in and sent first, so occupancy churn can delay it by one
-//!   round at most and can never make it be dropped.
+//!   misses). The second is taken in and sent first, and a round sends at most two occupancy
+//!   requests (a retry and a batch), so occupancy churn can delay it by two requests at most
+//!   and can never make it be dropped.
 //! - Bounded everywhere: each class's queue, held events and retried events hold at most the
 //!   configured capacity (`server.webhook_queue_capacity`); overflow is dropped and counted per
 //!   event type (`Webhooks::dropped_by_type`).
@@ -248,7 +249,8 @@ impl Lane {
 }
 
 impl Outbox<'_> {
-    /// The earliest moment something held or retried is due.
+    /// The earliest moment something held or retried is due (now, while events wait in
+    /// `ready`).
     fn next_due(&self) -> Option<Instant> {
         let ready = self.lanes.iter().any(|l| !l.ready.is_empty());
         if ready {
@@ -298,9 +300,13 @@ impl Outbox<'_> {
     }
 
     /// Sends what is due in one class: retries first (they are older), then fresh events,
-    /// batched per app.
+    /// batched per app. An occupancy round sends at most one retry and one batch of fresh
+    /// events (per app and endpoint), then the thread goes back to take in and send the other
+    /// class: however much occupancy is waiting, a member or client event waits for at most
+    /// two requests.
     fn send_due(&mut self, agent: &ureq::Agent, apps: &crate::apps::AppSet, class: Class) {
         let now = Instant::now();
+        let cap = self.hooks.capacity;
         let lane = &mut self.lanes[class as usize];
         while let Some((due, _, _)) = lane.order.front() {
             if *due > now {
@@ -311,16 +317,28 @@ impl Outbox<'_> {
             };
             if lane.held.get(&k).is_some_and(|h| h.1 == seq) {
                 if let Some((_, _, hook)) = lane.held.remove(&k) {
-                    lane.ready.push(hook);
+                    if lane.ready.len() >= cap {
+                        self.hooks.count_dropped(&hook.event);
+                    } else {
+                        lane.ready.push(hook);
+                    }
                 }
             }
         }
-        let (due, later): (Vec<Retry>, Vec<Retry>) = std::mem::take(&mut lane.retries)
-            .into_iter()
-            .partition(|r| r.due <= now);
-        lane.retries = later;
+        let (retries, fresh) = match class {
+            Class::Priority => (usize::MAX, usize::MAX),
+            Class::Occupancy => (1, MAX_BATCH),
+        };
+        let mut due = Vec::new();
+        for r in std::mem::take(&mut lane.retries) {
+            if r.due <= now && due.len() < retries {
+                due.push(r);
+            } else {
+                lane.retries.push(r);
+            }
+        }
         lane.retrying = lane.retries.iter().map(|r| r.events.len()).sum();
-        let fresh = std::mem::take(&mut lane.ready);
+        let fresh: Vec<Hook> = lane.ready.drain(..lane.ready.len().min(fresh)).collect();
         for r in due {
             self.deliver(agent, apps, class, r);
         }

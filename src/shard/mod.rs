@@ -1450,6 +1450,7 @@ impl Shard {
                     .filter(|c| c.app == q.app)
                     .count() as u64;
             }
+            // Answered by `answer_listing` (above).
             QueryKind::Channels { .. } => {}
             QueryKind::TopChannels { limit } => {
                 part.channels_total = index.channel_count(q.app) as u64;
