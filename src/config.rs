@@ -1350,6 +1350,64 @@ mod tests {
     }
 
     #[test]
+    fn channel_and_churn_bounds_default_and_refuse_zero() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert_eq!(c.max_channels_per_shard, DEFAULT_MAX_CHANNELS_PER_SHARD);
+        assert_eq!(c.max_channels_listed, DEFAULT_MAX_CHANNELS_LISTED);
+        assert_eq!(c.webhook_queue_capacity, crate::webhooks::DEFAULT_CAPACITY);
+        assert_eq!(c.apps[0].max_channels, None);
+        assert_eq!(c.apps[0].subscription_rate, DEFAULT_SUBSCRIPTION_RATE);
+        let f = "[server]\nmax_channels_per_shard = 5\nmax_channels_listed = 7\n\
+                 webhook_queue_capacity = 9\n[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\n\
+                 max_channels = 3\nsubscription_changes_per_second = 4\nsubscription_changes_burst = 6";
+        let c = resolve(&Cli::default(), &[], f).unwrap();
+        assert_eq!(
+            (
+                c.max_channels_per_shard,
+                c.max_channels_listed,
+                c.webhook_queue_capacity
+            ),
+            (5, 7, 9)
+        );
+        assert_eq!(c.apps[0].max_channels, Some(3));
+        assert_eq!(
+            c.apps[0].subscription_rate,
+            SubscriptionRate {
+                per_second: 4,
+                burst: 6
+            }
+        );
+        for (from, to, name) in [
+            (
+                "max_channels_per_shard = 5",
+                "max_channels_per_shard = 0",
+                "max_channels_per_shard",
+            ),
+            (
+                "max_channels_listed = 7",
+                "max_channels_listed = 0",
+                "max_channels_listed",
+            ),
+            (
+                "webhook_queue_capacity = 9",
+                "webhook_queue_capacity = 0",
+                "webhook_queue_capacity",
+            ),
+            ("max_channels = 3", "max_channels = 0", "max_channels"),
+            (
+                "subscription_changes_burst = 6",
+                "subscription_changes_burst = 0",
+                "subscription_changes_burst",
+            ),
+        ] {
+            let err = resolve(&Cli::default(), &[], &f.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{err}");
+        }
+    }
+
+    #[test]
     fn write_path_settings_come_from_env_or_file_and_are_bounded() {
         let c = resolve(&Cli::default(), &[], "").unwrap();
         assert_eq!(c.write_coalesce_ms, DEFAULT_WRITE_COALESCE_MS);
