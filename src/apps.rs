@@ -227,6 +227,8 @@ mod tests {
             allowed_origins: vec!["*".into()],
             rate_limit: None,
             webhooks: vec![],
+            max_channels: None,
+            subscription_rate: crate::config::DEFAULT_SUBSCRIPTION_RATE,
         }
     }
 

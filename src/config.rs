@@ -259,7 +259,28 @@ pub struct App {
     pub rate_limit: Option<RateLimit>,
     /// Where to POST Pusher-style webhooks.
     pub webhooks: Vec<WebhookTarget>,
+    /// Most channels with subscribers, node-wide, counted once per shard that holds some (each
+    /// is an index entry there); a subscribe that would add one more is refused.
+    pub max_channels: Option<usize>,
+    /// Subscription changes: a token bucket per connection, refilled at `per_second` up to
+    /// `burst`; every subscribe and unsubscribe takes a token, and a subscribe that finds none
+    /// is refused with 4301 (an unsubscribe is always honoured).
+    pub subscription_rate: SubscriptionRate,
 }
+
+/// `subscription_changes_per_second` and `subscription_changes_burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubscriptionRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Defaults no pusher-js or Laravel Echo app reaches: a reconnect subscribes to every channel
+/// of the connection at once, and one connection holds at most 1,000.
+pub const DEFAULT_SUBSCRIPTION_RATE: SubscriptionRate = SubscriptionRate {
+    per_second: 100,
+    burst: 1000,
+};
 
 /// A webhook endpoint and the event names it wants (`None`: all of them).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -382,7 +403,21 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Where the process id is written once every shard accepts (`--pid-file`).
     pub pid_file: Option<PathBuf>,
+    /// Bound of each webhook class's queue, held events and retried events.
+    pub webhook_queue_capacity: usize,
+    /// Most channels with subscribers on one shard, all apps together: bounds each shard's
+    /// subscription index.
+    pub max_channels_per_shard: usize,
+    /// Most channels one `GET /apps/{id}/channels` lists; a listing with more is refused (400)
+    /// and names `filter_by_prefix`.
+    pub max_channels_listed: usize,
 }
+
+/// Defaults for the channel bounds: far above what any deployment we know of lists or holds
+/// (a sports site with one private channel per signed-in user stays under them), low enough
+/// that one shard's index and one listing stay bounded.
+pub const DEFAULT_MAX_CHANNELS_PER_SHARD: usize = 1_000_000;
+pub const DEFAULT_MAX_CHANNELS_LISTED: usize = 100_000;
 
 /// PEM files for TLS (`--tls-cert` / `--tls-key`, BTS_TLS_CERT / BTS_TLS_KEY, or
 /// `[server] tls_cert` / `tls_key`).
@@ -493,6 +528,9 @@ pub struct RawServer {
     pub console: Option<bool>,
     pub console_token: Option<String>,
     pub pid_file: Option<PathBuf>,
+    pub webhook_queue_capacity: Option<usize>,
+    pub max_channels_per_shard: Option<usize>,
+    pub max_channels_listed: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -517,6 +555,9 @@ pub struct RawApp {
     pub rate_limit_decay_seconds: Option<u64>,
     pub rate_limit_terminate: Option<bool>,
     pub webhooks: Option<Vec<WebhookTarget>>,
+    pub max_channels: Option<usize>,
+    pub subscription_changes_per_second: Option<u32>,
+    pub subscription_changes_burst: Option<u32>,
 }
 
 /// Environment lookups; the process environment in production, a map in tests.
@@ -939,7 +980,26 @@ impl Config {
                 });
             }
         }
+        let webhook_queue_capacity = s
+            .webhook_queue_capacity
+            .unwrap_or(crate::webhooks::DEFAULT_CAPACITY);
+        let max_channels_per_shard = s
+            .max_channels_per_shard
+            .unwrap_or(DEFAULT_MAX_CHANNELS_PER_SHARD);
+        let max_channels_listed = s.max_channels_listed.unwrap_or(DEFAULT_MAX_CHANNELS_LISTED);
+        for (name, v) in [
+            ("webhook_queue_capacity", webhook_queue_capacity),
+            ("max_channels_per_shard", max_channels_per_shard),
+            ("max_channels_listed", max_channels_listed),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Other(format!("{name} must be at least 1")));
+            }
+        }
         Ok(Config {
+            webhook_queue_capacity,
+            max_channels_per_shard,
+            max_channels_listed,
             tls,
             console,
             pid_file,
@@ -1133,6 +1193,23 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             "max_message_size must be between 100 and {MAX_MESSAGE_SIZE_LIMIT} bytes (got {max_message_size})"
         )));
     }
+    let subscription_rate = SubscriptionRate {
+        per_second: a
+            .subscription_changes_per_second
+            .unwrap_or(DEFAULT_SUBSCRIPTION_RATE.per_second),
+        burst: a
+            .subscription_changes_burst
+            .unwrap_or(DEFAULT_SUBSCRIPTION_RATE.burst),
+    };
+    if subscription_rate.per_second == 0 || subscription_rate.burst == 0 {
+        return Err(bad(
+            "subscription_changes_per_second and subscription_changes_burst must be at least 1"
+                .into(),
+        ));
+    }
+    if a.max_channels == Some(0) {
+        return Err(bad("max_channels must be at least 1".into()));
+    }
     let client_events_per_second = a.client_events_per_second.unwrap_or(10);
     let max_presence_members = a.max_presence_members.unwrap_or(100);
     let max_user_info = a.max_user_info.unwrap_or(2048);
@@ -1152,6 +1229,8 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
         ));
     }
     Ok(App {
+        max_channels: a.max_channels,
+        subscription_rate,
         id,
         key,
         secret,
@@ -1544,6 +1623,64 @@ mod tests {
             .to_string();
         assert!(err.contains("REVERB_SERVER_PORT"), "{err}");
         assert!(toml::from_str::<RawFile>("[server]\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn channel_and_churn_bounds_default_and_refuse_zero() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert_eq!(c.max_channels_per_shard, DEFAULT_MAX_CHANNELS_PER_SHARD);
+        assert_eq!(c.max_channels_listed, DEFAULT_MAX_CHANNELS_LISTED);
+        assert_eq!(c.webhook_queue_capacity, crate::webhooks::DEFAULT_CAPACITY);
+        assert_eq!(c.apps[0].max_channels, None);
+        assert_eq!(c.apps[0].subscription_rate, DEFAULT_SUBSCRIPTION_RATE);
+        let f = "[server]\nmax_channels_per_shard = 5\nmax_channels_listed = 7\n\
+                 webhook_queue_capacity = 9\n[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\n\
+                 max_channels = 3\nsubscription_changes_per_second = 4\nsubscription_changes_burst = 6";
+        let c = resolve(&Cli::default(), &[], f).unwrap();
+        assert_eq!(
+            (
+                c.max_channels_per_shard,
+                c.max_channels_listed,
+                c.webhook_queue_capacity
+            ),
+            (5, 7, 9)
+        );
+        assert_eq!(c.apps[0].max_channels, Some(3));
+        assert_eq!(
+            c.apps[0].subscription_rate,
+            SubscriptionRate {
+                per_second: 4,
+                burst: 6
+            }
+        );
+        for (from, to, name) in [
+            (
+                "max_channels_per_shard = 5",
+                "max_channels_per_shard = 0",
+                "max_channels_per_shard",
+            ),
+            (
+                "max_channels_listed = 7",
+                "max_channels_listed = 0",
+                "max_channels_listed",
+            ),
+            (
+                "webhook_queue_capacity = 9",
+                "webhook_queue_capacity = 0",
+                "webhook_queue_capacity",
+            ),
+            ("max_channels = 3", "max_channels = 0", "max_channels"),
+            (
+                "subscription_changes_burst = 6",
+                "subscription_changes_burst = 0",
+                "subscription_changes_burst",
+            ),
+        ] {
+            let err = resolve(&Cli::default(), &[], &f.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{err}");
+        }
     }
 
     #[test]

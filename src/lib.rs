@@ -207,6 +207,18 @@ pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadEr
         cfg.max_cache_channels == old.max_cache_channels,
     );
     differs(
+        "webhook_queue_capacity",
+        cfg.webhook_queue_capacity == old.webhook_queue_capacity,
+    );
+    differs(
+        "max_channels_per_shard",
+        cfg.max_channels_per_shard == old.max_channels_per_shard,
+    );
+    differs(
+        "max_channels_listed",
+        cfg.max_channels_listed == old.max_channels_listed,
+    );
+    differs(
         "tls (turning it off)",
         cfg.tls.is_some() || old.tls.is_none(),
     );

@@ -96,6 +96,8 @@ pub struct Snapshot {
     pub channels: Vec<(&'static str, u64, u64)>,
     /// HTTP API requests by (endpoint, status).
     pub http: BTreeMap<(&'static str, u16), u64>,
+    /// Subscribes refused by reason (`rate_limit`, `shard_channels`, `app_channels`).
+    pub subscribes_refused: BTreeMap<&'static str, u64>,
     /// Event received (HTTP, Redis, client, other node) to its frames written, microseconds.
     pub latency: Histogram<u64>,
 }
@@ -580,6 +582,40 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         "bts_queue_overflows_total{{queue=\"webhooks\"}} {}",
         hooks.dropped.load(Relaxed)
     );
+    family(
+        &mut o,
+        "bts_webhook_events_dropped_total",
+        "counter",
+        "Webhook events dropped (queue, hold-back or retry budget full, or retries exhausted), \
+         by event type. Occupancy events (channel_occupied, channel_vacated, subscription_count) \
+         have their own queue, so their drops never cost a member or client event.",
+    );
+    for (name, n) in crate::config::WEBHOOK_EVENTS
+        .iter()
+        .zip(&hooks.dropped_by_type)
+    {
+        let _ = writeln!(
+            o,
+            "bts_webhook_events_dropped_total{{event=\"{name}\"}} {}",
+            n.load(Relaxed)
+        );
+    }
+    family(
+        &mut o,
+        "bts_subscribes_refused_total",
+        "counter",
+        "Subscribes refused, by reason: rate_limit (4301, the app's subscription_changes_*), \
+         shard_channels (server.max_channels_per_shard), app_channels (the app's max_channels).",
+    );
+    let mut refused: BTreeMap<&str, u64> = BTreeMap::new();
+    for s in snaps {
+        for (reason, n) in &s.subscribes_refused {
+            *refused.entry(reason).or_default() += n;
+        }
+    }
+    for (reason, n) in refused {
+        let _ = writeln!(o, "bts_subscribes_refused_total{{reason=\"{reason}\"}} {n}");
+    }
     family(
         &mut o,
         "bts_webhooks_total",

@@ -179,6 +179,98 @@ fn a_configured_token_replaces_the_secret() {
     assert_eq!(status, 200, "[server] console = true turns it on");
 }
 
+/// One GET from source address `from` (any 127.x address reaches the daemon on 127.0.0.1);
+/// returns the status and the response head.
+fn get_from(from: std::net::Ipv4Addr, addr: std::net::SocketAddr, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())
+        .unwrap();
+    s.connect(&addr.into()).unwrap();
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (status, head)
+}
+
+fn has_header(head: &str, name: &str, value: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.eq_ignore_ascii_case(name) && v.trim() == value)
+    })
+}
+
+#[test]
+fn the_token_is_compared_exactly_pages_are_not_cached_and_failed_logins_are_limited() {
+    let d = Daemon::builder().arg("--console").shards(1).start();
+    let me = std::net::Ipv4Addr::LOCALHOST;
+    // Zero bytes after the secret made the same HMAC key as the secret itself, so
+    // `?token=test-secret%00` used to open the console.
+    for target in [
+        "/console?token=test-secret%00",
+        "/console/api/stats?token=test-secret%00%00",
+        "/console/api/stats?token=test-secret%20",
+    ] {
+        assert_eq!(get_from(me, d.addr, target).0, 401, "{target}");
+    }
+    // Every console answer, whatever it is, says: do not cache, do not refer, do not frame.
+    for (target, status) in [
+        ("/console?token=test-secret", 200),
+        ("/console", 401),
+        ("/console/api/stats?token=test-secret", 200),
+        ("/console/console.js", 200),
+        ("/console/nothing-here", 404),
+    ] {
+        let (got, head) = get_from(me, d.addr, target);
+        assert_eq!(got, status, "{target}");
+        for (name, value) in [
+            ("Cache-Control", "no-store"),
+            ("Referrer-Policy", "no-referrer"),
+            ("X-Frame-Options", "DENY"),
+        ] {
+            assert!(has_header(&head, name, value), "{target}: {name}\n{head}");
+        }
+    }
+    // Ten wrong tokens in a minute from one address (three above, seven here): the eleventh
+    // request is refused, the right token included, so guessing learns nothing more.
+    for i in 0..7 {
+        let (status, _) = get_from(me, d.addr, &format!("/console/api/stats?token=guess-{i}"));
+        assert_eq!(status, 401);
+    }
+    for target in [
+        "/console?token=test-secret",
+        "/console/api/stats?token=test-secret",
+    ] {
+        let (status, head) = get_from(me, d.addr, target);
+        assert_eq!(status, 429, "{target}\n{head}");
+        assert!(has_header(&head, "Retry-After", "60"), "{head}");
+        assert!(has_header(&head, "Cache-Control", "no-store"), "{head}");
+    }
+    // Another address is not locked out, and the rest of the port is not either.
+    let (status, _) = get_from(
+        std::net::Ipv4Addr::new(127, 0, 0, 2),
+        d.addr,
+        "/console/api/stats?token=test-secret",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(get_from(me, d.addr, "/up").0, 200);
+    let mut c = d.client();
+    c.subscribe("sports.football");
+}
+
 #[test]
 fn a_token_too_short_fails_start_up_by_name() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bts-guru"))

@@ -8,13 +8,20 @@
 //! scoreboard and the event tail) are not served from here: the page subscribes with pusher-js,
 //! vendored in `assets/` and embedded in the binary, over the ordinary `/app/{key}` WebSocket.
 //!
-//! Owns nothing on the shard and adds no state: every request is answered from a fresh scrape.
-//! Must not serve anything but the login page without the token (compared in constant time).
+//! Adds no state to the shard: every request is answered from a fresh scrape. The one thing it
+//! keeps is, per shard thread, a bounded count of failed logins per source address
+//! (`Logins`): 10 in a minute and that address gets 429 for the rest of the minute.
+//! Must not serve anything but the login page without the token (compared exactly, in constant
+//! time). Every answer says not to cache it, not to send it as a referrer, not to frame it.
 
 pub mod demo;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -35,6 +42,76 @@ const PUSHER_LICENSE: &str = include_str!("assets/pusher-js-LICENCE.txt");
 /// Most channels listed in one stats answer (the busiest first).
 pub const MAX_CHANNELS_LISTED: usize = 200;
 
+/// On every console answer: the token may travel in the URL, so the page must not be kept by a
+/// cache, sent on as a `Referer`, or framed by another site.
+const HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+];
+const LOCKED_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Retry-After", "60"),
+];
+
+/// Failed logins (a wrong token) one source address may make per `FAILURE_WINDOW` on a shard
+/// before its console requests are refused with 429 until the window ends.
+pub const MAX_FAILED_LOGINS: u32 = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Addresses tracked per shard; when that many failed within the window, further addresses
+/// share one entry (so many addresses cannot grow the table, only lock each other out).
+const MAX_TRACKED: usize = 1024;
+
+thread_local! {
+    /// Per shard thread: failed logins per source address (`Logins`).
+    static LOGINS: RefCell<Logins> = RefCell::new(Logins::default());
+}
+
+/// Failed logins per source: (start of its window, failures in it). IPv6 sources count per
+/// /64, the block one host usually holds.
+#[derive(Default)]
+struct Logins {
+    failed: HashMap<IpAddr, (Instant, u32)>,
+}
+
+impl Logins {
+    fn source(peer: Option<IpAddr>) -> IpAddr {
+        match peer {
+            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into()),
+            },
+            Some(v4) => v4,
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        }
+    }
+
+    /// How long `peer` is still refused, if it is.
+    fn locked(&self, peer: Option<IpAddr>, now: Instant) -> Option<Duration> {
+        let (start, n) = self.failed.get(&Self::source(peer))?;
+        let end = *start + FAILURE_WINDOW;
+        (*n >= MAX_FAILED_LOGINS && now < end).then(|| end - now)
+    }
+
+    fn fail(&mut self, peer: Option<IpAddr>, now: Instant) {
+        let mut source = Self::source(peer);
+        if !self.failed.contains_key(&source) && self.failed.len() >= MAX_TRACKED {
+            self.failed
+                .retain(|_, (start, _)| now.duration_since(*start) < FAILURE_WINDOW);
+            if self.failed.len() >= MAX_TRACKED {
+                source = IpAddr::V4(Ipv4Addr::BROADCAST);
+            }
+        }
+        let e = self.failed.entry(source).or_insert((now, 0));
+        if now.duration_since(e.0) >= FAILURE_WINDOW {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -49,6 +126,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         status: 200,
         content_type,
         body: Cow::Borrowed(body.as_bytes()),
+        headers: &[],
     }
 }
 
@@ -56,8 +134,17 @@ fn json_error(status: u16, msg: &str) -> Response {
     Response::json(status, json!({ "error": msg }).to_string())
 }
 
-/// Answers a request for a console path (only called when the console is enabled).
-pub async fn handle(shard: &Shard, req: &Request) -> Response {
+/// Answers a request for a console path (only called when the console is enabled); `peer` is
+/// the client's address, for the failed-login limit.
+pub async fn handle(shard: &Shard, req: &Request, peer: Option<IpAddr>) -> Response {
+    let mut resp = answer(shard, req, peer).await;
+    if resp.headers.is_empty() {
+        resp.headers = HEADERS;
+    }
+    resp
+}
+
+async fn answer(shard: &Shard, req: &Request, peer: Option<IpAddr>) -> Response {
     if req.method != "GET" {
         return json_error(405, "Method not allowed");
     }
@@ -88,7 +175,31 @@ pub async fn handle(shard: &Shard, req: &Request) -> Response {
         .as_ref()
         .and_then(|c| c.token.as_deref())
         .unwrap_or(&apps.get(app).secret);
-    let allowed = presented_token(req).is_some_and(|t| token_matches(t, expected));
+    let guarded = matches!(
+        req.path.as_str(),
+        "/console" | "/console/" | "/console/api/stats"
+    );
+    let now = Instant::now();
+    if guarded {
+        if let Some(wait) = LOGINS.with(|l| l.borrow().locked(peer, now)) {
+            // Refused whatever the token: a right guess must not answer differently.
+            return Response {
+                headers: LOCKED_HEADERS,
+                ..json_error(
+                    429,
+                    &format!(
+                        "too many failed console logins from this address: try again in {} s",
+                        wait.as_secs().max(1)
+                    ),
+                )
+            };
+        }
+    }
+    let presented = presented_token(req);
+    let allowed = presented.is_some_and(|t| token_matches(t, expected));
+    if guarded && presented.is_some() && !allowed {
+        LOGINS.with(|l| l.borrow_mut().fail(peer, now));
+    }
     match req.path.as_str() {
         "/console" | "/console/" if allowed => asset(HTML, INDEX_HTML),
         "/console" | "/console/" => Response {
@@ -115,12 +226,14 @@ fn presented_token(req: &Request) -> Option<&str> {
     })
 }
 
-/// Constant-time comparison: each side becomes the HMAC of one fixed message keyed by itself,
-/// and the two 32-byte MACs are compared with `verify_slice`, so the response time does not
-/// tell how much of a guess was right, nor the token's length.
+/// Exact, constant-time comparison: each side is the *message* of an HMAC under one fixed key,
+/// and the two 32-byte MACs are compared with `verify_slice` (`subtle`), so the response time
+/// tells neither how much of a guess was right nor the token's length. (Keying the HMAC by the
+/// token instead, as before, compared keys, and HMAC pads a short key with zeros: `secret` and
+/// `secret\0` were the same key, so `?token=secret%00` opened the console.)
 fn token_matches(given: &str, expected: &str) -> bool {
-    const MSG: &[u8] = b"bts-guru console";
-    !given.is_empty() && auth::verify(given, MSG, &auth::sign(expected, MSG))
+    const KEY: &str = "bts-guru console token";
+    !given.is_empty() && auth::verify(KEY, given.as_bytes(), &auth::sign(KEY, expected.as_bytes()))
 }
 
 /// Scrapes every shard of this node (as `/metrics` does) without blocking this shard.
@@ -135,11 +248,12 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let shared = &shard.shared;
     let snaps = scrape(shard).await;
+    // Each shard's busiest channels only, not a listing of all: the page polls every second.
     let parts = shard
         .query(
             app,
-            QueryKind::Channels {
-                prefix: String::new(),
+            QueryKind::TopChannels {
+                limit: MAX_CHANNELS_LISTED,
             },
         )
         .await;
@@ -159,7 +273,14 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     match parts {
         Some(parts) => {
             let merged = crate::shard::http::merge(&parts);
-            body["channel_count"] = json!(merged.len());
+            // Exact while every shard listed all its channels; beyond, at least the largest
+            // shard's count (a channel with subscribers on several shards is one channel).
+            let complete = parts
+                .iter()
+                .all(|p| p.channels_total as usize <= MAX_CHANNELS_LISTED);
+            let most = parts.iter().map(|p| p.channels_total).max().unwrap_or(0);
+            body["channel_count"] = json!((merged.len() as u64).max(most));
+            body["channel_count_exact"] = json!(complete);
             body["channels"] = channel_list(merged);
         }
         // A shard did not answer in time: say so rather than show a partial count.
@@ -278,6 +399,52 @@ mod tests {
         ));
         assert!(!token_matches("", ""));
         assert!(!token_matches("BTS-GURU-DEV-SECRET", "bts-guru-dev-secret"));
+        // Zero bytes after the token made the same HMAC key as the token itself.
+        assert!(!token_matches(
+            "bts-guru-dev-secret\0",
+            "bts-guru-dev-secret"
+        ));
+        assert!(!token_matches(
+            "bts-guru-dev-secret\0\0\0",
+            "bts-guru-dev-secret"
+        ));
+        assert!(!token_matches(
+            "bts-guru-dev-secret",
+            "bts-guru-dev-secret\0"
+        ));
+    }
+
+    #[test]
+    fn failed_logins_lock_out_their_source_for_the_window() {
+        let mut l = Logins::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        for _ in 0..MAX_FAILED_LOGINS - 1 {
+            l.fail(Some(a), t0);
+        }
+        assert_eq!(l.locked(Some(a), t0), None);
+        l.fail(Some(a), t0);
+        assert_eq!(l.locked(Some(a), t0), Some(FAILURE_WINDOW));
+        assert_eq!(l.locked(Some(b), t0), None, "another address is not locked");
+        assert_eq!(
+            l.locked(Some(a), t0 + FAILURE_WINDOW),
+            None,
+            "the window ends"
+        );
+        // IPv6 counts per /64; an IPv4-mapped address as the IPv4 one.
+        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        for i in 0..MAX_FAILED_LOGINS {
+            l.fail(v6(&format!("2001:db8::{i:x}")), t0);
+        }
+        assert!(l.locked(v6("2001:db8::ffff:1"), t0).is_some());
+        assert!(l.locked(v6("2001:db8:0:1::1"), t0).is_none());
+        assert!(l.locked(v6("::ffff:192.0.2.1"), t0).is_some());
+        // Bounded: past MAX_TRACKED addresses, new ones share one entry.
+        for i in 0..MAX_TRACKED as u32 * 2 {
+            l.fail(Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))), t0);
+        }
+        assert!(l.failed.len() <= MAX_TRACKED + 1);
     }
 
     #[test]
@@ -323,6 +490,7 @@ mod tests {
                 inbox_overflows: 0,
                 channels: Vec::new(),
                 http: Default::default(),
+                subscribes_refused: Default::default(),
                 latency,
             }
         };

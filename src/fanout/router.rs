@@ -179,6 +179,11 @@ pub enum QueryKind {
         channel: Arc<str>,
     },
     Connections,
+    /// The debug console's list: each shard's `limit` busiest channels (and the presence
+    /// channels it owns with the most members), and how many channels it has.
+    TopChannels {
+        limit: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -209,6 +214,8 @@ pub struct QueryPart {
     pub channels: Vec<ChannelPart>,
     /// Member user ids, from the presence channel's owner only.
     pub users: Option<Vec<String>>,
+    /// `TopChannels`: how many channels of the app this shard has (it listed at most `limit`).
+    pub channels_total: u64,
 }
 
 #[derive(Debug)]

@@ -102,6 +102,9 @@ pub enum Wire {
         conns: u64,
         ch: Vec<(String, u64, Option<u64>)>,
         users: Option<Vec<String>>,
+        /// `QueryPart::channels_total` (added later: absent from older nodes, ignored by them).
+        #[serde(default)]
+        ct: u64,
     },
     #[serde(rename = "term")]
     Terminate { n: u64, a: String, u: String },
@@ -312,6 +315,9 @@ pub enum WireQuery {
     Channel(String),
     Users(String),
     Connections,
+    /// `QueryKind::TopChannels` (added later: a node without it does not answer, and the
+    /// console shows no channel list until every node has it).
+    Top(usize),
 }
 
 impl WireQuery {
@@ -321,6 +327,7 @@ impl WireQuery {
             QueryKind::Channel { name } => WireQuery::Channel(name.to_string()),
             QueryKind::Users { channel } => WireQuery::Users(channel.to_string()),
             QueryKind::Connections => WireQuery::Connections,
+            QueryKind::TopChannels { limit } => WireQuery::Top(*limit),
         }
     }
 
@@ -332,6 +339,7 @@ impl WireQuery {
                 channel: channel.into(),
             },
             WireQuery::Connections => QueryKind::Connections,
+            WireQuery::Top(limit) => QueryKind::TopChannels { limit },
         }
     }
 }
@@ -692,6 +700,7 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
             conns,
             ch,
             users,
+            ct,
             ..
         } => {
             if to != cluster.node || o >= router.shards() {
@@ -708,6 +717,7 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
                     })
                     .collect(),
                 users,
+                channels_total: ct,
             };
             let _ = router.try_push(
                 o,

@@ -221,6 +221,9 @@ pub struct Conn {
     /// Ping rate window (`max_pings_per_second`): its start on the shard clock
     /// (`Shard::now_ms`) and the pings seen in it.
     pub(super) ping_window: Cell<(u32, u32)>,
+    /// Subscription-change token bucket: tokens left and the shard clock (`Shard::now_ms`) when
+    /// they were last topped up (8 bytes: every connection pays for it).
+    pub(super) sub_tokens: Cell<(f32, u32)>,
 }
 
 impl Conn {
@@ -260,6 +263,7 @@ impl Conn {
             client_tokens: Cell::new(f64::MAX),
             client_refill: Cell::new(Instant::now()),
             ping_window: Cell::new((0, 0)),
+            sub_tokens: Cell::new((f32::MAX, 0)),
         }
     }
 
@@ -677,6 +681,8 @@ impl Conn {
 /// future, see BENCHMARKS.md).
 pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    // For what is counted per source address (the console's failed logins).
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let _ = stream.set_read_timeout(Some(hs_timeout));
     let tls = shard.tls.borrow().clone();
@@ -687,13 +693,13 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             glommio::timer::timeout(hs_timeout, async { Ok(stream.peek(&mut first).await) }).await;
         match peeked {
             Ok(Ok(1)) if first[0] == crate::tls::HANDSHAKE_RECORD => {
-                return serve_tls(shard, stream, tls).await;
+                return serve_tls(shard, stream, tls, peer).await;
             }
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
     }
-    let Some((app, guard, leftover)) = handshake(&shard, &mut stream).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut stream, peer).await else {
         return;
     };
     glommio::spawn_local(live(shard, stream, None, app, guard, leftover)).detach();
@@ -701,7 +707,12 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 
 /// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
 /// rustls; then the session, with the TLS state moved into the connection.
-async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerConfig>) {
+async fn serve_tls(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+    peer: Option<std::net::IpAddr>,
+) {
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let accept = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
     let mut tls = match glommio::timer::timeout(hs_timeout, async { Ok(accept.await) }).await {
@@ -712,7 +723,7 @@ async fn serve_tls(shard: Rc<Shard>, stream: TcpStream, cfg: Arc<rustls::ServerC
         }
         Err(_) => return,
     };
-    let Some((app, guard, leftover)) = handshake(&shard, &mut tls).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut tls, peer).await else {
         return;
     };
     let (stream, session) = tls.into_inner();
@@ -759,8 +770,9 @@ async fn live(
 async fn handshake<S: Stream>(
     shard: &Rc<Shard>,
     stream: &mut S,
+    peer: Option<std::net::IpAddr>,
 ) -> Option<(usize, AppConnGuard, Vec<u8>)> {
-    let (req, leftover) = http_phase(shard, stream).await?;
+    let (req, leftover) = http_phase(shard, stream, peer).await?;
     let Some(ws_key) = req
         .ws_key
         .as_deref()
@@ -808,7 +820,11 @@ async fn handshake<S: Stream>(
 /// `handshake_timeout`, and so does the rest of the request, head and body together, from that
 /// first byte. An idle connection is closed silently; a request still incomplete at its deadline
 /// is answered 408 and the connection closed. Each new request gets a fresh deadline.
-async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request, Vec<u8>)> {
+async fn http_phase<S: Stream>(
+    shard: &Shard,
+    stream: &mut S,
+    peer: Option<std::net::IpAddr>,
+) -> Option<(Request, Vec<u8>)> {
     let cfg = &shard.shared.cfg;
     let limit = cfg.handshake_timeout;
     let mut buf: Vec<u8> = Vec::new();
@@ -862,7 +878,7 @@ async fn http_phase<S: Stream>(shard: &Shard, stream: &mut S) -> Option<(Request
             Body::Buffered(len) => &buf[..*len],
             Body::Decoded(v) => v.as_slice(),
         };
-        let reply = super::http::handle(shard, &req, bytes).await;
+        let reply = super::http::handle(shard, &req, bytes, peer).await;
         let resp = reply.to_bytes(req.close);
         // A client that sends requests but reads no answers cannot hold the task either.
         let sent = within(Instant::now() + limit, async {

@@ -101,10 +101,15 @@ pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)>
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
 /// Answers one HTTP request, and counts it by endpoint and status.
-pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8]) -> Response {
+pub(super) async fn handle(
+    shard: &Shard,
+    req: &Request,
+    body: &[u8],
+    peer: Option<std::net::IpAddr>,
+) -> Response {
     let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
         // Boxed: only console requests pay for its future, not every connection's handshake.
-        Box::pin(crate::console::handle(shard, req)).await
+        Box::pin(crate::console::handle(shard, req, peer)).await
     } else {
         let (status, body) = route(shard, req, body).await;
         Response::json(status, body)
@@ -446,6 +451,10 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
     }
 }
 
+/// `GET /apps/{id}/channels`. Pusher's API has no paging, so a listing is bounded instead: over
+/// `server.max_channels_listed` channels it is refused (400, naming `filter_by_prefix`). Each
+/// shard builds its part in slices and this one merges and writes the answer in slices too, so
+/// none of them stops serving its sockets for the whole listing.
 async fn channels(shard: &Shard, app_idx: usize, req: &Request) -> Reply {
     let prefix = req.query_param("filter_by_prefix").unwrap_or_default();
     let info = Info::parse(req.query_param("info"));
@@ -458,8 +467,36 @@ async fn channels(shard: &Shard, app_idx: usize, req: &Request) -> Reply {
     let Some(parts) = shard.query(app_idx, what).await else {
         return err(503, INCOMPLETE);
     };
-    let mut out = Map::new();
-    for (name, (subs, users)) in merge(&parts) {
+    let cap = shard.shared.cfg.max_channels_listed;
+    let too_many = || {
+        err(
+            400,
+            &format!(
+                "more than {cap} channels match: narrow the listing with filter_by_prefix \
+                 (the limit is server.max_channels_listed)"
+            ),
+        )
+    };
+    let mut merged: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
+    let mut taken = 0usize;
+    for c in parts.into_iter().flat_map(|p| p.channels) {
+        let e = merged.entry(c.name).or_default();
+        e.0 += c.subscriptions;
+        if c.users.is_some() {
+            e.1 = e.1.max(c.users);
+        }
+        if merged.len() > cap {
+            return too_many();
+        }
+        taken += 1;
+        if taken % super::LISTING_SLICE == 0 {
+            super::breathe().await;
+        }
+    }
+    // `{"channels":{name:{…},…}}`, byte for byte what serializing one `json!` value gave.
+    let mut out = br#"{"channels":{"#.to_vec();
+    let mut first = true;
+    for (i, (name, (subs, users))) in merged.into_iter().enumerate() {
         if subs == 0 && users.unwrap_or(0) == 0 {
             continue;
         }
@@ -470,9 +507,19 @@ async fn channels(shard: &Shard, app_idx: usize, req: &Request) -> Reply {
         if info.subscription_count {
             o.insert("subscription_count".into(), json!(subs));
         }
-        out.insert(name, Value::Object(o));
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        let _ = serde_json::to_writer(&mut out, &name);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, &Value::Object(o));
+        if (i + 1) % super::LISTING_SLICE == 0 {
+            super::breathe().await;
+        }
     }
-    (200, json!({ "channels": out }).to_string())
+    out.extend_from_slice(b"}}");
+    (200, String::from_utf8(out).unwrap_or_default())
 }
 
 async fn one_channel(shard: &Shard, app_idx: usize, name: &str, req: &Request) -> Reply {

@@ -8,6 +8,28 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::ConnId;
+use crate::protocol::ChannelKind;
+
+/// Channel kinds as metrics name them (`bts_channels{type=…}`), in `kind_index` order.
+pub const KINDS: [&str; 5] = [
+    "public",
+    "private",
+    "presence",
+    "encrypted",
+    "server-to-user",
+];
+
+fn kind_index(channel: &str) -> usize {
+    if channel.starts_with('#') {
+        return 4;
+    }
+    match ChannelKind::of(channel) {
+        ChannelKind::Public => 0,
+        ChannelKind::Private => 1,
+        ChannelKind::Presence => 2,
+        ChannelKind::PrivateEncrypted => 3,
+    }
+}
 
 /// Invariant: `by_channel[app][c]` contains `id` iff `by_conn[id]` contains `(app, c)`.
 /// Empty channels are removed eagerly, so the map sizes are the live channel counts.
@@ -17,6 +39,9 @@ pub struct SubscriptionIndex {
     /// unsubscribe.
     by_channel: Vec<HashMap<Rc<str>, Vec<ConnId>>>,
     by_conn: HashMap<ConnId, Vec<(usize, Rc<str>)>>,
+    /// (channels, subscriptions) by kind (`KINDS`), all apps together, kept as they change so
+    /// a metrics scrape or console poll reads them without walking every channel.
+    kinds: [(u64, u64); KINDS.len()],
 }
 
 impl SubscriptionIndex {
@@ -24,6 +49,7 @@ impl SubscriptionIndex {
         SubscriptionIndex {
             by_channel: (0..apps).map(|_| HashMap::new()).collect(),
             by_conn: HashMap::new(),
+            kinds: Default::default(),
         }
     }
 
@@ -46,7 +72,11 @@ impl SubscriptionIndex {
             None => Rc::from(channel),
         };
         chans.push((app, Rc::clone(&key)));
-        map.entry(key).or_default().push(conn);
+        let kind = &mut self.kinds[kind_index(channel)];
+        let subs = map.entry(key).or_default();
+        kind.0 += u64::from(subs.is_empty());
+        kind.1 += 1;
+        subs.push(conn);
         true
     }
 
@@ -81,12 +111,22 @@ impl SubscriptionIndex {
             .is_some_and(|chans| chans.iter().any(|(a, c)| *a == app && &**c == channel))
     }
 
-    /// Channels of `app` with local subscribers, and how many.
-    pub fn channels(&self, app: usize) -> impl Iterator<Item = (&str, usize)> {
+    /// Channels of `app` with local subscribers, and how many. The names are the index's own
+    /// (a clone is a non-atomic increment), so a listing can hold them across a yield.
+    pub fn channels(&self, app: usize) -> impl Iterator<Item = (&Rc<str>, usize)> {
         self.by_channel
             .get(app)
             .into_iter()
-            .flat_map(|m| m.iter().map(|(c, subs)| (&**c, subs.len())))
+            .flat_map(|m| m.iter().map(|(c, subs)| (c, subs.len())))
+    }
+
+    /// (kind, channels, subscriptions) on this shard, all apps together.
+    pub fn kinds(&self) -> impl Iterator<Item = (&'static str, u64, u64)> + '_ {
+        KINDS
+            .iter()
+            .zip(&self.kinds)
+            .filter(|(_, (c, _))| *c > 0)
+            .map(|(k, (c, s))| (*k, *c, *s))
     }
 
     fn detach(&mut self, conn: ConnId, app: usize, channel: &str) {
@@ -94,9 +134,11 @@ impl SubscriptionIndex {
         if let Some(subs) = map.get_mut(channel) {
             if let Some(i) = subs.iter().position(|&c| c == conn) {
                 subs.swap_remove(i);
+                self.kinds[kind_index(channel)].1 -= 1;
             }
             if subs.is_empty() {
                 map.remove(channel);
+                self.kinds[kind_index(channel)].0 -= 1;
             }
         }
     }
@@ -116,6 +158,11 @@ impl SubscriptionIndex {
     /// Live channels of `app` on this shard.
     pub fn channel_count(&self, app: usize) -> usize {
         self.by_channel.get(app).map_or(0, HashMap::len)
+    }
+
+    /// Live channels on this shard, all apps together.
+    pub fn total_channels(&self) -> usize {
+        self.by_channel.iter().map(HashMap::len).sum()
     }
 }
 
@@ -140,6 +187,18 @@ mod tests {
         ]
     }
 
+    /// Channel `ch` of the model, of one kind or another.
+    fn name(ch: u8) -> String {
+        [
+            "ch0",
+            "private-ch1",
+            "presence-ch2",
+            "#server-to-user-3",
+            "private-encrypted-ch4",
+        ][usize::from(ch) % 5]
+            .to_owned()
+    }
+
     fn id(n: u32) -> ConnId {
         ConnId { slot: n, gen: 1 }
     }
@@ -153,12 +212,12 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Sub(c, a, ch) => {
-                        let name = format!("ch{ch}");
+                        let name = name(ch);
                         let fresh = model.insert((c, a, name.clone()));
                         prop_assert_eq!(idx.subscribe(id(c), a, &name), fresh);
                     }
                     Op::Unsub(c, a, ch) => {
-                        let name = format!("ch{ch}");
+                        let name = name(ch);
                         let had = model.remove(&(c, a, name.clone()));
                         prop_assert_eq!(idx.unsubscribe(id(c), a, &name), had);
                     }
@@ -170,7 +229,7 @@ mod tests {
                 }
                 for a in 0..2 {
                     for ch in 0..5 {
-                        let name = format!("ch{ch}");
+                        let name = name(ch);
                         let mut got: Vec<u32> = idx.subscribers(a, &name).iter().map(|c| c.slot).collect();
                         got.sort();
                         let want: Vec<u32> = model.iter().filter(|(_, ma, mn)| *ma == a && *mn == name).map(|(c, _, _)| *c).collect();
@@ -179,6 +238,16 @@ mod tests {
                     let live: BTreeSet<&String> = model.iter().filter(|(_, ma, _)| *ma == a).map(|(_, _, n)| n).collect();
                     prop_assert_eq!(idx.channel_count(a), live.len());
                 }
+                // Counted as they change, they match a walk over the model.
+                let mut want: Vec<(&str, u64, u64)> = Vec::new();
+                for (k, kind) in KINDS.iter().enumerate() {
+                    let subs: Vec<_> = model.iter().filter(|(_, _, n)| kind_index(n) == k).collect();
+                    let chans: BTreeSet<(usize, &String)> = subs.iter().map(|(_, a, n)| (*a, n)).collect();
+                    if !chans.is_empty() {
+                        want.push((kind, chans.len() as u64, subs.len() as u64));
+                    }
+                }
+                prop_assert_eq!(idx.kinds().collect::<Vec<_>>(), want);
             }
         }
     }

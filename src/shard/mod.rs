@@ -42,6 +42,10 @@ pub struct Shared {
     pub router: Router,
     /// Live connections per app slot, all shards together (for REVERB_APP_MAX_CONNECTIONS).
     pub app_conns: Box<[AtomicUsize]>,
+    /// Channels with subscribers per app slot, summed over shards (each shard's index entries),
+    /// for the app's `max_channels`. Touched when a shard's index gains or loses a channel,
+    /// never per event.
+    pub app_channels: Box<[AtomicUsize]>,
     /// The app table (replaced by a reload); shards keep their own copy of it.
     pub apps: Arc<crate::apps::Apps>,
     /// Redis ingest state and counters (written by the ingest thread).
@@ -74,6 +78,10 @@ impl Shared {
         let app_conns = (0..crate::apps::MAX_APP_SLOTS)
             .map(|_| AtomicUsize::new(0))
             .collect();
+        let app_channels = (0..crate::apps::MAX_APP_SLOTS)
+            .map(|_| AtomicUsize::new(0))
+            .collect();
+        let webhooks = Arc::new(crate::webhooks::Webhooks::new(cfg.webhook_queue_capacity));
         let node = crate::ingest::cluster::new_node_id();
         let cluster = cfg
             .cluster
@@ -87,7 +95,8 @@ impl Shared {
             ingest: Default::default(),
             node,
             cluster,
-            webhooks: Default::default(),
+            webhooks,
+            app_channels,
             tls: Default::default(),
             draining: Default::default(),
             drained: AtomicUsize::new(0),
@@ -168,6 +177,8 @@ pub struct Stats {
     pub events_client: Cell<u64>,
     /// HTTP API requests by (endpoint, status).
     pub http: RefCell<std::collections::BTreeMap<(&'static str, u16), u64>>,
+    /// Subscribes refused, by reason (`bts_subscribes_refused_total`).
+    pub subscribes_refused: RefCell<std::collections::BTreeMap<&'static str, u64>>,
     /// Arrival to written, in microseconds, for events with local subscribers.
     pub latency: RefCell<Option<hdrhistogram::Histogram<u64>>>,
     /// Arrival times of the events fanned out in the current burst.
@@ -244,6 +255,24 @@ impl std::ops::Deref for AppRef {
 
 /// A channel or user id within an app.
 type AppKey = (usize, Arc<str>);
+
+/// Why a subscribe that would add a channel to a shard's index was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ChannelLimit {
+    #[error("Channel limit reached: at most {0} channels with subscribers per shard")]
+    Shard(usize),
+    #[error("Channel limit reached: this app may have at most {0} channels with subscribers")]
+    App(usize),
+}
+
+impl ChannelLimit {
+    fn reason(self) -> &'static str {
+        match self {
+            ChannelLimit::Shard(_) => "shard_channels",
+            ChannelLimit::App(_) => "app_channels",
+        }
+    }
+}
 
 /// Most commands taken from the inbox before the queued frames are flushed and other tasks get
 /// a turn.
@@ -364,7 +393,7 @@ impl Shard {
         let code = conn.close_code().unwrap_or(1006);
         *self.stats.closes.borrow_mut().entry(code).or_default() += 1;
         conn.mark_dead();
-        let chans = self.index.borrow_mut().remove_conn(conn.id);
+        let chans = self.with_channel_count(conn.app, |index| index.remove_conn(conn.id));
         for (app, ch) in &chans {
             self.count_changed(*app, ch, -1);
         }
@@ -385,28 +414,72 @@ impl Shard {
         self.conns.borrow_mut().remove(conn.id);
     }
 
-    /// Adds `conn` to a channel's local subscribers; `false` if it already was one.
-    fn subscribe_local(&self, conn: &Conn, channel: &str) -> bool {
-        let added = self
-            .index
-            .borrow_mut()
-            .subscribe(conn.id, conn.app, channel);
+    /// Adds `conn` to a channel's local subscribers; `Ok(false)` if it already was one. A
+    /// channel new to this shard's index must fit under the shard's and the app's channel caps.
+    fn subscribe_local(&self, conn: &Conn, channel: &str) -> Result<bool, ChannelLimit> {
+        let mut index = self.index.borrow_mut();
+        if index.subscribers(conn.app, channel).is_empty() {
+            if let Err(limit) = self.reserve_channel(&index, conn.app) {
+                self.refused(limit.reason());
+                return Err(limit);
+            }
+        }
+        let added = index.subscribe(conn.id, conn.app, channel);
+        drop(index);
         if added {
             self.count_changed(conn.app, channel, 1);
         }
-        added
+        Ok(added)
+    }
+
+    /// Room for one more channel in this shard's index, counted for `app` (node-wide).
+    fn reserve_channel(&self, index: &SubscriptionIndex, app: usize) -> Result<(), ChannelLimit> {
+        let cap = self.shared.cfg.max_channels_per_shard;
+        if index.total_channels() >= cap {
+            return Err(ChannelLimit::Shard(cap));
+        }
+        // Reserve first, then check: shards subscribing at the same moment cannot both take the
+        // last place.
+        let counter = &self.shared.app_channels[app];
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = self.app(app).max_channels.filter(|m| before >= *m) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            return Err(ChannelLimit::App(max));
+        }
+        Ok(())
+    }
+
+    /// Counts a refused subscribe for `bts_subscribes_refused_total`.
+    fn refused(&self, reason: &'static str) {
+        *self
+            .stats
+            .subscribes_refused
+            .borrow_mut()
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// Removes `conn` from a channel's local subscribers; `false` if it was not one.
     fn unsubscribe_local(&self, conn: &Conn, channel: &str) -> bool {
-        let removed = self
-            .index
-            .borrow_mut()
-            .unsubscribe(conn.id, conn.app, channel);
+        let removed = self.with_channel_count(conn.app, |index| {
+            index.unsubscribe(conn.id, conn.app, channel)
+        });
         if removed {
             self.count_changed(conn.app, channel, -1);
         }
         removed
+    }
+
+    /// Runs `f` on the index and gives back to `app`'s channel count the channels it emptied.
+    fn with_channel_count<T>(&self, app: usize, f: impl FnOnce(&mut SubscriptionIndex) -> T) -> T {
+        let mut index = self.index.borrow_mut();
+        let before = index.channel_count(app);
+        let out = f(&mut index);
+        let gone = before.saturating_sub(index.channel_count(app));
+        if gone > 0 {
+            self.shared.app_channels[app].fetch_sub(gone, Ordering::Relaxed);
+        }
+        out
     }
 
     /// Tells the channel's owner about a subscriber count change, when the app wants
@@ -504,7 +577,7 @@ impl Shard {
     /// Subscribes a registered connection (for benches and tests of the pure path).
     #[doc(hidden)]
     pub fn bench_subscribe(&self, conn: &Conn, channel: &str) {
-        self.subscribe_local(conn, channel);
+        let _ = self.subscribe_local(conn, channel);
     }
 
     fn fanout(&self, b: Broadcast) {
@@ -742,22 +815,7 @@ impl Shard {
         for c in self.conns.borrow().iter() {
             connections[c.app] += 1;
         }
-        let index = self.index.borrow();
-        let mut kinds: std::collections::BTreeMap<&'static str, (u64, u64)> = Default::default();
-        for app in 0..apps {
-            for (name, subs) in index.channels(app) {
-                let kind = match ChannelKind::of(name) {
-                    _ if name.starts_with('#') => "server-to-user",
-                    ChannelKind::Public => "public",
-                    ChannelKind::Private => "private",
-                    ChannelKind::Presence => "presence",
-                    ChannelKind::PrivateEncrypted => "encrypted",
-                };
-                let e = kinds.entry(kind).or_default();
-                e.0 += 1;
-                e.1 += subs as u64;
-            }
-        }
+        let channels = self.index.borrow().kinds().collect();
         let (frames_out, bytes_out, writes_out) = crate::metrics::written();
         crate::metrics::Snapshot {
             shard: self.id,
@@ -771,8 +829,9 @@ impl Shard {
             writes_out,
             slow_consumer_closes: crate::metrics::slow_consumers(),
             inbox_overflows: self.shared.router.dropped(self.id),
-            channels: kinds.into_iter().map(|(k, (c, s))| (k, c, s)).collect(),
+            channels,
             http: self.stats.http.borrow().clone(),
+            subscribes_refused: self.stats.subscribes_refused.borrow().clone(),
             latency: self
                 .stats
                 .latency
@@ -1230,7 +1289,13 @@ impl Shard {
         });
         match (waiting, j.result) {
             (Some(conn), Ok(frame)) => {
-                self.subscribe_local(conn, &j.channel);
+                if let Err(limit) = self.subscribe_local(conn, &j.channel) {
+                    // The owner admitted the member: take it back.
+                    conn.send_text(&outbound::error(None, &limit.to_string()));
+                    self.mark_dirty(conn);
+                    self.send_leave(conn, &j.channel, &j.user_id);
+                    return;
+                }
                 conn.ext()
                     .presence
                     .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
@@ -1382,8 +1447,15 @@ impl Shard {
         }
     }
 
-    /// This shard's part of an HTTP API read.
+    /// This shard's part of an HTTP API read. A channel listing is taken here (its names are
+    /// shared with the index, not copied) and built by a task of its own, in slices
+    /// (`answer_listing`), so a large one never holds up this shard's sockets.
     fn answer(&self, q: Query) {
+        if let QueryKind::Channels { prefix } = &q.what {
+            let (names, part) = self.listing(q.app, prefix);
+            glommio::spawn_local(answer_listing(Arc::clone(&self.shared), q, names, part)).detach();
+            return;
+        }
         let mut part = QueryPart::default();
         let index = self.index.borrow();
         let presence = self.presence.borrow();
@@ -1397,25 +1469,25 @@ impl Shard {
                     .filter(|c| c.app == q.app)
                     .count() as u64;
             }
-            QueryKind::Channels { prefix } => {
-                for (name, subs) in index.channels(q.app) {
-                    if name.starts_with(prefix.as_str()) {
-                        part.channels.push(ChannelPart {
-                            name: name.to_owned(),
-                            subscriptions: subs as u64,
-                            users: None,
-                        });
-                    }
-                }
-                for (name, users) in presence.channels(q.app) {
-                    if name.starts_with(prefix.as_str()) {
-                        part.channels.push(ChannelPart {
+            // Answered by `answer_listing` (above).
+            QueryKind::Channels { .. } => {}
+            QueryKind::TopChannels { limit } => {
+                part.channels_total = index.channel_count(q.app) as u64;
+                part.channels = top(index.channels(q.app).map(|(n, s)| (&**n, s)), *limit)
+                    .map(|(name, subs)| ChannelPart {
+                        name: name.to_owned(),
+                        subscriptions: subs as u64,
+                        users: None,
+                    })
+                    .collect();
+                part.channels
+                    .extend(top(presence.channels(q.app), *limit).map(|(name, users)| {
+                        ChannelPart {
                             name: name.to_owned(),
                             subscriptions: 0,
                             users: Some(users as u64),
-                        });
-                    }
-                }
+                        }
+                    }));
             }
             QueryKind::Channel { name } => {
                 let subs = index.subscribers(q.app, name).len() as u64;
@@ -1433,28 +1505,39 @@ impl Shard {
                 }
             }
         }
-        if let (Some(node), Some(cluster)) = (q.remote, &self.shared.cluster) {
-            cluster.publish(&Wire::Answer {
-                n: self.shared.node,
-                to: node,
-                o: q.origin,
-                id: q.id,
-                conns: part.connections,
-                ch: part
-                    .channels
-                    .into_iter()
-                    .map(|c| (c.name, c.subscriptions, c.users))
-                    .collect(),
-                users: part.users,
-            });
-            return;
-        }
-        if router
-            .try_push(q.origin, ShardCmd::Answer(Answer { id: q.id, part }))
-            .is_err()
-        {
-            tracing::warn!("inbox full: query answer dropped");
-        }
+        send_answer(&self.shared, q, part);
+    }
+
+    /// The channels of `app` named `prefix…` on this shard: the index's own names with their
+    /// subscriber counts, and (in `part`) the presence channels this shard owns with their
+    /// members. At most one more than a listing may hold of each: enough for the asker to
+    /// know it is over `max_channels_listed`.
+    fn listing(&self, app: usize, prefix: &str) -> (Vec<(Rc<str>, u64)>, QueryPart) {
+        let most = self.shared.cfg.max_channels_listed.saturating_add(1);
+        let names = self
+            .index
+            .borrow()
+            .channels(app)
+            .filter(|(name, _)| name.starts_with(prefix))
+            .take(most)
+            .map(|(name, subs)| (Rc::clone(name), subs as u64))
+            .collect();
+        let part = QueryPart {
+            channels: self
+                .presence
+                .borrow()
+                .channels(app)
+                .filter(|(name, _)| name.starts_with(prefix))
+                .take(most)
+                .map(|(name, users)| ChannelPart {
+                    name: name.to_owned(),
+                    subscriptions: 0,
+                    users: Some(users as u64),
+                })
+                .collect(),
+            ..QueryPart::default()
+        };
+        (names, part)
     }
 
     fn collect(&self, a: Answer) {
@@ -1559,6 +1642,93 @@ impl Shard {
             conn.check_liveness(now, activity, pong_timeout);
         }
     }
+}
+
+/// Channels a listing task turns into its answer between two chances for the shard's other
+/// tasks to run: a few hundred microseconds of copying at most.
+pub(crate) const LISTING_SLICE: usize = 1024;
+
+/// Gives the shard's sockets a turn between two slices of a long job. glommio polls for I/O
+/// only when its task queue runs dry or its preemption timer (100 ms) fires, so
+/// `yield_if_needed` would let a job of many slices run for up to 100 ms without the shard
+/// reading a socket (measured: a 41 MB listing held a ping 205 ms that way); a short sleep takes
+/// the job off the queue until the reactor has polled.
+pub(crate) async fn breathe() {
+    glommio::timer::sleep(Duration::from_micros(20)).await;
+}
+
+/// Builds a channel listing's answer from the names `Shard::listing` took, a slice at a time,
+/// then sends it like any other part.
+async fn answer_listing(
+    shared: Arc<Shared>,
+    q: Query,
+    names: Vec<(Rc<str>, u64)>,
+    mut part: QueryPart,
+) {
+    part.channels.reserve(names.len());
+    for slice in names.chunks(LISTING_SLICE) {
+        part.channels
+            .extend(slice.iter().map(|(name, subs)| ChannelPart {
+                name: name.to_string(),
+                subscriptions: *subs,
+                users: None,
+            }));
+        breathe().await;
+    }
+    drop(names);
+    send_answer(&shared, q, part);
+}
+
+/// Sends a shard's part of a query to the asking shard, or through Redis to the asking node.
+fn send_answer(shared: &Shared, q: Query, part: QueryPart) {
+    if let (Some(node), Some(cluster)) = (q.remote, &shared.cluster) {
+        cluster.publish(&Wire::Answer {
+            n: shared.node,
+            to: node,
+            o: q.origin,
+            id: q.id,
+            conns: part.connections,
+            ch: part
+                .channels
+                .into_iter()
+                .map(|c| (c.name, c.subscriptions, c.users))
+                .collect(),
+            users: part.users,
+            ct: part.channels_total,
+        });
+        return;
+    }
+    if shared
+        .router
+        .try_push(q.origin, ShardCmd::Answer(Answer { id: q.id, part }))
+        .is_err()
+    {
+        tracing::warn!("inbox full: query answer dropped");
+    }
+}
+
+/// The `limit` entries with the largest counts (ties by name), largest first: a bounded heap,
+/// so a shard with a million channels keeps `limit` of them, not a sorted copy of all.
+fn top<'a>(
+    entries: impl Iterator<Item = (&'a str, usize)>,
+    limit: usize,
+) -> impl Iterator<Item = (&'a str, usize)> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // A min-heap of the best so far: its top is the first to give way.
+    let mut heap: BinaryHeap<Reverse<(usize, Reverse<&'a str>)>> = BinaryHeap::new();
+    for (name, n) in entries {
+        let e = Reverse((n, Reverse(name)));
+        if heap.len() < limit {
+            heap.push(e);
+        } else if heap.peek().is_some_and(|least| e < *least) {
+            heap.pop();
+            heap.push(e);
+        }
+    }
+    heap.into_sorted_vec()
+        .into_iter()
+        .map(|Reverse((n, Reverse(name)))| (name, n))
 }
 
 /// Runs shard `id` on the current glommio executor: starts its accept loop and liveness sweep,
@@ -1726,5 +1896,21 @@ impl AppConnGuard {
 impl Drop for AppConnGuard {
     fn drop(&mut self) {
         self.shard.shared.app_conns[self.app].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top;
+
+    #[test]
+    fn top_keeps_the_largest_counts_ties_by_name() {
+        let entries = [("d", 1), ("a", 5), ("c", 5), ("b", 9), ("e", 0), ("f", 5)];
+        let got: Vec<_> = top(entries.iter().copied(), 3).collect();
+        assert_eq!(got, [("b", 9), ("a", 5), ("c", 5)]);
+        let all: Vec<_> = top(entries.iter().copied(), 10).collect();
+        assert_eq!(all.len(), 6);
+        assert_eq!(all.last(), Some(&("e", 0)));
+        assert_eq!(top(entries.iter().copied(), 0).count(), 0);
     }
 }

@@ -68,7 +68,10 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
             auth.as_deref(),
             channel_data.as_deref(),
         ),
-        ClientMessage::Unsubscribe { channel } => unsubscribe(shard, conn, &channel),
+        ClientMessage::Unsubscribe { channel } => {
+            subscription_token(shard, conn, false);
+            unsubscribe(shard, conn, &channel)
+        }
         ClientMessage::ClientEvent {
             event,
             channel,
@@ -115,6 +118,45 @@ fn unauthorized(conn: &Conn, why: &str) {
     conn.send_text(&outbound::error(Some(err.code()), &format!("{err}: {why}")));
 }
 
+/// What a subscription change may do (`subscription_token`).
+#[derive(Debug, PartialEq, Eq)]
+enum Churn {
+    Allowed,
+    /// A subscribe that found the bucket empty: refused with `pusher:error` 4301.
+    Refused,
+    /// The same, once refused subscribes have run a whole burst into debt: the client does not
+    /// slow down, so the connection is closed with 4301.
+    Close,
+}
+
+/// Takes a token from `conn`'s subscription-change bucket. Churning fresh public channels costs
+/// the server index entries, webhooks and cross-shard counts, so an anonymous socket may only do
+/// it at the app's `subscription_rate`. An unsubscribe is always honoured (it only takes state
+/// away); a refused subscribe still costs a token, so one that keeps going runs into debt.
+fn subscription_token(shard: &Shard, conn: &Conn, subscribe: bool) -> Churn {
+    let rate = shard.app(conn.app).subscription_rate;
+    let now = shard.now_ms();
+    let (tokens, last) = conn.sub_tokens.get();
+    let elapsed = now.wrapping_sub(last) as f32 / 1000.0;
+    let burst = rate.burst as f32;
+    let tokens = (tokens.min(burst) + elapsed * rate.per_second as f32).min(burst);
+    if tokens >= 1.0 {
+        conn.sub_tokens.set((tokens - 1.0, now));
+        return Churn::Allowed;
+    }
+    if !subscribe {
+        conn.sub_tokens.set((tokens, now));
+        return Churn::Allowed;
+    }
+    let owed = tokens - 1.0;
+    conn.sub_tokens.set((owed, now));
+    if owed <= -burst {
+        Churn::Close
+    } else {
+        Churn::Refused
+    }
+}
+
 fn subscribe(
     shard: &Shard,
     conn: &Conn,
@@ -122,6 +164,27 @@ fn subscribe(
     auth_token: Option<&str>,
     channel_data: Option<&str>,
 ) {
+    match subscription_token(shard, conn, true) {
+        Churn::Allowed => {}
+        Churn::Refused => {
+            shard.refused("rate_limit");
+            let rate = shard.app(conn.app).subscription_rate;
+            let err = PusherError::RateLimited;
+            conn.send_text(&outbound::error(
+                Some(err.code()),
+                &format!(
+                    "{err}: at most {} subscribes and unsubscribes per second (bursts of {}); {channel:?} was not subscribed",
+                    rate.per_second, rate.burst
+                ),
+            ));
+            return;
+        }
+        Churn::Close => {
+            shard.refused("rate_limit");
+            conn.close_pusher(PusherError::RateLimited);
+            return;
+        }
+    }
     if let Err(e) = channel::validate(channel) {
         conn.send_text(&outbound::error(
             None,
@@ -158,7 +221,10 @@ fn subscribe(
             );
             return;
         }
-        shard.subscribe_local(conn, channel);
+        if let Err(limit) = shard.subscribe_local(conn, channel) {
+            conn.send_text(&outbound::error(None, &limit.to_string()));
+            return;
+        }
         conn.send_text(&outbound::subscription_succeeded(channel));
         return;
     }
@@ -230,7 +296,10 @@ fn subscribe(
         }
         return;
     }
-    shard.subscribe_local(conn, channel);
+    if let Err(limit) = shard.subscribe_local(conn, channel) {
+        conn.send_text(&outbound::error(None, &limit.to_string()));
+        return;
+    }
     conn.send_text(&outbound::subscription_succeeded(channel));
     shard.send_cached(conn, channel);
 }

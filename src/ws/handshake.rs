@@ -216,6 +216,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: std::borrow::Cow<'static, [u8]>,
+    /// More header lines (the console's `Cache-Control`, `X-Frame-Options`, …).
+    pub headers: &'static [(&'static str, &'static str)],
 }
 
 impl Response {
@@ -224,12 +226,23 @@ impl Response {
             status,
             content_type: "application/json",
             body: body.into_bytes().into(),
+            headers: &[],
         }
     }
 
     /// The complete HTTP/1.1 response: head and body.
     pub fn to_bytes(&self, close: bool) -> Vec<u8> {
-        let mut out = head(self.status, self.content_type, self.body.len(), close).into_bytes();
+        let mut head = head(self.status, self.content_type, self.body.len(), close);
+        // Before the blank line that ends the head.
+        head.truncate(head.len() - 2);
+        for (name, value) in self.headers {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
         out.extend_from_slice(&self.body);
         out
     }
@@ -247,6 +260,7 @@ fn head(status: u16, content_type: &str, len: usize, close: bool) -> String {
         411 => "Length Required",
         413 => "Payload Too Large",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -413,6 +427,7 @@ mod tests {
             status: 200,
             content_type: "text/html; charset=utf-8",
             body: (&b"<p>hi</p>"[..]).into(),
+            headers: &[],
         };
         assert_eq!(
             page.to_bytes(false),
@@ -421,6 +436,14 @@ mod tests {
         assert_eq!(
             Response::json(404, "{}".into()).to_bytes(true),
             json_response(404, "{}", true)
+        );
+        let page = Response {
+            headers: &[("X-Frame-Options", "DENY"), ("Retry-After", "60")],
+            ..page
+        };
+        assert_eq!(
+            page.to_bytes(true),
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 9\r\nConnection: close\r\nX-Frame-Options: DENY\r\nRetry-After: 60\r\n\r\n<p>hi</p>"
         );
     }
 }

@@ -127,7 +127,10 @@ impl Daemon {
         }
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bts-guru"));
+        // BTS_TEST_BIN runs another build (RELIABILITY.md's before/after figures).
+        let bin = std::env::var("BTS_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bts-guru").to_owned());
+        let mut cmd = Command::new(bin);
         cmd.args(&args)
             .current_dir(&dir)
             .env_remove("REVERB_SERVER_HOST")
