@@ -226,6 +226,16 @@ pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadEr
         "max_cache_channels",
         cfg.max_cache_channels == old.max_cache_channels,
     );
+    differs("fd_reserve", cfg.fd_reserve == old.fd_reserve);
+    differs(
+        "max_connections_per_ip",
+        cfg.max_connections_per_ip == old.max_connections_per_ip,
+    );
+    differs(
+        "trusted_proxies",
+        cfg.trusted_proxies == old.trusted_proxies,
+    );
+    differs("proxy_protocol", cfg.proxy_protocol == old.proxy_protocol);
     differs(
         "tls (turning it off)",
         cfg.tls.is_some() || old.tls.is_none(),

@@ -366,6 +366,24 @@ impl Local {
         Some(h)
     }
 
+    /// The fairness rule, over the budget: the address one of whose connections should make
+    /// room for a newcomer from `key` (`None`: not known yet, from a trusted proxy), or `None`
+    /// when the newcomer is the one to refuse. Room is made only by an address holding at least
+    /// two more than the newcomer's would, so the address holding the most is refused first
+    /// (its own newcomers too), and among equals nobody is closed for a newcomer.
+    pub fn make_room_for(&self, key: Option<AddrKey>) -> Option<AddrKey> {
+        let mine = key.map_or(0, |k| self.count(k));
+        let (top_n, top) = self.top()?;
+        (mine + 1 < top_n && Some(top) != key).then_some(top)
+    }
+
+    /// For a socket already admitted and now attributed to `key` over the budget: `false` when
+    /// that address would hold the most connections here, so it is refused.
+    pub fn may_attribute(&self, key: AddrKey) -> bool {
+        let mine = self.count(key);
+        self.top().is_some_and(|(top_n, _)| mine < top_n)
+    }
+
     /// Addresses with at least one connection here.
     pub fn addresses(&self) -> usize {
         self.by_key.len()
@@ -380,6 +398,26 @@ struct LogLimiter {
     last: Option<Instant>,
     refused: u64,
     evicted: u64,
+}
+
+/// `accept` failures (EMFILE and friends come every few milliseconds while they last): counted,
+/// and reported at most once per `LOG_EVERY`.
+#[derive(Default)]
+pub struct AcceptErrors {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl AcceptErrors {
+    /// Counts one failure; `Some(failures since the last report)` when a line is due.
+    pub fn note(&mut self, now: Instant) -> Option<u64> {
+        self.since += 1;
+        if self.last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
 }
 
 /// What a fairness decision did, for the caller to act on.
@@ -430,14 +468,11 @@ impl Ticket {
             return Err(Refusal::PerIp);
         }
         let mut local = self.shard.admission.borrow_mut();
-        if adm.open() > adm.budget() {
-            let mine = local.count(key);
-            if local.top().is_none_or(|(n, _)| mine >= n) {
-                drop(local);
-                adm.remove_ip(key);
-                adm.refused_descriptors.fetch_add(1, Relaxed);
-                return Err(Refusal::Descriptors);
-            }
+        if adm.open() > adm.budget() && !local.may_attribute(key) {
+            drop(local);
+            adm.remove_ip(key);
+            adm.refused_descriptors.fetch_add(1, Relaxed);
+            return Err(Refusal::Descriptors);
         }
         local.insert(key, &self.handle);
         Ok(())
@@ -490,14 +525,9 @@ pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, 
     let room = {
         let mut local = shard.admission.borrow_mut();
         let room = if n > budget {
-            let mine = key.map_or(0, |k| local.count(k));
-            match local.top() {
-                // Someone else holds more: one of theirs makes room.
-                Some((top_n, top)) if mine < top_n && Some(top) != key => {
-                    local.pop(top).map_or(Room::Free, |h| Room::Evict(h, top))
-                }
-                // This address holds the most (or nobody is listed to make room).
-                _ => {
+            match local.make_room_for(key) {
+                Some(top) => local.pop(top).map_or(Room::Free, |h| Room::Evict(h, top)),
+                None => {
                     drop(local);
                     if let Some(key) = key {
                         adm.remove_ip(key);
@@ -655,6 +685,67 @@ mod tests {
                 "{json}"
             );
         }
+    }
+
+    #[test]
+    fn accept_failures_are_reported_once_per_ten_seconds() {
+        let mut e = AcceptErrors::default();
+        let t0 = Instant::now();
+        assert_eq!(e.note(t0), Some(1));
+        // Every 50 ms for 25 s, as a shard out of descriptors retries.
+        let lines: Vec<u64> = (1..=500)
+            .filter_map(|i| e.note(t0 + Duration::from_millis(50 * i)))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![200, 200],
+            "one line per 10 s, each with its count"
+        );
+    }
+
+    #[test]
+    fn the_address_holding_the_most_makes_room() {
+        let key = |a: u8| AddrKey::V4([10, 0, 0, a]);
+        let mut local = Local::default();
+        let list = |local: &mut Local, a: u8, n: usize| {
+            for _ in 0..n {
+                local.insert(key(a), &Rc::new(Handle::default()));
+            }
+        };
+        assert_eq!(local.make_room_for(Some(key(1))), None, "nobody to close");
+        // One attacker with 100, viewers with one each.
+        list(&mut local, 1, 100);
+        list(&mut local, 2, 1);
+        list(&mut local, 3, 1);
+        assert_eq!(local.make_room_for(Some(key(2))), Some(key(1)));
+        assert_eq!(local.make_room_for(Some(key(9))), Some(key(1)));
+        assert_eq!(
+            local.make_room_for(None),
+            Some(key(1)),
+            "unattributed newcomer"
+        );
+        assert_eq!(
+            local.make_room_for(Some(key(1))),
+            None,
+            "the attacker's own newcomer"
+        );
+        assert!(local.may_attribute(key(2)));
+        assert!(!local.may_attribute(key(1)));
+        // Among equals nobody is closed for a newcomer.
+        let mut equals = Local::default();
+        for a in 0..50 {
+            list(&mut equals, a, 1);
+        }
+        assert_eq!(equals.make_room_for(Some(key(200))), None);
+        assert_eq!(equals.make_room_for(None), None);
+        // Two tabs against none: one tab makes room.
+        list(&mut equals, 7, 1);
+        assert_eq!(equals.make_room_for(Some(key(200))), Some(key(7)));
+        assert_eq!(
+            equals.make_room_for(Some(key(8))),
+            None,
+            "1 + 1 is not below 2"
+        );
     }
 
     #[derive(Clone, Debug)]

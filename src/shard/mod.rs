@@ -1637,7 +1637,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
     // instead of waiting in a queue that cannot move. The socket budget (`admission`) keeps
     // this from happening unless something else used the reserve.
     let mut spare = spare_fd();
-    let mut errors = AcceptErrors::default();
+    let mut errors = admission::AcceptErrors::default();
     loop {
         match listener.accept().await {
             Ok(stream) => {
@@ -1672,7 +1672,14 @@ async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
                     }
                     spare = spare_fd();
                 }
-                errors.note(shard.id, &e);
+                if let Some(failures) = errors.note(Instant::now()) {
+                    tracing::warn!(
+                        shard = shard.id,
+                        error = %e,
+                        failures,
+                        "accept failed (failures since the last such line; one line per 10 s at most)"
+                    );
+                }
                 if spare.is_none() {
                     // No descriptor to trade: back off instead of spinning on the error.
                     glommio::timer::sleep(Duration::from_millis(50)).await;
@@ -1704,35 +1711,6 @@ fn admit_and_serve(shard: &Rc<Shard>, stream: glommio::net::TcpStream) -> bool {
 
 fn spare_fd() -> Option<std::fs::File> {
     std::fs::File::open("/dev/null").ok()
-}
-
-/// `accept` failures, logged at most once per 10 s per shard with how many there were: under
-/// descriptor exhaustion they come every few milliseconds.
-#[derive(Default)]
-struct AcceptErrors {
-    last: Option<Instant>,
-    since: u64,
-}
-
-impl AcceptErrors {
-    fn note(&mut self, shard: usize, e: &std::io::Error) {
-        self.since += 1;
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
-        {
-            return;
-        }
-        tracing::warn!(
-            shard,
-            error = %e,
-            failures = self.since,
-            "accept failed (failures counted since the last such line, at most one line per 10 s)"
-        );
-        self.last = Some(now);
-        self.since = 0;
-    }
 }
 
 /// Write coalescing: sleeps until the first deferred connection's window ends, writes the due
