@@ -93,7 +93,8 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
     let [src, dst, sport, dport] = fields[..] else {
         return Err(ProxyError::V1("expected 4 fields after the protocol"));
     };
-    let (src, dst): (IpAddr, IpAddr) = match proto {
+    // The destination is validated but not used: it is this server.
+    let (src, _dst): (IpAddr, IpAddr) = match proto {
         "TCP4" => (
             src.parse::<Ipv4Addr>()
                 .map_err(|_| ProxyError::V1("bad IPv4 source"))?
@@ -112,7 +113,6 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyError> {
         ),
         _ => return Err(ProxyError::V1("protocol must be TCP4, TCP6 or UNKNOWN")),
     };
-    let _ = dst;
     let sport = port(sport).ok_or(ProxyError::V1("bad source port"))?;
     port(dport).ok_or(ProxyError::V1("bad destination port"))?;
     Ok(Parsed::Header(Header {
@@ -547,6 +547,24 @@ mod tests {
         for (hop, xff, want) in cases {
             assert_eq!(t.client(*hop, *xff), ip(want), "{hop} {xff:?}");
         }
+    }
+
+    #[test]
+    fn fuzz_seeds_are_the_headers_they_claim() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/proxy_header");
+        let seed = |n: u8| std::fs::read(dir.join(format!("seed-{n}"))).unwrap();
+        let want = [
+            Some("203.0.113.7:51000"),
+            Some("[2001:db8::7]:4000"),
+            None,
+            Some("203.0.113.7:51000"),
+            Some("[2001:db8::7]:4000"),
+            None,
+        ];
+        for (n, want) in want.iter().enumerate() {
+            assert_eq!(header(&seed(n as u8)).source, want.map(sa), "seed-{n}");
+        }
+        assert_eq!(parse(&seed(6)), Ok(Parsed::NotProxy));
     }
 
     proptest! {
