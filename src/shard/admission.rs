@@ -13,7 +13,6 @@
 //! entry only while it holds a connection, and IPv6 addresses are grouped by /64 (what one host
 //! is usually given), so a host cycling through its addresses is still one entry.
 
-use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -264,55 +263,94 @@ impl Admission {
     }
 }
 
-/// One admitted socket, as the shard's fairness ranking sees it.
-#[derive(Default)]
-pub struct Handle {
-    /// The address it counts against; `None` while unattributed (from a trusted proxy, before
-    /// its PROXY header or X-Forwarded-For names the client) and once released.
-    key: Cell<Option<AddrKey>>,
-    /// Its position in its address's list.
-    pos: Cell<usize>,
-    evicted: Cell<bool>,
-    /// The HTTP phase's task, woken to end it when evicted.
-    waker: RefCell<Option<Waker>>,
-    /// The upgraded connection, closed with 4100 when evicted.
-    conn: Cell<Option<ConnId>>,
+/// A socket's entry in its shard's `Local`: slot index and generation, so a stale one never
+/// names the socket that reused the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    idx: u32,
+    gen: u32,
 }
 
-impl Handle {
-    pub fn is_evicted(&self) -> bool {
-        self.evicted.get()
-    }
-
-    /// Resolves when this socket is chosen to make room; the HTTP phase races it, so an
-    /// evicted connection ends (and its descriptor closes) at its task's next turn.
-    pub async fn evicted(&self) {
-        std::future::poll_fn(|cx| {
-            if self.evicted.get() {
-                return Poll::Ready(());
-            }
-            let mut w = self.waker.borrow_mut();
-            if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *w = Some(cx.waker().clone());
-            }
-            Poll::Pending
-        })
-        .await;
-    }
+/// One admitted socket, as the shard's fairness ranking sees it. Entries live in one vector per
+/// shard (no allocation per socket: an idle connection's share is this entry and 4 bytes in its
+/// address's list).
+struct Entry {
+    gen: u32,
+    /// Its position in its address's list, while `key` is set.
+    pos: u32,
+    /// The address it counts against; `None` while unattributed (from a trusted proxy, before
+    /// its PROXY header or X-Forwarded-For names the client) and once unlisted.
+    key: Option<AddrKey>,
+    in_use: bool,
+    evicted: bool,
+    /// The HTTP phase's task, woken to end it when evicted.
+    waker: Option<Waker>,
+    /// The upgraded connection, closed with 4100 when evicted.
+    conn: Option<ConnId>,
 }
 
 /// A shard's view: its admitted sockets by address, and the addresses ranked by how many they
 /// hold here. Invariant: `ranking` holds `(n, key)` exactly for the keys of `by_key`, `n` being
-/// the length of their list, and every listed handle's `key` and `pos` say where it is.
+/// the length of their list, and every listed entry's `key` and `pos` say where it is.
 #[derive(Default)]
 pub struct Local {
-    by_key: HashMap<AddrKey, Vec<Rc<Handle>>>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    by_key: HashMap<AddrKey, Vec<u32>>,
     ranking: BTreeSet<(usize, AddrKey)>,
     /// Refusals and evictions since the last log line (one line per `LOG_EVERY`).
     log: LogLimiter,
 }
 
 impl Local {
+    /// A new, unattributed entry.
+    pub fn open(&mut self) -> Slot {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.entries.push(Entry {
+                    gen: 0,
+                    pos: 0,
+                    key: None,
+                    in_use: false,
+                    evicted: false,
+                    waker: None,
+                    conn: None,
+                });
+                (self.entries.len() - 1) as u32
+            }
+        };
+        let e = &mut self.entries[idx as usize];
+        e.gen = e.gen.wrapping_add(1);
+        e.in_use = true;
+        e.evicted = false;
+        Slot { idx, gen: e.gen }
+    }
+
+    fn entry(&self, s: Slot) -> Option<&Entry> {
+        self.entries
+            .get(s.idx as usize)
+            .filter(|e| e.in_use && e.gen == s.gen)
+    }
+
+    fn entry_mut(&mut self, s: Slot) -> Option<&mut Entry> {
+        self.entries
+            .get_mut(s.idx as usize)
+            .filter(|e| e.in_use && e.gen == s.gen)
+    }
+
+    /// Unlists and frees `s` (its socket closed); returns the key it was listed under.
+    pub fn close(&mut self, s: Slot) -> Option<AddrKey> {
+        let key = self.unlist(s);
+        if let Some(e) = self.entry_mut(s) {
+            e.in_use = false;
+            e.waker = None;
+            e.conn = None;
+            self.free.push(s.idx);
+        }
+        key
+    }
+
     /// Connections `key` holds on this shard.
     pub fn count(&self, key: AddrKey) -> usize {
         self.by_key.get(&key).map_or(0, Vec::len)
@@ -332,24 +370,29 @@ impl Local {
         }
     }
 
-    /// Lists `h` under `key`.
-    pub fn insert(&mut self, key: AddrKey, h: &Rc<Handle>) {
+    /// Lists `s` under `key` (if it is in use and not listed yet).
+    pub fn list(&mut self, s: Slot, key: AddrKey) {
+        if self.entry(s).is_none_or(|e| e.key.is_some()) {
+            return;
+        }
         let list = self.by_key.entry(key).or_default();
-        h.key.set(Some(key));
-        h.pos.set(list.len());
-        list.push(Rc::clone(h));
+        list.push(s.idx);
         let n = list.len();
+        let e = &mut self.entries[s.idx as usize];
+        e.key = Some(key);
+        e.pos = (n - 1) as u32;
         self.rerank(key, n - 1, n);
     }
 
-    /// Unlists `h`; returns the key it was listed under.
-    pub fn remove(&mut self, h: &Handle) -> Option<AddrKey> {
-        let key = h.key.take()?;
+    /// Unlists `s`; returns the key it was listed under.
+    pub fn unlist(&mut self, s: Slot) -> Option<AddrKey> {
+        let e = self.entry_mut(s)?;
+        let key = e.key.take()?;
+        let pos = e.pos as usize;
         let list = self.by_key.get_mut(&key)?;
-        let pos = h.pos.get();
         list.swap_remove(pos);
-        if let Some(moved) = list.get(pos) {
-            moved.pos.set(pos);
+        if let Some(&moved) = list.get(pos) {
+            self.entries[moved as usize].pos = pos as u32;
         }
         let n = list.len();
         if n == 0 {
@@ -360,10 +403,53 @@ impl Local {
     }
 
     /// Unlists and returns the newest connection of `key`.
-    pub fn pop(&mut self, key: AddrKey) -> Option<Rc<Handle>> {
-        let h = self.by_key.get(&key)?.last().cloned()?;
-        self.remove(&h);
-        Some(h)
+    pub fn pop(&mut self, key: AddrKey) -> Option<Slot> {
+        let idx = *self.by_key.get(&key)?.last()?;
+        let s = Slot {
+            idx,
+            gen: self.entries[idx as usize].gen,
+        };
+        self.unlist(s);
+        Some(s)
+    }
+
+    pub fn key_of(&self, s: Slot) -> Option<AddrKey> {
+        self.entry(s)?.key
+    }
+
+    pub fn is_evicted(&self, s: Slot) -> bool {
+        self.entry(s).is_some_and(|e| e.evicted)
+    }
+
+    pub fn set_conn(&mut self, s: Slot, id: ConnId) {
+        if let Some(e) = self.entry_mut(s) {
+            e.conn = Some(id);
+            e.waker = None;
+        }
+    }
+
+    /// Marks `s` evicted; what to end: its waiting HTTP-phase task, its upgraded connection.
+    fn mark_evicted(&mut self, s: Slot) -> (Option<Waker>, Option<ConnId>) {
+        match self.entry_mut(s) {
+            Some(e) => {
+                e.evicted = true;
+                (e.waker.take(), e.conn)
+            }
+            None => (None, None),
+        }
+    }
+
+    fn poll_evicted(&mut self, s: Slot, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let Some(e) = self.entry_mut(s) else {
+            return Poll::Ready(());
+        };
+        if e.evicted {
+            return Poll::Ready(());
+        }
+        if !e.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            e.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// The fairness rule, over the budget: the address one of whose connections should make
@@ -388,6 +474,12 @@ impl Local {
     pub fn addresses(&self) -> usize {
         self.by_key.len()
     }
+}
+
+/// Resolves when the socket in `slot` is chosen to make room (or is gone); the HTTP phase races
+/// it, so an evicted connection ends, and its descriptor closes, at its task's next turn.
+pub async fn evicted(shard: &Shard, slot: Slot) {
+    std::future::poll_fn(|cx| shard.admission.borrow_mut().poll_evicted(slot, cx)).await;
 }
 
 /// One log line per `LOG_EVERY` at most, however hard the node is pressed: counts in between.
@@ -420,37 +512,30 @@ impl AcceptErrors {
     }
 }
 
-/// What a fairness decision did, for the caller to act on.
-enum Room {
-    /// Under the budget: nothing to do.
-    Free,
-    /// Over it: this connection of the top address must be closed to make room.
-    Evict(Rc<Handle>, AddrKey),
-}
-
 /// A socket's place in the budget, from accept to close (dropping it gives the place back).
 pub struct Ticket {
     shard: Rc<Shard>,
-    handle: Rc<Handle>,
+    slot: Slot,
 }
 
 impl Ticket {
-    pub fn handle(&self) -> Rc<Handle> {
-        Rc::clone(&self.handle)
+    pub fn slot(&self) -> Slot {
+        self.slot
     }
 
     pub fn is_evicted(&self) -> bool {
-        self.handle.evicted.get()
+        self.shard.admission.borrow().is_evicted(self.slot)
     }
 
     /// Still waiting for a PROXY header or X-Forwarded-For to say who the client is.
     pub fn unattributed(&self) -> bool {
-        self.handle.key.get().is_none() && !self.handle.evicted.get()
+        let local = self.shard.admission.borrow();
+        local.key_of(self.slot).is_none() && !local.is_evicted(self.slot)
     }
 
     /// The upgraded connection this socket now carries (closed with 4100 if evicted).
     pub fn set_conn(&self, id: ConnId) {
-        self.handle.conn.set(Some(id));
+        self.shard.admission.borrow_mut().set_conn(self.slot, id);
     }
 
     /// Counts an unattributed socket (from a trusted proxy) against `client`, the address its
@@ -458,7 +543,7 @@ impl Ticket {
     /// unattributed. Over the budget, the address holding the most is refused.
     pub fn attribute(&self, client: IpAddr) -> Result<(), Refusal> {
         let shared = &self.shard.shared;
-        if self.handle.evicted.get() || shared.cfg.trusted_proxies.contains(client) {
+        if self.is_evicted() || shared.cfg.trusted_proxies.contains(client) {
             return Ok(());
         }
         let key = AddrKey::of(client);
@@ -474,14 +559,14 @@ impl Ticket {
             adm.refused_descriptors.fetch_add(1, Relaxed);
             return Err(Refusal::Descriptors);
         }
-        local.insert(key, &self.handle);
+        local.list(self.slot, key);
         Ok(())
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let key = self.shard.admission.borrow_mut().remove(&self.handle);
+        let key = self.shard.admission.borrow_mut().close(self.slot);
         let adm = &self.shard.shared.admission;
         if let Some(key) = key {
             adm.remove_ip(key);
@@ -497,11 +582,10 @@ impl Drop for Ticket {
 pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, bool), Refusal> {
     let adm = &shard.shared.admission;
     let n = adm.open.fetch_add(1, Relaxed) + 1;
-    let handle = Rc::new(Handle::default());
     // From here on, dropping the ticket undoes the count.
     let ticket = Ticket {
         shard: Rc::clone(shard),
-        handle: Rc::clone(&handle),
+        slot: shard.admission.borrow_mut().open(),
     };
     let budget = adm.budget();
     let refuse = |r: Refusal| {
@@ -522,11 +606,11 @@ pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, 
             return refuse(Refusal::PerIp);
         }
     }
-    let room = {
+    let victim = {
         let mut local = shard.admission.borrow_mut();
-        let room = if n > budget {
+        let victim = if n > budget {
             match local.make_room_for(key) {
-                Some(top) => local.pop(top).map_or(Room::Free, |h| Room::Evict(h, top)),
+                Some(top) => local.pop(top).map(|v| (v, top)),
                 None => {
                     drop(local);
                     if let Some(key) = key {
@@ -536,18 +620,18 @@ pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, 
                 }
             }
         } else {
-            Room::Free
+            None
         };
         if let Some(key) = key {
-            local.insert(key, &handle);
+            local.list(ticket.slot, key);
         }
-        room
+        victim
     };
-    let Room::Evict(victim, top) = room else {
+    let Some((victim, top)) = victim else {
         return Ok((ticket, false));
     };
     adm.remove_ip(top);
-    evict(shard, &victim);
+    evict(shard, victim);
     adm.evicted.fetch_add(1, Relaxed);
     shard.admission.borrow_mut().log.evicted += 1;
     log_pressure(shard, Some(top), None);
@@ -555,20 +639,18 @@ pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, 
 }
 
 /// Ends an evicted connection at its task's next turn: the HTTP phase is dropped (its race
-/// with [`Handle::evicted`]); an upgraded connection gets `pusher:error` and close 4100 (clients
-/// back off before reconnecting) as far as its socket takes them now, and ends without waiting
-/// for the close handshake, since its descriptor is wanted.
-fn evict(shard: &Shard, victim: &Handle) {
-    victim.evicted.set(true);
-    if let Some(w) = victim.waker.borrow_mut().take() {
+/// with [`evicted`]); an upgraded connection gets `pusher:error` and close 4100 (clients back
+/// off before reconnecting) as far as its socket takes them now, and ends without waiting for
+/// the close handshake, since its descriptor is wanted.
+fn evict(shard: &Shard, victim: Slot) {
+    let (waker, conn) = shard.admission.borrow_mut().mark_evicted(victim);
+    if let Some(w) = waker {
         w.wake();
     }
-    if let Some(id) = victim.conn.get() {
-        if let Some(conn) = shard.conn(id) {
-            conn.close_pusher(PusherError::OverCapacity);
-            let _ = conn.flush();
-            conn.mark_dead();
-        }
+    if let Some(conn) = conn.and_then(|id| shard.conn(id)) {
+        conn.close_pusher(PusherError::OverCapacity);
+        let _ = conn.flush();
+        conn.mark_dead();
     }
 }
 
@@ -709,7 +791,8 @@ mod tests {
         let mut local = Local::default();
         let list = |local: &mut Local, a: u8, n: usize| {
             for _ in 0..n {
-                local.insert(key(a), &Rc::new(Handle::default()));
+                let s = local.open();
+                local.list(s, key(a));
             }
         };
         assert_eq!(local.make_room_for(Some(key(1))), None, "nobody to close");
@@ -764,38 +847,49 @@ mod tests {
     }
 
     proptest! {
-        /// The ranking always names an address holding the most, and counts match a naive model.
+        /// The ranking always names an address holding the most, counts match a naive model,
+        /// and slots are reused without a stale one reaching the new socket.
         #[test]
         fn ranking_matches_a_naive_model(ops in proptest::collection::vec(op(), 0..300)) {
             let mut local = Local::default();
-            let mut live: Vec<(u8, Rc<Handle>)> = Vec::new();
+            let mut live: Vec<(u8, Slot)> = Vec::new();
+            let mut stale: Vec<Slot> = Vec::new();
             for op in ops {
                 match op {
                     Op::Insert(a) => {
-                        let h = Rc::new(Handle::default());
-                        local.insert(AddrKey::V4([10, 0, 0, a]), &h);
-                        live.push((a, h));
+                        let s = local.open();
+                        local.list(s, AddrKey::V4([10, 0, 0, a]));
+                        live.push((a, s));
                     }
                     Op::Remove(i) if !live.is_empty() => {
-                        let (_, h) = live.swap_remove(i % live.len());
-                        prop_assert!(local.remove(&h).is_some());
-                        prop_assert!(local.remove(&h).is_none(), "removed twice");
+                        let (a, s) = live.swap_remove(i % live.len());
+                        prop_assert_eq!(local.close(s), Some(AddrKey::V4([10, 0, 0, a])));
+                        prop_assert_eq!(local.close(s), None, "closed twice");
+                        stale.push(s);
                     }
                     Op::Remove(_) => {}
                     Op::PopTop => {
                         if let Some((n, key)) = local.top() {
-                            let h = local.pop(key).unwrap();
-                            prop_assert!(h.key.get().is_none());
-                            let i = live.iter().position(|(_, l)| Rc::ptr_eq(l, &h)).unwrap();
+                            let s = local.pop(key).unwrap();
+                            prop_assert_eq!(local.key_of(s), None);
+                            let i = live.iter().position(|(_, l)| *l == s).unwrap();
                             let (a, _) = live.swap_remove(i);
                             prop_assert_eq!(AddrKey::V4([10, 0, 0, a]), key);
                             prop_assert_eq!(local.count(key), n - 1);
+                            // Its socket closes later: nothing left to unlist.
+                            prop_assert_eq!(local.close(s), None);
+                            stale.push(s);
                         }
                     }
                 }
+                for s in &stale {
+                    prop_assert_eq!(local.key_of(*s), None);
+                    prop_assert!(!local.is_evicted(*s));
+                }
                 let mut model: HashMap<u8, usize> = HashMap::new();
-                for (a, _) in &live {
+                for (a, s) in &live {
                     *model.entry(*a).or_default() += 1;
+                    prop_assert_eq!(local.key_of(*s), Some(AddrKey::V4([10, 0, 0, *a])));
                 }
                 for a in 0..6u8 {
                     prop_assert_eq!(local.count(AddrKey::V4([10, 0, 0, a])), model.get(&a).copied().unwrap_or(0));
@@ -804,11 +898,13 @@ mod tests {
                 let most = model.values().copied().max();
                 prop_assert_eq!(local.top().map(|(n, _)| n), most);
                 for (key, list) in &local.by_key {
-                    for (i, h) in list.iter().enumerate() {
-                        prop_assert_eq!(h.pos.get(), i);
-                        prop_assert_eq!(h.key.get(), Some(*key));
+                    for (i, &idx) in list.iter().enumerate() {
+                        let e = &local.entries[idx as usize];
+                        prop_assert_eq!(e.pos as usize, i);
+                        prop_assert_eq!(e.key, Some(*key));
                     }
                 }
+                prop_assert_eq!(local.entries.iter().filter(|e| e.in_use).count(), live.len());
             }
         }
     }

@@ -628,11 +628,10 @@ impl Conn {
 /// make room for another address (`admission`), this task ends at its next turn, dropping the
 /// stream and so closing the descriptor.
 pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: Ticket) {
-    let handle = ticket.handle();
-    futures_lite::future::or(
-        serve_admitted(shard, stream, peer, ticket),
-        handle.evicted(),
-    )
+    let (watcher, slot) = (Rc::clone(&shard), ticket.slot());
+    futures_lite::future::or(serve_admitted(shard, stream, peer, ticket), async move {
+        super::admission::evicted(&watcher, slot).await
+    })
     .await
 }
 
