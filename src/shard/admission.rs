@@ -582,12 +582,23 @@ impl Drop for Ticket {
 pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, bool), Refusal> {
     let adm = &shard.shared.admission;
     let n = adm.open.fetch_add(1, Relaxed) + 1;
+    let budget = adm.budget();
+    let slot = {
+        let mut local = shard.admission.borrow_mut();
+        if local.entries.capacity() == 0 {
+            // Room for this shard's share of the budget at once (address space only until
+            // used): growing the vector by copies under a burst of connections would leave
+            // freed blocks behind.
+            let share = budget / shard.shared.cfg.shards().max(1);
+            local.entries.reserve(share.saturating_add(64).min(1 << 16));
+        }
+        local.open()
+    };
     // From here on, dropping the ticket undoes the count.
     let ticket = Ticket {
         shard: Rc::clone(shard),
-        slot: shard.admission.borrow_mut().open(),
+        slot,
     };
-    let budget = adm.budget();
     let refuse = |r: Refusal| {
         let counter = match r {
             Refusal::Descriptors => &adm.refused_descriptors,
