@@ -117,6 +117,22 @@ fn publish_from(src: &str, addr: SocketAddr, channel: &str, data: &str) -> u16 {
     http_over(&mut s, &addr.to_string(), "POST", &target, body.as_bytes()).0
 }
 
+/// Whether `/metrics` answers 200 within 5 s.
+fn metrics_answer(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, T) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(T));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
 /// The process's open-files limits (soft, hard), from /proc/self/limits.
 fn nofile_limits() -> (u64, u64) {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
@@ -162,7 +178,11 @@ fn attacker() {
         let sk = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
         sk.set_reuse_address(true).ok()?;
         let from = SocketAddr::from(([127, 0, 0, 1], first_port + i as u16));
-        sk.bind(&from.into()).ok()?;
+        if sk.bind(&from.into()).is_err() {
+            // That port is taken here: let the kernel pick one.
+            sk.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+                .ok()?;
+        }
         sk.connect_timeout(&addr.into(), Duration::from_secs(1))
             .ok()?;
         let s: TcpStream = sk.into();
@@ -330,9 +350,11 @@ fn one_address_cannot_take_every_descriptor() {
     let attack = limit as usize + 1000;
     let per_child_max = (hard as usize).saturating_sub(200).max(100);
     let children = attack.div_ceil(per_child_max).max(2);
+    let metrics_port = free_port();
     let mut builder = Daemon::builder()
         .shards(2)
         .nofile(limit)
+        .metrics_port(metrics_port)
         .env("BTS_LOG", "info");
     if let Ok(bin) = std::env::var("BTS_FDS_DAEMON") {
         // Measuring another build (RELIABILITY.md, "Hostile client").
@@ -379,7 +401,8 @@ fn one_address_cannot_take_every_descriptor() {
                 let (ups, full) = (Arc::clone(&ups), full.load(Ordering::Relaxed));
                 probes.push(std::thread::spawn(move || {
                     let (status, took) = up_from("127.0.0.3", addr);
-                    ups.lock().unwrap().push((status, took, full));
+                    let metrics = metrics_answer(metrics_port);
+                    ups.lock().unwrap().push((status, took, full, metrics));
                 }));
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -457,16 +480,17 @@ fn one_address_cannot_take_every_descriptor() {
     probing.store(false, Ordering::Relaxed);
     prober.join().unwrap();
     let ups = ups.lock().unwrap().clone();
-    let answered = ups.iter().filter(|(s, t, _)| *s == 200 && *t < T).count();
-    let mut took: Vec<Duration> = ups.iter().map(|(_, t, _)| *t).collect();
+    let answered = ups.iter().filter(|(s, t, ..)| *s == 200 && *t < T).count();
+    let metrics_answered = ups.iter().filter(|(.., m)| *m).count();
+    let mut took: Vec<Duration> = ups.iter().map(|(_, t, ..)| *t).collect();
     took.sort();
     let median_up = took.get(took.len() / 2).copied().unwrap_or_default();
     let slowest_up = took.last().copied().unwrap_or_default();
     // Once the attack had made all its connections.
-    let ups_full: Vec<_> = ups.iter().filter(|(_, _, full)| *full).collect();
+    let ups_full: Vec<_> = ups.iter().filter(|(_, _, full, _)| *full).collect();
     let answered_full = ups_full
         .iter()
-        .filter(|(s, t, _)| *s == 200 && *t < T)
+        .filter(|(s, t, ..)| *s == 200 && *t < T)
         .count();
     let stderr = d.stderr();
     let accept_failed = stderr.matches("accept failed").count();
@@ -476,11 +500,13 @@ fn one_address_cannot_take_every_descriptor() {
          processes ({made} connects made); daemon descriptors {base_fds} at rest, peak \
          {peak_fds}; attacker's open sockets peak {peak_attack_open}; /up answered \
          {answered}/{} within 5 s ({answered_full}/{} once the attack was complete; slowest \
-         {slowest_up:?}, median {median_up:?}); publishes answered {}/{}; first viewer got \
+         {slowest_up:?}, median {median_up:?}); /metrics answered {metrics_answered}/{}; \
+         publishes answered {}/{}; first viewer got \
          {}/{} events; new viewers {viewers_joined}/{} connected and received; 'accept failed' \
          lines {accept_failed}, pressure lines {pressure_lines} in {elapsed:?}",
         ups.len(),
         ups_full.len(),
+        ups.len(),
         published.len(),
         seq + 1,
         got.len(),
@@ -502,6 +528,11 @@ fn one_address_cannot_take_every_descriptor() {
         ups.len(),
         answered,
         "every /up answered 200 within 5 s: {ups:?}"
+    );
+    assert_eq!(
+        ups.len(),
+        metrics_answered,
+        "every /metrics answered within 5 s"
     );
     assert!(publish_failures.is_empty(), "{publish_failures:?}");
     assert!(viewer_failures.is_empty(), "{viewer_failures:?}");
