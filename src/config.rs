@@ -301,7 +301,7 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Descriptors kept free below the open-files limit (for `/up`, `/ready`, metrics,
     /// webhooks, Redis): client sockets beyond `limit - reserve` are refused, the address
-    /// holding the most first.
+    /// holding the most first. At most a quarter of the limit is kept.
     pub fd_reserve: usize,
     /// Most sockets one client address (IPv6: one /64) may hold, the HTTP phase included;
     /// `None` (the default): no cap, since behind a load balancer every viewer shares its address.

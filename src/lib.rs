@@ -311,7 +311,13 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
     // Until every thread has opened its descriptors: an estimate of ~16 per shard (rings,
     // eventfds, the spare descriptor), refined below.
-    let reserve = shared.cfg.fd_reserve;
+    // At most a quarter of the limit, so a small limit still leaves room for clients.
+    let reserve = nofile.map_or(shared.cfg.fd_reserve, |limit| {
+        shared
+            .cfg
+            .fd_reserve
+            .min(usize::try_from(limit / 4).unwrap_or(usize::MAX))
+    });
     if let Some(limit) = nofile {
         let own = sys::open_fds().unwrap_or(0) + 16 * shards;
         let budget = socket_budget(limit, reserve, own).ok_or(StartError::Descriptors {
@@ -319,7 +325,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             reserve,
             own,
         })?;
-        shared.admission.set_budget(budget);
+        shared.admission.set_budget(budget, reserve);
     }
     let shared = Arc::new(shared);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -392,7 +398,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             reserve,
             own,
         })?;
-        shared.admission.set_budget(budget);
+        shared.admission.set_budget(budget, reserve);
         tracing::info!(
             sockets = budget,
             reserve,

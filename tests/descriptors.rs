@@ -555,6 +555,49 @@ fn one_address_cannot_take_every_descriptor() {
     assert!(pressure_lines >= 1, "the budget was reached and said so");
 }
 
+/// The same defence in miniature, fast: under an open-files limit of 256 (a quarter of it kept in
+/// reserve), sockets parked by one address fill the budget; more from it are refused with 503 at
+/// once, while `/up`, a viewer and a publisher from other addresses each take the place of one
+/// of its sockets.
+#[test]
+fn a_small_limit_still_keeps_room_for_other_addresses() {
+    let metrics = free_port();
+    let d = Daemon::builder()
+        .nofile(256)
+        .metrics_port(metrics)
+        .shards(2)
+        .start();
+    let addr = d.addr;
+    let m = scrape_metrics(metrics);
+    let budget = metric(&m, "bts_sockets_limit") as usize;
+    assert!((100..256 - 64).contains(&budget), "budget {budget}");
+    let parked: Vec<TcpStream> = (0..budget + 20)
+        .map(|_| connect_from("127.0.0.2", addr).unwrap())
+        .collect();
+    let deadline = Instant::now() + T;
+    while metric(
+        &scrape_metrics(metrics),
+        "bts_connections_refused_total{reason=\"descriptors\"}",
+    ) < 20.0
+    {
+        assert!(Instant::now() < deadline, "the budget was never reached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = answer_unasked("127.0.0.2", addr, b"");
+    assert!(refused.starts_with("HTTP/1.1 503 "), "{refused:?}");
+    assert_eq!(up_from("127.0.0.3", addr).0, 200);
+    let mut viewer = viewer_from("127.0.0.4", addr);
+    viewer.subscribe("news");
+    assert_eq!(publish_from("127.0.0.5", addr, "news", "1"), 200);
+    assert_eq!(viewer.expect_event("score")["data"], "1");
+    let m = scrape_metrics(metrics);
+    assert!(metric(&m, "bts_connections_evicted_total") >= 2.0, "{m}");
+    assert!(metric(&m, "bts_sockets_open") as usize <= budget + 2, "{m}");
+    assert!(open_fds(d.pid()) < 256 - 16);
+    assert!(!d.stderr().contains("accept failed"));
+    drop(parked);
+}
+
 /// Waits until the daemon counts `n` client sockets open (`bts_sockets_open`).
 fn wait_for_sockets(metrics_port: u16, n: u64) {
     let deadline = Instant::now() + T;

@@ -106,8 +106,8 @@ pub struct Admission {
     /// descriptors (set at start once they are open).
     budget: AtomicUsize,
     /// Beyond `budget + headroom` nothing is admitted, not even by making room: the
-    /// connections being closed to make room still hold their descriptors.
-    headroom: usize,
+    /// connections being closed to make room still hold their descriptors. Half the reserve.
+    headroom: AtomicUsize,
     per_ip: Option<u32>,
     table: Box<[Mutex<HashMap<AddrKey, u32>>]>,
     /// Refused at accept (or attribution): by the socket budget, by the per-IP cap.
@@ -126,7 +126,7 @@ impl Admission {
         Admission {
             open: AtomicUsize::new(0),
             budget: AtomicUsize::new(usize::MAX),
-            headroom: (reserve / 2).max(1),
+            headroom: AtomicUsize::new((reserve / 2).max(1)),
             per_ip,
             table: (0..if per_ip.is_some() { TABLE_SHARDS } else { 0 })
                 .map(|_| Mutex::default())
@@ -139,9 +139,11 @@ impl Admission {
         }
     }
 
-    /// Sets the socket budget (at start, once the open-files limit is known).
-    pub fn set_budget(&self, budget: usize) {
+    /// Sets the socket budget and the reserve kept beyond it (at start, once the open-files
+    /// limit is known).
+    pub fn set_budget(&self, budget: usize, reserve: usize) {
         self.budget.store(budget, Relaxed);
+        self.headroom.store((reserve / 2).max(1), Relaxed);
     }
 
     pub fn budget(&self) -> usize {
@@ -608,7 +610,7 @@ pub fn admit(shard: &Rc<Shard>, peer: IpAddr, trusted: bool) -> Result<(Ticket, 
         shard.admission.borrow_mut().log.refused += 1;
         Err(r)
     };
-    if n > budget.saturating_add(adm.headroom) {
+    if n > budget.saturating_add(adm.headroom.load(Relaxed)) {
         return refuse(Refusal::Descriptors);
     }
     let key = (!trusted).then(|| AddrKey::of(peer));
