@@ -411,6 +411,17 @@ pub struct Config {
     /// Most channels one `GET /apps/{id}/channels` lists; a listing with more is refused (400)
     /// and names `filter_by_prefix`.
     pub max_channels_listed: usize,
+    /// Descriptors kept free below the open-files limit (for `/up`, `/ready`, metrics,
+    /// webhooks, Redis): client sockets beyond `limit - reserve` are refused, the address
+    /// holding the most first. At most a quarter of the limit is kept.
+    pub fd_reserve: usize,
+    /// Most sockets one client address (IPv6: one /64) may hold, the HTTP phase included;
+    /// `None` (the default): no cap, since behind a load balancer every viewer shares its address.
+    pub max_connections_per_ip: Option<u32>,
+    /// Load balancers whose PROXY protocol header and `X-Forwarded-For` are believed.
+    pub trusted_proxies: crate::proxy::Trusted,
+    /// Connections from `trusted_proxies` start with a PROXY protocol (v1 or v2) header.
+    pub proxy_protocol: bool,
 }
 
 /// Defaults for the channel bounds: far above what any deployment we know of lists or holds
@@ -454,6 +465,8 @@ pub const DEFAULT_OUTBOUND_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_PINGS_PER_SECOND: u32 = 10;
 /// Write coalescing window (`write_coalesce_ms`); see BENCHMARKS.md for the trade.
 pub const DEFAULT_WRITE_COALESCE_MS: u32 = 20;
+/// Descriptors kept free below the open-files limit (`fd_reserve`).
+pub const DEFAULT_FD_RESERVE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -531,6 +544,10 @@ pub struct RawServer {
     pub webhook_queue_capacity: Option<usize>,
     pub max_channels_per_shard: Option<usize>,
     pub max_channels_listed: Option<usize>,
+    pub fd_reserve: Option<usize>,
+    pub max_connections_per_ip: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub proxy_protocol: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -996,10 +1013,56 @@ impl Config {
                 return Err(ConfigError::Other(format!("{name} must be at least 1")));
             }
         }
+        let fd_reserve = env_parse(env, "BTS_FD_RESERVE", "a count")?
+            .or(s.fd_reserve)
+            .unwrap_or(DEFAULT_FD_RESERVE);
+        if !(16..=1 << 20).contains(&fd_reserve) {
+            return Err(ConfigError::Other(format!(
+                "fd_reserve must be between 16 and 1048576 descriptors (got {fd_reserve})"
+            )));
+        }
+        let max_connections_per_ip: Option<u32> =
+            env_parse(env, "BTS_MAX_CONNECTIONS_PER_IP", "a count")?.or(s.max_connections_per_ip);
+        if max_connections_per_ip == Some(0) {
+            return Err(ConfigError::Other(
+                "max_connections_per_ip must be at least 1 (leave it unset for no cap)".into(),
+            ));
+        }
+        let trusted_proxies = match env_str(env, "BTS_TRUSTED_PROXIES") {
+            Some(v) => v.split(',').map(|p| p.trim().to_owned()).collect(),
+            None => s.trusted_proxies.clone().unwrap_or_default(),
+        };
+        let trusted_proxies = crate::proxy::Trusted(
+            trusted_proxies
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    crate::proxy::Cidr::parse(p).ok_or_else(|| ConfigError::BadValue {
+                        name: "trusted_proxies".into(),
+                        value: p.clone(),
+                        why: "must be an IP address or a network like 10.0.0.0/8",
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        let proxy_protocol = env_parse::<bool>(env, "BTS_PROXY_PROTOCOL", "true or false")?
+            .or(s.proxy_protocol)
+            .unwrap_or(false);
+        if proxy_protocol && trusted_proxies.is_empty() {
+            return Err(ConfigError::Other(
+                "proxy_protocol needs trusted_proxies (BTS_TRUSTED_PROXIES): the load balancers \
+                 whose PROXY headers are believed; a header from any other address is refused"
+                    .into(),
+            ));
+        }
         Ok(Config {
             webhook_queue_capacity,
             max_channels_per_shard,
             max_channels_listed,
+            fd_reserve,
+            max_connections_per_ip,
+            trusted_proxies,
+            proxy_protocol,
             tls,
             console,
             pid_file,
@@ -1362,6 +1425,73 @@ mod tests {
         let c = resolve(&cli, &e, "").unwrap();
         assert_eq!(c.listen.port(), 1);
         assert_eq!(c.shard_cpus, vec![0, 1, 0]);
+    }
+
+    #[test]
+    fn descriptor_and_proxy_settings() {
+        let c = resolve(&Cli::default(), &[], "").unwrap();
+        assert_eq!(c.fd_reserve, DEFAULT_FD_RESERVE);
+        assert_eq!(c.max_connections_per_ip, None, "no per-IP cap by default");
+        assert!(c.trusted_proxies.is_empty());
+        assert!(!c.proxy_protocol);
+
+        let f = r#"
+            [server]
+            fd_reserve = 512
+            max_connections_per_ip = 100
+            trusted_proxies = ["10.0.0.0/8", "192.0.2.7"]
+            proxy_protocol = true
+        "#;
+        let c = resolve(&Cli::default(), &[], f).unwrap();
+        assert_eq!(c.fd_reserve, 512);
+        assert_eq!(c.max_connections_per_ip, Some(100));
+        assert!(c.trusted_proxies.contains("10.9.8.7".parse().unwrap()));
+        assert!(c.trusted_proxies.contains("192.0.2.7".parse().unwrap()));
+        assert!(!c.trusted_proxies.contains("192.0.2.8".parse().unwrap()));
+        assert!(c.proxy_protocol);
+
+        // The environment beats the file.
+        let e = [
+            ("BTS_FD_RESERVE", "1000"),
+            ("BTS_MAX_CONNECTIONS_PER_IP", "7"),
+            ("BTS_TRUSTED_PROXIES", "203.0.113.0/24, 2001:db8::/32"),
+            ("BTS_PROXY_PROTOCOL", "false"),
+        ];
+        let c = resolve(&Cli::default(), &e, f).unwrap();
+        assert_eq!(c.fd_reserve, 1000);
+        assert_eq!(c.max_connections_per_ip, Some(7));
+        assert!(!c.trusted_proxies.contains("10.0.0.1".parse().unwrap()));
+        assert!(c.trusted_proxies.contains("2001:db8::9".parse().unwrap()));
+        assert!(!c.proxy_protocol);
+
+        let bad = [
+            ("[server]\nfd_reserve = 3", "fd_reserve"),
+            (
+                "[server]\nmax_connections_per_ip = 0",
+                "max_connections_per_ip",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"10.0.0.0/40\"]",
+                "10.0.0.0/40",
+            ),
+            (
+                "[server]\ntrusted_proxies = [\"lb.internal\"]",
+                "lb.internal",
+            ),
+            ("[server]\nproxy_protocol = true", "trusted_proxies"),
+        ];
+        for (file, named) in bad {
+            let err = resolve(&Cli::default(), &[], file).unwrap_err().to_string();
+            assert!(err.contains(named), "{file}: {err}");
+        }
+        let err = resolve(
+            &Cli::default(),
+            &[("BTS_MAX_CONNECTIONS_PER_IP", "lots")],
+            "",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("BTS_MAX_CONNECTIONS_PER_IP"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`protocol`]: the Pusher wire contract (channel names, signatures, client and server
 //!   messages, error codes). Pure: no I/O, no clock.
 //! - [`ws`]: WebSocket handshake and frame codec. Knows nothing of Pusher.
+//! - [`proxy`]: PROXY protocol headers, trusted proxies and `X-Forwarded-For`. Pure.
 //! - [`ingest`]: producers outside the WebSocket port: Laravel's redis broadcaster, consumed on
 //!   a dedicated pinned thread.
 //! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
@@ -29,6 +30,7 @@ pub mod fanout;
 pub mod ingest;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 pub mod shard;
 pub mod simulate;
 pub mod sys;
@@ -85,6 +87,26 @@ pub enum StartError {
     NotReady,
     #[error("{0}")]
     Tls(String),
+    #[error(
+        "the open-files limit ({limit}) leaves no room for connections once fd_reserve ({reserve}) \
+         and the daemon's own {own} descriptors are set aside; raise it (`ulimit -n`, \
+         LimitNOFILE= in systemd, nofile in limits.conf; see tuning/) or lower fd_reserve"
+    )]
+    Descriptors {
+        limit: u64,
+        reserve: usize,
+        own: usize,
+    },
+}
+
+/// Client sockets allowed: the open-files limit less the reserve and the descriptors the daemon
+/// holds itself (`own`: listeners, io_uring rings, eventfds, logs). `None`: no room at all.
+pub fn socket_budget(limit: u64, reserve: usize, own: usize) -> Option<usize> {
+    let budget = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .checked_sub(reserve)?
+        .checked_sub(own)?;
+    (budget >= 16).then_some(budget)
 }
 
 /// How much `io_memory` each executor gets, so that `shards` executors fit the memlock limit.
@@ -206,6 +228,16 @@ pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadEr
         "max_cache_channels",
         cfg.max_cache_channels == old.max_cache_channels,
     );
+    differs("fd_reserve", cfg.fd_reserve == old.fd_reserve);
+    differs(
+        "max_connections_per_ip",
+        cfg.max_connections_per_ip == old.max_connections_per_ip,
+    );
+    differs(
+        "trusted_proxies",
+        cfg.trusted_proxies == old.trusted_proxies,
+    );
+    differs("proxy_protocol", cfg.proxy_protocol == old.proxy_protocol);
     differs(
         "webhook_queue_capacity",
         cfg.webhook_queue_capacity == old.webhook_queue_capacity,
@@ -267,7 +299,8 @@ impl Running {
 pub fn run(cfg: Config) -> Result<Running, StartError> {
     let shards = cfg.shards();
     let io_memory = plan_io_memory(shards, sys::memlock_limit(), sys::has_cap_ipc_lock())?;
-    if let Some(nofile) = sys::raise_nofile() {
+    let nofile = sys::raise_nofile();
+    if let Some(nofile) = nofile {
         tracing::info!(nofile, "open-files limit");
     }
     // Bind every listener here so that a port in use fails start-up, and port 0 becomes one
@@ -290,6 +323,24 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     };
     let shared = shard::Shared::new(cfg);
     *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+    // Until every thread has opened its descriptors: an estimate of ~16 per shard (rings,
+    // eventfds, the spare descriptor), refined below.
+    // At most a quarter of the limit, so a small limit still leaves room for clients.
+    let reserve = nofile.map_or(shared.cfg.fd_reserve, |limit| {
+        shared
+            .cfg
+            .fd_reserve
+            .min(usize::try_from(limit / 4).unwrap_or(usize::MAX))
+    });
+    if let Some(limit) = nofile {
+        let own = sys::open_fds().unwrap_or(0) + 16 * shards;
+        let budget = socket_budget(limit, reserve, own).ok_or(StartError::Descriptors {
+            limit,
+            reserve,
+            own,
+        })?;
+        shared.admission.set_budget(budget, reserve);
+    }
     let shared = Arc::new(shared);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
@@ -353,6 +404,22 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
             message: format!("cannot start the Redis ingest thread: {e}"),
         })?;
     }
+    if let (Some(limit), Some(fds)) = (nofile, sys::open_fds()) {
+        // What the daemon holds itself now that every thread is up (client sockets aside).
+        let own = fds.saturating_sub(shared.admission.open());
+        let budget = socket_budget(limit, reserve, own).ok_or(StartError::Descriptors {
+            limit,
+            reserve,
+            own,
+        })?;
+        shared.admission.set_budget(budget, reserve);
+        tracing::info!(
+            sockets = budget,
+            reserve,
+            own,
+            "client sockets allowed (open-files limit less the reserve and the daemon's own)"
+        );
+    }
     tracing::info!(%addr, shards, io_memory_kib = io_memory >> 10, "all shards accepting");
     Ok(Running {
         addr,
@@ -373,6 +440,15 @@ mod tests {
             tracing::level_filters::STATIC_MAX_LEVEL,
             tracing::level_filters::LevelFilter::TRACE
         );
+    }
+
+    #[test]
+    fn socket_budget_leaves_the_reserve() {
+        assert_eq!(socket_budget(20_000, 256, 30), Some(19_714));
+        assert_eq!(socket_budget(1024, 256, 30), Some(738));
+        assert_eq!(socket_budget(300, 256, 30), None);
+        assert_eq!(socket_budget(200, 256, 0), None);
+        assert_eq!(socket_budget(u64::MAX, 256, 30), Some(usize::MAX - 286));
     }
 
     #[test]

@@ -632,6 +632,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         "bts_webhooks_total{{outcome=\"failed\"}} {}",
         hooks.failed.load(Relaxed)
     );
+    shared.admission.render(&mut o);
     if shared.ingest.enabled.load(Relaxed) {
         family(
             &mut o,

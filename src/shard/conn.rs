@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::IoSlice;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -21,6 +22,7 @@ use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::admission::Ticket;
 use super::{AppConnGuard, ConnId, Shard};
 use crate::protocol::{outbound, PusherError, SocketId};
 use crate::sys;
@@ -679,12 +681,32 @@ impl Conn {
 /// at the upgrade, freeing everything it held; the session task, which lives as long as the
 /// connection, carries none of it (measured: ~9 KiB per idle connection when the two were one
 /// future, see BENCHMARKS.md).
-pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+///
+/// The socket holds its place in the budget (`ticket`) from accept on; if the shard closes it to
+/// make room for another address (`admission`), this task ends at its next turn, dropping the
+/// stream and so closing the descriptor.
+pub(super) async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: Ticket) {
+    let (watcher, slot) = (Rc::clone(&shard), ticket.slot());
+    futures_lite::future::or(serve_admitted(shard, stream, peer, ticket), async move {
+        super::admission::evicted(&watcher, slot).await
+    })
+    .await
+}
+
+async fn serve_admitted(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr, ticket: Ticket) {
     let _ = stream.set_nodelay(true);
-    // For what is counted per source address (the console's failed logins).
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let _ = stream.set_read_timeout(Some(hs_timeout));
+    // The address whose X-Forwarded-For is believed, if trusted: the peer, or the client a
+    // trusted proxy's PROXY header names. Also what is counted per source address in the HTTP
+    // phase (the console's failed logins).
+    let mut hop = peer.ip();
+    if shard.shared.cfg.proxy_protocol {
+        match proxy_phase(&shard, &mut stream, peer, &ticket).await {
+            Some(client) => hop = client,
+            None => return,
+        }
+    }
     let tls = shard.tls.borrow().clone();
     if let Some(tls) = tls {
         // TLS and plain on one port: a TLS client speaks first with a handshake record.
@@ -693,16 +715,16 @@ pub(super) async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             glommio::timer::timeout(hs_timeout, async { Ok(stream.peek(&mut first).await) }).await;
         match peeked {
             Ok(Ok(1)) if first[0] == crate::tls::HANDSHAKE_RECORD => {
-                return serve_tls(shard, stream, tls, peer).await;
+                return serve_tls(shard, stream, tls, hop, ticket).await;
             }
             Ok(Ok(n)) if n > 0 => {}
             _ => return,
         }
     }
-    let Some((app, guard, leftover)) = handshake(&shard, &mut stream, peer).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut stream, hop, &ticket).await else {
         return;
     };
-    glommio::spawn_local(live(shard, stream, None, app, guard, leftover)).detach();
+    glommio::spawn_local(live(shard, stream, None, app, guard, ticket, leftover)).detach();
 }
 
 /// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
@@ -711,7 +733,8 @@ async fn serve_tls(
     shard: Rc<Shard>,
     stream: TcpStream,
     cfg: Arc<rustls::ServerConfig>,
-    peer: Option<std::net::IpAddr>,
+    hop: IpAddr,
+    ticket: Ticket,
 ) {
     let hs_timeout = shard.shared.cfg.handshake_timeout;
     let accept = futures_rustls::TlsAcceptor::from(cfg).accept(stream);
@@ -723,7 +746,7 @@ async fn serve_tls(
         }
         Err(_) => return,
     };
-    let Some((app, guard, leftover)) = handshake(&shard, &mut tls, peer).await else {
+    let Some((app, guard, leftover)) = handshake(&shard, &mut tls, hop, &ticket).await else {
         return;
     };
     let (stream, session) = tls.into_inner();
@@ -733,9 +756,124 @@ async fn serve_tls(
         Some(Box::new(session)),
         app,
         guard,
+        ticket,
         leftover,
     ))
     .detach();
+}
+
+/// PROXY protocol (on when `proxy_protocol` is set): a trusted load balancer's connection must
+/// start with a v1 or v2 header, which is consumed and names the client (`Some`: the address to
+/// count it against and whose X-Forwarded-For to believe); anyone else's must not, since a
+/// client could otherwise claim any address. `None`: refused and answered; the caller ends.
+async fn proxy_phase(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    ticket: &Ticket,
+) -> Option<IpAddr> {
+    let cfg = &shard.shared.cfg;
+    let trusted = cfg.trusted_proxies.contains(peer.ip());
+    let header = glommio::timer::timeout(cfg.handshake_timeout, async {
+        Ok(read_proxy_header(stream, trusted).await)
+    })
+    .await;
+    let refused = |why: &str| {
+        tracing::debug!(shard = shard.id, %peer, why, "PROXY protocol: refused");
+        shard
+            .shared
+            .admission
+            .refused_proxy
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let body = format!(r#"{{"error":"{why}"}}"#);
+        crate::sys::refuse_now(
+            stream.as_raw_fd(),
+            &handshake::json_response(400, &body, true),
+        );
+        None
+    };
+    match header {
+        // Peer closed or went silent.
+        Err(_) | Ok(Err(ProxyRead::Closed)) => None,
+        Ok(Err(ProxyRead::Bad(e))) => refused(&e.to_string()),
+        Ok(Err(ProxyRead::Missing)) => {
+            refused("a PROXY protocol header is required from this load balancer")
+        }
+        Ok(Ok(Some(_))) if !trusted => {
+            refused("PROXY protocol header from an address not in trusted_proxies")
+        }
+        Ok(Ok(None)) => Some(peer.ip()),
+        Ok(Ok(Some(h))) => {
+            let client = h.source.map_or(peer.ip(), |a| a.ip());
+            tracing::debug!(shard = shard.id, %peer, %client, "PROXY protocol header");
+            if let Err(why) = ticket.attribute(client) {
+                crate::sys::refuse_now(stream.as_raw_fd(), why.http_response());
+                return None;
+            }
+            Some(client)
+        }
+    }
+}
+
+enum ProxyRead {
+    Closed,
+    Missing,
+    Bad(crate::proxy::ProxyError),
+}
+
+/// Looks at the start of the stream for a PROXY header. `consume`: read it off the stream (a
+/// trusted peer); otherwise it is only looked at. `Ok(None)`: the stream does not start with
+/// one (for a trusted peer that is `Err(Missing)`).
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    consume: bool,
+) -> Result<Option<crate::proxy::Header>, ProxyRead> {
+    use crate::proxy::{parse, Parsed};
+    // On the heap: only connections under PROXY protocol pay for it.
+    let mut buf = vec![0u8; crate::proxy::V1_MAX + 1];
+    loop {
+        let n = match stream.peek(&mut buf).await {
+            Ok(n) if n > 0 => n,
+            _ => return Err(ProxyRead::Closed),
+        };
+        match parse(&buf[..n]).map_err(ProxyRead::Bad)? {
+            Parsed::NotProxy if consume => return Err(ProxyRead::Missing),
+            Parsed::NotProxy => return Ok(None),
+            Parsed::Header(h) if !consume => return Ok(Some(h)),
+            Parsed::Header(h) => {
+                stream
+                    .read_exact(&mut buf[..h.len])
+                    .await
+                    .map_err(|_| ProxyRead::Closed)?;
+                return Ok(Some(h));
+            }
+            Parsed::Incomplete { need: Some(len) } if consume => {
+                // A v2 header whose length is known: wait for exactly that much.
+                let mut whole = vec![0u8; len];
+                stream
+                    .read_exact(&mut whole)
+                    .await
+                    .map_err(|_| ProxyRead::Closed)?;
+                return match parse(&whole).map_err(ProxyRead::Bad)? {
+                    Parsed::Header(h) => Ok(Some(h)),
+                    _ => Err(ProxyRead::Missing),
+                };
+            }
+            // The start of a header, on untrusted peers too: that is enough to refuse.
+            Parsed::Incomplete { need: Some(_) } => {
+                return Ok(Some(crate::proxy::Header {
+                    source: None,
+                    len: n,
+                }))
+            }
+            // A header split over packets (load balancers send it in one): look again shortly.
+            // `peek` returns at once while any byte is waiting, so this is a poll, bounded by
+            // the caller's handshake timeout.
+            Parsed::Incomplete { need: None } => {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }
 
 /// The Pusher session of an upgraded connection, from `connection_established` to the end: the
@@ -747,14 +885,20 @@ async fn live(
     tls: Option<Box<rustls::ServerConnection>>,
     app: usize,
     _guard: AppConnGuard,
+    ticket: Ticket,
     leftover: Vec<u8>,
 ) {
+    if ticket.is_evicted() {
+        // Closed to make room between the upgrade and this task's start.
+        return;
+    }
     let (activity_timeout, max_message) = {
         let cfg = shard.app(app);
         (cfg.activity_timeout, cfg.max_message_size)
     };
     let _ = stream.set_read_timeout(None);
     let conn = shard.register_with(app, stream.as_raw_fd(), tls);
+    ticket.set_conn(conn.id);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
     conn.send_text(&outbound::connection_established(
         conn.socket_id,
@@ -770,9 +914,10 @@ async fn live(
 async fn handshake<S: Stream>(
     shard: &Rc<Shard>,
     stream: &mut S,
-    peer: Option<std::net::IpAddr>,
+    hop: IpAddr,
+    ticket: &Ticket,
 ) -> Option<(usize, AppConnGuard, Vec<u8>)> {
-    let (req, leftover) = http_phase(shard, stream, peer).await?;
+    let (req, leftover) = http_phase(shard, stream, Some(hop)).await?;
     let Some(ws_key) = req
         .ws_key
         .as_deref()
@@ -803,6 +948,20 @@ async fn handshake<S: Stream>(
     if !crate::config::origin_allowed(&shard.app(app).allowed_origins, req.origin.as_deref()) {
         refuse(stream, PusherError::OriginNotAllowed).await;
         return None;
+    }
+    if ticket.unattributed() {
+        // From a trusted proxy that sent no PROXY header naming a client: X-Forwarded-For
+        // does (the right-most address that is not a trusted proxy).
+        let client = shard
+            .shared
+            .cfg
+            .trusted_proxies
+            .client(hop, req.forwarded_for.as_deref());
+        if let Err(why) = ticket.attribute(client) {
+            tracing::debug!(shard = shard.id, %client, reason = why.label(), "refused");
+            refuse(stream, why.pusher_error()).await;
+            return None;
+        }
     }
     let limit = shard.app(app).max_connections;
     let Some(guard) = AppConnGuard::try_new(Rc::clone(shard), app, limit) else {

@@ -5,6 +5,7 @@
 //! inbox (`fanout::router`). Nothing here is `Send`; there is no lock, `Arc` or atomic on the
 //! per-event path (the `Arc<Shared>` is read-only configuration, dereferenced without atomics).
 
+pub mod admission;
 pub mod cache;
 pub mod conn;
 pub(crate) mod http;
@@ -14,6 +15,7 @@ mod session;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -66,6 +68,8 @@ pub struct Shared {
     pub metrics_listener: crate::metrics::Listener,
     /// Shards whose listener a drain has closed.
     pub listeners_closed: AtomicUsize,
+    /// The socket budget, per-IP counts and refusal counters (touched on accept and close).
+    pub admission: admission::Admission,
 }
 
 impl Shared {
@@ -87,7 +91,9 @@ impl Shared {
             .cluster
             .clone()
             .map(|channel| crate::ingest::cluster::Cluster::new(node, channel));
+        let admission = admission::Admission::new(cfg.fd_reserve, cfg.max_connections_per_ip);
         Shared {
+            admission,
             cfg,
             router,
             apps,
@@ -238,6 +244,8 @@ pub struct Shard {
     next_conn: Cell<u64>,
     rng: Cell<u64>,
     pub stats: Stats,
+    /// This shard's admitted sockets by client address, for the fairness rule.
+    admission: RefCell<admission::Local>,
 }
 
 /// One app's settings, from the shard's app table of the moment.
@@ -326,6 +334,7 @@ impl Shard {
             next_conn: Cell::new(0),
             rng: Cell::new(seed),
             stats: Stats::default(),
+            admission: RefCell::default(),
         }
     }
 
@@ -553,6 +562,11 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// The live connection with this id, if any.
+    pub(crate) fn conn(&self, id: ConnId) -> Option<Rc<Conn>> {
+        self.conns.borrow().get(id).cloned()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -1822,19 +1836,85 @@ async fn drain(shard: Rc<Shard>, window: Duration) {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: glommio::net::TcpListener) {
+    // The classic EMFILE defence: one descriptor held in reserve, given back to take one pending
+    // connection off the listen queue and close it, so clients are answered (by a close)
+    // instead of waiting in a queue that cannot move. The socket budget (`admission`) keeps
+    // this from happening unless something else used the reserve.
+    let mut spare = spare_fd();
+    let mut errors = admission::AcceptErrors::default();
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                // Boxed: the accept loop's own future stays small.
-                glommio::spawn_local(conn::serve(Rc::clone(&shard), stream)).detach();
+                if !admit_and_serve(&shard, stream) {
+                    // Room was made by closing another connection: let its task run (and its
+                    // descriptor close) before taking more.
+                    futures_lite::future::yield_now().await;
+                }
+                if spare.is_none() {
+                    spare = spare_fd();
+                }
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                tracing::warn!(shard = shard.id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
+                let e = std::io::Error::from(e);
+                shard
+                    .shared
+                    .admission
+                    .accept_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                if exhausted && spare.take().is_some() {
+                    let pending = glommio::timer::timeout(Duration::from_millis(50), async {
+                        Ok(listener.accept().await.ok())
+                    })
+                    .await;
+                    if let Ok(Some(s)) = pending {
+                        admission::refuse_socket(
+                            &shard,
+                            s.as_raw_fd(),
+                            admission::Refusal::Descriptors,
+                        );
+                    }
+                    spare = spare_fd();
+                }
+                if let Some(failures) = errors.note(Instant::now()) {
+                    tracing::warn!(
+                        shard = shard.id,
+                        error = %e,
+                        failures,
+                        "accept failed (failures since the last such line; one line per 10 s at most)"
+                    );
+                }
+                if spare.is_none() {
+                    // No descriptor to trade: back off instead of spinning on the error.
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
+}
+
+/// Admits an accepted socket and starts serving it, or refuses it at once. `false` when a
+/// connection of another address was closed to make room.
+fn admit_and_serve(shard: &Rc<Shard>, stream: glommio::net::TcpStream) -> bool {
+    let Ok(peer) = stream.peer_addr() else {
+        // Already reset by the client.
+        return true;
+    };
+    let trusted = shard.shared.cfg.trusted_proxies.contains(peer.ip());
+    match admission::admit(shard, peer.ip(), trusted) {
+        Ok((ticket, made_room)) => {
+            glommio::spawn_local(conn::serve(Rc::clone(shard), stream, peer, ticket)).detach();
+            !made_room
+        }
+        Err(why) => {
+            admission::refuse_socket(shard, stream.as_raw_fd(), why);
+            true
+        }
+    }
+}
+
+fn spare_fd() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// Write coalescing: sleeps until the first deferred connection's window ends, writes the due

@@ -127,6 +127,43 @@ pub fn nofile_limits() -> Option<(u64, u64)> {
     Some((rl.rlim_cur, rl.rlim_max))
 }
 
+/// Descriptors this process has open now (entries of /proc/self/fd, less the one reading it).
+pub fn open_fds() -> Option<usize> {
+    Some(
+        std::fs::read_dir("/proc/self/fd")
+            .ok()?
+            .count()
+            .saturating_sub(1),
+    )
+}
+
+/// Answers a socket we will not serve with `response` and half-closes it, without waiting for
+/// anything: one non-blocking `send`, the client's unread bytes drained (bounded) so the close
+/// that follows is a FIN after our answer rather than a reset that could destroy it, and
+/// `shutdown(SHUT_WR)`. The caller closes the descriptor right after.
+pub fn refuse_now(fd: RawFd, response: &[u8]) {
+    // SAFETY: `fd` is an open socket the caller owns for the duration of the call; the pointer
+    // and length describe `response`, which outlives the call.
+    let _ = unsafe {
+        libc::send(
+            fd,
+            response.as_ptr().cast(),
+            response.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: as above; `sink` is a writable buffer of the length passed.
+        let n = unsafe { libc::recv(fd, sink.as_mut_ptr().cast(), sink.len(), libc::MSG_DONTWAIT) };
+        if n <= 0 {
+            break;
+        }
+    }
+    // SAFETY: shutdown takes plain integers; on a socket it cannot touch memory.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
 /// RLIMIT_MEMLOCK's soft value in bytes; `None` when unlimited.
 pub fn memlock_limit() -> Option<u64> {
     let rl = rlimit(libc::RLIMIT_MEMLOCK)?;

@@ -30,6 +30,9 @@ pub struct Request {
     pub expect_continue: bool,
     /// The `Authorization` header (the debug console takes `Bearer <token>`).
     pub authorization: Option<String>,
+    /// `X-Forwarded-For`, several headers joined with `, ` in order (RFC 9110 §5.3); believed
+    /// only from a trusted proxy (`proxy::Trusted::client`).
+    pub forwarded_for: Option<String>,
 }
 
 impl Request {
@@ -185,6 +188,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             out.origin = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            match &mut out.forwarded_for {
+                Some(v) => {
+                    v.push_str(", ");
+                    v.push_str(value);
+                }
+                None => out.forwarded_for = Some(value.to_owned()),
+            }
         }
     }
     if encoding && out.content_length.is_some() {
@@ -293,6 +304,18 @@ mod tests {
         let resp = String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap())).unwrap();
         // RFC 6455 §1.3's worked example.
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn forwarded_for_headers_are_joined_in_order() {
+        let raw = b"GET /app/k HTTP/1.1\r\nX-Forwarded-For: 1.1.1.1, 2.2.2.2\r\nHost: x\r\nx-forwarded-for: 3.3.3.3\r\n\r\n";
+        let (req, _) = parse(raw).unwrap().unwrap();
+        assert_eq!(
+            req.forwarded_for.as_deref(),
+            Some("1.1.1.1, 2.2.2.2, 3.3.3.3")
+        );
+        let (req, _) = parse(b"GET / HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert_eq!(req.forwarded_for, None);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     toml: Option<String>,
+    program: Option<std::path::PathBuf>,
+    nofile: Option<u64>,
 }
 
 impl DaemonBuilder {
@@ -73,6 +75,17 @@ impl DaemonBuilder {
         self.env.retain(|(k, _)| !k.starts_with("REVERB_APP_"));
         self
     }
+    /// Run this binary instead of the one cargo built (to measure an older build the same way).
+    pub fn program(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.program = Some(path.into());
+        self
+    }
+    /// Start the daemon with this open-files limit, soft and hard (through `sh -c 'ulimit -n'`,
+    /// which may only lower the hard limit), so a test sees the same limit on every machine.
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
     pub fn start(self) -> Daemon {
         Daemon::spawn(self)
     }
@@ -109,6 +122,8 @@ impl Daemon {
                 ("REVERB_APP_SECRET".into(), APP_SECRET.into()),
             ],
             toml: None,
+            program: None,
+            nofile: None,
         }
     }
 
@@ -127,10 +142,21 @@ impl Daemon {
         }
         let stderr_path = dir.join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        // BTS_TEST_BIN runs another build (RELIABILITY.md's before/after figures).
-        let bin = std::env::var("BTS_TEST_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bts-guru").to_owned());
-        let mut cmd = Command::new(bin);
+        // `program`, else BTS_TEST_BIN, runs another build (RELIABILITY.md's before/after figures).
+        let program = b.program.clone().unwrap_or_else(|| {
+            std::env::var_os("BTS_TEST_BIN")
+                .map_or_else(|| env!("CARGO_BIN_EXE_bts-guru").into(), Into::into)
+        });
+        let mut cmd = match b.nofile {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
         cmd.args(&args)
             .current_dir(&dir)
             .env_remove("REVERB_SERVER_HOST")
