@@ -81,8 +81,13 @@ fn flood_is_bounded_and_closed_4100(kind: Kind, env: &[(&str, &str)]) {
     let metrics_port = free_port();
     let mut b = Daemon::builder()
         .metrics_port(metrics_port)
-        .server_toml(&format!("max_outbound_bytes = {BOUND}"))
-        // Pings are allowed at any rate here: this test is about the outbound bound.
+        // Pings and subscribes are allowed at any rate here: this test is about the outbound
+        // bound (tests/hostile_channels.rs covers the subscription rate).
+        .server_toml(&format!(
+            "max_outbound_bytes = {BOUND}\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{APP_KEY}\"\n\
+             secret = \"{APP_SECRET}\"\nsubscription_changes_per_second = 1000000000\n\
+             subscription_changes_burst = 1000000000"
+        ))
         .env("BTS_APP_MAX_PINGS_PER_SECOND", "1000000000");
     for (k, v) in env {
         b = b.env(k, *v);
