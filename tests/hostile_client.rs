@@ -387,3 +387,44 @@ fn hash_channels_other_than_server_to_user_are_refused() {
     c.send_json(json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-42"}}));
     assert_eq!(c.expect_event("pusher:error")["data"]["code"], 4009);
 }
+
+/// Measures one flood against a daemon started separately (RELIABILITY.md's "Hostile client"
+/// figures): `FLOOD_ADDR` and `FLOOD_PID` name it, `FLOOD_KIND` is `ping`, `pusher-ping` or
+/// `subscribe`, `FLOOD_SECS` (5) how long, `FLOOD_KEY` (`test-key`) its app key. Prints what was
+/// sent, whether the daemon closed the connection, and the daemon's RSS before, at its peak, at
+/// the end and 2 s after the client left.
+#[test]
+#[ignore = "a measurement against a running daemon; see RELIABILITY.md"]
+fn measure_flood() {
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(addr), Some(pid), Some(kind)) = (
+        var("FLOOD_ADDR").and_then(|a| a.parse().ok()),
+        var("FLOOD_PID").and_then(|p| p.parse::<u32>().ok()),
+        var("FLOOD_KIND").and_then(|k| Kind::parse(&k)),
+    ) else {
+        panic!("set FLOOD_ADDR, FLOOD_PID and FLOOD_KIND (ping|pusher-ping|subscribe)");
+    };
+    let secs: f64 = var("FLOOD_SECS").and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let key = var("FLOOD_KEY").unwrap_or_else(|| APP_KEY.to_owned());
+
+    let before = flood::rss_kib(pid);
+    let peak = flood::RssPeak::start(pid);
+    let mut s = flood::connect(addr, &key);
+    let out = flood::flood(&mut s, kind, u64::MAX, Duration::from_secs_f64(secs));
+    let peak = peak.finish();
+    let at_end = flood::rss_kib(pid);
+    drop(s);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = flood::rss_kib(pid);
+    let closed = match out.closed {
+        Some(t) => format!("closed by the daemon after {:.1} s", t.as_secs_f64()),
+        None => "still open".to_owned(),
+    };
+    println!(
+        "{kind:?}: sent {:.1} MB in {:.1} s, {closed}; daemon RSS {before} KiB before, peak \
+         {peak} KiB (+{} KiB), {at_end} KiB at the end, {after} KiB 2 s after the client left",
+        out.sent as f64 / 1e6,
+        out.elapsed.as_secs_f64(),
+        peak.saturating_sub(before),
+    );
+}

@@ -1,7 +1,7 @@
 //! A hostile client for issue 13 §1: it opens a Pusher connection with a tiny receive window,
 //! never reads, and streams messages that each earn a reply (WebSocket pings, `pusher:ping`,
 //! refused subscribes), so every reply the daemon makes piles up on the daemon's side. Shared by
-//! `tests/hostile_client.rs` and `examples/hostile_flood.rs` (the measuring tool).
+//! `tests/hostile_client.rs` (its tests, and `measure_flood`, the measuring tool).
 #![allow(dead_code)]
 
 use std::io::Write;
