@@ -10,36 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use serde::Deserialize;
-
-/// The command line: the daemon's flags and an optional subcommand. `demo` takes the daemon's
-/// flags after it too (`bts-guru demo --config c.toml`), and those win over the ones before it.
-#[derive(Debug, Parser)]
-#[command(
-    name = "bts-guru",
-    version,
-    about = "Pusher-protocol WebSocket broadcast server"
-)]
-pub struct Invocation {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub cli: Cli,
-}
-
-impl Invocation {
-    /// The daemon's flags as they apply (for `demo`: its own over those before it, then what
-    /// the demo forces, see `DemoArgs::apply`), and the subcommand.
-    pub fn into_parts(self) -> (Cli, Option<Command>) {
-        let Invocation { command, mut cli } = self;
-        if let Some(Command::Demo(d)) = &command {
-            cli = cli.overlay(d.daemon.clone());
-            d.args.apply(&mut cli);
-        }
-        (cli, command)
-    }
-}
 
 /// Command-line flags of the daemon.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -163,23 +134,6 @@ impl Cli {
             standalone: standalone || self.standalone,
         }
     }
-}
-
-/// Subcommands; without one, the daemon runs.
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Check this host against a tuning profile and the daemon's needs; exits 1 on a failure.
-    Doctor {
-        /// `large` or `high-connections` (tuning/high-connections.conf), `small` (tuning/sysctl-small.conf), `low-latency`
-        /// (tuning/low-latency.conf, an overlay) or a file path.
-        #[arg(long, default_value = "large")]
-        profile: String,
-    },
-    /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
-    Simulate(Box<crate::simulate::SimulateArgs>),
-    /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
-    /// Takes every daemon flag (--config, --env-file, --host, --port, ...) after `demo` too.
-    Demo(Box<crate::console::demo::DemoCommand>),
 }
 
 /// Where Laravel's `redis` broadcaster publishes, and how we consume it.
@@ -467,6 +421,8 @@ pub const DEFAULT_MAX_PINGS_PER_SECOND: u32 = 10;
 pub const DEFAULT_WRITE_COALESCE_MS: u32 = 20;
 /// Descriptors kept free below the open-files limit (`fd_reserve`).
 pub const DEFAULT_FD_RESERVE: usize = 256;
+/// Bound of each webhook class's queue, held set and retry budget (`webhook_queue_capacity`).
+pub const DEFAULT_WEBHOOK_QUEUE_CAPACITY: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -999,7 +955,7 @@ impl Config {
         }
         let webhook_queue_capacity = s
             .webhook_queue_capacity
-            .unwrap_or(crate::webhooks::DEFAULT_CAPACITY);
+            .unwrap_or(DEFAULT_WEBHOOK_QUEUE_CAPACITY);
         let max_channels_per_shard = s
             .max_channels_per_shard
             .unwrap_or(DEFAULT_MAX_CHANNELS_PER_SHARD);
@@ -1760,7 +1716,7 @@ mod tests {
         let c = resolve(&Cli::default(), &[], "").unwrap();
         assert_eq!(c.max_channels_per_shard, DEFAULT_MAX_CHANNELS_PER_SHARD);
         assert_eq!(c.max_channels_listed, DEFAULT_MAX_CHANNELS_LISTED);
-        assert_eq!(c.webhook_queue_capacity, crate::webhooks::DEFAULT_CAPACITY);
+        assert_eq!(c.webhook_queue_capacity, DEFAULT_WEBHOOK_QUEUE_CAPACITY);
         assert_eq!(c.apps[0].max_channels, None);
         assert_eq!(c.apps[0].subscription_rate, DEFAULT_SUBSCRIPTION_RATE);
         let f = "[server]\nmax_channels_per_shard = 5\nmax_channels_listed = 7\n\
