@@ -28,6 +28,15 @@ impl SharedFrame {
         Self::finish(buf)
     }
 
+    /// A frame for one event that is not built from parts: client events relay the client's
+    /// JSON, and internal events and other nodes' events arrive as complete JSON.
+    pub fn text(json: &[u8]) -> SharedFrame {
+        SharedFrame(Bytes::from(crate::ws::codec::server_frame(
+            crate::ws::codec::OP_TEXT,
+            json,
+        )))
+    }
+
     /// Frames a text payload that was written after `MAX_SERVER_HEADER` bytes of headroom.
     fn finish(mut buf: Vec<u8>) -> SharedFrame {
         let mut hdr = [0u8; MAX_SERVER_HEADER];

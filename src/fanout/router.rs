@@ -21,7 +21,18 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
 use crate::protocol::SocketId;
-use crate::shard::ConnId;
+
+/// A connection's slot in its shard: index plus generation, so a stale id never names a newer
+/// connection that reused the slot. Named here, below the shards, because commands carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// One presence member as a node reports it in a sync: (user id, user_info, sockets on that
+/// node).
+pub type SyncEntry = (Arc<str>, Option<Arc<str>>, u32);
 
 /// An event for one channel of one app, framed and ready to write.
 #[derive(Debug, Clone)]
@@ -146,7 +157,7 @@ pub enum RemoteCmd {
         node: u64,
         part: usize,
         parts: usize,
-        entries: Arc<Vec<(usize, Arc<str>, crate::shard::presence::SyncEntry)>>,
+        entries: Arc<Vec<(usize, Arc<str>, SyncEntry)>>,
     },
     /// `node` stopped sending heartbeats: remove its members.
     NodeGone { node: u64 },

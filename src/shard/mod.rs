@@ -25,6 +25,7 @@ use bytes::Bytes;
 
 use crate::config::Config;
 use crate::fanout::frame::SharedFrame;
+pub use crate::fanout::router::ConnId;
 use crate::fanout::router::{
     partition, Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart,
     RemoteCmd, Router, ShardCmd,
@@ -110,14 +111,6 @@ impl Shared {
             listeners_closed: AtomicUsize::new(0),
         }
     }
-}
-
-/// A connection's slot in its shard: index plus generation, so a stale id never names a newer
-/// connection that reused the slot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId {
-    pub slot: u32,
-    pub gen: u32,
 }
 
 #[derive(Default)]

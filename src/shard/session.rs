@@ -13,7 +13,6 @@ use crate::fanout::router::{Broadcast, PresenceOp, ShardCmd};
 use crate::protocol::inbound::{self, ClientMessage};
 use crate::protocol::members::{parse_channel_data, parse_user_data};
 use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError};
-use bytes::Bytes;
 
 /// Most channels one connection may be subscribed to at once; bounds the index per connection.
 pub const MAX_CHANNELS_PER_CONN: usize = 1000;
@@ -453,14 +452,4 @@ fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Optio
     }
     conn.send_text(&outbound::signin_success(user_data));
     shard.user_presence(conn, &user.id, 1);
-}
-
-/// A frame for one event that is not a broadcast (client events relay JSON, not strings).
-impl SharedFrame {
-    pub fn text(json: &[u8]) -> SharedFrame {
-        SharedFrame(Bytes::from(crate::ws::codec::server_frame(
-            crate::ws::codec::OP_TEXT,
-            json,
-        )))
-    }
 }
