@@ -23,6 +23,7 @@
 
 pub mod apps;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod doctor;
@@ -388,13 +389,13 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     }
     if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
         tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
-        ingest::cluster::spawn_publisher(redis.clone(), Arc::clone(&shared)).map_err(|e| {
-            StartError::Executor {
+        cluster::outbox::spawn_publisher(redis.clone(), Arc::clone(cluster), shards).map_err(
+            |e| StartError::Executor {
                 shard: shards,
                 cpu: 0,
                 message: format!("cannot start the cluster publisher thread: {e}"),
-            }
-        })?;
+            },
+        )?;
     }
     if let Some(redis) = shared.cfg.redis.clone() {
         tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");

@@ -573,7 +573,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         let _ = writeln!(
             o,
             "bts_queue_overflows_total{{queue=\"cluster_out\"}} {}",
-            c.dropped.load(Relaxed)
+            c.outbox.dropped.load(Relaxed)
         );
     }
     let hooks = &shared.webhooks;

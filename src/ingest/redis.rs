@@ -177,6 +177,8 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
     let mut ever_connected = false;
     let mut last_error_log: Option<Instant> = None;
     let pattern = pattern(&cfg.prefix);
+    // Cluster-wide webhook decisions: this thread's alone, kept across reconnects.
+    let mut arbiter = super::cluster::Arbiter::default();
     loop {
         let conn = cfg
             .client()
@@ -201,7 +203,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             ever_connected = true;
             backoff = Duration::from_millis(50);
             tracing::info!(redis = %cfg.redacted_url(), %pattern, "Redis ingest subscribed");
-            let err = consume(cfg, shared, &mut pubsub);
+            let err = consume(cfg, shared, &mut arbiter, &mut pubsub);
             stats.connected.store(false, Ordering::Relaxed);
             match Failure::of(&err) {
                 Failure::Unreachable => {
@@ -239,6 +241,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
 fn consume(
     cfg: &RedisConfig,
     shared: &Shared,
+    arbiter: &mut super::cluster::Arbiter,
     pubsub: &mut redis::PubSub<'_>,
 ) -> redis::RedisError {
     let stats = &shared.ingest;
@@ -250,7 +253,7 @@ fn consume(
     let mut last_tick = Instant::now();
     loop {
         if last_tick.elapsed() >= Duration::from_secs(1) {
-            super::cluster::tick(shared);
+            super::cluster::tick(shared, arbiter);
             apps = shared.apps.current();
             last_tick = Instant::now();
         }
@@ -261,7 +264,7 @@ fn consume(
         };
         let name = msg.get_channel_name();
         if Some(name) == cluster_channel {
-            super::cluster::receive(shared, msg.get_payload_bytes());
+            super::cluster::receive(shared, arbiter, msg.get_payload_bytes());
             continue;
         }
         let Some(channel) = name.strip_prefix(cfg.prefix.as_str()) else {

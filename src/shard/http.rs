@@ -10,9 +10,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::Shard;
+use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
-use crate::ingest::cluster::Wire;
 use crate::protocol::{auth, channel, depth, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::{Request, Response};
 
@@ -273,9 +273,9 @@ async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
         Route::Terminate(user) => {
             if let Some(cluster) = &shared.cluster {
                 cluster.publish(&Wire::Terminate {
-                    n: shared.node,
-                    a: app.id.clone(),
-                    u: user.clone(),
+                    node: shared.node,
+                    app: app.id.clone(),
+                    user: user.clone(),
                 });
             }
             let user_id: Arc<str> = Arc::from(user.as_str());
@@ -312,8 +312,8 @@ fn up(shard: &Shard) -> Reply {
     if let Some(cluster) = &shard.shared.cluster {
         body["cluster_node"] = json!(cluster.node.to_string());
         body["cluster_nodes"] = json!(cluster.peers().len() + 1);
-        body["cluster_published"] = json!(cluster.published.load(Relaxed));
-        body["cluster_dropped"] = json!(cluster.dropped.load(Relaxed));
+        body["cluster_published"] = json!(cluster.outbox.published.load(Relaxed));
+        body["cluster_dropped"] = json!(cluster.outbox.dropped.load(Relaxed));
     }
     (200, body.to_string())
 }
@@ -379,12 +379,12 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
             let frame = SharedFrame::event(&c.name, ch, &c.data_json);
             if let Some(cluster) = &shared.cluster {
                 cluster.publish(&Wire::Event {
-                    n: shared.node,
-                    a: app.id.clone(),
-                    c: ch.clone(),
-                    j: String::from_utf8_lossy(crate::ws::codec::payload_of(&frame.0)).into_owned(),
-                    x: c.except.map(|s| s.to_string()),
-                    k: channel::is_cache(ch),
+                    node: shared.node,
+                    app: app.id.as_str().into(),
+                    channel: ch.as_str().into(),
+                    json: String::from_utf8_lossy(crate::ws::codec::payload_of(&frame.0)),
+                    except: c.except.map(|s| s.to_string()),
+                    cache: channel::is_cache(ch),
                 });
             }
             dropped += shared.router.broadcast(Broadcast {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::cluster::{Wire, WireQuery};
 use crate::config::Config;
 use crate::fanout::frame::SharedFrame;
 pub use crate::fanout::router::ConnId;
@@ -30,7 +31,6 @@ use crate::fanout::router::{
     partition, Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart,
     RemoteCmd, Router, ShardCmd,
 };
-use crate::ingest::cluster::{Wire, WireQuery};
 use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
 use crate::webhooks;
 
@@ -56,7 +56,7 @@ pub struct Shared {
     /// This node's id: presence sockets are counted per node.
     pub node: u64,
     /// Cluster mode: talking to the other nodes.
-    pub cluster: Option<crate::ingest::cluster::Cluster>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Webhook hand-off (used when an app has webhook endpoints).
     pub webhooks: Arc<crate::webhooks::Webhooks>,
     /// TLS on the main port (replaced by a reload); `None`: plain only.
@@ -87,11 +87,11 @@ impl Shared {
             .map(|_| AtomicUsize::new(0))
             .collect();
         let webhooks = Arc::new(crate::webhooks::Webhooks::new(cfg.webhook_queue_capacity));
-        let node = crate::ingest::cluster::new_node_id();
+        let node = crate::cluster::wire::new_node_id();
         let cluster = cfg
             .cluster
             .clone()
-            .map(|channel| crate::ingest::cluster::Cluster::new(node, channel));
+            .map(|channel| Arc::new(crate::cluster::Cluster::new(node, channel)));
         let admission = admission::Admission::new(cfg.fd_reserve, cfg.max_connections_per_ip);
         Shared {
             admission,
@@ -1025,12 +1025,12 @@ impl Shard {
                 if outcome != presence::Join::Full {
                     if let Some(cluster) = &self.shared.cluster {
                         cluster.publish(&Wire::Join {
-                            n: node,
-                            a: router.app_id(app).to_owned(),
-                            c: channel.to_string(),
-                            u: user_id.to_string(),
-                            i: user_info.map(|i| i.to_string()),
-                            s: socket_id.to_string(),
+                            node,
+                            app: router.app_id(app).to_owned(),
+                            channel: channel.to_string(),
+                            user: user_id.to_string(),
+                            info: user_info.map(|i| i.to_string()),
+                            socket: socket_id.to_string(),
                         });
                     }
                 }
@@ -1076,11 +1076,11 @@ impl Shard {
                 let node = self.shared.node;
                 if let Some(cluster) = &self.shared.cluster {
                     cluster.publish(&Wire::Leave {
-                        n: node,
-                        a: router.app_id(app).to_owned(),
-                        c: channel.to_string(),
-                        u: user_id.to_string(),
-                        s: socket_id.to_string(),
+                        node,
+                        app: router.app_id(app).to_owned(),
+                        channel: channel.to_string(),
+                        user: user_id.to_string(),
+                        socket: socket_id.to_string(),
                     });
                 }
                 let had = self
@@ -1277,10 +1277,10 @@ impl Shard {
             }
         }
         cluster.publish(&Wire::Sync {
-            n: node,
-            p: self.id,
-            ps: router.shards(),
-            m,
+            node,
+            part: self.id,
+            parts: router.shards(),
+            members: m,
         });
     }
 
@@ -1367,9 +1367,9 @@ impl Shard {
             // This node's first or last subscriber: the arbiter decides the cluster-wide
             // occupied / vacated webhook (`ingest::cluster::Arbiter`).
             cluster.publish(&Wire::Hook {
-                n: self.shared.node,
-                a: self.shared.router.app_id(app).to_owned(),
-                k: crate::ingest::cluster::hook_key_channel(&channel),
+                node: self.shared.node,
+                app: self.shared.router.app_id(app).to_owned(),
+                key: crate::cluster::wire::hook_key_channel(&channel),
                 on,
             });
         }
@@ -1423,9 +1423,9 @@ impl Shard {
         if let Some(cluster) = &self.shared.cluster {
             if node_changed {
                 cluster.publish(&Wire::Hook {
-                    n: self.shared.node,
-                    a: self.shared.router.app_id(app).to_owned(),
-                    k: crate::ingest::cluster::hook_key_member(channel, user_id),
+                    node: self.shared.node,
+                    app: self.shared.router.app_id(app).to_owned(),
+                    key: crate::cluster::wire::hook_key_member(channel, user_id),
                     on,
                 });
             }
@@ -1598,11 +1598,11 @@ impl Shard {
         }
         if let (Some(cluster), true) = (&self.shared.cluster, remote > 0) {
             cluster.publish(&Wire::Query {
-                n: self.shared.node,
-                o: self.id,
+                node: self.shared.node,
+                origin: self.id,
                 id,
-                a: router.app_id(app).to_owned(),
-                k: WireQuery::from_kind(&what),
+                app: router.app_id(app).to_owned(),
+                kind: WireQuery::from_kind(&what),
             });
             sent += remote;
         }
@@ -1690,18 +1690,18 @@ async fn answer_listing(
 fn send_answer(shared: &Shared, q: Query, part: QueryPart) {
     if let (Some(node), Some(cluster)) = (q.remote, &shared.cluster) {
         cluster.publish(&Wire::Answer {
-            n: shared.node,
+            node: shared.node,
             to: node,
-            o: q.origin,
+            origin: q.origin,
             id: q.id,
-            conns: part.connections,
-            ch: part
+            connections: part.connections,
+            channels: part
                 .channels
                 .into_iter()
                 .map(|c| (c.name, c.subscriptions, c.users))
                 .collect(),
             users: part.users,
-            ct: part.channels_total,
+            channels_total: part.channels_total,
         });
         return;
     }

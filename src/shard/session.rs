@@ -392,14 +392,14 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         shard.shared.webhooks.emit(conn.app, hook);
     }
     if let Some(cluster) = &shard.shared.cluster {
-        cluster.publish(&crate::ingest::cluster::Wire::Event {
-            n: shard.shared.node,
-            a: app.id.clone(),
-            c: channel.to_owned(),
-            j: String::from_utf8_lossy(&json).into_owned(),
-            x: Some(conn.socket_id.to_string()),
+        cluster.publish(&crate::cluster::Wire::Event {
+            node: shard.shared.node,
+            app: app.id.as_str().into(),
+            channel: channel.into(),
+            json: String::from_utf8_lossy(&json),
+            except: Some(conn.socket_id.to_string()),
             // Cache channels keep what the server published, never a client's event.
-            k: false,
+            cache: false,
         });
     }
     let frame = SharedFrame::text(&json);
