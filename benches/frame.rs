@@ -90,7 +90,8 @@ criterion_main!(benches);
 fn fanout_10k(c: &mut Criterion) {
     use bts_guru::config::{Cli, Config, RawFile};
     use bts_guru::fanout::router::Broadcast;
-    use bts_guru::shard::{Shard, Shared};
+    use bts_guru::node::Shared;
+    use bts_guru::shard::Shard;
     use std::collections::HashMap;
     use std::sync::Arc;
 

@@ -27,9 +27,11 @@ pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod doctor;
+pub mod exporter;
 pub mod fanout;
 pub mod ingest;
 pub mod metrics;
+pub mod node;
 pub mod protocol;
 pub mod proxy;
 pub mod shard;
@@ -136,7 +138,7 @@ pub fn plan_io_memory(
 pub struct Running {
     /// The address every shard listens on (port 0 resolved).
     pub addr: SocketAddr,
-    pub shared: Arc<shard::Shared>,
+    pub shared: Arc<node::Shared>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -144,7 +146,7 @@ pub struct Running {
 /// and the metrics one: new connections go to other processes on the same ports), clients are
 /// closed with 4200 spread over `window`, queued frames are flushed first. Blocks until every
 /// shard finished, or `window` plus 10 s.
-pub fn drain(shared: &shard::Shared, window: Duration) {
+pub fn drain(shared: &node::Shared, window: Duration) {
     use std::sync::atomic::Ordering::SeqCst;
     shared.draining.store(true, SeqCst);
     shared.metrics_listener.close();
@@ -189,7 +191,7 @@ pub enum ReloadError {
 /// connections are closed with 4003; other apps' connections are untouched), and the TLS
 /// certificate read again. Everything else needs a restart and is listed in `needs_restart`.
 /// Nothing changes when an error is returned.
-pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadError> {
+pub fn reload(shared: &node::Shared, cfg: &Config) -> Result<Reloaded, ReloadError> {
     if cfg.dev_credentials && !shared.cfg.dev_credentials {
         return Err(ReloadError::DevCredentials);
     }
@@ -322,7 +324,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         Some(files) => Some(tls::load(files).map_err(StartError::Tls)?),
         None => None,
     };
-    let shared = shard::Shared::new(cfg);
+    let shared = node::Shared::new(cfg);
     *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
     // Until every thread has opened its descriptors: an estimate of ~16 per shard (rings,
     // eventfds, the spare descriptor), refined below.
@@ -378,7 +380,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         })?;
     }
     if let Some(addr) = shared.cfg.metrics {
-        let local = metrics::serve(addr, Arc::clone(&shared))
+        let local = exporter::serve(addr, Arc::clone(&shared))
             .map_err(|source| StartError::Bind { addr, source })?;
         tracing::info!(%local, "Prometheus metrics at http://{local}/metrics");
     }

@@ -240,7 +240,7 @@ impl PidFile {
 
 /// SIGHUP: re-reads the flags' files (`--config`, `--env-file` / `.env`) and applies what can
 /// change without a restart: apps and the TLS certificate.
-fn reload(shared: &bts_guru::shard::Shared) {
+fn reload(shared: &bts_guru::node::Shared) {
     let cfg = Invocation::try_parse()
         .map_err(|e| e.to_string())
         .and_then(|inv| {

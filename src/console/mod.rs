@@ -240,7 +240,7 @@ fn token_matches(given: &str, expected: &str) -> bool {
 async fn scrape(shard: &Shard) -> Vec<Snapshot> {
     let shared = Arc::clone(&shard.shared);
     glommio::executor()
-        .spawn_blocking(move || crate::metrics::gather(&shared))
+        .spawn_blocking(move || crate::exporter::gather(&shared))
         .await
 }
 

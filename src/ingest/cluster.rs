@@ -17,8 +17,8 @@ use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{
     Answer, Broadcast, ChannelPart, Query, QueryPart, RemoteCmd, ShardCmd,
 };
+use crate::node::Shared;
 use crate::protocol::{channel, depth, SocketId};
-use crate::shard::Shared;
 
 /// Decides which node sends each cluster-wide webhook, once.
 ///

@@ -12,7 +12,7 @@
 //! with a backoff capped at one second and resubscribes; pub/sub has no replay, so what was
 //! published meanwhile is lost and nothing is delivered twice.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,22 +22,8 @@ use simd_json::BorrowedValue;
 use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::Broadcast;
+use crate::node::Shared;
 use crate::protocol::{channel, depth, outbound, SocketId};
-use crate::shard::Shared;
-
-/// Counters shared with the shards (read on `/up`; written by the ingest thread only).
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    pub enabled: AtomicBool,
-    pub connected: AtomicBool,
-    /// Successful (re)subscriptions after the first.
-    pub reconnects: AtomicU64,
-    pub events: AtomicU64,
-    /// Messages that were not Laravel's payload shape, or named an invalid channel.
-    pub malformed: AtomicU64,
-    /// Shard copies dropped because a shard's inbox was full.
-    pub dropped: AtomicU64,
-}
 
 /// Why a Redis message was not turned into an event.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

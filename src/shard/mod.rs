@@ -17,101 +17,26 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::cluster::{Wire, WireQuery};
-use crate::config::Config;
 use crate::fanout::frame::SharedFrame;
 pub use crate::fanout::router::ConnId;
 use crate::fanout::router::{
     partition, Answer, Broadcast, ChannelPart, Joined, PresenceOp, Query, QueryKind, QueryPart,
-    RemoteCmd, Router, ShardCmd,
+    RemoteCmd, ShardCmd,
 };
+use crate::node::Shared;
 use crate::protocol::{channel, outbound, ChannelKind, PusherError, SocketId};
 use crate::webhooks;
 
 pub use conn::Conn;
 use conn::Extra;
 use index::SubscriptionIndex;
-
-/// State every shard reads and none owns: configuration, the router, per-app connection
-/// counters (touched on connect and disconnect only, never per event).
-pub struct Shared {
-    pub cfg: Config,
-    pub router: Router,
-    /// Live connections per app slot, all shards together (for REVERB_APP_MAX_CONNECTIONS).
-    pub app_conns: Box<[AtomicUsize]>,
-    /// Channels with subscribers per app slot, summed over shards (each shard's index entries),
-    /// for the app's `max_channels`. Touched when a shard's index gains or loses a channel,
-    /// never per event.
-    pub app_channels: Box<[AtomicUsize]>,
-    /// The app table (replaced by a reload); shards keep their own copy of it.
-    pub apps: Arc<crate::apps::Apps>,
-    /// Redis ingest state and counters (written by the ingest thread).
-    pub ingest: crate::ingest::redis::IngestStats,
-    /// This node's id: presence sockets are counted per node.
-    pub node: u64,
-    /// Cluster mode: talking to the other nodes.
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
-    /// Webhook hand-off (used when an app has webhook endpoints).
-    pub webhooks: Arc<crate::webhooks::Webhooks>,
-    /// TLS on the main port (replaced by a reload); `None`: plain only.
-    pub tls: std::sync::RwLock<Option<Arc<rustls::ServerConfig>>>,
-    /// Set when a drain starts: readiness turns false.
-    pub draining: std::sync::atomic::AtomicBool,
-    /// Shards that finished draining.
-    pub drained: AtomicUsize,
-    /// The /metrics listener, closed when a drain starts.
-    pub metrics_listener: crate::metrics::Listener,
-    /// Shards whose listener a drain has closed.
-    pub listeners_closed: AtomicUsize,
-    /// The socket budget, per-IP counts and refusal counters (touched on accept and close).
-    pub admission: admission::Admission,
-}
-
-impl Shared {
-    pub fn new(cfg: Config) -> Shared {
-        let app_ids = cfg.apps.iter().map(|a| a.id.clone()).collect();
-        let router = Router::new(cfg.shards(), cfg.inbox_capacity, app_ids);
-        let apps = Arc::new(crate::apps::Apps::new(crate::apps::AppSet::new(
-            cfg.apps.clone(),
-        )));
-        let app_conns = (0..crate::apps::MAX_APP_SLOTS)
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let app_channels = (0..crate::apps::MAX_APP_SLOTS)
-            .map(|_| AtomicUsize::new(0))
-            .collect();
-        let webhooks = Arc::new(crate::webhooks::Webhooks::new(cfg.webhook_queue_capacity));
-        let node = crate::cluster::wire::new_node_id();
-        let cluster = cfg
-            .cluster
-            .clone()
-            .map(|channel| Arc::new(crate::cluster::Cluster::new(node, channel)));
-        let admission = admission::Admission::new(cfg.fd_reserve, cfg.max_connections_per_ip);
-        Shared {
-            admission,
-            cfg,
-            router,
-            apps,
-            app_conns,
-            ingest: Default::default(),
-            node,
-            cluster,
-            webhooks,
-            app_channels,
-            tls: Default::default(),
-            draining: Default::default(),
-            drained: AtomicUsize::new(0),
-            metrics_listener: Default::default(),
-            listeners_closed: AtomicUsize::new(0),
-        }
-    }
-}
 
 #[derive(Default)]
 struct Slab {
