@@ -345,16 +345,23 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         shared.admission.set_budget(budget, reserve);
     }
     let shared = Arc::new(shared);
+    // The console registers its routes with every shard (none when it is off).
+    let routes = shared
+        .cfg
+        .console
+        .is_some()
+        .then(|| Arc::new(console::ConsoleRoutes) as Arc<dyn shard::http::RouteHook>);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
     for (id, listener) in listeners.into_iter().enumerate() {
         let cpu = shared.cfg.shard_cpus[id];
         let shared2 = Arc::clone(&shared);
         let ready = ready_tx.clone();
+        let routes = routes.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("bts-shard-{id}"))
             .io_memory(io_memory)
-            .spawn(move || shard::run(id, shared2, listener, ready))
+            .spawn(move || shard::run(id, shared2, listener, ready, routes))
             .map_err(|e| StartError::Executor {
                 shard: id,
                 cpu,

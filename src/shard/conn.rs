@@ -917,7 +917,7 @@ async fn handshake<S: Stream>(
     hop: IpAddr,
     ticket: &Ticket,
 ) -> Option<(usize, AppConnGuard, Vec<u8>)> {
-    let (req, leftover) = http_phase(shard, stream, Some(hop)).await?;
+    let (req, leftover) = http_phase(shard, stream, hop).await?;
     let Some(ws_key) = req
         .ws_key
         .as_deref()
@@ -982,7 +982,7 @@ async fn handshake<S: Stream>(
 async fn http_phase<S: Stream>(
     shard: &Shard,
     stream: &mut S,
-    peer: Option<std::net::IpAddr>,
+    peer: IpAddr,
 ) -> Option<(Request, Vec<u8>)> {
     let cfg = &shard.shared.cfg;
     let limit = cfg.handshake_timeout;

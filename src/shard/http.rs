@@ -1,9 +1,13 @@
 //! The Pusher HTTP API, served by whichever shard accepted the request: signed publishes
 //! (`events`, `batch_events`) handed to every shard through the router; signed reads (channels,
 //! one channel, its users, connections) answered from every shard's part; user termination;
-//! `GET /up`; and, when enabled, the debug console's routes (`crate::console`).
+//! `GET /up` and `GET /ready`; and the routes a hook installed at start-up claims (the debug
+//! console's, when it is on: [`RouteHook`]).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -98,21 +102,32 @@ pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)>
     out
 }
 
+/// HTTP routes served beside the API, installed on every shard at start-up (`lib::run`: the
+/// debug console's, when it is on). A shard asks it only about the paths it claims, so no
+/// other request pays for it, and without one installed nothing is asked at all.
+pub trait RouteHook: Send + Sync {
+    /// Whether `path` is one of these routes (a prefix check, asked of every HTTP request).
+    fn claims(&self, path: &str) -> bool;
+    /// The answer to a request it claims; `peer` is the client's address. Boxed: only these
+    /// requests pay for the future.
+    fn handle<'a>(
+        &'a self,
+        shard: &'a Shard,
+        req: &'a Request,
+        peer: IpAddr,
+    ) -> Pin<Box<dyn Future<Output = Response> + 'a>>;
+}
+
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
 /// Answers one HTTP request, and counts it by endpoint and status.
-pub(super) async fn handle(
-    shard: &Shard,
-    req: &Request,
-    body: &[u8],
-    peer: Option<std::net::IpAddr>,
-) -> Response {
-    let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
-        // Boxed: only console requests pay for its future, not every connection's handshake.
-        Box::pin(crate::console::handle(shard, req, peer)).await
-    } else {
-        let (status, body) = route(shard, req, body).await;
-        Response::json(status, body)
+pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8], peer: IpAddr) -> Response {
+    let reply = match shard.route_hook(&req.path) {
+        Some(hook) => hook.handle(shard, req, peer).await,
+        None => {
+            let (status, body) = route(shard, req, body).await;
+            Response::json(status, body)
+        }
     };
     count(shard, req, reply.status);
     reply
@@ -133,7 +148,7 @@ fn count(shard: &Shard, req: &Request, status: u16) {
 /// request is refused whatever its body (unknown path or app, wrong method, missing or bad
 /// signature, stale timestamp), counted like any other; `None` when the body is needed.
 pub(super) fn refuse_before_body(shard: &Shard, req: &Request) -> Option<Response> {
-    if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
+    if shard.route_hook(&req.path).is_some() {
         return None;
     }
     let (status, body) = match resolve(shard, req) {

@@ -8,7 +8,7 @@
 pub mod admission;
 pub mod cache;
 pub mod conn;
-pub(crate) mod http;
+pub mod http;
 pub mod index;
 pub mod presence;
 mod session;
@@ -164,6 +164,8 @@ pub struct Shard {
     pub stats: Stats,
     /// This shard's admitted sockets by client address, for the fairness rule.
     admission: RefCell<admission::Local>,
+    /// Routes served beside the HTTP API (the console's), installed by `run`.
+    routes: Option<Arc<dyn http::RouteHook>>,
 }
 
 /// One app's settings, from the shard's app table of the moment.
@@ -253,7 +255,13 @@ impl Shard {
             rng: Cell::new(seed),
             stats: Stats::default(),
             admission: RefCell::default(),
+            routes: None,
         }
+    }
+
+    /// The installed route hook, if it claims `path`.
+    pub(crate) fn route_hook(&self, path: &str) -> Option<&dyn http::RouteHook> {
+        self.routes.as_deref().filter(|r| r.claims(path))
     }
 
     /// This shard's current app table.
@@ -1664,16 +1672,20 @@ fn top<'a>(
 }
 
 /// Runs shard `id` on the current glommio executor: starts its accept loop and liveness sweep,
-/// reports readiness, then serves its inbox forever.
+/// reports readiness, then serves its inbox forever. `routes`: what its HTTP phase serves beside
+/// the API (the console's).
 pub async fn run(
     id: usize,
     shared: Arc<Shared>,
     listener: socket2::Socket,
     ready: std::sync::mpsc::Sender<usize>,
+    routes: Option<Arc<dyn http::RouteHook>>,
 ) {
     let dup = listener.try_clone().ok();
     let listener = crate::sys::into_glommio_listener(listener);
-    let shard = Rc::new(Shard::new(id, shared));
+    let mut shard = Shard::new(id, shared);
+    shard.routes = routes;
+    let shard = Rc::new(shard);
     *shard.listener.borrow_mut() = dup;
     let accept = glommio::spawn_local(accept_loop(Rc::clone(&shard), listener));
     *shard.accept_task.borrow_mut() = Some(accept);
