@@ -292,7 +292,7 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     body["scoreboard"] = json!(crate::simulate::sport_channels());
     match parts {
         Some(parts) => {
-            let merged = crate::shard::http::merge(&parts);
+            let merged = crate::shard::merge(&parts);
             // Exact while every shard listed all its channels; beyond, at least the largest
             // shard's count (a channel with subscribers on several shards is one channel).
             let complete = parts

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::Shard;
+use super::{merge, Shard};
 use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
+use crate::fanout::router::{Broadcast, QueryKind, ShardCmd};
 use crate::protocol::{auth, channel, depth, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::{Request, Response};
 
@@ -83,23 +83,6 @@ type Reply = (u16, String);
 
 fn err(status: u16, msg: &str) -> Reply {
     (status, json!({ "error": msg }).to_string())
-}
-
-/// Totals per channel from every shard's part: (subscriptions, presence users).
-pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
-    let mut out: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
-    for p in parts {
-        for c in &p.channels {
-            let e = out.entry(c.name.clone()).or_default();
-            e.0 += c.subscriptions;
-            // Every node's owner shard knows the whole channel's members: take the largest
-            // (they agree once the cluster has settled).
-            if c.users.is_some() {
-                e.1 = e.1.max(c.users);
-            }
-        }
-    }
-    out
 }
 
 /// HTTP routes served beside the API, installed on every shard at start-up (`lib::run`: the
