@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{admission, conn, http, pacing, Shard};
+use super::{accept, admission, http, pacing, Shard};
 use crate::node::Shared;
 use crate::protocol::PusherError;
 
@@ -237,7 +237,7 @@ pub(super) fn admit_and_serve(shard: &Rc<Shard>, stream: glommio::net::TcpStream
     let trusted = shard.shared.cfg.trusted_proxies.contains(peer.ip());
     match admission::admit(shard, peer.ip(), trusted) {
         Ok((ticket, made_room)) => {
-            glommio::spawn_local(conn::serve(Rc::clone(shard), stream, peer, ticket)).detach();
+            glommio::spawn_local(accept::serve(Rc::clone(shard), stream, peer, ticket)).detach();
             !made_room
         }
         Err(why) => {

@@ -14,12 +14,14 @@
 //! inbox (`fanout::router`). Nothing here is `Send`; there is no lock, `Arc` or atomic on the
 //! per-event path (the `Arc<Shared>` is read-only configuration, dereferenced without atomics).
 
+mod accept;
 pub mod admission;
 pub mod cache;
 pub mod conn;
 pub mod http;
 pub mod index;
 mod lifecycle;
+mod outqueue;
 mod owner;
 mod pacing;
 pub mod presence;
