@@ -11,8 +11,10 @@
 //! scraper that trickles bytes can delay nobody.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -312,19 +314,27 @@ pub fn gather(shared: &Shared) -> Vec<Snapshot> {
 }
 
 /// Prometheus text exposition format 0.0.4.
+/// Prometheus text exposition format 0.0.4: every shard's snapshot summed, with the node's own
+/// counters (ingest, cluster, webhooks, admission).
 pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
-    use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
     let mut o = String::with_capacity(4096);
-    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(
-        &mut o,
-        "bts_connections",
-        "gauge",
-        "Open WebSocket connections.",
-    );
+    render_connections(&mut o, shared, snaps);
+    render_traffic(&mut o, shared, snaps);
+    render_drops(&mut o, shared, snaps);
+    shared.admission.render(&mut o);
+    render_ingest(&mut o, shared);
+    render_requests(&mut o, snaps);
+    o
+}
+
+/// `# HELP` and `# TYPE` of one metric family.
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Connections, channels and subscriptions.
+fn render_connections(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
+    family(o, "bts_connections", "gauge", "Open WebSocket connections.");
     for s in snaps {
         for (app, n) in s.connections.iter().enumerate() {
             let _ = writeln!(
@@ -336,7 +346,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         }
     }
     family(
-        &mut o,
+        o,
         "bts_connects_total",
         "counter",
         "WebSocket connections accepted.",
@@ -347,7 +357,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         snaps.iter().map(|s| s.connects).sum::<u64>()
     );
     family(
-        &mut o,
+        o,
         "bts_disconnects_total",
         "counter",
         "Connections ended, by close code (1006: no close frame).",
@@ -362,7 +372,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         let _ = writeln!(o, "bts_disconnects_total{{code=\"{code}\"}} {n}");
     }
     family(
-        &mut o,
+        o,
         "bts_channels",
         "gauge",
         "Channels with subscribers, by type (summed over shards).",
@@ -379,7 +389,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         let _ = writeln!(o, "bts_channels{{type=\"{kind}\"}} {c}");
     }
     family(
-        &mut o,
+        o,
         "bts_subscriptions",
         "gauge",
         "Subscriptions, by channel type.",
@@ -387,8 +397,12 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
     for (kind, (_, subs)) in &chans {
         let _ = writeln!(o, "bts_subscriptions{{type=\"{kind}\"}} {subs}");
     }
+}
+
+/// Events in by source, frames and bytes out, slow consumers.
+fn render_traffic(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
     family(
-        &mut o,
+        o,
         "bts_events_in_total",
         "counter",
         "Events received, by source.",
@@ -410,7 +424,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         );
     }
     family(
-        &mut o,
+        o,
         "bts_frames_out_total",
         "counter",
         "WebSocket frames written to sockets.",
@@ -421,7 +435,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         snaps.iter().map(|s| s.frames_out).sum::<u64>()
     );
     family(
-        &mut o,
+        o,
         "bts_socket_writes_total",
         "counter",
         "Socket writes (sendmsg calls and send-ring entries) that carried the frames; \
@@ -433,7 +447,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         snaps.iter().map(|s| s.writes_out).sum::<u64>()
     );
     family(
-        &mut o,
+        o,
         "bts_bytes_out_total",
         "counter",
         "Bytes written to sockets.",
@@ -444,7 +458,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         snaps.iter().map(|s| s.bytes_out).sum::<u64>()
     );
     family(
-        &mut o,
+        o,
         "bts_slow_consumer_closes_total",
         "counter",
         "Connections closed with 4100 for falling behind.",
@@ -454,8 +468,12 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         "bts_slow_consumer_closes_total {}",
         snaps.iter().map(|s| s.slow_consumer_closes).sum::<u64>()
     );
+}
+
+/// What was dropped or refused: queue overflows, webhook events, subscribes; webhook outcomes.
+fn render_drops(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
     family(
-        &mut o,
+        o,
         "bts_queue_overflows_total",
         "counter",
         "Commands dropped because a queue was full, by queue.",
@@ -486,7 +504,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         hooks.dropped.load(Relaxed)
     );
     family(
-        &mut o,
+        o,
         "bts_webhook_events_dropped_total",
         "counter",
         "Webhook events dropped (queue, hold-back or retry budget full, or retries exhausted), \
@@ -504,7 +522,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         );
     }
     family(
-        &mut o,
+        o,
         "bts_subscribes_refused_total",
         "counter",
         "Subscribes refused, by reason: rate_limit (4301, the app's subscription_changes_*), \
@@ -520,7 +538,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         let _ = writeln!(o, "bts_subscribes_refused_total{{reason=\"{reason}\"}} {n}");
     }
     family(
-        &mut o,
+        o,
         "bts_webhooks_total",
         "counter",
         "Webhook requests, by outcome.",
@@ -535,10 +553,13 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         "bts_webhooks_total{{outcome=\"failed\"}} {}",
         hooks.failed.load(Relaxed)
     );
-    shared.admission.render(&mut o);
+}
+
+/// The Redis ingest, when it is on.
+fn render_ingest(o: &mut String, shared: &Shared) {
     if shared.ingest.enabled.load(Relaxed) {
         family(
-            &mut o,
+            o,
             "bts_redis_connected",
             "gauge",
             "1 while the Redis ingest is subscribed.",
@@ -549,7 +570,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
             u8::from(shared.ingest.connected.load(Relaxed))
         );
         family(
-            &mut o,
+            o,
             "bts_redis_reconnects_total",
             "counter",
             "Redis ingest resubscriptions after a drop.",
@@ -560,7 +581,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
             shared.ingest.reconnects.load(Relaxed)
         );
         family(
-            &mut o,
+            o,
             "bts_redis_malformed_total",
             "counter",
             "Redis messages that were not Laravel broadcasts.",
@@ -571,8 +592,12 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
             shared.ingest.malformed.load(Relaxed)
         );
     }
+}
+
+/// HTTP API requests and the delivery-latency histogram.
+fn render_requests(o: &mut String, snaps: &[Snapshot]) {
     family(
-        &mut o,
+        o,
         "bts_http_requests_total",
         "counter",
         "HTTP API requests, by endpoint and status.",
@@ -589,7 +614,7 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
             "bts_http_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
         );
     }
-    family(&mut o, "bts_delivery_latency_seconds", "histogram", "From an event's arrival (HTTP, Redis, client, other node) to its frames written on this node.");
+    family(o, "bts_delivery_latency_seconds", "histogram", "From an event's arrival (HTTP, Redis, client, other node) to its frames written on this node.");
     let mut all = new_histogram();
     for s in snaps {
         let _ = all.add(&s.latency);
@@ -615,5 +640,4 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
         .sum();
     let _ = writeln!(o, "bts_delivery_latency_seconds_sum {}", sum_us / 1e6);
     let _ = writeln!(o, "bts_delivery_latency_seconds_count {}", all.len());
-    o
 }

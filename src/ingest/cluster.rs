@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::cluster::{Cluster, Wire, NODE_TIMEOUT};
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{
-    Answer, Broadcast, ChannelPart, Query, QueryPart, RemoteCmd, ShardCmd,
+    Answer, Broadcast, ChannelPart, Query, QueryKind, QueryPart, RemoteCmd, ShardCmd,
 };
 use crate::node::Shared;
 use crate::protocol::{channel, depth, SocketId};
@@ -283,45 +283,27 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
             user,
             info,
             socket,
-        } => {
-            let Some(app) = router.app_index(&app) else {
-                return;
-            };
-            let owner = router.owner(app, &channel);
-            let _ = router.try_push(
-                owner,
-                ShardCmd::Remote(RemoteCmd::Join {
-                    node,
-                    app,
-                    channel: Arc::from(channel.as_str()),
-                    user_id: Arc::from(user.as_str()),
-                    user_info: info.map(|i| Arc::from(i.as_str())),
-                    socket_id: SocketId::parse(&socket),
-                }),
-            );
-        }
+        } => to_owner(shared, &app, &channel, |app, channel| RemoteCmd::Join {
+            node,
+            app,
+            channel,
+            user_id: Arc::from(user.as_str()),
+            user_info: info.map(|i| Arc::from(i.as_str())),
+            socket_id: SocketId::parse(&socket),
+        }),
         Wire::Leave {
             node,
             app,
             channel,
             user,
             socket,
-        } => {
-            let Some(app) = router.app_index(&app) else {
-                return;
-            };
-            let owner = router.owner(app, &channel);
-            let _ = router.try_push(
-                owner,
-                ShardCmd::Remote(RemoteCmd::Leave {
-                    node,
-                    app,
-                    channel: Arc::from(channel.as_str()),
-                    user_id: Arc::from(user.as_str()),
-                    socket_id: SocketId::parse(&socket),
-                }),
-            );
-        }
+        } => to_owner(shared, &app, &channel, |app, channel| RemoteCmd::Leave {
+            node,
+            app,
+            channel,
+            user_id: Arc::from(user.as_str()),
+            socket_id: SocketId::parse(&socket),
+        }),
         Wire::Sync {
             node,
             part,
@@ -363,19 +345,7 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
             let Some(app) = router.app_index(&app) else {
                 return;
             };
-            let what = kind.into_kind();
-            for shard in 0..router.shards() {
-                let _ = router.try_push(
-                    shard,
-                    ShardCmd::Query(Query {
-                        id,
-                        origin,
-                        app,
-                        what: what.clone(),
-                        remote: Some(node),
-                    }),
-                );
-            }
+            ask_shards(shared, node, origin, id, app, kind.into_kind());
         }
         Wire::Answer {
             to,
@@ -415,6 +385,40 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
                 user_id: Arc::clone(&user_id),
             });
         }
+    }
+}
+
+/// A presence change for the shard that owns `channel` of the app with id `app_id` (if this node
+/// has that app).
+fn to_owner(
+    shared: &Shared,
+    app_id: &str,
+    channel: &str,
+    cmd: impl FnOnce(usize, Arc<str>) -> RemoteCmd,
+) {
+    let router = &shared.router;
+    let Some(app) = router.app_index(app_id) else {
+        return;
+    };
+    let owner = router.owner(app, channel);
+    let _ = router.try_push(owner, ShardCmd::Remote(cmd(app, Arc::from(channel))));
+}
+
+/// Another node's HTTP API read: every shard of this node answers its part to shard `origin`
+/// of node `node`, through Redis.
+fn ask_shards(shared: &Shared, node: u64, origin: usize, id: u64, app: usize, what: QueryKind) {
+    let router = &shared.router;
+    for shard in 0..router.shards() {
+        let _ = router.try_push(
+            shard,
+            ShardCmd::Query(Query {
+                id,
+                origin,
+                app,
+                what: what.clone(),
+                remote: Some(node),
+            }),
+        );
     }
 }
 
