@@ -115,7 +115,7 @@ fn fanout_10k(c: &mut Criterion) {
             shard.bench_fanout(Broadcast {
                 app: 0,
                 channel: Arc::clone(&channel),
-                frame: frame.0.clone(),
+                frame: frame.bytes.clone(),
                 except: None,
                 cache: false,
                 created: std::time::Instant::now(),

@@ -15,9 +15,9 @@ use serde_json::Value;
 use crate::cluster::{Cluster, Wire, NODE_TIMEOUT};
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{
-    Answer, Broadcast, ChannelPart, Query, QueryKind, QueryPart, RemoteCmd, ShardCmd,
+    Answer, ChannelPart, Query, QueryKind, QueryPart, RemoteCmd, ShardCmd,
 };
-use crate::node::Shared;
+use crate::node::{Event, Shared};
 use crate::protocol::{channel, depth, SocketId};
 
 /// Decides which node sends each cluster-wide webhook, once.
@@ -267,13 +267,12 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
             if channel::validate(&channel).is_err() {
                 return;
             }
-            router.broadcast(Broadcast {
+            shared.deliver(Event {
                 app,
-                channel: Arc::from(&*channel),
-                frame: SharedFrame::text(json.as_bytes()).0,
+                channel: &channel,
+                frame: SharedFrame::text(json.as_bytes()),
                 except: except.as_deref().and_then(SocketId::parse),
                 cache,
-                created: std::time::Instant::now(),
             });
         }
         Wire::Join {

@@ -21,8 +21,7 @@ use simd_json::BorrowedValue;
 
 use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::Broadcast;
-use crate::node::Shared;
+use crate::node::{Event, Shared};
 use crate::protocol::{channel, depth, outbound, SocketId};
 
 /// Why a Redis message was not turned into an event.
@@ -282,14 +281,13 @@ fn consume(
             continue;
         }
         stats.events.fetch_add(1, Ordering::Relaxed);
-        let frame = SharedFrame::event(&ev.event, channel, &ev.data_json);
-        let dropped = shared.router.broadcast(Broadcast {
+        // Every node consumes Redis itself: delivered here only, never replicated.
+        let dropped = shared.deliver(Event {
             app: cfg.app,
-            channel: Arc::from(channel),
-            frame: frame.0,
+            channel,
+            frame: SharedFrame::event(&ev.event, channel, &ev.data_json),
             except: ev.except,
             cache: channel::is_cache(channel),
-            created: std::time::Instant::now(),
         });
         if dropped > 0 {
             stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);

@@ -6,6 +6,7 @@
 //! touched per event except the router's inboxes.
 
 pub mod admission;
+mod publish;
 
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::Config;
 use crate::fanout::router::Router;
 pub use admission::Admission;
+pub use publish::Event;
 
 /// State every shard reads and none owns: configuration, the router, per-app connection
 /// counters (touched on connect and disconnect only, never per event).

@@ -16,7 +16,8 @@ use serde_json::{json, Map, Value};
 use super::{merge, Shard};
 use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, QueryKind, ShardCmd};
+use crate::fanout::router::{QueryKind, ShardCmd};
+use crate::node::Event;
 use crate::protocol::{auth, channel, depth, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::{Request, Response};
 
@@ -374,24 +375,12 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
     let mut dropped = 0;
     for c in &checked {
         for ch in &c.channels {
-            let frame = SharedFrame::event(&c.name, ch, &c.data_json);
-            if let Some(cluster) = &shared.cluster {
-                cluster.publish(&Wire::Event {
-                    node: shared.node,
-                    app: app.id.as_str().into(),
-                    channel: ch.as_str().into(),
-                    json: String::from_utf8_lossy(crate::ws::codec::payload_of(&frame.0)),
-                    except: c.except.map(|s| s.to_string()),
-                    cache: channel::is_cache(ch),
-                });
-            }
-            dropped += shared.router.broadcast(Broadcast {
+            dropped += shared.publish(Event {
                 app: app_idx,
-                channel: Arc::from(ch.as_str()),
-                frame: frame.0,
+                channel: ch,
+                frame: SharedFrame::event(&c.name, ch, &c.data_json),
                 except: c.except,
                 cache: channel::is_cache(ch),
-                created: std::time::Instant::now(),
             });
         }
     }

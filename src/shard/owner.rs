@@ -5,12 +5,12 @@
 //! node's share for the other nodes.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::{presence, Shard};
 use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, ConnId, Joined, PresenceOp, ShardCmd};
+use crate::fanout::router::{ConnId, Joined, PresenceOp, ShardCmd};
+use crate::node::Event;
 use crate::protocol::{outbound, ChannelKind, SocketId};
 use crate::webhooks;
 
@@ -121,7 +121,7 @@ impl Shard {
                         &channel,
                         &snapshot,
                     );
-                    Ok(SharedFrame::text(&json).0)
+                    Ok(SharedFrame::text(&json).bytes)
                 };
                 let new_member = outcome == presence::Join::NewMember;
                 let reply = Joined {
@@ -212,13 +212,12 @@ impl Shard {
         except: Option<SocketId>,
     ) {
         let json = outbound::channel_event_str(event, &channel, data);
-        self.shared.router.broadcast(Broadcast {
+        self.shared.deliver(Event {
             app,
-            channel,
-            frame: SharedFrame::text(&json).0,
+            channel: &channel,
+            frame: SharedFrame::text(&json),
             except,
             cache: false,
-            created: Instant::now(),
         });
     }
 

@@ -9,7 +9,8 @@ use std::time::Instant;
 use super::{Conn, Shard};
 use crate::config::ClientEvents;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, PresenceOp, ShardCmd};
+use crate::fanout::router::{PresenceOp, ShardCmd};
+use crate::node::Event;
 use crate::protocol::inbound::{self, ClientMessage};
 use crate::protocol::members::{parse_channel_data, parse_user_data};
 use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError};
@@ -391,28 +392,16 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         }
         shard.shared.webhooks.emit(conn.app, hook);
     }
-    if let Some(cluster) = &shard.shared.cluster {
-        cluster.publish(&crate::cluster::Wire::Event {
-            node: shard.shared.node,
-            app: app.id.as_str().into(),
-            channel: channel.into(),
-            json: String::from_utf8_lossy(&json),
-            except: Some(conn.socket_id.to_string()),
-            // Cache channels keep what the server published, never a client's event.
-            cache: false,
-        });
-    }
-    let frame = SharedFrame::text(&json);
-    shard.shared.router.broadcast(Broadcast {
+    shard.shared.publish(Event {
         app: conn.app,
-        channel: Arc::from(channel),
-        frame: frame.0,
+        channel,
+        frame: SharedFrame::text(&json),
         // Never echoed to the sender.
         except: Some(conn.socket_id),
-        // A cache channel's cached event is the last one its server published: a client event
-        // would otherwise replace it for the whole TTL (Pusher caches server events only).
+        // A cache channel's cached event is the last one its server published (in a cluster,
+        // on every node): a client event would otherwise replace it for the whole TTL (Pusher
+        // caches server events only).
         cache: false,
-        created: std::time::Instant::now(),
     });
 }
 
