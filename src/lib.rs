@@ -1,45 +1,77 @@
 //! bts-guru: a thread-per-core WebSocket broadcast server speaking the Pusher Channels protocol
 //! 7 and the Pusher HTTP API, a drop-in replacement for Laravel Reverb.
 //!
-//! # Layout, in data-flow order
-//! - [`config`]: CLI flags, Reverb's environment names and a TOML file, resolved into a validated
-//!   [`config::Config`]. No sockets, no threads.
+//! # Layout, in layers
+//! Each module imports only from the layers above it in this list (no import circles); the
+//! list follows the data: pure formats, configuration, counters, the hand-off to the shards,
+//! the node-wide context, the shards, then what feeds and watches them.
 //! - [`protocol`]: the Pusher wire contract (channel names, signatures, client and server
 //!   messages, error codes). Pure: no I/O, no clock.
-//! - [`ws`]: WebSocket handshake and frame codec. Knows nothing of Pusher.
+//! - [`ws`]: WebSocket handshake, chunked bodies and frame codec. Knows nothing of Pusher.
+//! - [`sys`]: the only `unsafe`: vectored `sendmsg`, the send ring, listener hand-off,
+//!   affinity, rlimits, the allocator.
 //! - [`proxy`]: PROXY protocol headers, trusted proxies and `X-Forwarded-For`. Pure.
-//! - [`ingest`]: producers outside the WebSocket port: Laravel's redis broadcaster, consumed on
-//!   a dedicated pinned thread.
-//! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
-//! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
-//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
+//! - [`config`]: CLI flags, Reverb's environment names and a TOML file, resolved into a validated
+//!   [`config::Config`]. No sockets, no threads.
+//! - [`apps`]: the app table, replaceable at run time (slots never reused).
+//! - [`tls`]: rustls configuration from PEM files.
+//! - [`metrics`]: plain counters (thread-local write counters, a shard's scrape `Snapshot`).
+//! - [`fanout`]: frames each event once; every shard's bounded inbox and the commands it carries.
+//! - [`webhooks`]: Pusher webhooks on their own thread, bounded per class.
+//! - [`cluster`]: the cluster's wire format and the outbox shards publish through.
+//! - [`node`]: what every shard and thread shares (`node::Shared`), and the one publish call.
+//! - [`shard`]: one per core: listener, HTTP phase and API, connections, subscription index,
+//!   owner-shard state, fan-out and writes.
+//! - [`ingest`]: Laravel's Redis broadcaster and the cluster receiver, on one pinned thread.
+//! - [`exporter`]: `/metrics` on its own listener.
 //! - [`simulate`]: `bts-guru simulate`, a live-sports feed publishing through the HTTP API or Redis.
-//! - [`console`]: the debug console page at `/console` (off by default) and `bts-guru demo`.
 //! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
-//! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
+//! - [`console`]: the debug console page at `/console` (off by default), registered with the
+//!   shards through their route hook, and `bts-guru demo`.
+//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
 //!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
 
-pub mod apps;
-pub mod bench;
-pub mod cluster;
-pub mod config;
-pub mod console;
-pub mod doctor;
-pub mod exporter;
-pub mod fanout;
-pub mod ingest;
-pub mod metrics;
-pub mod node;
+// Layer 1, pure: formats and the only `unsafe`.
 pub mod protocol;
 pub mod proxy;
-pub mod shard;
-pub mod simulate;
 pub mod sys;
-pub mod tls;
-pub mod webhooks;
 pub mod ws;
+
+// Layer 2: the server's configuration, then what is built from it.
+pub mod config;
+
+pub mod apps;
+pub mod tls;
+
+// Layer 3: plain counters.
+pub mod metrics;
+
+// Layer 4: the hand-off to the shards.
+pub mod fanout;
+
+// Layer 5: beside it, the other hand-offs.
+pub mod cluster;
+pub mod webhooks;
+
+// Layer 6: the node-wide context.
+pub mod node;
+
+// Layer 7: the shards.
+pub mod shard;
+
+// Layer 8: what feeds and watches them.
+pub mod exporter;
+pub mod ingest;
+
+// Layer 9: the tools beside the server (the console's demo runs the simulator).
+pub mod doctor;
+pub mod simulate;
+
+pub mod console;
+
+pub mod bench;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

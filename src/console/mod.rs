@@ -3,7 +3,7 @@
 //! it polls every second (`/console/api/stats`).
 //!
 //! The stats come from the machinery `/metrics` and the HTTP API already use: a scrape of every
-//! shard (`metrics::gather`, run on glommio's blocking pool so this shard stays free to answer its
+//! shard (`exporter::gather`, run on glommio's blocking pool so this shard stays free to answer its
 //! own part) and a channel query across shards (`Shard::query`). The page's live parts (the
 //! scoreboard and the event tail) are not served from here: the page subscribes with pusher-js,
 //! vendored in `assets/` and embedded in the binary, over the ordinary `/app/{key}` WebSocket.

@@ -1,5 +1,6 @@
-//! One bounded inbox per shard, fed from any thread (other shards' HTTP API handlers today; the
-//! Redis ingest thread later) and drained by its shard.
+//! One bounded inbox per shard, fed from any thread (shards, the Redis ingest thread, reloads
+//! and drains; events through `node::Shared::deliver`) and drained by its shard; and the closed
+//! set of commands it carries (`ShardCmd`), with the ids they name (`ConnId`).
 //!
 //! A crossbeam `ArrayQueue` plus an `AtomicWaker`: measured in `docs/glommio-findings.md` §2 to
 //! beat glommio's own channels, and the only option a plain std thread can feed. The queue wakes
