@@ -1,3 +1,6 @@
+//! Configuration tests: every source (flags, environment, `.env`, TOML) through `resolve`, its
+//! precedence, its defaults, and each refusal by name.
+
 use super::*;
 use std::collections::HashMap;
 
