@@ -5,9 +5,9 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 
 use bts_guru::fanout::frame::SharedFrame;
+use bts_guru::fanout::router::ConnId;
 use bts_guru::protocol::{auth, inbound, outbound};
 use bts_guru::shard::index::SubscriptionIndex;
-use bts_guru::shard::ConnId;
 
 const MATCH_UPDATE: &str = r#"{"match_id":12345,"sport_id":"football","league_id":"premier-league","status":"live","home_team":{"id":101,"name":"Team A","score":2},"away_team":{"id":102,"name":"Team B","score":1},"period":"2nd Half","time":"75:00","last_updated":"2025-05-14T01:35:00Z"}"#;
 
@@ -90,7 +90,8 @@ criterion_main!(benches);
 fn fanout_10k(c: &mut Criterion) {
     use bts_guru::config::{Cli, Config, RawFile};
     use bts_guru::fanout::router::Broadcast;
-    use bts_guru::shard::{Shard, Shared};
+    use bts_guru::node::Shared;
+    use bts_guru::shard::Shard;
     use std::collections::HashMap;
     use std::sync::Arc;
 
@@ -114,7 +115,7 @@ fn fanout_10k(c: &mut Criterion) {
             shard.bench_fanout(Broadcast {
                 app: 0,
                 channel: Arc::clone(&channel),
-                frame: frame.0.clone(),
+                frame: frame.bytes.clone(),
                 except: None,
                 cache: false,
                 created: std::time::Instant::now(),

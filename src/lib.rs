@@ -1,42 +1,77 @@
 //! bts-guru: a thread-per-core WebSocket broadcast server speaking the Pusher Channels protocol
 //! 7 and the Pusher HTTP API, a drop-in replacement for Laravel Reverb.
 //!
-//! # Layout, in data-flow order
-//! - [`config`]: CLI flags, Reverb's environment names and a TOML file, resolved into a validated
-//!   [`config::Config`]. No sockets, no threads.
+//! # Layout, in layers
+//! Each module imports only from the layers above it in this list (no import circles); the
+//! list follows the data: pure formats, configuration, counters, the hand-off to the shards,
+//! the node-wide context, the shards, then what feeds and watches them.
 //! - [`protocol`]: the Pusher wire contract (channel names, signatures, client and server
 //!   messages, error codes). Pure: no I/O, no clock.
-//! - [`ws`]: WebSocket handshake and frame codec. Knows nothing of Pusher.
+//! - [`ws`]: WebSocket handshake, chunked bodies and frame codec. Knows nothing of Pusher.
+//! - [`sys`]: the only `unsafe`: vectored `sendmsg`, the send ring, listener hand-off,
+//!   affinity, rlimits, the allocator.
 //! - [`proxy`]: PROXY protocol headers, trusted proxies and `X-Forwarded-For`. Pure.
-//! - [`ingest`]: producers outside the WebSocket port: Laravel's redis broadcaster, consumed on
-//!   a dedicated pinned thread.
-//! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
-//! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
-//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
+//! - [`config`]: CLI flags, Reverb's environment names and a TOML file, resolved into a validated
+//!   [`config::Config`]. No sockets, no threads.
+//! - [`apps`]: the app table, replaceable at run time (slots never reused).
+//! - [`tls`]: rustls configuration from PEM files.
+//! - [`metrics`]: plain counters (thread-local write counters, a shard's scrape `Snapshot`).
+//! - [`fanout`]: frames each event once; every shard's bounded inbox and the commands it carries.
+//! - [`webhooks`]: Pusher webhooks on their own thread, bounded per class.
+//! - [`cluster`]: the cluster's wire format and the outbox shards publish through.
+//! - [`node`]: what every shard and thread shares (`node::Shared`), and the one publish call.
+//! - [`shard`]: one per core: listener, HTTP phase and API, connections, subscription index,
+//!   owner-shard state, fan-out and writes.
+//! - [`ingest`]: Laravel's Redis broadcaster and the cluster receiver, on one pinned thread.
+//! - [`exporter`]: `/metrics` on its own listener.
 //! - [`simulate`]: `bts-guru simulate`, a live-sports feed publishing through the HTTP API or Redis.
-//! - [`console`]: the debug console page at `/console` (off by default) and `bts-guru demo`.
 //! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
-//! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
+//! - [`console`]: the debug console page at `/console` (off by default), registered with the
+//!   shards through their route hook, and `bts-guru demo`.
+//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
 //!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
 
-pub mod apps;
-pub mod bench;
-pub mod config;
-pub mod console;
-pub mod doctor;
-pub mod fanout;
-pub mod ingest;
-pub mod metrics;
+// Layer 1, pure: formats and the only `unsafe`.
 pub mod protocol;
 pub mod proxy;
-pub mod shard;
-pub mod simulate;
 pub mod sys;
-pub mod tls;
-pub mod webhooks;
 pub mod ws;
+
+// Layer 2: the server's configuration, then what is built from it.
+pub mod config;
+
+pub mod apps;
+pub mod tls;
+
+// Layer 3: plain counters.
+pub mod metrics;
+
+// Layer 4: the hand-off to the shards.
+pub mod fanout;
+
+// Layer 5: beside it, the other hand-offs.
+pub mod cluster;
+pub mod webhooks;
+
+// Layer 6: the node-wide context.
+pub mod node;
+
+// Layer 7: the shards.
+pub mod shard;
+
+// Layer 8: what feeds and watches them.
+pub mod exporter;
+pub mod ingest;
+
+// Layer 9: the tools beside the server (the console's demo runs the simulator).
+pub mod doctor;
+pub mod simulate;
+
+pub mod console;
+
+pub mod bench;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,7 +170,7 @@ pub fn plan_io_memory(
 pub struct Running {
     /// The address every shard listens on (port 0 resolved).
     pub addr: SocketAddr,
-    pub shared: Arc<shard::Shared>,
+    pub shared: Arc<node::Shared>,
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -143,7 +178,7 @@ pub struct Running {
 /// and the metrics one: new connections go to other processes on the same ports), clients are
 /// closed with 4200 spread over `window`, queued frames are flushed first. Blocks until every
 /// shard finished, or `window` plus 10 s.
-pub fn drain(shared: &shard::Shared, window: Duration) {
+pub fn drain(shared: &node::Shared, window: Duration) {
     use std::sync::atomic::Ordering::SeqCst;
     shared.draining.store(true, SeqCst);
     shared.metrics_listener.close();
@@ -188,7 +223,7 @@ pub enum ReloadError {
 /// connections are closed with 4003; other apps' connections are untouched), and the TLS
 /// certificate read again. Everything else needs a restart and is listed in `needs_restart`.
 /// Nothing changes when an error is returned.
-pub fn reload(shared: &shard::Shared, cfg: &Config) -> Result<Reloaded, ReloadError> {
+pub fn reload(shared: &node::Shared, cfg: &Config) -> Result<Reloaded, ReloadError> {
     if cfg.dev_credentials && !shared.cfg.dev_credentials {
         return Err(ReloadError::DevCredentials);
     }
@@ -321,7 +356,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         Some(files) => Some(tls::load(files).map_err(StartError::Tls)?),
         None => None,
     };
-    let shared = shard::Shared::new(cfg);
+    let shared = node::Shared::new(cfg);
     *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
     // Until every thread has opened its descriptors: an estimate of ~16 per shard (rings,
     // eventfds, the spare descriptor), refined below.
@@ -342,16 +377,23 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         shared.admission.set_budget(budget, reserve);
     }
     let shared = Arc::new(shared);
+    // The console registers its routes with every shard (none when it is off).
+    let routes = shared
+        .cfg
+        .console
+        .is_some()
+        .then(|| Arc::new(console::ConsoleRoutes) as Arc<dyn shard::http::RouteHook>);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut handles = Vec::with_capacity(shards);
     for (id, listener) in listeners.into_iter().enumerate() {
         let cpu = shared.cfg.shard_cpus[id];
         let shared2 = Arc::clone(&shared);
         let ready = ready_tx.clone();
+        let routes = routes.clone();
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("bts-shard-{id}"))
             .io_memory(io_memory)
-            .spawn(move || shard::run(id, shared2, listener, ready))
+            .spawn(move || shard::run(id, shared2, listener, ready, routes))
             .map_err(|e| StartError::Executor {
                 shard: id,
                 cpu,
@@ -377,7 +419,7 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         })?;
     }
     if let Some(addr) = shared.cfg.metrics {
-        let local = metrics::serve(addr, Arc::clone(&shared))
+        let local = exporter::serve(addr, Arc::clone(&shared))
             .map_err(|source| StartError::Bind { addr, source })?;
         tracing::info!(%local, "Prometheus metrics at http://{local}/metrics");
     }
@@ -388,13 +430,13 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     }
     if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
         tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
-        ingest::cluster::spawn_publisher(redis.clone(), Arc::clone(&shared)).map_err(|e| {
-            StartError::Executor {
+        cluster::outbox::spawn_publisher(redis.clone(), Arc::clone(cluster), shards).map_err(
+            |e| StartError::Executor {
                 shard: shards,
                 cpu: 0,
                 message: format!("cannot start the cluster publisher thread: {e}"),
-            }
-        })?;
+            },
+        )?;
     }
     if let Some(redis) = shared.cfg.redis.clone() {
         tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");

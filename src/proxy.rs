@@ -2,7 +2,7 @@
 //! header (v1 text and v2 binary, HAProxy's `proxy-protocol.txt`), the trusted-proxy address
 //! list, and the client address in `X-Forwarded-For`.
 //!
-//! Pure: no I/O, no clock. `shard::conn` reads the bytes and decides what to believe; this
+//! Pure: no I/O, no clock. `shard::accept` reads the bytes and decides what to believe; this
 //! module only parses and never trusts an address by itself: callers check the peer against a
 //! [`Trusted`] list before using anything parsed here.
 

@@ -32,7 +32,7 @@ use crate::protocol::auth;
 
 pub const HOLD: Duration = Duration::from_secs(3);
 /// Default capacity of each class's queue, held set and retry budget.
-pub const DEFAULT_CAPACITY: usize = 16_384;
+pub const DEFAULT_CAPACITY: usize = crate::config::DEFAULT_WEBHOOK_QUEUE_CAPACITY;
 /// Most events in one request: a flood of occupancy changes becomes several bounded requests,
 /// not one body of megabytes.
 const MAX_BATCH: usize = 1_000;

@@ -9,11 +9,54 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use bts_guru::config::{
-    Command, Config, Invocation, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET,
-};
+use bts_guru::config::{Cli, Config, ProcessEnv, DEV_APP_ID, DEV_APP_KEY, DEV_APP_SECRET};
 use bts_guru::console::demo;
 use bts_guru::doctor;
+
+/// The command line: the daemon's flags and an optional subcommand. `demo` takes the daemon's
+/// flags after it too (`bts-guru demo --config c.toml`), and those win over the ones before it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bts-guru",
+    version,
+    about = "Pusher-protocol WebSocket broadcast server"
+)]
+pub struct Invocation {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub cli: Cli,
+}
+
+impl Invocation {
+    /// The daemon's flags as they apply (for `demo`: its own over those before it, then what
+    /// the demo forces, see `DemoArgs::apply`), and the subcommand.
+    pub fn into_parts(self) -> (Cli, Option<Command>) {
+        let Invocation { command, mut cli } = self;
+        if let Some(Command::Demo(d)) = &command {
+            cli = cli.overlay(d.daemon.clone());
+            d.args.apply(&mut cli);
+        }
+        (cli, command)
+    }
+}
+
+/// Subcommands; without one, the daemon runs.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Check this host against a tuning profile and the daemon's needs; exits 1 on a failure.
+    Doctor {
+        /// `large` or `high-connections` (tuning/high-connections.conf), `small` (tuning/sysctl-small.conf), `low-latency`
+        /// (tuning/low-latency.conf, an overlay) or a file path.
+        #[arg(long, default_value = "large")]
+        profile: String,
+    },
+    /// Publish a simulated live-sports feed (matches, scores, events) to a daemon or to Redis.
+    Simulate(Box<bts_guru::simulate::SimulateArgs>),
+    /// Run the daemon with the debug console and a simulated feed, and print the console's URL.
+    /// Takes every daemon flag (--config, --env-file, --host, --port, ...) after `demo` too.
+    Demo(Box<demo::DemoCommand>),
+}
 
 #[global_allocator]
 static GLOBAL: bts_guru::sys::Allocator = bts_guru::sys::Allocator;
@@ -197,7 +240,7 @@ impl PidFile {
 
 /// SIGHUP: re-reads the flags' files (`--config`, `--env-file` / `.env`) and applies what can
 /// change without a restart: apps and the TLS certificate.
-fn reload(shared: &bts_guru::shard::Shared) {
+fn reload(shared: &bts_guru::node::Shared) {
     let cfg = Invocation::try_parse()
         .map_err(|e| e.to_string())
         .and_then(|inv| {
@@ -270,4 +313,72 @@ fn doctor(profile: &str, shards: usize) -> ExitCode {
 fn fail(msg: &str) -> ExitCode {
     eprintln!("bts-guru: {msg}");
     ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use demo::DemoArgs;
+    use std::net::IpAddr;
+
+    fn parse(argv: &[&str]) -> (Cli, DemoArgs) {
+        let inv =
+            Invocation::try_parse_from(std::iter::once("bts-guru").chain(argv.iter().copied()))
+                .unwrap();
+        let (cli, command) = inv.into_parts();
+        let Some(Command::Demo(d)) = command else {
+            panic!("demo subcommand")
+        };
+        (cli, d.args)
+    }
+
+    #[test]
+    fn demo_flags_override_the_daemons_and_turn_the_console_on() {
+        let (c, d) = parse(&["--port", "1", "--shards", "2", "demo", "--port", "9000"]);
+        assert_eq!((d.matches, d.rate, d.speed, d.seed), (8, 80.0, 2.0, None));
+        assert_eq!((c.port, c.shards, c.host), (Some(9000), Some(2), None));
+        assert!(c.console && c.standalone && c.no_metrics);
+        assert_eq!(c.drain_secs, Some(1));
+        let (c, _) = parse(&["--metrics-port", "0", "--drain-secs", "5", "demo"]);
+        assert!(
+            !c.no_metrics,
+            "an explicit --metrics-port keeps the listener"
+        );
+        assert_eq!(c.drain_secs, Some(5));
+        assert_eq!(c.port, None, "the daemon's default port then applies");
+    }
+
+    #[test]
+    fn every_daemon_flag_is_taken_after_demo_too() {
+        let (c, d) = parse(&[
+            "--log-format",
+            "json",
+            "--allow-dev-credentials",
+            "demo",
+            "--config",
+            "c.toml",
+            "--env-file",
+            "x.env",
+            "--host",
+            "0.0.0.0",
+            "--shards",
+            "3",
+            "--metrics-port",
+            "9700",
+            "--drain-secs",
+            "4",
+            "--matches",
+            "2",
+        ]);
+        assert_eq!(c.config.as_deref(), Some(std::path::Path::new("c.toml")));
+        assert_eq!(c.env_file.as_deref(), Some(std::path::Path::new("x.env")));
+        assert_eq!(c.host, Some(IpAddr::from([0, 0, 0, 0])));
+        assert_eq!(
+            (c.shards, c.metrics_port, c.drain_secs),
+            (Some(3), Some(9700), Some(4))
+        );
+        assert!(c.allow_dev_credentials && !c.no_metrics);
+        assert_eq!(c.log_format.as_deref(), Some("json"));
+        assert_eq!(d.matches, 2);
+    }
 }

@@ -156,69 +156,6 @@ pub fn spawn_feed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    fn parse(argv: &[&str]) -> (Cli, DemoArgs) {
-        let inv = crate::config::Invocation::try_parse_from(
-            std::iter::once("bts-guru").chain(argv.iter().copied()),
-        )
-        .unwrap();
-        let (cli, command) = inv.into_parts();
-        let Some(crate::config::Command::Demo(d)) = command else {
-            panic!("demo subcommand")
-        };
-        (cli, d.args)
-    }
-
-    #[test]
-    fn demo_flags_override_the_daemons_and_turn_the_console_on() {
-        let (c, d) = parse(&["--port", "1", "--shards", "2", "demo", "--port", "9000"]);
-        assert_eq!((d.matches, d.rate, d.speed, d.seed), (8, 80.0, 2.0, None));
-        assert_eq!((c.port, c.shards, c.host), (Some(9000), Some(2), None));
-        assert!(c.console && c.standalone && c.no_metrics);
-        assert_eq!(c.drain_secs, Some(1));
-        let (c, _) = parse(&["--metrics-port", "0", "--drain-secs", "5", "demo"]);
-        assert!(
-            !c.no_metrics,
-            "an explicit --metrics-port keeps the listener"
-        );
-        assert_eq!(c.drain_secs, Some(5));
-        assert_eq!(c.port, None, "the daemon's default port then applies");
-    }
-
-    #[test]
-    fn every_daemon_flag_is_taken_after_demo_too() {
-        let (c, d) = parse(&[
-            "--log-format",
-            "json",
-            "--allow-dev-credentials",
-            "demo",
-            "--config",
-            "c.toml",
-            "--env-file",
-            "x.env",
-            "--host",
-            "0.0.0.0",
-            "--shards",
-            "3",
-            "--metrics-port",
-            "9700",
-            "--drain-secs",
-            "4",
-            "--matches",
-            "2",
-        ]);
-        assert_eq!(c.config.as_deref(), Some(std::path::Path::new("c.toml")));
-        assert_eq!(c.env_file.as_deref(), Some(std::path::Path::new("x.env")));
-        assert_eq!(c.host, Some(IpAddr::from([0, 0, 0, 0])));
-        assert_eq!(
-            (c.shards, c.metrics_port, c.drain_secs),
-            (Some(3), Some(9700), Some(4))
-        );
-        assert!(c.allow_dev_credentials && !c.no_metrics);
-        assert_eq!(c.log_format.as_deref(), Some("json"));
-        assert_eq!(d.matches, 2);
-    }
 
     #[test]
     fn a_port_in_use_is_refused_by_name() {

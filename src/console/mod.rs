@@ -3,7 +3,7 @@
 //! it polls every second (`/console/api/stats`).
 //!
 //! The stats come from the machinery `/metrics` and the HTTP API already use: a scrape of every
-//! shard (`metrics::gather`, run on glommio's blocking pool so this shard stays free to answer its
+//! shard (`exporter::gather`, run on glommio's blocking pool so this shard stays free to answer its
 //! own part) and a channel query across shards (`Shard::query`). The page's live parts (the
 //! scoreboard and the event tail) are not served from here: the page subscribes with pusher-js,
 //! vendored in `assets/` and embedded in the binary, over the ordinary `/app/{key}` WebSocket.
@@ -19,7 +19,9 @@ pub mod demo;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,7 @@ use serde_json::{json, Value};
 use crate::fanout::router::QueryKind;
 use crate::metrics::Snapshot;
 use crate::protocol::auth;
+use crate::shard::http::RouteHook;
 use crate::shard::Shard;
 use crate::ws::handshake::{Request, Response};
 
@@ -77,25 +80,24 @@ struct Logins {
 }
 
 impl Logins {
-    fn source(peer: Option<IpAddr>) -> IpAddr {
+    fn source(peer: IpAddr) -> IpAddr {
         match peer {
-            Some(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => IpAddr::V4(v4),
                 None => IpAddr::V6((u128::from(v6) & (!0u128 << 64)).into()),
             },
-            Some(v4) => v4,
-            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            v4 => v4,
         }
     }
 
     /// How long `peer` is still refused, if it is.
-    fn locked(&self, peer: Option<IpAddr>, now: Instant) -> Option<Duration> {
+    fn locked(&self, peer: IpAddr, now: Instant) -> Option<Duration> {
         let (start, n) = self.failed.get(&Self::source(peer))?;
         let end = *start + FAILURE_WINDOW;
         (*n >= MAX_FAILED_LOGINS && now < end).then(|| end - now)
     }
 
-    fn fail(&mut self, peer: Option<IpAddr>, now: Instant) {
+    fn fail(&mut self, peer: IpAddr, now: Instant) {
         let mut source = Self::source(peer);
         if !self.failed.contains_key(&source) && self.failed.len() >= MAX_TRACKED {
             self.failed
@@ -121,6 +123,24 @@ pub fn serves(path: &str) -> bool {
     path == "/console" || path.starts_with("/console/")
 }
 
+/// The console's routes, which `lib::run` installs on every shard when the console is on.
+pub struct ConsoleRoutes;
+
+impl RouteHook for ConsoleRoutes {
+    fn claims(&self, path: &str) -> bool {
+        serves(path)
+    }
+
+    fn handle<'a>(
+        &'a self,
+        shard: &'a Shard,
+        req: &'a Request,
+        peer: IpAddr,
+    ) -> Pin<Box<dyn Future<Output = Response> + 'a>> {
+        Box::pin(handle(shard, req, peer))
+    }
+}
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     Response {
         status: 200,
@@ -136,7 +156,7 @@ fn json_error(status: u16, msg: &str) -> Response {
 
 /// Answers a request for a console path (only called when the console is enabled); `peer` is
 /// the client's address, for the failed-login limit.
-pub async fn handle(shard: &Shard, req: &Request, peer: Option<IpAddr>) -> Response {
+pub async fn handle(shard: &Shard, req: &Request, peer: IpAddr) -> Response {
     let mut resp = answer(shard, req, peer).await;
     if resp.headers.is_empty() {
         resp.headers = HEADERS;
@@ -144,7 +164,7 @@ pub async fn handle(shard: &Shard, req: &Request, peer: Option<IpAddr>) -> Respo
     resp
 }
 
-async fn answer(shard: &Shard, req: &Request, peer: Option<IpAddr>) -> Response {
+async fn answer(shard: &Shard, req: &Request, peer: IpAddr) -> Response {
     if req.method != "GET" {
         return json_error(405, "Method not allowed");
     }
@@ -240,7 +260,7 @@ fn token_matches(given: &str, expected: &str) -> bool {
 async fn scrape(shard: &Shard) -> Vec<Snapshot> {
     let shared = Arc::clone(&shard.shared);
     glommio::executor()
-        .spawn_blocking(move || crate::metrics::gather(&shared))
+        .spawn_blocking(move || crate::exporter::gather(&shared))
         .await
 }
 
@@ -272,7 +292,7 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     body["scoreboard"] = json!(crate::simulate::sport_channels());
     match parts {
         Some(parts) => {
-            let merged = crate::shard::http::merge(&parts);
+            let merged = crate::shard::merge(&parts);
             // Exact while every shard listed all its channels; beyond, at least the largest
             // shard's count (a channel with subscribers on several shards is one channel).
             let complete = parts
@@ -421,19 +441,15 @@ mod tests {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         for _ in 0..MAX_FAILED_LOGINS - 1 {
-            l.fail(Some(a), t0);
+            l.fail(a, t0);
         }
-        assert_eq!(l.locked(Some(a), t0), None);
-        l.fail(Some(a), t0);
-        assert_eq!(l.locked(Some(a), t0), Some(FAILURE_WINDOW));
-        assert_eq!(l.locked(Some(b), t0), None, "another address is not locked");
-        assert_eq!(
-            l.locked(Some(a), t0 + FAILURE_WINDOW),
-            None,
-            "the window ends"
-        );
+        assert_eq!(l.locked(a, t0), None);
+        l.fail(a, t0);
+        assert_eq!(l.locked(a, t0), Some(FAILURE_WINDOW));
+        assert_eq!(l.locked(b, t0), None, "another address is not locked");
+        assert_eq!(l.locked(a, t0 + FAILURE_WINDOW), None, "the window ends");
         // IPv6 counts per /64; an IPv4-mapped address as the IPv4 one.
-        let v6 = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
         for i in 0..MAX_FAILED_LOGINS {
             l.fail(v6(&format!("2001:db8::{i:x}")), t0);
         }
@@ -442,7 +458,7 @@ mod tests {
         assert!(l.locked(v6("::ffff:192.0.2.1"), t0).is_some());
         // Bounded: past MAX_TRACKED addresses, new ones share one entry.
         for i in 0..MAX_TRACKED as u32 * 2 {
-            l.fail(Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))), t0);
+            l.fail(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), t0);
         }
         assert!(l.failed.len() <= MAX_TRACKED + 1);
     }

@@ -8,9 +8,15 @@ use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT};
 /// A complete, unmasked WebSocket text frame carrying one Pusher event. Built once per event and
 /// channel per node; every recipient is sent these exact bytes, so the payload is never copied
 /// per subscriber (possible because server frames are unmasked and permessage-deflate is never
-/// negotiated).
+/// negotiated). Where its payload (the event JSON) starts is kept from building it, so the
+/// cluster gets the JSON without the frame being parsed again.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SharedFrame(pub Bytes);
+pub struct SharedFrame {
+    /// The whole frame: header, then payload.
+    pub bytes: Bytes,
+    /// Where the payload starts in `bytes` (the header's length).
+    payload_at: usize,
+}
 
 impl SharedFrame {
     /// `{"event":E,"channel":C,"data":D}` framed, where `data_json` is the event's data already
@@ -28,21 +34,42 @@ impl SharedFrame {
         Self::finish(buf)
     }
 
+    /// A frame for one event that is not built from parts: client events relay the client's
+    /// JSON, and internal events and other nodes' events arrive as complete JSON.
+    pub fn text(json: &[u8]) -> SharedFrame {
+        let bytes = Bytes::from(crate::ws::codec::server_frame(
+            crate::ws::codec::OP_TEXT,
+            json,
+        ));
+        SharedFrame {
+            payload_at: bytes.len() - json.len(),
+            bytes,
+        }
+    }
+
     /// Frames a text payload that was written after `MAX_SERVER_HEADER` bytes of headroom.
     fn finish(mut buf: Vec<u8>) -> SharedFrame {
         let mut hdr = [0u8; MAX_SERVER_HEADER];
         let n = encode_header(OP_TEXT, buf.len() - MAX_SERVER_HEADER, &mut hdr);
         let start = MAX_SERVER_HEADER - n;
         buf[start..MAX_SERVER_HEADER].copy_from_slice(&hdr[..n]);
-        SharedFrame(Bytes::from(buf).slice(start..))
+        SharedFrame {
+            bytes: Bytes::from(buf).slice(start..),
+            payload_at: n,
+        }
+    }
+
+    /// The payload: the event JSON every subscriber gets.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.payload_at..]
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.bytes.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.bytes.is_empty()
     }
 }
 
@@ -58,13 +85,16 @@ mod tests {
             let mut esc = Vec::new();
             outbound::push_json_str(&mut esc, &data);
             let f = SharedFrame::event("match.update", "sports.football", &esc);
-            let mut cur = Cursor::new(f.0.to_vec());
+            let mut cur = Cursor::new(f.bytes.to_vec());
             let (hdr, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut cur)
                 .unwrap()
                 .unwrap();
             assert!(hdr.is_final && hdr.mask.is_none());
-            let payload = &f.0[cur.position() as usize..];
+            let payload = &f.bytes[cur.position() as usize..];
             assert_eq!(len as usize, payload.len());
+            assert_eq!(f.payload(), payload, "the kept payload is the parsed one");
+            let text = SharedFrame::text(payload);
+            assert_eq!((text.payload(), &text.bytes), (payload, &f.bytes));
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
             assert_eq!(v["data"].as_str().unwrap().len(), size);
         }

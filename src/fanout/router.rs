@@ -1,5 +1,6 @@
-//! One bounded inbox per shard, fed from any thread (other shards' HTTP API handlers today; the
-//! Redis ingest thread later) and drained by its shard.
+//! One bounded inbox per shard, fed from any thread (shards, the Redis ingest thread, reloads
+//! and drains; events through `node::Shared::deliver`) and drained by its shard; and the closed
+//! set of commands it carries (`ShardCmd`), with the ids they name (`ConnId`).
 //!
 //! A crossbeam `ArrayQueue` plus an `AtomicWaker`: measured in `docs/glommio-findings.md` §2 to
 //! beat glommio's own channels, and the only option a plain std thread can feed. The queue wakes
@@ -21,7 +22,18 @@ use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
 use crate::protocol::SocketId;
-use crate::shard::ConnId;
+
+/// A connection's slot in its shard: index plus generation, so a stale id never names a newer
+/// connection that reused the slot. Named here, below the shards, because commands carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub slot: u32,
+    pub gen: u32,
+}
+
+/// One presence member as a node reports it in a sync: (user id, user_info, sockets on that
+/// node).
+pub type SyncEntry = (Arc<str>, Option<Arc<str>>, u32);
 
 /// An event for one channel of one app, framed and ready to write.
 #[derive(Debug, Clone)]
@@ -146,7 +158,7 @@ pub enum RemoteCmd {
         node: u64,
         part: usize,
         parts: usize,
-        entries: Arc<Vec<(usize, Arc<str>, crate::shard::presence::SyncEntry)>>,
+        entries: Arc<Vec<(usize, Arc<str>, SyncEntry)>>,
     },
     /// `node` stopped sending heartbeats: remove its members.
     NodeGone { node: u64 },

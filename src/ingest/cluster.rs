@@ -1,137 +1,24 @@
-//! Cluster mode: several daemons sharing one Redis act as one server.
+//! The cluster receiver, on the Redis ingest thread: other nodes' messages (`cluster::Wire`)
+//! turned into shard commands, silent peers dropped (`tick`), this node announced after each
+//! (re)subscription (`announce`), and the cluster-wide webhooks decided (`Arbiter`, owned by
+//! the ingest thread alone).
 //!
-//! Every node publishes what others must know on one Redis pub/sub channel (REVERB_SCALING_CHANNEL,
-//! default `bts-guru`) and receives it on its Redis ingest thread:
-//! - events (HTTP API publishes and client events) are delivered locally at once and published
-//!   for the other nodes, which deliver them to their own subscribers: exactly once per node,
-//!   `socket_id` exclusion included (socket ids are unique across nodes with high probability);
-//! - presence joins and leaves are applied locally at once and published; every node keeps every
-//!   node's sockets per user (`shard::presence`), so `here`, user counts and member_added /
-//!   member_removed are per user cluster-wide, each node telling its own subscribers;
-//! - a node that (re)connects says `hello`; every node answers with a `sync` of its own members,
-//!   which replaces that node's part everywhere;
-//! - every node sends a heartbeat every `HEARTBEAT`; a node silent for `NODE_TIMEOUT` is dropped,
-//!   and its members are removed (member_removed sent) on every other node;
-//! - HTTP API reads ask every live node's shards and wait for all answers (or fail with 503);
-//!   terminate_connections reaches every node.
-//!
-//! Shards never block on Redis: they hand messages to the publisher thread through a bounded
-//! channel (`try_send`; a full channel drops the message and counts it).
+//! Never blocks a shard: everything reaches them through their bounded inboxes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cluster::{Cluster, Wire, NODE_TIMEOUT};
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, ChannelPart, QueryKind, QueryPart, RemoteCmd, ShardCmd};
+use crate::fanout::router::{
+    Answer, ChannelPart, Query, QueryKind, QueryPart, RemoteCmd, ShardCmd,
+};
+use crate::node::{Event, Shared};
 use crate::protocol::{channel, depth, SocketId};
-use crate::shard::Shared;
-
-/// How often a node says it is alive.
-pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A node silent this long is dropped and its presence members removed.
-pub const NODE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Messages waiting for the publisher thread.
-const OUTBOX: usize = 65_536;
-
-/// One message on the cluster channel. Field names are short: events are the bulk of traffic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "t")]
-pub enum Wire {
-    /// An event for one channel: `j` is the complete Pusher event JSON.
-    #[serde(rename = "ev")]
-    Event {
-        n: u64,
-        a: String,
-        c: String,
-        j: String,
-        x: Option<String>,
-        k: bool,
-    },
-    #[serde(rename = "pj")]
-    Join {
-        n: u64,
-        a: String,
-        c: String,
-        u: String,
-        i: Option<String>,
-        s: String,
-    },
-    #[serde(rename = "pl")]
-    Leave {
-        n: u64,
-        a: String,
-        c: String,
-        u: String,
-        s: String,
-    },
-    /// Node `n`'s members of every channel its shard `p` (of `ps`) owns: (app, channel, user,
-    /// info, sockets).
-    #[serde(rename = "sync")]
-    Sync {
-        n: u64,
-        p: usize,
-        ps: usize,
-        m: Vec<(String, String, String, Option<String>, u32)>,
-    },
-    /// A node (re)joined; `s` is its shard count.
-    #[serde(rename = "hello")]
-    Hello { n: u64, s: usize },
-    /// Heartbeat; `s` is the node's shard count (how many answers a query gets from it).
-    #[serde(rename = "hb")]
-    Heartbeat { n: u64, s: usize },
-    #[serde(rename = "q")]
-    Query {
-        n: u64,
-        o: usize,
-        id: u64,
-        a: String,
-        k: WireQuery,
-    },
-    #[serde(rename = "ans")]
-    Answer {
-        n: u64,
-        to: u64,
-        o: usize,
-        id: u64,
-        conns: u64,
-        ch: Vec<(String, u64, Option<u64>)>,
-        users: Option<Vec<String>>,
-        /// `QueryPart::channels_total` (added later: absent from older nodes, ignored by them).
-        #[serde(default)]
-        ct: u64,
-    },
-    #[serde(rename = "term")]
-    Terminate { n: u64, a: String, u: String },
-    /// Node `n`'s own occupancy of a webhook key (`hook_key_*`) turned on or off: the cluster-
-    /// wide webhooks (occupied/vacated, member_added/removed) are decided from these, in the
-    /// order Redis delivers them, which is the same on every node (`Arbiter`).
-    #[serde(rename = "hk")]
-    Hook {
-        n: u64,
-        a: String,
-        k: String,
-        on: bool,
-    },
-    /// Node `n` saw node `d` go silent past the timeout.
-    #[serde(rename = "gone")]
-    Gone { n: u64, d: u64 },
-}
-
-/// Webhook key of a channel's occupancy.
-pub fn hook_key_channel(channel: &str) -> String {
-    format!("c\0{channel}")
-}
-
-/// Webhook key of a user's membership of a presence channel.
-pub fn hook_key_member(channel: &str, user_id: &str) -> String {
-    format!("m\0{channel}\0{user_id}")
-}
 
 /// Decides which node sends each cluster-wide webhook, once.
 ///
@@ -309,221 +196,10 @@ fn emit_arbitrated(shared: &Shared, app_id: &str, key: &str, on: bool) {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum WireQuery {
-    Channels(String),
-    Channel(String),
-    Users(String),
-    Connections,
-    /// `QueryKind::TopChannels` (added later: a node without it does not answer, and the
-    /// console shows no channel list until every node has it).
-    Top(usize),
-}
-
-impl WireQuery {
-    pub fn from_kind(k: &QueryKind) -> WireQuery {
-        match k {
-            QueryKind::Channels { prefix } => WireQuery::Channels(prefix.clone()),
-            QueryKind::Channel { name } => WireQuery::Channel(name.to_string()),
-            QueryKind::Users { channel } => WireQuery::Users(channel.to_string()),
-            QueryKind::Connections => WireQuery::Connections,
-            QueryKind::TopChannels { limit } => WireQuery::Top(*limit),
-        }
-    }
-
-    fn into_kind(self) -> QueryKind {
-        match self {
-            WireQuery::Channels(prefix) => QueryKind::Channels { prefix },
-            WireQuery::Channel(name) => QueryKind::Channel { name: name.into() },
-            WireQuery::Users(channel) => QueryKind::Users {
-                channel: channel.into(),
-            },
-            WireQuery::Connections => QueryKind::Connections,
-            WireQuery::Top(limit) => QueryKind::TopChannels { limit },
-        }
-    }
-}
-
-/// Another node, as heartbeats describe it.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    last_seen: Instant,
-    shards: usize,
-}
-
-/// This node's cluster state, shared by shards (publishing) and the ingest thread (receiving).
-pub struct Cluster {
-    pub node: u64,
-    pub channel: String,
-    out: Sender<Vec<u8>>,
-    /// Taken once by the publisher thread.
-    out_rx: Mutex<Option<Receiver<Vec<u8>>>>,
-    /// Live peers. Touched on heartbeats and queries only, never per event.
-    peers: Mutex<HashMap<u64, Peer>>,
-    /// Cluster-wide webhook decisions; used by the ingest thread only.
-    pub arbiter: Mutex<Arbiter>,
-    /// Messages dropped because the outbox was full or Redis was unreachable.
-    pub dropped: AtomicU64,
-    pub published: AtomicU64,
-    pub received: AtomicU64,
-}
-
-impl Cluster {
-    pub fn new(node: u64, channel: String) -> Cluster {
-        let (out, rx) = crossbeam_channel::bounded(OUTBOX);
-        Cluster {
-            node,
-            channel,
-            out,
-            out_rx: Mutex::new(Some(rx)),
-            peers: Mutex::new(HashMap::new()),
-            arbiter: Mutex::new(Arbiter::default()),
-            dropped: AtomicU64::new(0),
-            published: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-        }
-    }
-
-    /// Queues `msg` for the other nodes. Never blocks.
-    pub fn publish(&self, msg: &Wire) {
-        let bytes = match serde_json::to_vec(msg) {
-            Ok(b) => b,
-            Err(_) => return,
-        };
-        match self.out.try_send(bytes) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Live peers and how many shards each has (for how many query answers to expect).
-    pub fn peers(&self) -> Vec<(u64, usize)> {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.iter().map(|(n, p)| (*n, p.shards)).collect()
-    }
-
-    fn seen(&self, node: u64, shards: Option<usize>) -> bool {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let fresh = !peers.contains_key(&node);
-        let p = peers.entry(node).or_insert(Peer {
-            last_seen: Instant::now(),
-            shards: 1,
-        });
-        p.last_seen = Instant::now();
-        if let Some(s) = shards {
-            p.shards = s;
-        }
-        fresh
-    }
-
-    /// Drops peers silent for `NODE_TIMEOUT`; returns them.
-    fn expire(&self) -> Vec<u64> {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let dead: Vec<u64> = peers
-            .iter()
-            .filter(|(_, p)| p.last_seen.elapsed() > NODE_TIMEOUT)
-            .map(|(n, _)| *n)
-            .collect();
-        for n in &dead {
-            peers.remove(n);
-        }
-        dead
-    }
-}
-
-/// A random node id (time, pid and address entropy; uniqueness, not secrecy).
-pub fn new_node_id() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut x = t ^ (u64::from(std::process::id()) << 32) ^ (&t as *const u64 as u64);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x.max(1)
-}
-
-/// Starts the publisher thread: PUBLISHes queued messages and a heartbeat every `HEARTBEAT`.
-pub fn spawn_publisher(
-    redis: crate::config::RedisConfig,
-    shared: Arc<Shared>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("bts-cluster-pub".into())
-        .spawn(move || {
-            let Some(cluster) = shared.cluster.as_ref() else {
-                return;
-            };
-            let Some(rx) = cluster
-                .out_rx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            else {
-                return;
-            };
-            publisher(&redis, cluster, &rx, shared.cfg.shards());
-        })
-}
-
-fn publisher(
-    redis: &crate::config::RedisConfig,
-    cluster: &Cluster,
-    rx: &Receiver<Vec<u8>>,
-    shards: usize,
-) {
-    let mut conn: Option<redis::Connection> = None;
-    let mut next_beat = Instant::now();
-    let mut retry_at = Instant::now();
-    let heartbeat = serde_json::to_vec(&Wire::Heartbeat {
-        n: cluster.node,
-        s: shards,
-    })
-    .unwrap_or_default();
-    loop {
-        let wait = next_beat.saturating_duration_since(Instant::now());
-        let msg = match rx.recv_timeout(wait) {
-            Ok(m) => m,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                next_beat = Instant::now() + HEARTBEAT;
-                heartbeat.clone()
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
-        if conn.is_none() && Instant::now() >= retry_at {
-            conn = redis
-                .client()
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .ok();
-            if conn.is_none() {
-                retry_at = Instant::now() + Duration::from_millis(500);
-            }
-        }
-        let Some(c) = conn.as_mut() else {
-            cluster.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&cluster.channel)
-            .arg(msg)
-            .query(c);
-        match sent {
-            Ok(_) => {
-                cluster.published.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                cluster.dropped.fetch_add(1, Ordering::Relaxed);
-                conn = None;
-            }
-        }
-    }
-}
-
-/// On the ingest thread: a message from the cluster channel.
-pub fn receive(shared: &Shared, payload: &[u8]) {
-    let Some(cluster) = shared.cluster.as_ref() else {
+/// On the ingest thread: a message from the cluster channel. `arbiter` is the ingest thread's
+/// own (it alone decides cluster-wide webhooks, in Redis's delivery order).
+pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) {
+    let Some(cluster) = shared.cluster.as_deref() else {
         return;
     };
     // Unknown fields are skipped through serde, which recurses once per level.
@@ -536,48 +212,20 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
         shared.ingest.malformed.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let from = match &msg {
-        Wire::Event { n, .. }
-        | Wire::Join { n, .. }
-        | Wire::Leave { n, .. }
-        | Wire::Sync { n, .. }
-        | Wire::Hello { n, .. }
-        | Wire::Heartbeat { n, .. }
-        | Wire::Query { n, .. }
-        | Wire::Answer { n, .. }
-        | Wire::Terminate { n, .. }
-        | Wire::Hook { n, .. }
-        | Wire::Gone { n, .. } => *n,
-    };
+    let from = msg.node();
     // Webhook arbitration applies every node's messages, this node's own included, in the
     // order Redis delivered them.
     match &msg {
-        Wire::Hook { a, k, on, .. } => {
-            let decided = cluster
-                .arbiter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .apply(cluster.node, from, a, k, *on);
-            if let Some(on) = decided {
-                emit_arbitrated(shared, a, k, on);
+        Wire::Hook { app, key, on, .. } => {
+            if let Some(on) = arbiter.apply(cluster.node, from, app, key, *on) {
+                emit_arbitrated(shared, app, key, on);
             }
         }
-        Wire::Hello { .. } => {
-            // A node declared gone came back (it re-announces itself): take its messages again.
-            cluster
-                .arbiter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .revive(from);
-        }
-        Wire::Gone { d, .. } => {
-            let mine = cluster
-                .arbiter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .gone(cluster.node, from, *d);
-            for (a, k) in mine {
-                emit_arbitrated(shared, &a, &k, false);
+        // A node declared gone came back (it re-announces itself): take its messages again.
+        Wire::Hello { .. } => arbiter.revive(from),
+        Wire::Gone { dead, .. } => {
+            for (app, key) in arbiter.gone(cluster.node, from, *dead) {
+                emit_arbitrated(shared, &app, &key, false);
             }
         }
         _ => {}
@@ -589,8 +237,8 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
     // Every node's answer count to queries is its shard count: learn it from any message
     // that says it.
     let shards_hint = match &msg {
-        Wire::Heartbeat { s, .. } | Wire::Hello { s, .. } => Some(*s),
-        Wire::Sync { ps, .. } => Some(*ps),
+        Wire::Heartbeat { shards, .. } | Wire::Hello { shards, .. } => Some(*shards),
+        Wire::Sync { parts, .. } => Some(*parts),
         _ => None,
     };
     if cluster.seen(from, shards_hint) {
@@ -598,68 +246,79 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
         // Tell it who is here.
         send_all(shared, || ShardCmd::Remote(RemoteCmd::PublishSync));
     }
+    apply(shared, cluster, msg);
+}
+
+/// Hands another node's message to the shards it concerns.
+fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
     let router = &shared.router;
     match msg {
-        Wire::Event { a, c, j, x, k, .. } => {
-            let Some(app) = router.app_index(&a) else {
+        Wire::Event {
+            app,
+            channel,
+            json,
+            except,
+            cache,
+            ..
+        } => {
+            let Some(app) = router.app_index(&app) else {
                 return;
             };
-            if channel::validate(&c).is_err() {
+            if channel::validate(&channel).is_err() {
                 return;
             }
-            router.broadcast(Broadcast {
+            shared.deliver(Event {
                 app,
-                channel: Arc::from(c.as_str()),
-                frame: SharedFrame::text(j.as_bytes()).0,
-                except: x.as_deref().and_then(SocketId::parse),
-                cache: k,
-                created: std::time::Instant::now(),
+                channel: &channel,
+                frame: SharedFrame::text(json.as_bytes()),
+                except: except.as_deref().and_then(SocketId::parse),
+                cache,
             });
         }
-        Wire::Join { n, a, c, u, i, s } => {
-            let Some(app) = router.app_index(&a) else {
-                return;
-            };
-            let owner = router.owner(app, &c);
-            let _ = router.try_push(
-                owner,
-                ShardCmd::Remote(RemoteCmd::Join {
-                    node: n,
-                    app,
-                    channel: Arc::from(c.as_str()),
-                    user_id: Arc::from(u.as_str()),
-                    user_info: i.map(|i| Arc::from(i.as_str())),
-                    socket_id: SocketId::parse(&s),
-                }),
-            );
-        }
-        Wire::Leave { n, a, c, u, s } => {
-            let Some(app) = router.app_index(&a) else {
-                return;
-            };
-            let owner = router.owner(app, &c);
-            let _ = router.try_push(
-                owner,
-                ShardCmd::Remote(RemoteCmd::Leave {
-                    node: n,
-                    app,
-                    channel: Arc::from(c.as_str()),
-                    user_id: Arc::from(u.as_str()),
-                    socket_id: SocketId::parse(&s),
-                }),
-            );
-        }
-        Wire::Sync { n, p, ps, m } => {
-            let entries: Vec<_> = m
+        Wire::Join {
+            node,
+            app,
+            channel,
+            user,
+            info,
+            socket,
+        } => to_owner(shared, &app, &channel, |app, channel| RemoteCmd::Join {
+            node,
+            app,
+            channel,
+            user_id: Arc::from(user.as_str()),
+            user_info: info.map(|i| Arc::from(i.as_str())),
+            socket_id: SocketId::parse(&socket),
+        }),
+        Wire::Leave {
+            node,
+            app,
+            channel,
+            user,
+            socket,
+        } => to_owner(shared, &app, &channel, |app, channel| RemoteCmd::Leave {
+            node,
+            app,
+            channel,
+            user_id: Arc::from(user.as_str()),
+            socket_id: SocketId::parse(&socket),
+        }),
+        Wire::Sync {
+            node,
+            part,
+            parts,
+            members,
+        } => {
+            let entries: Vec<_> = members
                 .into_iter()
-                .filter_map(|(a, c, u, i, k)| {
+                .filter_map(|(app, channel, user, info, sockets)| {
                     Some((
-                        router.app_index(&a)?,
-                        Arc::<str>::from(c.as_str()),
+                        router.app_index(&app)?,
+                        Arc::<str>::from(channel.as_str()),
                         (
-                            Arc::<str>::from(u.as_str()),
-                            i.map(|i| Arc::from(i.as_str())),
-                            k,
+                            Arc::<str>::from(user.as_str()),
+                            info.map(|i| Arc::from(i.as_str())),
+                            sockets,
                         ),
                     ))
                 })
@@ -667,48 +326,42 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
             let entries = Arc::new(entries);
             send_all(shared, || {
                 ShardCmd::Remote(RemoteCmd::Sync {
-                    node: n,
-                    part: p,
-                    parts: ps,
+                    node,
+                    part,
+                    parts,
                     entries: Arc::clone(&entries),
                 })
             });
         }
         Wire::Hello { .. } | Wire::Heartbeat { .. } | Wire::Hook { .. } | Wire::Gone { .. } => {}
-        Wire::Query { n, o, id, a, k } => {
-            let Some(app) = router.app_index(&a) else {
+        Wire::Query {
+            node,
+            origin,
+            id,
+            app,
+            kind,
+        } => {
+            let Some(app) = router.app_index(&app) else {
                 return;
             };
-            let what = k.into_kind();
-            for shard in 0..router.shards() {
-                let _ = router.try_push(
-                    shard,
-                    ShardCmd::Query(crate::fanout::router::Query {
-                        id,
-                        origin: o,
-                        app,
-                        what: what.clone(),
-                        remote: Some(n),
-                    }),
-                );
-            }
+            ask_shards(shared, node, origin, id, app, kind.into_kind());
         }
         Wire::Answer {
             to,
-            o,
+            origin,
             id,
-            conns,
-            ch,
+            connections,
+            channels,
             users,
-            ct,
+            channels_total,
             ..
         } => {
-            if to != cluster.node || o >= router.shards() {
+            if to != cluster.node || origin >= router.shards() {
                 return;
             }
             let part = QueryPart {
-                connections: conns,
-                channels: ch
+                connections,
+                channels: channels
                     .into_iter()
                     .map(|(name, subscriptions, users)| ChannelPart {
                         name,
@@ -717,18 +370,15 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
                     })
                     .collect(),
                 users,
-                channels_total: ct,
+                channels_total,
             };
-            let _ = router.try_push(
-                o,
-                ShardCmd::Answer(crate::fanout::router::Answer { id, part }),
-            );
+            let _ = router.try_push(origin, ShardCmd::Answer(Answer { id, part }));
         }
-        Wire::Terminate { a, u, .. } => {
-            let Some(app) = router.app_index(&a) else {
+        Wire::Terminate { app, user, .. } => {
+            let Some(app) = router.app_index(&app) else {
                 return;
             };
-            let user_id: Arc<str> = Arc::from(u.as_str());
+            let user_id: Arc<str> = Arc::from(user.as_str());
             send_all(shared, || ShardCmd::TerminateUser {
                 app,
                 user_id: Arc::clone(&user_id),
@@ -737,9 +387,43 @@ pub fn receive(shared: &Shared, payload: &[u8]) {
     }
 }
 
+/// A presence change for the shard that owns `channel` of the app with id `app_id` (if this node
+/// has that app).
+fn to_owner(
+    shared: &Shared,
+    app_id: &str,
+    channel: &str,
+    cmd: impl FnOnce(usize, Arc<str>) -> RemoteCmd,
+) {
+    let router = &shared.router;
+    let Some(app) = router.app_index(app_id) else {
+        return;
+    };
+    let owner = router.owner(app, channel);
+    let _ = router.try_push(owner, ShardCmd::Remote(cmd(app, Arc::from(channel))));
+}
+
+/// Another node's HTTP API read: every shard of this node answers its part to shard `origin`
+/// of node `node`, through Redis.
+fn ask_shards(shared: &Shared, node: u64, origin: usize, id: u64, app: usize, what: QueryKind) {
+    let router = &shared.router;
+    for shard in 0..router.shards() {
+        let _ = router.try_push(
+            shard,
+            ShardCmd::Query(Query {
+                id,
+                origin,
+                app,
+                what: what.clone(),
+                remote: Some(node),
+            }),
+        );
+    }
+}
+
 /// On the ingest thread, about once a second: drop silent peers everywhere.
-pub fn tick(shared: &Shared) {
-    let Some(cluster) = shared.cluster.as_ref() else {
+pub fn tick(shared: &Shared, arbiter: &mut Arbiter) {
+    let Some(cluster) = shared.cluster.as_deref() else {
         return;
     };
     for node in cluster.expire() {
@@ -749,25 +433,21 @@ pub fn tick(shared: &Shared) {
         );
         send_all(shared, || ShardCmd::Remote(RemoteCmd::NodeGone { node }));
         cluster.publish(&Wire::Gone {
-            n: cluster.node,
-            d: node,
+            node: cluster.node,
+            dead: node,
         });
     }
-    cluster
-        .arbiter
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .gc();
+    arbiter.gc();
 }
 
 /// After the ingest (re)subscribed: announce ourselves and our members.
 pub fn announce(shared: &Shared) {
-    let Some(cluster) = shared.cluster.as_ref() else {
+    let Some(cluster) = shared.cluster.as_deref() else {
         return;
     };
     cluster.publish(&Wire::Hello {
-        n: cluster.node,
-        s: shared.cfg.shards(),
+        node: cluster.node,
+        shards: shared.cfg.shards(),
     });
     send_all(shared, || ShardCmd::Remote(RemoteCmd::PublishSync));
 }
@@ -821,42 +501,13 @@ mod tests {
         }
         assert_eq!(out, vec![(3, "j".to_owned())]);
         assert_eq!(
-            hook_event(&hook_key_member("presence-m", "7"), false)
-                .unwrap()
-                .1,
+            hook_event(
+                &crate::cluster::wire::hook_key_member("presence-m", "7"),
+                false
+            )
+            .unwrap()
+            .1,
             serde_json::json!({"name":"member_removed","channel":"presence-m","user_id":"7"})
         );
-    }
-
-    #[test]
-    fn wire_round_trip() {
-        let msgs = [
-            Wire::Event {
-                n: 1,
-                a: "app".into(),
-                c: "sports.football".into(),
-                j: r#"{"event":"e","channel":"sports.football","data":"{}"}"#.into(),
-                x: Some("1.2".into()),
-                k: false,
-            },
-            Wire::Sync {
-                n: 2,
-                p: 0,
-                ps: 2,
-                m: vec![("app".into(), "presence-a".into(), "7".into(), None, 2)],
-            },
-            Wire::Query {
-                n: 3,
-                o: 1,
-                id: 9,
-                a: "app".into(),
-                k: WireQuery::Channels("presence-".into()),
-            },
-        ];
-        for m in msgs {
-            let mut bytes = serde_json::to_vec(&m).unwrap();
-            let back: Wire = simd_json::serde::from_slice(&mut bytes).unwrap();
-            assert_eq!(back, m);
-        }
     }
 }

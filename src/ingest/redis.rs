@@ -12,7 +12,7 @@
 //! with a backoff capped at one second and resubscribes; pub/sub has no replay, so what was
 //! published meanwhile is lost and nothing is delivered twice.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,23 +21,8 @@ use simd_json::BorrowedValue;
 
 use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::Broadcast;
+use crate::node::{Event, Shared};
 use crate::protocol::{channel, depth, outbound, SocketId};
-use crate::shard::Shared;
-
-/// Counters shared with the shards (read on `/up`; written by the ingest thread only).
-#[derive(Debug, Default)]
-pub struct IngestStats {
-    pub enabled: AtomicBool,
-    pub connected: AtomicBool,
-    /// Successful (re)subscriptions after the first.
-    pub reconnects: AtomicU64,
-    pub events: AtomicU64,
-    /// Messages that were not Laravel's payload shape, or named an invalid channel.
-    pub malformed: AtomicU64,
-    /// Shard copies dropped because a shard's inbox was full.
-    pub dropped: AtomicU64,
-}
 
 /// Why a Redis message was not turned into an event.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +162,8 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
     let mut ever_connected = false;
     let mut last_error_log: Option<Instant> = None;
     let pattern = pattern(&cfg.prefix);
+    // Cluster-wide webhook decisions: this thread's alone, kept across reconnects.
+    let mut arbiter = super::cluster::Arbiter::default();
     loop {
         let conn = cfg
             .client()
@@ -201,7 +188,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             ever_connected = true;
             backoff = Duration::from_millis(50);
             tracing::info!(redis = %cfg.redacted_url(), %pattern, "Redis ingest subscribed");
-            let err = consume(cfg, shared, &mut pubsub);
+            let err = consume(cfg, shared, &mut arbiter, &mut pubsub);
             stats.connected.store(false, Ordering::Relaxed);
             match Failure::of(&err) {
                 Failure::Unreachable => {
@@ -239,6 +226,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
 fn consume(
     cfg: &RedisConfig,
     shared: &Shared,
+    arbiter: &mut super::cluster::Arbiter,
     pubsub: &mut redis::PubSub<'_>,
 ) -> redis::RedisError {
     let stats = &shared.ingest;
@@ -250,7 +238,7 @@ fn consume(
     let mut last_tick = Instant::now();
     loop {
         if last_tick.elapsed() >= Duration::from_secs(1) {
-            super::cluster::tick(shared);
+            super::cluster::tick(shared, arbiter);
             apps = shared.apps.current();
             last_tick = Instant::now();
         }
@@ -261,7 +249,7 @@ fn consume(
         };
         let name = msg.get_channel_name();
         if Some(name) == cluster_channel {
-            super::cluster::receive(shared, msg.get_payload_bytes());
+            super::cluster::receive(shared, arbiter, msg.get_payload_bytes());
             continue;
         }
         let Some(channel) = name.strip_prefix(cfg.prefix.as_str()) else {
@@ -293,14 +281,13 @@ fn consume(
             continue;
         }
         stats.events.fetch_add(1, Ordering::Relaxed);
-        let frame = SharedFrame::event(&ev.event, channel, &ev.data_json);
-        let dropped = shared.router.broadcast(Broadcast {
+        // Every node consumes Redis itself: delivered here only, never replicated.
+        let dropped = shared.deliver(Event {
             app: cfg.app,
-            channel: Arc::from(channel),
-            frame: frame.0,
+            channel,
+            frame: SharedFrame::event(&ev.event, channel, &ev.data_json),
             except: ev.except,
             cache: channel::is_cache(channel),
-            created: std::time::Instant::now(),
         });
         if dropped > 0 {
             stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);

@@ -1,18 +1,23 @@
 //! The Pusher HTTP API, served by whichever shard accepted the request: signed publishes
 //! (`events`, `batch_events`) handed to every shard through the router; signed reads (channels,
 //! one channel, its users, connections) answered from every shard's part; user termination;
-//! `GET /up`; and, when enabled, the debug console's routes (`crate::console`).
+//! `GET /up` and `GET /ready`; and the routes a hook installed at start-up claims (the debug
+//! console's, when it is on: [`RouteHook`]).
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::Shard;
+use super::{merge, Shard};
+use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, QueryKind, QueryPart, ShardCmd};
-use crate::ingest::cluster::Wire;
+use crate::fanout::router::{QueryKind, ShardCmd};
+use crate::node::Event;
 use crate::protocol::{auth, channel, depth, outbound, ChannelKind, SocketId};
 use crate::ws::handshake::{Request, Response};
 
@@ -81,38 +86,32 @@ fn err(status: u16, msg: &str) -> Reply {
     (status, json!({ "error": msg }).to_string())
 }
 
-/// Totals per channel from every shard's part: (subscriptions, presence users).
-pub(crate) fn merge(parts: &[QueryPart]) -> BTreeMap<String, (u64, Option<u64>)> {
-    let mut out: BTreeMap<String, (u64, Option<u64>)> = BTreeMap::new();
-    for p in parts {
-        for c in &p.channels {
-            let e = out.entry(c.name.clone()).or_default();
-            e.0 += c.subscriptions;
-            // Every node's owner shard knows the whole channel's members: take the largest
-            // (they agree once the cluster has settled).
-            if c.users.is_some() {
-                e.1 = e.1.max(c.users);
-            }
-        }
-    }
-    out
+/// HTTP routes served beside the API, installed on every shard at start-up (`lib::run`: the
+/// debug console's, when it is on). A shard asks it only about the paths it claims, so no
+/// other request pays for it, and without one installed nothing is asked at all.
+pub trait RouteHook: Send + Sync {
+    /// Whether `path` is one of these routes (a prefix check, asked of every HTTP request).
+    fn claims(&self, path: &str) -> bool;
+    /// The answer to a request it claims; `peer` is the client's address. Boxed: only these
+    /// requests pay for the future.
+    fn handle<'a>(
+        &'a self,
+        shard: &'a Shard,
+        req: &'a Request,
+        peer: IpAddr,
+    ) -> Pin<Box<dyn Future<Output = Response> + 'a>>;
 }
 
 const INCOMPLETE: &str = "a shard did not answer in time; counts would not be exact";
 
 /// Answers one HTTP request, and counts it by endpoint and status.
-pub(super) async fn handle(
-    shard: &Shard,
-    req: &Request,
-    body: &[u8],
-    peer: Option<std::net::IpAddr>,
-) -> Response {
-    let reply = if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
-        // Boxed: only console requests pay for its future, not every connection's handshake.
-        Box::pin(crate::console::handle(shard, req, peer)).await
-    } else {
-        let (status, body) = route(shard, req, body).await;
-        Response::json(status, body)
+pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8], peer: IpAddr) -> Response {
+    let reply = match shard.route_hook(&req.path) {
+        Some(hook) => hook.handle(shard, req, peer).await,
+        None => {
+            let (status, body) = route(shard, req, body).await;
+            Response::json(status, body)
+        }
     };
     count(shard, req, reply.status);
     reply
@@ -133,7 +132,7 @@ fn count(shard: &Shard, req: &Request, status: u16) {
 /// request is refused whatever its body (unknown path or app, wrong method, missing or bad
 /// signature, stale timestamp), counted like any other; `None` when the body is needed.
 pub(super) fn refuse_before_body(shard: &Shard, req: &Request) -> Option<Response> {
-    if shard.shared.cfg.console.is_some() && crate::console::serves(&req.path) {
+    if shard.route_hook(&req.path).is_some() {
         return None;
     }
     let (status, body) = match resolve(shard, req) {
@@ -273,9 +272,9 @@ async fn route(shard: &Shard, req: &Request, body: &[u8]) -> Reply {
         Route::Terminate(user) => {
             if let Some(cluster) = &shared.cluster {
                 cluster.publish(&Wire::Terminate {
-                    n: shared.node,
-                    a: app.id.clone(),
-                    u: user.clone(),
+                    node: shared.node,
+                    app: app.id.clone(),
+                    user: user.clone(),
                 });
             }
             let user_id: Arc<str> = Arc::from(user.as_str());
@@ -312,8 +311,8 @@ fn up(shard: &Shard) -> Reply {
     if let Some(cluster) = &shard.shared.cluster {
         body["cluster_node"] = json!(cluster.node.to_string());
         body["cluster_nodes"] = json!(cluster.peers().len() + 1);
-        body["cluster_published"] = json!(cluster.published.load(Relaxed));
-        body["cluster_dropped"] = json!(cluster.dropped.load(Relaxed));
+        body["cluster_published"] = json!(cluster.outbox.published.load(Relaxed));
+        body["cluster_dropped"] = json!(cluster.outbox.dropped.load(Relaxed));
     }
     (200, body.to_string())
 }
@@ -376,24 +375,12 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
     let mut dropped = 0;
     for c in &checked {
         for ch in &c.channels {
-            let frame = SharedFrame::event(&c.name, ch, &c.data_json);
-            if let Some(cluster) = &shared.cluster {
-                cluster.publish(&Wire::Event {
-                    n: shared.node,
-                    a: app.id.clone(),
-                    c: ch.clone(),
-                    j: String::from_utf8_lossy(crate::ws::codec::payload_of(&frame.0)).into_owned(),
-                    x: c.except.map(|s| s.to_string()),
-                    k: channel::is_cache(ch),
-                });
-            }
-            dropped += shared.router.broadcast(Broadcast {
+            dropped += shared.publish(Event {
                 app: app_idx,
-                channel: Arc::from(ch.as_str()),
-                frame: frame.0,
+                channel: ch,
+                frame: SharedFrame::event(&c.name, ch, &c.data_json),
                 except: c.except,
                 cache: channel::is_cache(ch),
-                created: std::time::Instant::now(),
             });
         }
     }

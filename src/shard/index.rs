@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::ConnId;
+use crate::fanout::router::ConnId;
 use crate::protocol::ChannelKind;
 
 /// Channel kinds as metrics name them (`bts_channels{type=…}`), in `kind_index` order.

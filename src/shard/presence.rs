@@ -32,8 +32,7 @@ impl Member {
     }
 }
 
-/// One member as a node reports it in a sync: (user id, user_info, sockets on that node).
-pub type SyncEntry = (Arc<str>, Option<Arc<str>>, u32);
+pub use crate::fanout::router::SyncEntry;
 
 #[derive(Debug, Default)]
 struct Members {

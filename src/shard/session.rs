@@ -9,11 +9,11 @@ use std::time::Instant;
 use super::{Conn, Shard};
 use crate::config::ClientEvents;
 use crate::fanout::frame::SharedFrame;
-use crate::fanout::router::{Broadcast, PresenceOp, ShardCmd};
+use crate::fanout::router::{PresenceOp, ShardCmd};
+use crate::node::Event;
 use crate::protocol::inbound::{self, ClientMessage};
 use crate::protocol::members::{parse_channel_data, parse_user_data};
 use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError};
-use bytes::Bytes;
 
 /// Most channels one connection may be subscribed to at once; bounds the index per connection.
 pub const MAX_CHANNELS_PER_CONN: usize = 1000;
@@ -392,28 +392,16 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         }
         shard.shared.webhooks.emit(conn.app, hook);
     }
-    if let Some(cluster) = &shard.shared.cluster {
-        cluster.publish(&crate::ingest::cluster::Wire::Event {
-            n: shard.shared.node,
-            a: app.id.clone(),
-            c: channel.to_owned(),
-            j: String::from_utf8_lossy(&json).into_owned(),
-            x: Some(conn.socket_id.to_string()),
-            // Cache channels keep what the server published, never a client's event.
-            k: false,
-        });
-    }
-    let frame = SharedFrame::text(&json);
-    shard.shared.router.broadcast(Broadcast {
+    shard.shared.publish(Event {
         app: conn.app,
-        channel: Arc::from(channel),
-        frame: frame.0,
+        channel,
+        frame: SharedFrame::text(&json),
         // Never echoed to the sender.
         except: Some(conn.socket_id),
-        // A cache channel's cached event is the last one its server published: a client event
-        // would otherwise replace it for the whole TTL (Pusher caches server events only).
+        // A cache channel's cached event is the last one its server published (in a cluster,
+        // on every node): a client event would otherwise replace it for the whole TTL (Pusher
+        // caches server events only).
         cache: false,
-        created: std::time::Instant::now(),
     });
 }
 
@@ -453,14 +441,4 @@ fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Optio
     }
     conn.send_text(&outbound::signin_success(user_data));
     shard.user_presence(conn, &user.id, 1);
-}
-
-/// A frame for one event that is not a broadcast (client events relay JSON, not strings).
-impl SharedFrame {
-    pub fn text(json: &[u8]) -> SharedFrame {
-        SharedFrame(Bytes::from(crate::ws::codec::server_frame(
-            crate::ws::codec::OP_TEXT,
-            json,
-        )))
-    }
 }

@@ -214,25 +214,10 @@ fn resolve(args: &SimulateArgs) -> anyhow::Result<Target> {
     if app_id.contains(['/', '?', '#', ' ']) {
         bail!("app id {app_id:?} cannot be used in a URL path");
     }
+    // As the daemon builds it from Laravel's REDIS_* settings, on loopback by default.
     let redis_url = match args.redis_url.clone().or_else(|| get("REDIS_URL")) {
         Some(u) => u,
-        None => {
-            let host = get("REDIS_HOST").unwrap_or_else(|| "127.0.0.1".into());
-            let port = get("REDIS_PORT").unwrap_or_else(|| "6379".into());
-            let db = get("REDIS_DB").unwrap_or_else(|| "0".into());
-            let scheme = match get("REDIS_SCHEME").as_deref() {
-                Some("tls" | "rediss") => "rediss",
-                _ => "redis",
-            };
-            let enc = |s: String| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-            let auth = match (get("REDIS_USERNAME"), get("REDIS_PASSWORD")) {
-                (Some(u), Some(p)) => format!("{}:{}@", enc(u), enc(p)),
-                (None, Some(p)) => format!(":{}@", enc(p)),
-                (Some(u), None) => format!("{}@", enc(u)),
-                (None, None) => String::new(),
-            };
-            format!("{scheme}://{auth}{host}:{port}/{db}")
-        }
+        None => crate::config::laravel_redis_url(&env, Some("127.0.0.1"))?.unwrap_or_default(),
     };
     // REDIS_PREFIX may be empty on purpose: read it raw, as the daemon does.
     let redis_prefix = match args

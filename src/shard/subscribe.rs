@@ -1,0 +1,286 @@
+//! A shard's side of subscriptions: adding and removing its connections in its index under the
+//! channel caps, and telling the owner shards what changed (subscriber counts, presence joins
+//! and leaves, signed-in users and their watchlists). What the owners do with it is `owner`'s.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::conn::Conn;
+use super::index::SubscriptionIndex;
+use super::Shard;
+use crate::fanout::router::{ConnId, Joined, PresenceOp, ShardCmd};
+use crate::protocol::{channel, outbound, ChannelKind, SocketId};
+use crate::webhooks;
+
+/// Why a subscribe that would add a channel to a shard's index was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ChannelLimit {
+    #[error("Channel limit reached: at most {0} channels with subscribers per shard")]
+    Shard(usize),
+    #[error("Channel limit reached: this app may have at most {0} channels with subscribers")]
+    App(usize),
+}
+
+impl ChannelLimit {
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            ChannelLimit::Shard(_) => "shard_channels",
+            ChannelLimit::App(_) => "app_channels",
+        }
+    }
+}
+
+impl Shard {
+    /// Adds `conn` to a channel's local subscribers; `Ok(false)` if it already was one. A
+    /// channel new to this shard's index must fit under the shard's and the app's channel caps.
+    pub(super) fn subscribe_local(&self, conn: &Conn, channel: &str) -> Result<bool, ChannelLimit> {
+        let mut index = self.index.borrow_mut();
+        if index.subscribers(conn.app, channel).is_empty() {
+            if let Err(limit) = self.reserve_channel(&index, conn.app) {
+                self.refused(limit.reason());
+                return Err(limit);
+            }
+        }
+        let added = index.subscribe(conn.id, conn.app, channel);
+        drop(index);
+        if added {
+            self.count_changed(conn.app, channel, 1);
+        }
+        Ok(added)
+    }
+
+    /// Room for one more channel in this shard's index, counted for `app` (node-wide).
+    pub(super) fn reserve_channel(
+        &self,
+        index: &SubscriptionIndex,
+        app: usize,
+    ) -> Result<(), ChannelLimit> {
+        let cap = self.shared.cfg.max_channels_per_shard;
+        if index.total_channels() >= cap {
+            return Err(ChannelLimit::Shard(cap));
+        }
+        // Reserve first, then check: shards subscribing at the same moment cannot both take the
+        // last place.
+        let counter = &self.shared.app_channels[app];
+        let before = counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = self.app(app).max_channels.filter(|m| before >= *m) {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            return Err(ChannelLimit::App(max));
+        }
+        Ok(())
+    }
+
+    /// Counts a refused subscribe for `bts_subscribes_refused_total`.
+    pub(super) fn refused(&self, reason: &'static str) {
+        *self
+            .stats
+            .subscribes_refused
+            .borrow_mut()
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Removes `conn` from a channel's local subscribers; `false` if it was not one.
+    pub(super) fn unsubscribe_local(&self, conn: &Conn, channel: &str) -> bool {
+        let removed = self.with_channel_count(conn.app, |index| {
+            index.unsubscribe(conn.id, conn.app, channel)
+        });
+        if removed {
+            self.count_changed(conn.app, channel, -1);
+        }
+        removed
+    }
+
+    /// Runs `f` on the index and gives back to `app`'s channel count the channels it emptied.
+    pub(super) fn with_channel_count<T>(
+        &self,
+        app: usize,
+        f: impl FnOnce(&mut SubscriptionIndex) -> T,
+    ) -> T {
+        let mut index = self.index.borrow_mut();
+        let before = index.channel_count(app);
+        let out = f(&mut index);
+        let gone = before.saturating_sub(index.channel_count(app));
+        if gone > 0 {
+            self.shared.app_channels[app].fetch_sub(gone, Ordering::Relaxed);
+        }
+        out
+    }
+
+    /// Tells the channel's owner about a subscriber count change, when the app wants
+    /// `pusher_internal:subscription_count` (never for presence channels, as Pusher).
+    pub(super) fn count_changed(&self, app: usize, channel: &str, delta: i64) {
+        let a = self.app(app);
+        let presence = ChannelKind::of(channel) == ChannelKind::Presence;
+        let events = a.subscription_count && !presence;
+        let hooks = !a.webhooks.is_empty();
+        if !events && !hooks {
+            return;
+        }
+        let router = &self.shared.router;
+        let owner = router.owner(app, channel);
+        let _ = router.try_push(
+            owner,
+            ShardCmd::CountDelta {
+                app,
+                channel: Arc::from(channel),
+                delta,
+            },
+        );
+    }
+
+    /// Leaves a presence channel `conn` had joined (unsubscribe).
+    pub(super) fn leave_presence(&self, conn: &Conn, channel: &str) {
+        let user = {
+            let mut ext = conn.ext();
+            let pos = ext.presence.iter().position(|(c, _)| &**c == channel);
+            pos.map(|i| ext.presence.swap_remove(i).1)
+        };
+        if let Some(user) = user {
+            self.send_leave(conn, channel, &user);
+        }
+    }
+
+    pub(super) fn send_leave(&self, conn: &Conn, channel: &str, user: &str) {
+        let router = &self.shared.router;
+        let op = PresenceOp::Leave {
+            app: conn.app,
+            channel: Arc::from(channel),
+            user_id: Arc::from(user),
+            socket_id: conn.socket_id,
+        };
+        if router
+            .try_push(router.owner(conn.app, channel), ShardCmd::Presence(op))
+            .is_err()
+        {
+            tracing::warn!(channel, "inbox full: presence leave dropped");
+        }
+    }
+
+    /// After `subscription_succeeded` on a cache channel: its last event, or `pusher:cache_miss`.
+    pub(super) fn send_cached(&self, conn: &Conn, channel: &str) {
+        if !channel::is_cache(channel) {
+            return;
+        }
+        let cache = self.cache.borrow();
+        match cache.get(conn.app, channel, Instant::now()) {
+            Some(frame) => {
+                conn.enqueue_shared(&Rc::new(frame.clone()));
+            }
+            None => {
+                conn.send_text(&outbound::cache_miss(channel));
+                let a = self.app(conn.app);
+                if !a.webhooks.is_empty() && webhooks::wanted(&a, "cache_miss") {
+                    self.shared.webhooks.emit(
+                        conn.app,
+                        serde_json::json!({"name":"cache_miss","channel":channel}),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The owner answered a join: start the subscription, or undo a join nobody waits for.
+    pub(super) fn presence_joined(&self, j: Joined) {
+        let conn = self.conns.borrow().get(j.conn).cloned();
+        let waiting = conn.as_ref().filter(|c| {
+            if !c.join_pending(&j.channel) {
+                return false;
+            }
+            c.ext().presence_pending.retain(|ch| **ch != *j.channel);
+            c.is_open()
+        });
+        match (waiting, j.result) {
+            (Some(conn), Ok(frame)) => {
+                if let Err(limit) = self.subscribe_local(conn, &j.channel) {
+                    // The owner admitted the member: take it back.
+                    conn.send_text(&outbound::error(None, &limit.to_string()));
+                    self.mark_dirty(conn);
+                    self.send_leave(conn, &j.channel, &j.user_id);
+                    return;
+                }
+                conn.ext()
+                    .presence
+                    .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
+                conn.enqueue_shared(&Rc::new(frame));
+                self.send_cached(conn, &j.channel);
+                self.mark_dirty(conn);
+            }
+            (Some(conn), Err(why)) => {
+                conn.send_text(&outbound::subscription_error(
+                    &j.channel,
+                    "LimitReached",
+                    why,
+                    403,
+                ));
+                self.mark_dirty(conn);
+            }
+            (None, Ok(_)) => {
+                // Closed or unsubscribed meanwhile: take the membership back.
+                let router = &self.shared.router;
+                let op = PresenceOp::Leave {
+                    app: j.app,
+                    channel: Arc::clone(&j.channel),
+                    user_id: j.user_id,
+                    socket_id: SocketId { hi: 0, lo: 0 },
+                };
+                let _ = router.try_push(router.owner(j.app, &j.channel), ShardCmd::Presence(op));
+            }
+            (None, Err(_)) => {}
+        }
+    }
+
+    /// A connection signed in (`+1`) or closed (`-1`) as `user`: tell the user's owner, and
+    /// start or stop watching the users on its watchlist.
+    pub(super) fn user_presence(&self, conn: &Conn, user: &str, delta: i32) {
+        let watchlist = conn.ext().watchlist.clone();
+        self.user_watch(conn, user, delta, watchlist);
+    }
+
+    /// A signed-in connection ended: its user loses a connection, its watches stop.
+    pub(super) fn user_offline(&self, conn: &Conn, user: &str, watchlist: Vec<Rc<str>>) {
+        self.user_watch(conn, user, -1, watchlist);
+    }
+
+    pub(super) fn user_watch(&self, conn: &Conn, user: &str, delta: i32, watchlist: Vec<Rc<str>>) {
+        let router = &self.shared.router;
+        let _ = router.try_push(
+            router.user_owner(conn.app, user),
+            ShardCmd::UserOnline {
+                app: conn.app,
+                user_id: Arc::from(user),
+                delta,
+            },
+        );
+        for watched in watchlist {
+            let _ = router.try_push(
+                router.user_owner(conn.app, &watched),
+                ShardCmd::Watch {
+                    app: conn.app,
+                    watched: Arc::from(&*watched),
+                    shard: self.id,
+                    conn: conn.id,
+                    on: delta > 0,
+                },
+            );
+        }
+    }
+
+    /// Subscribes a registered connection (for benches and tests of the pure path).
+    #[doc(hidden)]
+    pub fn bench_subscribe(&self, conn: &Conn, channel: &str) {
+        let _ = self.subscribe_local(conn, channel);
+    }
+
+    /// `pusher_internal:watchlist_events` for one of this shard's connections.
+    pub(super) fn watch_event(&self, conn: ConnId, online: bool, user_id: &str) {
+        let conn = self.conns.borrow().get(conn).cloned();
+        if let Some(conn) = conn {
+            let name = if online { "online" } else { "offline" };
+            conn.send_text(&outbound::watchlist_event(name, &[user_id]));
+            self.mark_dirty(&conn);
+        }
+    }
+}
