@@ -404,7 +404,9 @@ fn measure_flood() {
     ) else {
         panic!("set FLOOD_ADDR, FLOOD_PID and FLOOD_KIND (ping|pusher-ping|subscribe)");
     };
-    let secs: f64 = var("FLOOD_SECS").and_then(|s| s.parse().ok()).unwrap_or(5.0);
+    let secs: f64 = var("FLOOD_SECS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
     let key = var("FLOOD_KEY").unwrap_or_else(|| APP_KEY.to_owned());
 
     let before = flood::rss_kib(pid);
