@@ -12,17 +12,18 @@
 //!   a dedicated pinned thread.
 //! - [`fanout`]: frames each event once and routes it to every shard's bounded inbox.
 //! - [`shard`]: one per core: listener, connections, subscription index, outbound queues, HTTP API.
-//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
 //! - [`simulate`]: `bts-guru simulate`, a live-sports feed publishing through the HTTP API or Redis.
 //! - [`console`]: the debug console page at `/console` (off by default) and `bts-guru demo`.
 //! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
 //! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
 //!
+//! The load generator, `bts-guru-bench`, is a package of its own (`benches/loadgen`): a client of
+//! any Pusher server.
+//!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
 
 pub mod apps;
-pub mod bench;
 pub mod config;
 pub mod console;
 pub mod doctor;

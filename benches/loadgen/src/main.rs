@@ -10,17 +10,17 @@
 //! one JSON line, and optionally an SVG percentile plot ([`svg`]).
 //!
 //! Scenarios ([`scenario`]): `fanout`, `idle`, `churn`, `presence`, `max`, and the long `soak`
-//! ([`soak`]).
+//! ([`soak`]). See `bts-guru-bench --help`.
 
-pub mod publish;
-pub mod report;
-pub mod scenario;
-pub mod soak;
-pub mod stats;
-pub mod svg;
-pub mod sys;
-pub mod wire;
-pub mod worker;
+mod publish;
+mod report;
+mod scenario;
+mod soak;
+mod stats;
+mod svg;
+mod sys;
+mod wire;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -389,7 +389,8 @@ impl From<&str> for BenchError {
 
 pub type Result<T> = std::result::Result<T, BenchError>;
 
-/// Runs one scenario; prints the table and the JSON line; returns the exit status.
-pub fn main(args: Args) -> i32 {
-    scenario::run(args)
+/// Runs one scenario; prints the table and the JSON line; exits with the status.
+fn main() {
+    let args = Args::parse();
+    std::process::exit(scenario::run(args));
 }
