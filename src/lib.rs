@@ -18,7 +18,8 @@
 //! - [`sys`]: the only `unsafe`: vectored `sendmsg`, listener hand-off, affinity, rlimits.
 //!
 //! The load generator, `bts-guru-bench`, is a package of its own (`benches/loadgen`): a client of
-//! any Pusher server.
+//! any Pusher server, using this library only for pure parts ([`protocol::auth`]'s signing,
+//! [`ws::codec`]'s frame header and masking).
 //!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.

@@ -12,6 +12,7 @@
 //! Scenarios ([`scenario`]): `fanout`, `idle`, `churn`, `presence`, `max`, and the long `soak`
 //! ([`soak`]). See `bts-guru-bench --help`.
 
+mod auth;
 mod publish;
 mod report;
 mod scenario;

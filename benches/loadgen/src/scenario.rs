@@ -11,7 +11,8 @@ use crossbeam_channel::Sender;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::publish::{run_publisher, Creds, HttpClient, PubPlan, PubResult, Sink, Via};
+use super::auth::Creds;
+use super::publish::{run_publisher, HttpClient, PubPlan, PubResult, Sink, Via};
 use super::report::{print_error, round1, round3, thousands, Report};
 use super::stats::{fmt_hist, new_hist, proc_sample, summary_us, Errors, ProcSample};
 use super::worker::{
@@ -583,10 +584,11 @@ pub(super) fn server_connections(env: &Env) -> Option<u64> {
     let api_port = env.c.api_port.unwrap_or(env.c.port);
     let addr = resolve(&api_host, api_port).ok()?;
     let mut http = HttpClient::new(addr, format!("{api_host}:{api_port}"));
-    let target = super::publish::signed_get(
-        &env.creds,
+    let target = env.creds.signed_target(
+        "GET",
         &format!("/apps/{}/connections", env.c.app_id),
         &[],
+        b"",
     );
     let (status, body) = http.request("GET", &target, b"").ok()?;
     if status != 200 {

@@ -30,7 +30,8 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::publish::{hmac_hex, match_update, signed_get, Creds, HttpClient, Sink};
+use super::auth::Creds;
+use super::publish::{match_update, HttpClient, Sink};
 use super::report::{round1, round3, thousands, Report};
 use super::scenario::{preflight, server_connections, title, Env};
 use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
@@ -1061,14 +1062,9 @@ fn subscribe(ctx: &mut Ctx, conn: &mut Conn, chan: u32) -> bool {
             conn.subs.len() - 1
         }
     };
-    let socket_id = conn.socket_id.as_deref().unwrap_or("").to_owned();
+    let socket_id = conn.socket_id.as_deref().unwrap_or("");
     let msg = match plan.kinds[chan as usize] {
-        Kind::Public => json!({"event":"pusher:subscribe","data":{"channel": name}}),
-        Kind::Private => {
-            let sig = hmac_hex(&plan.creds.secret, &format!("{socket_id}:{name}"));
-            json!({"event":"pusher:subscribe","data":{"channel": name,
-                "auth": format!("{}:{sig}", plan.creds.key)}})
-        }
+        Kind::Public | Kind::Private => plan.creds.subscribe_message(socket_id, name, None),
         Kind::Presence => {
             let slot = plan.pres_slot[chan as usize].expect("presence slot");
             {
@@ -1084,12 +1080,9 @@ fn subscribe(ctx: &mut Ctx, conn: &mut Conn, chan: u32) -> bool {
             let data = json!({"user_id": format!("u{}", conn.user),
                               "user_info": {"name": format!("Soak user {}", conn.user)}})
             .to_string();
-            let sig = hmac_hex(&plan.creds.secret, &format!("{socket_id}:{name}:{data}"));
-            json!({"event":"pusher:subscribe","data":{"channel": name,
-                "auth": format!("{}:{sig}", plan.creds.key), "channel_data": data}})
+            plan.creds.subscribe_message(socket_id, name, Some(&data))
         }
-    }
-    .to_string();
+    };
     let sub = &mut conn.subs[i];
     sub.st = SubSt::Pending {
         since: Instant::now(),
@@ -1663,7 +1656,7 @@ fn server_presence(
     channel: &str,
 ) -> std::result::Result<(HashSet<u32>, u64), String> {
     let path = format!("/apps/{}/channels/{channel}/users", creds.app_id);
-    let (status, body) = http.request("GET", &signed_get(creds, &path, &[]), b"")?;
+    let (status, body) = http.request("GET", &creds.signed_target("GET", &path, &[], b""), b"")?;
     if status != 200 {
         return Err(format!("GET {path}: {status} {body}"));
     }
@@ -1679,7 +1672,7 @@ fn server_presence(
     let path = format!("/apps/{}/channels/{channel}", creds.app_id);
     let (status, body) = http.request(
         "GET",
-        &signed_get(creds, &path, &[("info", "user_count")]),
+        &creds.signed_target("GET", &path, &[("info", "user_count")], b""),
         b"",
     )?;
     if status != 200 {

@@ -1,6 +1,8 @@
 //! The client side of RFC 6455 (handshake request, answer check, frame encode/decode) and the
 //! allocation-free field scanners used on every delivery.
 
+use bts_guru::ws::codec;
+
 /// The upgrade request for `path` (e.g. `/app/KEY?protocol=7...`).
 pub fn handshake_request(host: &str, path: &str, key: &str) -> Vec<u8> {
     format!(
@@ -38,33 +40,22 @@ pub fn check_handshake(head: &[u8], key: &str) -> Result<(), String> {
     Err("WebSocket upgrade: no Sec-WebSocket-Accept".into())
 }
 
+pub use bts_guru::ws::codec::{OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 pub const OP_CONT: u8 = 0;
-pub const OP_TEXT: u8 = 1;
 pub const OP_BINARY: u8 = 2;
-pub const OP_CLOSE: u8 = 8;
-pub const OP_PING: u8 = 9;
-pub const OP_PONG: u8 = 10;
 
-/// Appends one masked client frame.
+/// Appends one final, masked client frame: the daemon's frame header (the same for both
+/// directions but for the mask bit) and its masking, which is the same XOR as unmasking.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let mut head = [0u8; codec::MAX_SERVER_HEADER];
+    let n = codec::encode_header(opcode, payload.len(), &mut head);
+    // RFC 6455 §5.3: every frame a client sends is masked.
+    head[1] |= 0x80;
+    out.extend_from_slice(&head[..n]);
     out.extend_from_slice(&mask);
     let start = out.len();
     out.extend_from_slice(payload);
-    for (i, b) in out[start..].iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
+    codec::unmask(&mut out[start..], mask);
 }
 
 /// One complete server frame found at the start of a buffer.
@@ -252,24 +243,13 @@ pub fn data_value(msg: &[u8]) -> Option<serde_json::Value> {
 mod tests {
     use super::*;
 
+    // What the daemon's encoder writes, the client's parser reads back whole; one byte short
+    // is not a frame yet.
     #[test]
     fn frames_round_trip_lengths() {
         for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
             let payload = vec![b'x'; n];
-            // server frames are unmasked: build one by hand
-            let mut f = vec![0x81];
-            match n {
-                0..=125 => f.push(n as u8),
-                126..=0xFFFF => {
-                    f.push(126);
-                    f.extend_from_slice(&(n as u16).to_be_bytes());
-                }
-                _ => {
-                    f.push(127);
-                    f.extend_from_slice(&(n as u64).to_be_bytes());
-                }
-            }
-            f.extend_from_slice(&payload);
+            let f = codec::server_frame(OP_TEXT, &payload);
             let h = parse_frame(&f, 1 << 20).unwrap().unwrap();
             assert_eq!(
                 (h.fin, h.opcode, h.end - h.start, h.end),
@@ -277,20 +257,34 @@ mod tests {
             );
             assert_eq!(parse_frame(&f[..f.len() - 1], 1 << 20).unwrap(), None);
         }
+        let big = codec::server_frame(OP_TEXT, &[b'x'; 300]);
+        assert!(parse_frame(&big, 299).is_err());
     }
 
+    // What the client encodes, the daemon's decoder (which checks every RFC 6455 rule on client
+    // frames) reads back, at every length encoding.
     #[test]
-    fn masked_client_frame_unmasks() {
+    fn masked_client_frames_decode_in_the_daemon() {
+        for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
+            let text = "y".repeat(n);
+            let mut out = Vec::new();
+            encode_frame(&mut out, OP_TEXT, text.as_bytes(), [1, 2, 3, 4]);
+            assert_eq!(out[1] & 0x80, 0x80, "masked");
+            let mut dec = codec::Decoder::default();
+            let (msg, used) = dec.next(&mut out, 1 << 20).unwrap().unwrap();
+            assert_eq!(used, out.len());
+            let codec::Inbound::Text(codec::Text::InBuf(r)) = msg else {
+                panic!("{msg:?}");
+            };
+            assert_eq!(&out[r], text.as_bytes());
+        }
         let mut out = Vec::new();
-        encode_frame(&mut out, OP_TEXT, b"hello", [1, 2, 3, 4]);
-        assert_eq!(out[0], 0x81);
-        assert_eq!(out[1], 0x80 | 5);
-        let un: Vec<u8> = out[6..]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ [1, 2, 3, 4][i & 3])
-            .collect();
-        assert_eq!(un, b"hello");
+        encode_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), [9, 8, 7, 6]);
+        let (msg, _) = codec::Decoder::default()
+            .next(&mut out, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, codec::Inbound::Close(Some(1000)));
     }
 
     #[test]

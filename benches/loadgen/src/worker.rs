@@ -15,7 +15,8 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use socket2::{Domain, Socket, Type};
 
-use super::publish::{hmac_hex, set_bit, Creds};
+use super::auth::Creds;
+use super::publish::set_bit;
 use super::stats::{new_hist, now_ns, Errors};
 use super::sys::{self, Epoll};
 use super::wire::{self, FrameHead};
@@ -541,16 +542,9 @@ impl Worker {
                 "user_info": {"name": format!("Bench member {id}")}
             })
             .to_string();
-            let sig = hmac_hex(
-                &setup.creds.secret,
-                &format!("{socket_id}:{}:{channel_data}", p.channel),
-            );
-            let msg = serde_json::json!({
-                "event": "pusher:subscribe",
-                "data": {"channel": p.channel, "auth": format!("{}:{sig}", setup.creds.key),
-                         "channel_data": channel_data}
-            })
-            .to_string();
+            let msg = setup
+                .creds
+                .subscribe_message(&socket_id, &p.channel, Some(&channel_data));
             conn.pres = Some(Box::new(Pres {
                 known: Vec::new(),
                 count: 0,
@@ -1155,17 +1149,8 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
             match conn.spec.channel {
                 Some(c) => {
                     let name = &ctx.setup.channels[c as usize];
-                    let msg = if name.starts_with("private-") {
-                        let sig = hmac_hex(
-                            &ctx.setup.creds.secret,
-                            &format!("{}:{name}", conn.socket_id.as_deref().unwrap_or("")),
-                        );
-                        serde_json::json!({"event":"pusher:subscribe","data":{
-                            "channel": name, "auth": format!("{}:{sig}", ctx.setup.creds.key)}})
-                    } else {
-                        serde_json::json!({"event":"pusher:subscribe","data":{"channel": name}})
-                    }
-                    .to_string();
+                    let sid = conn.socket_id.as_deref().unwrap_or("");
+                    let msg = ctx.setup.creds.subscribe_message(sid, name, None);
                     send_text(ctx, conn, msg.as_bytes());
                 }
                 None => ready(ctx, conn, tok),
