@@ -13,6 +13,8 @@
 //! ([`soak`]). See `bts-guru-bench --help`.
 
 mod auth;
+mod client;
+mod pace;
 mod publish;
 mod report;
 mod scenario;

@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use super::auth::Creds;
+use super::client::Target;
 use super::publish::{run_publisher, HttpClient, PubPlan, PubResult, Sink, Via};
 use super::report::{print_error, round1, round3, thousands, Report};
 use super::stats::{fmt_hist, new_hist, proc_sample, summary_us, Errors, ProcSample};
@@ -219,6 +220,18 @@ impl Env {
         )
     }
 
+    /// Where every WebSocket connection goes, and how.
+    pub(super) fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            host_header: self.host_header.clone(),
+            path: self.ws_path(),
+            sources: self.sources.clone(),
+            connect_timeout: Duration::from_secs_f64(self.c.connect_timeout_s.max(0.1)),
+            max_frame: self.c.max_frame,
+        }
+    }
+
     fn server(&self) -> Option<ProcSample> {
         self.c
             .server_pid
@@ -267,18 +280,13 @@ impl Env {
             .map(|(i, c)| (c.as_bytes().to_vec().into_boxed_slice(), i as u32))
             .collect();
         Arc::new(Setup {
-            addr: self.addr,
-            host_header: self.host_header.clone(),
-            path: self.ws_path(),
+            target: self.target(),
             creds: self.creds.clone(),
-            sources: self.sources.clone(),
-            connect_timeout: Duration::from_secs_f64(self.c.connect_timeout_s.max(0.1)),
             event: self.c.event.clone(),
             channels: Arc::new(channels),
             lookup,
             presence,
             shared: Arc::new(Shared::default()),
-            max_frame: self.c.max_frame,
         })
     }
 

@@ -19,9 +19,8 @@
 //! Neither edge needs a timing margin.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{self, Read};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,15 +30,13 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use super::auth::Creds;
+use super::client::{self, Fate, Handler, Pool, St, Target};
+use super::pace::{catch_up_floor, interval, wait_ms};
 use super::publish::{match_update, HttpClient, Sink};
 use super::report::{round1, round3, thousands, Report};
 use super::scenario::{preflight, server_connections, title, Env};
 use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
-use super::sys::{self, Epoll};
 use super::wire;
-use super::worker::{
-    catch_up_floor, connect_nonblocking, next_mask, slot_mut, token, write_queued, Fate,
-};
 use super::{BenchError, Result, SoakArgs};
 
 /// How long the server may take to answer our close frame.
@@ -61,14 +58,9 @@ enum Kind {
 
 /// What every thread knows and nobody changes.
 struct Plan {
-    addr: SocketAddr,
-    host_header: String,
-    path: String,
+    target: Target,
     creds: Creds,
-    sources: Vec<IpAddr>,
-    connect_timeout: Duration,
     event: String,
-    max_frame: usize,
     channels: Vec<String>,
     kinds: Vec<Kind>,
     lookup: HashMap<Box<[u8]>, u32>,
@@ -229,15 +221,6 @@ impl Tally {
     }
 }
 
-#[derive(PartialEq, Eq, Clone, Copy, Debug)]
-enum St {
-    Connecting,
-    Upgrading,
-    Open,
-    /// We sent our close frame and wait for the server's.
-    Closing,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Then {
     Unsubscribe,
@@ -306,16 +289,8 @@ impl Sub {
     }
 }
 
-struct Conn {
-    stream: TcpStream,
-    st: St,
-    out_interest: bool,
-    inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
-    frag: Vec<u8>,
-    fragmenting: bool,
-    key: Option<Box<str>>,
-    started: Instant,
+/// What a soak thread keeps per connection beside its WebSocket.
+struct Peer {
     closing_since: Option<Instant>,
     established: bool,
     socket_id: Option<Box<str>>,
@@ -330,6 +305,8 @@ struct Conn {
     /// Remove now, dropping TCP without a close frame.
     drop_now: bool,
 }
+
+type Conn = client::Conn<Peer>;
 
 struct Ctx {
     plan: Arc<Plan>,
@@ -357,11 +334,7 @@ impl Ctx {
 
 struct SoakWorker {
     ctx: Ctx,
-    epoll: Epoll,
-    slots: Vec<Option<Conn>>,
-    gens: Vec<u32>,
-    free: Vec<u32>,
-    pending_free: Vec<u32>,
+    pool: Pool<Peer>,
     index: u32,
     threads: u32,
     target: usize,
@@ -385,10 +358,6 @@ fn per_thread(total: usize, threads: usize, i: usize) -> usize {
     total / threads + usize::from(i < total % threads)
 }
 
-fn interval(rate: f64) -> Option<Duration> {
-    (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate))
-}
-
 impl SoakWorker {
     fn new(
         plan: Arc<Plan>,
@@ -399,20 +368,17 @@ impl SoakWorker {
     ) -> io::Result<SoakWorker> {
         let now = Instant::now();
         let t = threads as f64;
+        let rng = 0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D) ^ now_ns();
+        // The server must answer our close frame: an end of TCP without it is a trouble.
+        let pool = Pool::new(&plan.target, rng, true)?;
         Ok(SoakWorker {
             ctx: Ctx {
                 plan,
                 board,
-                rng: 0x9E37_79B9_7F4A_7C15
-                    ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D)
-                    ^ now_ns(),
+                rng,
                 t: Tally::new(),
             },
-            epoll: Epoll::new(1024)?,
-            slots: Vec::new(),
-            gens: Vec::new(),
-            free: Vec::new(),
-            pending_free: Vec::new(),
+            pool,
             index: index as u32,
             threads: threads as u32,
             target: per_thread(a.connections, threads, index),
@@ -465,20 +431,19 @@ impl SoakWorker {
                 self.scan(now);
             }
             let wait = self.next_wake(now, churning);
-            if let Err(e) = self.epoll.wait(wait, &mut events) {
+            if let Err(e) = self.pool.wait(wait, &mut events) {
                 self.ctx.t.errors.add(format!("epoll_wait: {e}"));
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let mut delivered = 0;
+            let before = self.ctx.t.deliveries;
             for &(tok, flags) in &events {
-                let before = self.ctx.t.deliveries;
                 self.io(tok, flags, &mut scratch);
-                delivered += self.ctx.t.deliveries - before;
             }
+            let delivered = self.ctx.t.deliveries - before;
             if delivered > 0 {
                 self.ctx.board.deliveries.fetch_add(delivered, Relaxed);
             }
-            self.free.append(&mut self.pending_free);
+            self.pool.recycle();
         }
     }
 
@@ -497,12 +462,7 @@ impl SoakWorker {
                 }
             }
         }
-        let d = until.saturating_duration_since(now);
-        if d.is_zero() {
-            0
-        } else {
-            (d.as_micros().div_ceil(1000) as i32).max(1)
-        }
+        wait_ms(now, until)
     }
 
     fn open_due(&mut self, now: Instant) {
@@ -523,21 +483,22 @@ impl SoakWorker {
 
     /// A random connection that is open, established, not leaving and not steady.
     fn pick(&mut self, no_fencing: bool) -> Option<u64> {
-        if self.slots.is_empty() {
+        if self.pool.slot_count() == 0 {
             return None;
         }
         for _ in 0..16 {
-            let i = self.ctx.below(self.slots.len());
-            let Some(c) = self.slots[i].as_ref() else {
+            let i = self.ctx.below(self.pool.slot_count());
+            let Some((tok, c)) = self.pool.at(i) else {
                 continue;
             };
-            if c.st != St::Open || !c.established || c.leaving || c.steady {
+            let p = &c.app;
+            if c.st != St::Open || !p.established || p.leaving || p.steady {
                 continue;
             }
-            if no_fencing && c.subs.iter().any(|s| matches!(s.st, SubSt::Fencing { .. })) {
+            if no_fencing && p.subs.iter().any(|s| matches!(s.st, SubSt::Fencing { .. })) {
                 continue;
             }
-            return Some(token(i as u32, self.gens[i]));
+            return Some(tok);
         }
         None
     }
@@ -552,15 +513,15 @@ impl SoakWorker {
                 break;
             };
             let abrupt = self.ctx.chance(self.ctx.plan.abrupt_fraction);
-            let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
+            let Some(conn) = self.pool.get_mut(tok) else {
                 continue;
             };
             self.ctx.board.disconnects.fetch_add(1, Relaxed);
             leave_pop(&mut self.ctx, conn, &mut self.pop);
-            conn.close_when_fenced = Some(abrupt);
+            conn.app.close_when_fenced = Some(abrupt);
             let now = Instant::now();
-            for i in 0..conn.subs.len() {
-                if matches!(conn.subs[i].st, SubSt::Active) {
+            for i in 0..conn.app.subs.len() {
+                if matches!(conn.app.subs[i].st, SubSt::Active) {
                     start_fence(&mut self.ctx, conn, i, Then::Stay, now);
                 }
             }
@@ -579,7 +540,7 @@ impl SoakWorker {
                 break;
             };
             self.ctx.board.sub_ops.fetch_add(1, Relaxed);
-            let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
+            let Some(conn) = self.pool.get_mut(tok) else {
                 continue;
             };
             sub_op(&mut self.ctx, conn);
@@ -589,72 +550,36 @@ impl SoakWorker {
 
     /// After acting on a connection outside its I/O: flush it, or remove it.
     fn after(&mut self, tok: u64) {
-        let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
+        let Some(conn) = self.pool.get_mut(tok) else {
             return;
         };
-        if conn.drop_now {
+        if conn.app.drop_now {
             self.remove(tok, None);
             return;
         }
-        if let Fate::Drop(e) = flush(conn, &self.epoll, tok) {
+        if let Fate::Drop(e) = self.pool.flush(tok) {
             self.remove(tok, e);
         }
     }
 
     fn open(&mut self, steady: bool) {
         let plan = self.ctx.plan.clone();
-        let src = if plan.sources.is_empty() {
+        let sources = &plan.target.sources;
+        let src = if sources.is_empty() {
             None
         } else {
-            Some(plan.sources[self.ctx.below(plan.sources.len())])
+            Some(sources[self.ctx.below(sources.len())])
         };
         let gid = self.opened * self.threads + self.index;
         self.opened += 1;
         self.ctx.t.connects += 1;
         self.ctx.board.connects.fetch_add(1, Relaxed);
-        let stream = match connect_nonblocking(plan.addr, src) {
-            Ok(s) => s,
-            Err(e) => {
-                let from = src.map(|s| format!(" from {s}")).unwrap_or_default();
-                self.ctx
-                    .t
-                    .errors
-                    .add(format!("connect to {}{from}: {e}", plan.addr));
-                self.ctx.t.connect_failed += 1;
-                self.ctx.board.troubles.fetch_add(1, Relaxed);
-                return;
-            }
-        };
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.gens.push(0);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let tok = token(idx, self.gens[idx as usize]);
-        if let Err(e) = self.epoll.add(stream.as_raw_fd(), tok, sys::IN | sys::OUT) {
-            self.ctx.t.errors.add(format!("epoll_ctl: {e}"));
-            self.ctx.t.connect_failed += 1;
-            self.free.push(idx);
-            return;
-        }
         let user = if steady {
             plan.users + gid
         } else {
             self.ctx.below(plan.users as usize) as u32
         };
-        self.slots[idx as usize] = Some(Conn {
-            stream,
-            st: St::Connecting,
-            out_interest: true,
-            inbuf: Vec::new(),
-            outbuf: Vec::new(),
-            frag: Vec::new(),
-            fragmenting: false,
-            key: None,
-            started: Instant::now(),
+        let peer = Peer {
             closing_since: None,
             established: false,
             socket_id: None,
@@ -665,28 +590,31 @@ impl SoakWorker {
             leaving: false,
             close_when_fenced: None,
             drop_now: false,
-        });
+        };
+        if let Err(e) = self.pool.open(src, peer) {
+            self.ctx.t.errors.add(e);
+            self.ctx.t.connect_failed += 1;
+            self.ctx.board.troubles.fetch_add(1, Relaxed);
+            return;
+        }
         self.pop += 1;
     }
 
     /// Removes a connection and accounts for how it ended.
     fn remove(&mut self, tok: u64, err: Option<String>) {
-        let idx = (tok & 0xFFFF_FFFF) as usize;
-        let Some(mut conn) = self.slots[idx].take() else {
+        let Some(mut conn) = self.pool.remove(tok) else {
             return;
         };
-        self.gens[idx] = self.gens[idx].wrapping_add(1);
-        self.pending_free.push(idx as u32);
         let ctx = &mut self.ctx;
-        if !conn.established {
+        if !conn.app.established {
             ctx.t.connect_failed += 1;
             ctx.board.troubles.fetch_add(1, Relaxed);
             ctx.t
                 .errors
                 .add(err.unwrap_or_else(|| "connection closed before it was established".into()));
-        } else if conn.drop_now {
+        } else if conn.app.drop_now {
             ctx.t.closes_abrupt += 1;
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            conn.shutdown();
         } else if conn.st == St::Closing {
             match err {
                 None => ctx.t.closes_clean += 1,
@@ -705,64 +633,26 @@ impl SoakWorker {
             release_presence(ctx, &mut conn);
         }
         leave_pop(ctx, &mut conn, &mut self.pop);
-        // Dropping the stream closes the fd, which also leaves the epoll set.
     }
 
     fn io(&mut self, tok: u64, flags: u32, scratch: &mut [u8]) {
-        let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
-            return;
-        };
-        let fate = if conn.st == St::Connecting {
-            match conn.stream.take_error() {
-                Ok(None) if flags & (sys::ERR | sys::HUP) == 0 => {
-                    let key = tungstenite::handshake::client::generate_key();
-                    let plan = &self.ctx.plan;
-                    conn.outbuf.extend_from_slice(&wire::handshake_request(
-                        &plan.host_header,
-                        &plan.path,
-                        &key,
-                    ));
-                    conn.key = Some(key.into_boxed_str());
-                    conn.st = St::Upgrading;
-                    flush(conn, &self.epoll, tok)
-                }
-                Ok(None) => Fate::Drop(Some("connect: connection closed".into())),
-                Ok(Some(e)) | Err(e) => Fate::Drop(Some(format!("connect: {e}"))),
-            }
-        } else {
-            let mut fate = Fate::Keep;
-            if flags & sys::OUT != 0 {
-                fate = flush(conn, &self.epoll, tok);
-            }
-            if matches!(fate, Fate::Keep) && flags & (sys::IN | sys::ERR | sys::HUP) != 0 {
-                fate = read_input(&mut self.ctx, conn, scratch);
-                if matches!(fate, Fate::Keep) && !conn.drop_now && !conn.outbuf.is_empty() {
-                    fate = flush(conn, &self.epoll, tok);
-                }
-            }
-            fate
-        };
-        let drop_now = conn.drop_now;
-        match fate {
-            Fate::Drop(e) => self.remove(tok, e),
-            Fate::Keep if drop_now => self.remove(tok, None),
-            Fate::Keep => {}
+        if let Fate::Drop(e) = self.pool.io(tok, flags, scratch, &mut self.ctx) {
+            self.remove(tok, e);
         }
     }
 
     /// Timeouts (handshakes, subscribes, catch-ups, closes) and the answers to the
     /// orchestrator's waits.
     fn scan(&mut self, now: Instant) {
-        let timeout = self.ctx.plan.connect_timeout;
+        let timeout = self.ctx.plan.target.connect_timeout;
         let catch_up = self.ctx.plan.catch_up;
         let mut busy = false;
         let mut fencing = false;
-        for i in 0..self.slots.len() {
-            let tok = token(i as u32, self.gens[i]);
-            let Some(conn) = self.slots[i].as_mut() else {
+        for i in 0..self.pool.slot_count() {
+            let Some((tok, conn)) = self.pool.at(i) else {
                 continue;
             };
-            if !conn.established {
+            if !conn.app.established {
                 busy = true;
                 if now.duration_since(conn.started) > timeout {
                     let stage = match conn.st {
@@ -777,6 +667,7 @@ impl SoakWorker {
             if conn.st == St::Closing {
                 busy = true;
                 if conn
+                    .app
                     .closing_since
                     .is_some_and(|t| now.duration_since(t) > CLOSE_TIMEOUT)
                 {
@@ -788,8 +679,8 @@ impl SoakWorker {
                 continue;
             }
             let ctx = &mut self.ctx;
-            for s in 0..conn.subs.len() {
-                match conn.subs[s].st {
+            for s in 0..conn.app.subs.len() {
+                match conn.app.subs[s].st {
                     SubSt::Pending { since } => {
                         busy = true;
                         if now.duration_since(since) > timeout {
@@ -798,18 +689,18 @@ impl SoakWorker {
                             ctx.t
                                 .errors
                                 .add(format!("no subscription_succeeded within {timeout:?}"));
-                            conn.subs[s].st = SubSt::Left;
+                            conn.app.subs[s].st = SubSt::Left;
                         }
                     }
                     SubSt::Fencing { target, since, .. } => {
                         busy = true;
                         fencing = true;
                         if now.duration_since(since) > catch_up {
-                            let sub = &mut conn.subs[s];
+                            let sub = &mut conn.app.subs[s];
                             let have = sub.expect.unwrap_or(sub.first_required);
                             let lost = target.saturating_sub(have);
                             ctx.t.missing += lost;
-                            if conn.steady {
+                            if conn.app.steady {
                                 ctx.t.steady_missing += lost;
                             }
                             ctx.t.fence_timeouts += 1;
@@ -824,7 +715,7 @@ impl SoakWorker {
                     _ => {}
                 }
             }
-            if conn.close_when_fenced.is_some() {
+            if conn.app.close_when_fenced.is_some() {
                 busy = true;
                 maybe_close(ctx, conn);
             }
@@ -844,16 +735,15 @@ impl SoakWorker {
 
     fn start_final_fence(&mut self) {
         let now = Instant::now();
-        for i in 0..self.slots.len() {
-            let tok = token(i as u32, self.gens[i]);
-            let Some(conn) = self.slots[i].as_mut() else {
+        for i in 0..self.pool.slot_count() {
+            let Some((tok, conn)) = self.pool.at(i) else {
                 continue;
             };
-            if conn.st != St::Open || conn.leaving {
+            if conn.st != St::Open || conn.app.leaving {
                 continue;
             }
-            for s in 0..conn.subs.len() {
-                if matches!(conn.subs[s].st, SubSt::Active) {
+            for s in 0..conn.app.subs.len() {
+                if matches!(conn.app.subs[s].st, SubSt::Active) {
                     start_fence(&mut self.ctx, conn, s, Then::Stay, now);
                 }
             }
@@ -865,11 +755,11 @@ impl SoakWorker {
         let mut out = ViewCheck::default();
         let plan = self.ctx.plan.clone();
         let book = self.ctx.board.book.lock().expect("presence book");
-        for conn in self.slots.iter().flatten() {
-            if conn.st != St::Open || conn.leaving {
+        for conn in self.pool.conns() {
+            if conn.st != St::Open || conn.app.leaving {
                 continue;
             }
-            for sub in &conn.subs {
+            for sub in &conn.app.subs {
                 let (Some(view), Some(slot)) = (&sub.view, plan.pres_slot[sub.chan as usize])
                 else {
                     continue;
@@ -887,8 +777,8 @@ impl SoakWorker {
                         out.examples.push(format!(
                             "{} (user u{}) on {}: sees {} members, {} expected; extra {extra:?}, \
                              absent {absent:?}",
-                            conn.socket_id.as_deref().unwrap_or("?"),
-                            conn.user,
+                            conn.app.socket_id.as_deref().unwrap_or("?"),
+                            conn.app.user,
                             plan.channels[sub.chan as usize],
                             view.len(),
                             want.len()
@@ -903,24 +793,22 @@ impl SoakWorker {
     /// Closes every connection with a close handshake and waits (at most 5 s) for the answers.
     fn stop(mut self, scratch: &mut [u8]) -> Tally {
         let now = Instant::now();
-        for i in 0..self.slots.len() {
-            let tok = token(i as u32, self.gens[i]);
-            let Some(conn) = self.slots[i].as_mut() else {
+        for i in 0..self.pool.slot_count() {
+            let Some((tok, conn)) = self.pool.at(i) else {
                 continue;
             };
-            if conn.st == St::Open && conn.established {
+            if conn.st == St::Open && conn.app.established {
                 leave_pop(&mut self.ctx, conn, &mut self.pop);
                 start_close(&mut self.ctx, conn, now);
                 self.after(tok);
             } else if conn.st != St::Closing {
-                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                conn.shutdown();
             }
         }
         let deadline = Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1);
         let mut events = Vec::with_capacity(1024);
-        while self.slots.iter().flatten().any(|c| c.st == St::Closing) && Instant::now() < deadline
-        {
-            if self.epoll.wait(20, &mut events).is_err() {
+        while self.pool.conns().any(|c| c.st == St::Closing) && Instant::now() < deadline {
+            if self.pool.wait(20, &mut events).is_err() {
                 break;
             }
             for &(tok, flags) in &events {
@@ -934,10 +822,10 @@ impl SoakWorker {
 
 /// Counts a connection out of the population (once).
 fn leave_pop(ctx: &mut Ctx, conn: &mut Conn, pop: &mut usize) {
-    if !conn.leaving {
-        conn.leaving = true;
+    if !conn.app.leaving {
+        conn.app.leaving = true;
         *pop -= 1;
-        if conn.established {
+        if conn.app.established {
             ctx.board.live.fetch_sub(1, Relaxed);
         }
     }
@@ -947,11 +835,11 @@ fn leave_pop(ctx: &mut Ctx, conn: &mut Conn, pop: &mut usize) {
 fn release_presence(ctx: &mut Ctx, conn: &mut Conn) {
     let plan = ctx.plan.clone();
     let mut book = None;
-    for sub in conn.subs.iter_mut().filter(|s| s.on_server) {
+    for sub in conn.app.subs.iter_mut().filter(|s| s.on_server) {
         sub.on_server = false;
         if let Some(slot) = plan.pres_slot[sub.chan as usize] {
             let b = book.get_or_insert_with(|| ctx.board.book.lock().expect("presence book"));
-            book_leave(&mut b[slot], conn.user);
+            book_leave(&mut b[slot], conn.app.user);
         }
     }
 }
@@ -965,36 +853,30 @@ fn book_leave(members: &mut HashMap<u32, u32>, user: u32) {
     }
 }
 
-fn send_text(ctx: &mut Ctx, conn: &mut Conn, payload: &[u8]) {
-    let m = next_mask(&mut ctx.rng);
-    wire::encode_frame(&mut conn.outbuf, wire::OP_TEXT, payload, m);
-}
-
 fn start_close(ctx: &mut Ctx, conn: &mut Conn, now: Instant) {
     release_presence(ctx, conn);
-    let m = next_mask(&mut ctx.rng);
-    wire::encode_frame(&mut conn.outbuf, wire::OP_CLOSE, &1000u16.to_be_bytes(), m);
-    conn.st = St::Closing;
-    conn.closing_since = Some(now);
+    conn.start_close();
+    conn.app.closing_since = Some(now);
 }
 
 /// Disconnects a connection chosen to leave once none of its windows is catching up.
 fn maybe_close(ctx: &mut Ctx, conn: &mut Conn) {
-    let Some(abrupt) = conn.close_when_fenced else {
+    let Some(abrupt) = conn.app.close_when_fenced else {
         return;
     };
     if conn.st != St::Open
         || conn
+            .app
             .subs
             .iter()
             .any(|s| matches!(s.st, SubSt::Fencing { .. }))
     {
         return;
     }
-    conn.close_when_fenced = None;
+    conn.app.close_when_fenced = None;
     if abrupt {
         release_presence(ctx, conn);
-        conn.drop_now = true;
+        conn.app.drop_now = true;
     } else {
         start_close(ctx, conn, Instant::now());
     }
@@ -1002,7 +884,7 @@ fn maybe_close(ctx: &mut Ctx, conn: &mut Conn) {
 
 /// Before a window ends: wait until every event the server accepted so far has arrived.
 fn start_fence(ctx: &mut Ctx, conn: &mut Conn, i: usize, then: Then, now: Instant) {
-    let sub = &mut conn.subs[i];
+    let sub = &mut conn.app.subs[i];
     let target = ctx.board.answered[sub.chan as usize].load(SeqCst);
     sub.st = SubSt::Fencing {
         target,
@@ -1015,26 +897,26 @@ fn start_fence(ctx: &mut Ctx, conn: &mut Conn, i: usize, then: Then, now: Instan
 }
 
 fn complete_fence(ctx: &mut Ctx, conn: &mut Conn, i: usize, now: Instant) {
-    let SubSt::Fencing { since, then, .. } = conn.subs[i].st else {
+    let SubSt::Fencing { since, then, .. } = conn.app.subs[i].st else {
         return;
     };
     ctx.t
         .fence_wait
         .saturating_record(now.duration_since(since).as_nanos().max(1) as u64);
     match then {
-        Then::Stay => conn.subs[i].st = SubSt::Active,
+        Then::Stay => conn.app.subs[i].st = SubSt::Active,
         Then::Unsubscribe => {
-            let chan = conn.subs[i].chan;
+            let chan = conn.app.subs[i].chan;
             let name = ctx.plan.channels[chan as usize].clone();
             let msg = json!({"event":"pusher:unsubscribe","data":{"channel": name}}).to_string();
-            send_text(ctx, conn, msg.as_bytes());
+            conn.send_text(msg.as_bytes());
             ctx.t.unsubscribes += 1;
-            let sub = &mut conn.subs[i];
+            let sub = &mut conn.app.subs[i];
             sub.st = SubSt::Left;
             sub.on_server = false;
             if let Some(slot) = ctx.plan.pres_slot[chan as usize] {
                 let mut book = ctx.board.book.lock().expect("presence book");
-                book_leave(&mut book[slot], conn.user);
+                book_leave(&mut book[slot], conn.app.user);
             }
         }
     }
@@ -1045,11 +927,11 @@ fn complete_fence(ctx: &mut Ctx, conn: &mut Conn, i: usize, now: Instant) {
 fn subscribe(ctx: &mut Ctx, conn: &mut Conn, chan: u32) -> bool {
     let plan = ctx.plan.clone();
     let name = &plan.channels[chan as usize];
-    let i = match conn.subs.iter().position(|s| s.chan == chan) {
-        Some(i) if conn.subs[i].on_server => return false,
+    let i = match conn.app.subs.iter().position(|s| s.chan == chan) {
+        Some(i) if conn.app.subs[i].on_server => return false,
         Some(i) => i,
         None => {
-            conn.subs.push(Sub {
+            conn.app.subs.push(Sub {
                 chan,
                 st: SubSt::Left,
                 on_server: false,
@@ -1059,10 +941,10 @@ fn subscribe(ctx: &mut Ctx, conn: &mut Conn, chan: u32) -> bool {
                 expect: None,
                 view: None,
             });
-            conn.subs.len() - 1
+            conn.app.subs.len() - 1
         }
     };
-    let socket_id = conn.socket_id.as_deref().unwrap_or("");
+    let socket_id = conn.app.socket_id.as_deref().unwrap_or("");
     let msg = match plan.kinds[chan as usize] {
         Kind::Public | Kind::Private => plan.creds.subscribe_message(socket_id, name, None),
         Kind::Presence => {
@@ -1070,32 +952,33 @@ fn subscribe(ctx: &mut Ctx, conn: &mut Conn, chan: u32) -> bool {
             {
                 let mut book = ctx.board.book.lock().expect("presence book");
                 let members = &mut book[slot];
-                if !members.contains_key(&conn.user) && members.len() >= plan.presence_cap {
+                if !members.contains_key(&conn.app.user) && members.len() >= plan.presence_cap {
                     ctx.t.presence_refused_by_cap += 1;
                     return false;
                 }
-                *members.entry(conn.user).or_default() += 1;
+                *members.entry(conn.app.user).or_default() += 1;
             }
             ctx.t.presence_joins += 1;
-            let data = json!({"user_id": format!("u{}", conn.user),
-                              "user_info": {"name": format!("Soak user {}", conn.user)}})
+            let data = json!({"user_id": format!("u{}", conn.app.user),
+                              "user_info": {"name": format!("Soak user {}", conn.app.user)}})
             .to_string();
             plan.creds.subscribe_message(socket_id, name, Some(&data))
         }
     };
-    let sub = &mut conn.subs[i];
+    let sub = &mut conn.app.subs[i];
     sub.st = SubSt::Pending {
         since: Instant::now(),
     };
     sub.on_server = true;
     ctx.t.subscribes += 1;
-    send_text(ctx, conn, msg.as_bytes());
+    conn.send_text(msg.as_bytes());
     true
 }
 
 /// One random subscription change: subscribe to a channel not held, or leave one.
 fn sub_op(ctx: &mut Ctx, conn: &mut Conn) {
     let held = conn
+        .app
         .subs
         .iter()
         .filter(|s| matches!(s.st, SubSt::Pending { .. } | SubSt::Active))
@@ -1110,8 +993,8 @@ fn sub_op(ctx: &mut Ctx, conn: &mut Conn) {
         }
         return;
     }
-    let active: Vec<usize> = (0..conn.subs.len())
-        .filter(|&i| matches!(conn.subs[i].st, SubSt::Active))
+    let active: Vec<usize> = (0..conn.app.subs.len())
+        .filter(|&i| matches!(conn.app.subs[i].st, SubSt::Active))
         .collect();
     if active.is_empty() {
         return;
@@ -1120,139 +1003,19 @@ fn sub_op(ctx: &mut Ctx, conn: &mut Conn) {
     start_fence(ctx, conn, i, Then::Unsubscribe, Instant::now());
 }
 
-/// Writes what is queued; asks for POLLOUT only while something is left.
-fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    write_queued(
-        &mut conn.stream,
-        &mut conn.outbuf,
-        &mut conn.out_interest,
-        epoll,
-        tok,
-    )
-}
+impl Handler<Peer> for Ctx {
+    fn text(&mut self, conn: &mut Conn, _tok: u64, msg: &[u8], _read_at: u64) -> Fate {
+        let fate = text(self, conn, msg);
+        if matches!(fate, Fate::Keep) && conn.app.drop_now {
+            // Chosen to leave without a close frame: nothing more is read from it.
+            return Fate::Drop(None);
+        }
+        fate
+    }
 
-fn read_input(ctx: &mut Ctx, conn: &mut Conn, scratch: &mut [u8]) -> Fate {
-    loop {
-        let n = match conn.stream.read(scratch) {
-            Ok(0) => {
-                return match conn.st {
-                    St::Closing => Fate::Drop(Some(
-                        "server closed TCP before answering our close frame".into(),
-                    )),
-                    St::Upgrading => Fate::Drop(Some(
-                        "server closed the connection during the WebSocket upgrade".into(),
-                    )),
-                    _ => Fate::Drop(Some("server closed the TCP connection".into())),
-                };
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Fate::Keep,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Fate::Drop(Some(format!("read: {e}"))),
-        };
-        let fate = input(ctx, conn, &scratch[..n]);
-        if !matches!(fate, Fate::Keep) || conn.drop_now {
-            return fate;
-        }
-        if n < scratch.len() {
-            return Fate::Keep;
-        }
-    }
-}
-
-fn input(ctx: &mut Ctx, conn: &mut Conn, data: &[u8]) -> Fate {
-    let mut buf = std::mem::take(&mut conn.inbuf);
-    let src: &[u8] = if buf.is_empty() {
-        data
-    } else {
-        buf.extend_from_slice(data);
-        &buf
-    };
-    let mut pos = 0;
-    if conn.st == St::Upgrading {
-        match wire::head_end(src) {
-            Some(end) => {
-                let key = conn.key.take().unwrap_or_default();
-                if let Err(e) = wire::check_handshake(&src[..end], &key) {
-                    return Fate::Drop(Some(e));
-                }
-                conn.st = St::Open;
-                pos = end;
-            }
-            None if src.len() > 16 << 10 => {
-                return Fate::Drop(Some("WebSocket upgrade answer too large".into()));
-            }
-            None => {
-                conn.inbuf = src.to_vec();
-                return Fate::Keep;
-            }
-        }
-    }
-    let mut fate = Fate::Keep;
-    while pos < src.len() {
-        let head = match wire::parse_frame(&src[pos..], ctx.plan.max_frame) {
-            Ok(Some(h)) => h,
-            Ok(None) => break,
-            Err(e) => {
-                fate = Fate::Drop(Some(e));
-                break;
-            }
-        };
-        let payload = &src[pos + head.start..pos + head.end];
-        pos += head.end;
-        fate = frame(ctx, conn, head.fin, head.opcode, payload);
-        if !matches!(fate, Fate::Keep) || conn.drop_now {
-            break;
-        }
-    }
-    if matches!(fate, Fate::Keep) && pos < src.len() {
-        conn.inbuf = src[pos..].to_vec();
-    }
-    fate
-}
-
-fn frame(ctx: &mut Ctx, conn: &mut Conn, fin: bool, opcode: u8, payload: &[u8]) -> Fate {
-    match opcode {
-        wire::OP_TEXT if fin && !conn.fragmenting => text(ctx, conn, payload),
-        wire::OP_TEXT if !conn.fragmenting => {
-            conn.fragmenting = true;
-            conn.frag.clear();
-            conn.frag.extend_from_slice(payload);
-            Fate::Keep
-        }
-        wire::OP_CONT if conn.fragmenting => {
-            conn.frag.extend_from_slice(payload);
-            if !fin {
-                return Fate::Keep;
-            }
-            conn.fragmenting = false;
-            let msg = std::mem::take(&mut conn.frag);
-            let f = text(ctx, conn, &msg);
-            conn.frag = if msg.capacity() > 4096 {
-                Vec::new()
-            } else {
-                msg
-            };
-            f
-        }
-        wire::OP_PING => {
-            let m = next_mask(&mut ctx.rng);
-            wire::encode_frame(&mut conn.outbuf, wire::OP_PONG, payload, m);
-            Fate::Keep
-        }
-        wire::OP_PONG => Fate::Keep,
-        wire::OP_CLOSE => {
-            if conn.st == St::Closing {
-                return Fate::Drop(None);
-            }
-            let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-            let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-            *ctx.t.server_close_codes.entry(code.clone()).or_default() += 1;
-            Fate::Drop(Some(format!(
-                "server closed the WebSocket with code {code}"
-            )))
-        }
-        _ => Fate::Drop(Some(format!("unexpected frame opcode {opcode}"))),
+    fn server_closed(&mut self, _conn: &mut Conn, code: Option<u16>) {
+        let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+        *self.t.server_close_codes.entry(code).or_default() += 1;
     }
 }
 
@@ -1281,17 +1044,12 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) -> Fate {
         }
         b"pusher:ping" => {
             ctx.t.pings += 1;
-            send_text(ctx, conn, br#"{"event":"pusher:pong","data":{}}"#);
+            conn.send_text(wire::PUSHER_PONG);
             Fate::Keep
         }
         b"pusher:error" => {
-            let d = wire::data_value(msg).unwrap_or_default();
             ctx.board.troubles.fetch_add(1, Relaxed);
-            ctx.t.errors.add(format!(
-                "pusher:error {}: {}",
-                d.get("code").map(|c| c.to_string()).unwrap_or_default(),
-                d.get("message").and_then(|m| m.as_str()).unwrap_or("")
-            ));
+            ctx.t.errors.add(wire::pusher_error(msg));
             Fate::Keep
         }
         b"pusher:subscription_error" => {
@@ -1304,14 +1062,14 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) -> Fate {
                 String::from_utf8_lossy(ch),
                 wire::data_value(msg).unwrap_or_default()
             ));
-            if let Some(i) = chan.and_then(|c| conn.subs.iter().position(|s| s.chan == c)) {
+            if let Some(i) = chan.and_then(|c| conn.app.subs.iter().position(|s| s.chan == c)) {
                 let plan = ctx.plan.clone();
-                let sub = &mut conn.subs[i];
+                let sub = &mut conn.app.subs[i];
                 if sub.on_server {
                     sub.on_server = false;
                     if let Some(slot) = plan.pres_slot[sub.chan as usize] {
                         let mut book = ctx.board.book.lock().expect("presence book");
-                        book_leave(&mut book[slot], conn.user);
+                        book_leave(&mut book[slot], conn.app.user);
                     }
                 }
                 sub.st = SubSt::Left;
@@ -1327,33 +1085,28 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) -> Fate {
 }
 
 fn established(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) -> Fate {
-    let sid = wire::data_value(msg).and_then(|d| {
-        d.get("socket_id")
-            .and_then(|s| s.as_str())
-            .map(str::to_owned)
-    });
-    let Some(sid) = sid else {
+    let Some(sid) = wire::socket_id(msg) else {
         return Fate::Drop(Some("connection_established without a socket_id".into()));
     };
-    if conn.established {
+    if conn.app.established {
         ctx.t
             .errors
             .add("second pusher:connection_established on one connection");
         return Fate::Keep;
     }
-    conn.socket_id = Some(sid.into_boxed_str());
-    conn.established = true;
+    conn.app.socket_id = Some(sid.into_boxed_str());
+    conn.app.established = true;
     ctx.t.established += 1;
     ctx.t
         .establish
         .saturating_record(conn.started.elapsed().as_nanos() as u64);
-    if !conn.leaving {
+    if !conn.app.leaving {
         ctx.board.live.fetch_add(1, Relaxed);
     }
     let plan = ctx.plan.clone();
-    if conn.steady {
+    if conn.app.steady {
         // One channel of each kind, for the whole run.
-        let g = conn.gid as usize;
+        let g = conn.app.gid as usize;
         for set in [&plan.public, &plan.private, &plan.presence] {
             if !set.is_empty() {
                 subscribe(ctx, conn, set[g % set.len()]);
@@ -1375,7 +1128,7 @@ fn succeeded(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) {
         ctx.t.other += 1;
         return;
     };
-    let Some(sub) = conn.subs.iter_mut().find(|s| s.chan == chan) else {
+    let Some(sub) = conn.app.subs.iter_mut().find(|s| s.chan == chan) else {
         ctx.t.unexpected += 1;
         return;
     };
@@ -1395,17 +1148,10 @@ fn succeeded(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) {
     ctx.t.subscribed += 1;
     ctx.t.windows += 1;
     if ctx.plan.pres_slot[chan as usize].is_some() {
-        let ids: HashSet<u32> = wire::data_value(msg)
-            .and_then(|d| {
-                d.pointer("/presence/ids")
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_str().and_then(user_of))
-                            .collect()
-                    })
-            })
-            .unwrap_or_default();
+        let ids: HashSet<u32> = wire::presence_ids(msg)
+            .iter()
+            .filter_map(|id| user_of(id))
+            .collect();
         sub.view = Some(ids);
     }
 }
@@ -1420,7 +1166,7 @@ fn member_event(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], added: bool) {
         ctx.t.other += 1;
         return;
     };
-    let Some(sub) = conn.subs.iter_mut().find(|s| s.chan == chan) else {
+    let Some(sub) = conn.app.subs.iter_mut().find(|s| s.chan == chan) else {
         ctx.t.unexpected += 1;
         return;
     };
@@ -1432,8 +1178,7 @@ fn member_event(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], added: bool) {
         ctx.t.unexpected += 1;
         return;
     };
-    let d = wire::data_value(msg).unwrap_or_default();
-    let Some(user) = d.get("user_id").and_then(|u| u.as_str()).and_then(user_of) else {
+    let Some(user) = wire::member_id(msg).as_deref().and_then(user_of) else {
         ctx.t.malformed += 1;
         return;
     };
@@ -1459,12 +1204,12 @@ fn delivery(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) {
         ctx.t.unexpected += 1;
         return;
     };
-    let Some(i) = conn.subs.iter().position(|s| s.chan == chan) else {
+    let Some(i) = conn.app.subs.iter().position(|s| s.chan == chan) else {
         ctx.t.unexpected += 1;
         ctx.board.troubles.fetch_add(1, Relaxed);
         return;
     };
-    let sub = &mut conn.subs[i];
+    let sub = &mut conn.app.subs[i];
     if sub.abandoned {
         return;
     }
@@ -1475,7 +1220,7 @@ fn delivery(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) {
         return;
     }
     ctx.t.deliveries += 1;
-    if conn.steady {
+    if conn.app.steady {
         ctx.t.steady_deliveries += 1;
     }
     ctx.t
@@ -1486,7 +1231,7 @@ fn delivery(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8]) {
         Seen::Gap(n) => {
             ctx.t.gaps += 1;
             ctx.t.missing += n;
-            if conn.steady {
+            if conn.app.steady {
                 ctx.t.steady_missing += n;
             }
             ctx.board.troubles.fetch_add(1, Relaxed);
@@ -1712,14 +1457,9 @@ fn build_plan(env: &Env, a: &SoakArgs) -> Plan {
         .map(|(i, c)| (c.as_bytes().to_vec().into_boxed_slice(), i as u32))
         .collect();
     Plan {
-        addr: env.addr,
-        host_header: env.host_header.clone(),
-        path: env.ws_path(),
+        target: env.target(),
         creds: env.creds.clone(),
-        sources: env.sources.clone(),
-        connect_timeout: Duration::from_secs_f64(env.c.connect_timeout_s.max(0.1)),
         event: env.c.event.clone(),
-        max_frame: env.c.max_frame,
         channels,
         kinds,
         lookup,
@@ -1877,7 +1617,7 @@ pub(super) fn soak(env: &Env, a: &SoakArgs) -> Result<Report> {
 
     // Quiesce: no more churn; let handshakes, subscribes, catch-ups and closes finish.
     board.stop_churn.store(true, SeqCst);
-    let quiet_limit = plan.catch_up + plan.connect_timeout + Duration::from_secs(10);
+    let quiet_limit = plan.catch_up + plan.target.connect_timeout + Duration::from_secs(10);
     let quiet = ask_all(&txs, quiet_limit, Cmd::Quiesce).len();
     board.stop_publish.store(true, SeqCst);
     let pubs: Vec<PubOut> = pub_handles

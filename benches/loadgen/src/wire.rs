@@ -1,5 +1,6 @@
-//! The client side of RFC 6455 (handshake request, answer check, frame encode/decode) and the
-//! allocation-free field scanners used on every delivery.
+//! The client side of RFC 6455 (handshake request, answer check, frame encode/decode), the
+//! allocation-free field scanners used on every delivery, and the few Pusher messages every
+//! client reads the same way.
 
 use bts_guru::ws::codec;
 
@@ -239,6 +240,46 @@ pub fn data_value(msg: &[u8]) -> Option<serde_json::Value> {
     }
 }
 
+/// The answer to `pusher:ping`.
+pub const PUSHER_PONG: &[u8] = br#"{"event":"pusher:pong","data":{}}"#;
+
+/// The `socket_id` of a `pusher:connection_established`.
+pub fn socket_id(msg: &[u8]) -> Option<String> {
+    let d = data_value(msg)?;
+    Some(d.get("socket_id")?.as_str()?.to_owned())
+}
+
+/// `pusher:error CODE: MESSAGE`, for the error counts.
+pub fn pusher_error(msg: &[u8]) -> String {
+    let d = data_value(msg).unwrap_or_default();
+    let code = d.get("code").map(|c| c.to_string()).unwrap_or_default();
+    let m = d.get("message").and_then(|m| m.as_str()).unwrap_or("");
+    format!("pusher:error {code}: {m}")
+}
+
+/// A user id as text: a string as it is, any other JSON value as JSON.
+fn id_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The members a presence `subscription_succeeded` lists (`presence.ids`).
+pub fn presence_ids(msg: &[u8]) -> Vec<String> {
+    data_value(msg)
+        .and_then(|d| {
+            let ids = d.pointer("/presence/ids")?.as_array()?;
+            Some(ids.iter().map(id_text).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// The `user_id` of a `member_added` or `member_removed`.
+pub fn member_id(msg: &[u8]) -> Option<String> {
+    data_value(msg)?.get("user_id").map(id_text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +341,22 @@ mod tests {
         assert_eq!(str_field(o, "event"), Some(&b"e"[..]));
         assert_eq!(num_field(o, "missing"), None);
         assert_eq!(str_field(br#"{"channel":"x"}"#, "event"), None);
+    }
+
+    #[test]
+    fn pusher_messages() {
+        let est = br#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":30}"}"#;
+        assert_eq!(socket_id(est).as_deref(), Some("1.2"));
+        let err = br#"{"event":"pusher:error","data":{"code":4001,"message":"App key x does not exist"}}"#;
+        assert_eq!(
+            pusher_error(err),
+            "pusher:error 4001: App key x does not exist"
+        );
+        let ok = br#"{"event":"pusher_internal:subscription_succeeded","channel":"presence-a","data":"{\"presence\":{\"ids\":[\"u1\",2],\"hash\":{},\"count\":2}}"}"#;
+        assert_eq!(presence_ids(ok), vec!["u1".to_string(), "2".to_string()]);
+        let added = br#"{"event":"pusher_internal:member_added","channel":"presence-a","data":"{\"user_id\":\"u7\"}"}"#;
+        assert_eq!(member_id(added).as_deref(), Some("u7"));
+        assert_eq!(member_id(est), None);
     }
 
     #[test]
