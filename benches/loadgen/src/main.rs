@@ -2,15 +2,23 @@
 //! Soketi, Sockudo, Pusher) given its host, port and app credentials.
 //!
 //! Plain std threads, no async runtime: a few client threads each drive thousands of
-//! non-blocking WebSocket connections through one epoll instance ([`worker`]), spread over
-//! several loopback source addresses so ephemeral ports never run out; publisher threads send
-//! paced events through the HTTP API or Laravel's Redis format ([`publish`]). Every delivery
-//! is checked (latency from its `sent_ns`, loss, duplicates, order per channel per publisher);
-//! the server's CPU and RSS come from /proc ([`stats`]). Output: a table on stdout, then exactly
-//! one JSON line, and optionally an SVG percentile plot ([`svg`]).
+//! non-blocking WebSocket connections through one epoll instance ([`client`], driven for the
+//! short scenarios by [`worker`]), spread over several loopback source addresses so ephemeral
+//! ports never run out; publisher threads send paced events through the HTTP API or Laravel's
+//! Redis format ([`publish`]). Every delivery is checked (latency from its `sent_ns`, loss,
+//! duplicates, order per channel per publisher); the server's CPU and RSS come from /proc
+//! ([`stats`]). Output: a table on stdout, then exactly one JSON line ([`report`]), and
+//! optionally an SVG percentile plot ([`svg`]).
 //!
-//! Scenarios ([`scenario`]): `fanout`, `idle`, `churn`, `presence`, `max`, and the long `soak`
-//! ([`soak`]). See `bts-guru-bench --help`.
+//! This file is the root: the command line, the environment every scenario runs in ([`Env`]:
+//! the target server, how to publish, the client threads' settings) and the dispatch to the
+//! scenarios ([`scenario`], one file each: `fanout`, `idle`, `churn`, `presence`, `max`, and
+//! the long `soak`). See `bts-guru-bench --help`.
+//!
+//! Modules, low to high (each uses only those before it): [`sys`] (the only `unsafe`: epoll,
+//! socket options, rlimits), [`pace`], [`stats`], [`report`], [`svg`], [`wire`] (RFC 6455's
+//! client side and the scanners of Pusher messages), [`auth`] (credentials and signing),
+//! [`publish`], [`client`], [`worker`], [`scenario`].
 
 mod auth;
 mod client;
@@ -18,16 +26,25 @@ mod pace;
 mod publish;
 mod report;
 mod scenario;
-mod soak;
 mod stats;
 mod svg;
 mod sys;
 mod wire;
 mod worker;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use auth::Creds;
+use client::Target;
+use publish::{HttpClient, Via};
+use report::{print_error, Report};
+use stats::{proc_sample, ProcSample};
 
 /// Exit status: the run finished and every check passed.
 pub const EXIT_OK: i32 = 0;
@@ -150,220 +167,19 @@ pub enum ViaKind {
 #[derive(Subcommand, Debug, Clone)]
 pub enum Scenario {
     /// C subscribers over K channels; publish R events/s for D seconds; check every delivery.
-    Fanout(FanoutArgs),
+    Fanout(scenario::fanout::FanoutArgs),
     /// Open C connections and hold them; report the server's RSS delta per connection.
-    Idle(IdleArgs),
+    Idle(scenario::idle::IdleArgs),
     /// Connect, subscribe and disconnect (close handshake) at a target rate for D seconds.
-    Churn(ChurnArgs),
+    Churn(scenario::churn::ChurnArgs),
     /// Join/leave storm on one presence channel (channel_data signed with the secret).
-    Presence(PresenceArgs),
+    Presence(scenario::presence::PresenceArgs),
     /// Raise the event rate stepwise until loss or p99 over the limit; report the best step.
-    Max(MaxArgs),
+    Max(scenario::max::MaxArgs),
     /// Long run: C connections churning (connects and disconnects, subscribes and unsubscribes
     /// over public, private and presence channels) while events are published at a steady
     /// rate; checks server RSS and fds, every delivery, and presence counts at the end.
-    Soak(SoakArgs),
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct FanoutArgs {
-    /// Subscribing connections.
-    #[arg(short = 'c', long, default_value_t = 1000)]
-    pub connections: usize,
-    /// Channels; connection i subscribes to channel i mod K.
-    #[arg(short = 'k', long, default_value_t = 10)]
-    pub channels: usize,
-    /// Events per second, all publishers together.
-    #[arg(short = 'r', long, default_value_t = 10.0)]
-    pub rate: f64,
-    /// Publishing time, seconds.
-    #[arg(short = 'd', long, default_value_t = 10.0)]
-    pub duration: f64,
-    /// Channels each event is published to (rotating over the K channels).
-    #[arg(long, default_value_t = 1)]
-    pub channels_per_event: usize,
-    /// Publisher threads (one connection each), sharing the rate.
-    #[arg(long, default_value_t = 1)]
-    pub publishers: usize,
-    /// Subscribe to private- channels (signed auth).
-    #[arg(long)]
-    pub private: bool,
-    /// Channel names are <prefix><i>.
-    #[arg(long, default_value = "sports.football.leagues.l")]
-    pub channel_prefix: String,
-    /// After publishing, wait at most this long for outstanding deliveries, ms.
-    #[arg(long, default_value_t = 5000)]
-    pub drain_ms: u64,
-    /// Pause between the last subscription and the first publish, ms.
-    #[arg(long, default_value_t = 500)]
-    pub settle_ms: u64,
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct IdleArgs {
-    /// Connections to open and hold.
-    #[arg(short = 'c', long, default_value_t = 1000)]
-    pub connections: usize,
-    /// Also subscribe each connection to one of K channels (0: no subscription).
-    #[arg(short = 'k', long, default_value_t = 0)]
-    pub channels: usize,
-    /// Wait this long after the last connection is ready before reading the RSS, ms.
-    #[arg(long, default_value_t = 1500)]
-    pub settle_ms: u64,
-    /// Then hold the connections this many seconds more (RSS read again at the end).
-    #[arg(long, default_value_t = 0.0)]
-    pub hold_s: f64,
-    /// Channel names are <prefix><i>.
-    #[arg(long, default_value = "sports.football.leagues.l")]
-    pub channel_prefix: String,
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct ChurnArgs {
-    /// New connections per second.
-    #[arg(short = 'r', long, default_value_t = 200.0)]
-    pub rate: f64,
-    /// Seconds to keep opening connections.
-    #[arg(short = 'd', long, default_value_t = 5.0)]
-    pub duration: f64,
-    /// Each connection stays this long after subscribing, ms.
-    #[arg(long, default_value_t = 0)]
-    pub hold_ms: u64,
-    /// Each connection subscribes to one of K channels (0: none, close after connecting).
-    #[arg(short = 'k', long, default_value_t = 10)]
-    pub channels: usize,
-    /// Wait this long after the last close before reading the server's RSS, ms.
-    #[arg(long, default_value_t = 1000)]
-    pub settle_ms: u64,
-    /// Channel names are <prefix><i>.
-    #[arg(long, default_value = "sports.football.leagues.l")]
-    pub channel_prefix: String,
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct PresenceArgs {
-    /// Members (one connection and user each).
-    #[arg(short = 'm', long, default_value_t = 200)]
-    pub members: usize,
-    /// Joins (and leaves) per second, all threads together (0: all at once).
-    #[arg(short = 'r', long, default_value_t = 0.0)]
-    pub rate: f64,
-    /// Fraction of the members that leave (unsubscribe) after everyone joined.
-    #[arg(long, default_value_t = 0.5)]
-    pub leave_fraction: f64,
-    /// Presence channel (default presence-bench.<random>).
-    #[arg(long)]
-    pub channel: Option<String>,
-    /// Wait at most this long for every member to know every other one, seconds.
-    #[arg(long, default_value_t = 20.0)]
-    pub settle_timeout_s: f64,
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct MaxArgs {
-    /// Subscribing connections.
-    #[arg(short = 'c', long, default_value_t = 1000)]
-    pub connections: usize,
-    /// Channels; connection i subscribes to channel i mod K.
-    #[arg(short = 'k', long, default_value_t = 10)]
-    pub channels: usize,
-    /// Events per second of the first step.
-    #[arg(long, default_value_t = 100.0)]
-    pub start_rate: f64,
-    /// Each step multiplies the rate by this.
-    #[arg(long, default_value_t = 1.5)]
-    pub step_factor: f64,
-    /// Seconds per step.
-    #[arg(long, default_value_t = 5.0)]
-    pub step_s: f64,
-    /// Most steps.
-    #[arg(long, default_value_t = 15)]
-    pub max_steps: usize,
-    /// Stop before a step over this rate (events/s).
-    #[arg(long, default_value_t = 1_000_000.0)]
-    pub max_rate: f64,
-    /// A step passes when its p99 is at most this (and nothing is lost), ms.
-    #[arg(long, default_value_t = 50.0)]
-    pub p99_ms: f64,
-    /// Publisher threads (one connection each), sharing the rate.
-    #[arg(long, default_value_t = 2)]
-    pub publishers: usize,
-    /// Channels each event is published to.
-    #[arg(long, default_value_t = 1)]
-    pub channels_per_event: usize,
-    /// After each step, wait at most this long for outstanding deliveries, ms.
-    #[arg(long, default_value_t = 3000)]
-    pub drain_ms: u64,
-    /// Channel names are <prefix><i>.
-    #[arg(long, default_value = "sports.football.leagues.l")]
-    pub channel_prefix: String,
-}
-
-#[derive(ClapArgs, Debug, Clone)]
-pub struct SoakArgs {
-    /// Connections held open (the population churns, its size stays).
-    #[arg(short = 'c', long, default_value_t = 10_000)]
-    pub connections: usize,
-    /// Connections closed and replaced by new ones per second, once all are open.
-    #[arg(long, default_value_t = 500.0)]
-    pub churn_rate: f64,
-    /// Subscribe and unsubscribe operations per second, all connections together.
-    #[arg(long, default_value_t = 500.0)]
-    pub sub_rate: f64,
-    /// Events per second published, all channels together (one channel per event).
-    #[arg(short = 'r', long, default_value_t = 50.0)]
-    pub rate: f64,
-    /// Seconds from the first connection to the end of the churn, warm-up included.
-    #[arg(short = 'd', long, default_value_t = 1800.0)]
-    pub duration: f64,
-    /// Seconds of warm-up (the ramp included); RSS and fds are compared from its end.
-    #[arg(long, default_value_t = 120.0)]
-    pub warmup: f64,
-    /// New connections per second while ramping up to --connections.
-    #[arg(long, default_value_t = 1000.0)]
-    pub ramp_rate: f64,
-    /// Public channels.
-    #[arg(long, default_value_t = 20)]
-    pub public_channels: usize,
-    /// Private channels (subscriptions signed with the app secret).
-    #[arg(long, default_value_t = 20)]
-    pub private_channels: usize,
-    /// Presence channels (channel_data signed with the app secret).
-    #[arg(long, default_value_t = 20)]
-    pub presence_channels: usize,
-    /// Most users the generator puts in one presence channel (the server's limit is 100).
-    #[arg(long, default_value_t = 90)]
-    pub presence_max_members: usize,
-    /// Distinct presence users; connections pick one at random, so a user may have several
-    /// sockets in a channel (default: connections / 4).
-    #[arg(long)]
-    pub users: Option<usize>,
-    /// Most channels one connection is subscribed to at a time.
-    #[arg(long, default_value_t = 3)]
-    pub max_subs: usize,
-    /// Connections that stay the whole run, subscribed to one channel of each kind.
-    #[arg(long, default_value_t = 100)]
-    pub steady: usize,
-    /// Fraction of the disconnects that drop TCP without a WebSocket close frame.
-    #[arg(long, default_value_t = 0.1)]
-    pub abrupt_fraction: f64,
-    /// Largest RSS growth allowed after the warm-up, percent, by the least-squares trend of the
-    /// per-second samples from the end of the warm-up to the end.
-    #[arg(long, default_value_t = 2.0)]
-    pub max_rss_growth_pct: f64,
-    /// How long a subscriber may take to receive every event it is owed before unsubscribing
-    /// or at the end (else those events count as missing), seconds.
-    #[arg(long, default_value_t = 30.0)]
-    pub catch_up_s: f64,
-    /// Publisher threads (one HTTP connection each; each owns every P-th channel).
-    #[arg(long, default_value_t = 2)]
-    pub publishers: usize,
-    /// Seconds between progress lines on stderr.
-    #[arg(long, default_value_t = 10.0)]
-    pub progress_s: f64,
-    /// Channel names start with this (a random suffix keeps runs apart).
-    #[arg(long, default_value = "soak")]
-    pub channel_prefix: String,
+    Soak(scenario::soak::SoakArgs),
 }
 
 /// Why a run could not be done.
@@ -395,5 +211,272 @@ pub type Result<T> = std::result::Result<T, BenchError>;
 /// Runs one scenario; prints the table and the JSON line; exits with the status.
 fn main() {
     let args = Args::parse();
-    std::process::exit(scenario::run(args));
+    std::process::exit(run(args));
+}
+
+impl Scenario {
+    fn name(&self) -> &'static str {
+        match self {
+            Scenario::Fanout(_) => "fanout",
+            Scenario::Idle(_) => "idle",
+            Scenario::Churn(_) => "churn",
+            Scenario::Presence(_) => "presence",
+            Scenario::Max(_) => "max",
+            Scenario::Soak(_) => "soak",
+        }
+    }
+
+    /// A generous guess of how long the run takes, seconds (the hard timeout adds 120 to it).
+    fn estimate_secs(&self, c: &Common) -> f64 {
+        match self {
+            Scenario::Fanout(a) => scenario::fanout::estimate_secs(c, a),
+            Scenario::Idle(a) => scenario::idle::estimate_secs(c, a),
+            Scenario::Churn(a) => scenario::churn::estimate_secs(c, a),
+            Scenario::Presence(a) => scenario::presence::estimate_secs(c, a),
+            Scenario::Max(a) => scenario::max::estimate_secs(c, a),
+            Scenario::Soak(a) => scenario::soak::estimate_secs(a),
+        }
+    }
+
+    fn run(&self, env: &Env) -> Result<Report> {
+        match self {
+            Scenario::Fanout(a) => scenario::fanout::run(env, a),
+            Scenario::Idle(a) => scenario::idle::run(env, a),
+            Scenario::Churn(a) => scenario::churn::run(env, a),
+            Scenario::Presence(a) => scenario::presence::run(env, a),
+            Scenario::Max(a) => scenario::max::run(env, a),
+            Scenario::Soak(a) => scenario::soak::run(env, a),
+        }
+    }
+}
+
+impl Common {
+    /// Seconds to open `n` connections at the connect rate (500/s when unpaced), with the
+    /// connect timeout on top: the scenarios' estimates start from it.
+    fn connect_secs(&self, n: usize) -> f64 {
+        let rate = if self.connect_rate > 0.0 {
+            self.connect_rate
+        } else {
+            500.0
+        };
+        n as f64 / rate + self.connect_timeout_s
+    }
+}
+
+/// Runs the scenario named by `args`, prints its report, returns the exit status.
+fn run(args: Args) -> i32 {
+    let name = args.scenario.name();
+    let hard = args
+        .common
+        .timeout_s
+        .unwrap_or_else(|| args.scenario.estimate_secs(&args.common) + 120.0);
+    std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(hard.max(1.0)));
+            let msg =
+                format!("hard timeout: the run did not finish within {hard:.0} s (--timeout-s)");
+            eprintln!("bts-guru-bench: {msg}");
+            print_error(name, &msg, EXIT_TIMEOUT);
+            std::process::exit(EXIT_TIMEOUT);
+        })
+        .expect("spawn watchdog");
+    let result = Env::new(&args.common).and_then(|env| args.scenario.run(&env));
+    match result {
+        Ok(mut report) => {
+            if let Some(path) = &args.common.svg {
+                let series: Vec<(String, &Histogram<u64>)> =
+                    report.plots.iter().map(|(l, h)| (l.clone(), h)).collect();
+                let svg = svg::percentile_plot(&report.title, &plot_subtitle(&report), &series);
+                match std::fs::write(path, svg) {
+                    Ok(()) => report.set("svg", json!(path.display().to_string())),
+                    Err(e) => report.problem(format!("cannot write {}: {e}", path.display())),
+                }
+            }
+            report.print(args.common.json_only);
+            if report.ok() {
+                EXIT_OK
+            } else {
+                EXIT_CHECKS_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("bts-guru-bench: {e}");
+            print_error(name, &e.0, EXIT_SETUP);
+            EXIT_SETUP
+        }
+    }
+}
+
+fn plot_subtitle(r: &Report) -> String {
+    let when = publish::iso8601(stats::now_ns());
+    let server = r
+        .json
+        .get("target")
+        .and_then(|t| t.get("ws"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    format!("{server}   {}", &when[..19])
+}
+
+/// What every scenario needs: where the server is, how to publish, how to watch it.
+pub struct Env {
+    pub c: Common,
+    pub addr: SocketAddr,
+    pub host_header: String,
+    pub via: Via,
+    pub creds: Creds,
+    pub sources: Vec<IpAddr>,
+    pub threads: usize,
+    pub nonce: String,
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}:{port}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| BenchError(format!("{host}:{port} resolves to no address")))
+}
+
+impl Env {
+    fn new(c: &Common) -> Result<Env> {
+        let addr = resolve(&c.host, c.port)?;
+        let api_host = c.api_host.clone().unwrap_or_else(|| c.host.clone());
+        let api_port = c.api_port.unwrap_or(c.port);
+        let via = match c.via {
+            ViaKind::Http => Via::Http {
+                addr: resolve(&api_host, api_port)?,
+                host: format!("{api_host}:{api_port}"),
+            },
+            ViaKind::Redis => Via::Redis {
+                url: c.redis_url.clone(),
+                prefix: c.redis_prefix.clone(),
+            },
+        };
+        if let Some(pid) = c.server_pid {
+            proc_sample(&pid.to_string()).map_err(|e| {
+                format!("--server-pid {pid}: {e} (the server must run on this machine)")
+            })?;
+        }
+        if c.threads == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        sys::raise_nofile();
+        let sources = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_loopback() && c.source_addrs > 0 => {
+                (0..c.source_addrs.min(250))
+                    .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8)))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Ok(Env {
+            c: c.clone(),
+            addr,
+            host_header: format!("{}:{}", c.host, c.port),
+            via,
+            creds: Creds {
+                app_id: c.app_id.clone(),
+                key: c.app_key.clone(),
+                secret: c.app_secret.clone(),
+            },
+            sources,
+            threads: c.threads,
+            nonce: format!(
+                "{:x}",
+                stats::now_ns() ^ ((std::process::id() as u64) << 40)
+            ),
+        })
+    }
+
+    pub fn ws_path(&self) -> String {
+        format!(
+            "/app/{}?protocol=7&client=bts-guru-bench&version={}&flash=false",
+            self.c.app_key,
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+
+    /// Where every WebSocket connection goes, and how.
+    pub fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            host_header: self.host_header.clone(),
+            path: self.ws_path(),
+            sources: self.sources.clone(),
+            connect_timeout: Duration::from_secs_f64(self.c.connect_timeout_s.max(0.1)),
+            max_frame: self.c.max_frame,
+        }
+    }
+
+    /// The server's CPU time and RSS now (with --server-pid).
+    pub fn server(&self) -> Option<ProcSample> {
+        self.c
+            .server_pid
+            .and_then(|p| proc_sample(&p.to_string()).ok())
+    }
+
+    /// Checks the open-files limit can take `n` connections (plus some slack).
+    pub fn check_fds(&self, n: usize) -> Result<()> {
+        let limit = sys::raise_nofile();
+        if (n as u64) + 64 > limit {
+            return Err(BenchError(format!(
+                "{n} connections need more open files than this process may have ({limit}); \
+                 raise `ulimit -n` or use fewer connections"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn target_json(&self) -> Value {
+        json!({
+            "host": self.c.host,
+            "port": self.c.port,
+            "ws": format!("ws://{}/app/{}", self.host_header, self.c.app_key),
+            "app_id": self.c.app_id,
+            "via": match &self.via {
+                Via::Http { host, .. } => format!("http://{host}"),
+                Via::Redis { url, prefix } => format!("redis {url} prefix {prefix:?}"),
+            },
+            "server_pid": self.c.server_pid,
+            "cpu_source": "sum of /proc/PID/task/*/schedstat (ns) when it agrees with utime+stime \
+                           of /proc/PID/stat within 2 ticks, else utime+stime (clock ticks)",
+        })
+    }
+
+    pub fn via_name(&self) -> &'static str {
+        match self.via {
+            Via::Http { .. } => "http",
+            Via::Redis { .. } => "redis",
+        }
+    }
+
+    /// A client of the target's HTTP API (`--api-host`/`--api-port`, else the WebSocket's).
+    pub fn api_client(&self) -> Result<HttpClient> {
+        let host = self.c.api_host.as_deref().unwrap_or(&self.c.host);
+        let port = self.c.api_port.unwrap_or(self.c.port);
+        Ok(HttpClient::new(
+            resolve(host, port)?,
+            format!("{host}:{port}"),
+        ))
+    }
+
+    /// A scenario's report, titled `bts-guru-bench SCENARIO against ws://…`, with the target.
+    pub fn report(&self, scenario: &str) -> Report {
+        let title = format!(
+            "bts-guru-bench {scenario} against ws://{} (app {}, publish via {})",
+            self.host_header,
+            self.c.app_id,
+            self.via_name()
+        );
+        let mut r = Report::new(scenario, title);
+        r.set("target", self.target_json());
+        r
+    }
 }

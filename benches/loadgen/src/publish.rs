@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::auth::Creds;
-use super::stats::{new_hist, now_ns, Errors};
+use crate::auth::Creds;
+use crate::stats::{new_hist, now_ns, Errors};
 
 /// A minimal HTTP/1.1 client over one keep-alive connection.
 pub struct HttpClient {
@@ -90,7 +90,7 @@ impl HttpClient {
         self.buf.clear();
         let mut chunk = [0u8; 8192];
         let head_len = loop {
-            if let Some(end) = super::wire::head_end(&self.buf) {
+            if let Some(end) = crate::wire::head_end(&self.buf) {
                 break end;
             }
             let n = s.read(&mut chunk).map_err(|e| {
@@ -173,7 +173,7 @@ fn decode_chunked(b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
-        let line_end = super::wire::find(&b[i..], b"\r\n")? + i;
+        let line_end = crate::wire::find(&b[i..], b"\r\n")? + i;
         let size_txt = std::str::from_utf8(&b[i..line_end]).ok()?;
         let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
         i = line_end + 2;

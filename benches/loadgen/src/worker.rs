@@ -7,17 +7,18 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 
-use super::auth::Creds;
-use super::client::{self, Fate, Handler, Pool, St, Target};
-use super::pace::{catch_up_floor, interval, wait_ms};
-use super::publish::set_bit;
-use super::stats::{new_hist, now_ns, Errors};
-use super::wire;
+use crate::auth::Creds;
+use crate::client::{self, Fate, Handler, Pool, St, Target};
+use crate::pace::{catch_up_floor, interval, wait_ms};
+use crate::publish::set_bit;
+use crate::stats::{new_hist, now_ns, Errors};
+use crate::wire;
 
 /// Publisher ids are `phase * PUB_STRIDE + index`, so a delivery names its phase.
 pub const PUB_STRIDE: u64 = 1000;
@@ -178,6 +179,134 @@ pub struct WorkerResult {
     pub presence_foreign: u64,
     pub presence_after_leave: u64,
     pub presence_early: u64,
+}
+
+/// The orchestrator's handle on its client threads.
+pub struct Workers {
+    txs: Vec<Sender<Cmd>>,
+    handles: Vec<JoinHandle<WorkerResult>>,
+}
+
+impl Workers {
+    /// Starts `threads` client threads sharing `setup`: together they keep at most
+    /// `connect_concurrency` handshakes in flight and open `connect_rate` connections per
+    /// second (0: unpaced); `churn`'s rate is split between them.
+    pub fn spawn(
+        setup: &Arc<Setup>,
+        threads: usize,
+        connect_concurrency: usize,
+        connect_rate: f64,
+        churn: Option<ChurnPlan>,
+    ) -> Result<Workers, String> {
+        let n = threads.max(1);
+        let per_inflight = connect_concurrency.div_ceil(n).max(1);
+        let per_rate = connect_rate / n as f64;
+        let mut txs = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let plan = churn.map(|mut c| {
+                c.rate /= n as f64;
+                c.index = i as u32;
+                c.stride = n as u32;
+                c
+            });
+            let w = Worker::new(setup.clone(), i, per_inflight, per_rate, plan)
+                .map_err(|e| format!("cannot create epoll instance: {e}"))?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let h = std::thread::Builder::new()
+                .name(format!("client-{i}"))
+                .spawn(move || w.run(rx))
+                .map_err(|e| format!("cannot start a client thread: {e}"))?;
+            txs.push(tx);
+            handles.push(h);
+        }
+        Ok(Workers { txs, handles })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.txs.len()
+    }
+
+    /// Sends thread `i` the command `make(i)`.
+    pub fn each(&self, make: impl Fn(usize) -> Cmd) {
+        for (i, tx) in self.txs.iter().enumerate() {
+            let _ = tx.send(make(i));
+        }
+    }
+
+    /// Spec `i` goes to thread `i % threads`.
+    pub fn open(&self, specs: Vec<Spec>) {
+        let n = self.txs.len();
+        let mut per: Vec<Vec<Spec>> = vec![Vec::new(); n];
+        for (i, s) in specs.into_iter().enumerate() {
+            per[i % n].push(s);
+        }
+        for (tx, s) in self.txs.iter().zip(per) {
+            let _ = tx.send(Cmd::Open(s));
+        }
+    }
+
+    /// Every thread's view of phase `phase`'s deliveries, checked against `expected`, merged.
+    pub fn snapshot(&self, phase: u32, expected: Arc<Vec<PubExpect>>) -> PhaseStats {
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        for tx in &self.txs {
+            let _ = tx.send(Cmd::Snapshot {
+                phase,
+                expected: expected.clone(),
+                reply: rtx.clone(),
+            });
+        }
+        drop(rtx);
+        let mut total = PhaseStats::new();
+        for st in rrx.iter() {
+            total.merge(&st);
+        }
+        total
+    }
+
+    /// Stops the threads (closing their connections); what they measured, merged.
+    pub fn stop(self) -> WorkerResult {
+        for tx in &self.txs {
+            let _ = tx.send(Cmd::Stop);
+        }
+        let mut all: Option<WorkerResult> = None;
+        for h in self.handles {
+            let Ok(r) = h.join() else {
+                continue;
+            };
+            match all.as_mut() {
+                None => all = Some(r),
+                Some(a) => a.merge(&r),
+            }
+        }
+        all.expect("at least one client thread")
+    }
+}
+
+impl WorkerResult {
+    fn merge(&mut self, b: &WorkerResult) {
+        let a = self;
+        let _ = a.establish.add(&b.establish);
+        let _ = a.handshake.add(&b.handshake);
+        a.errors.merge(&b.errors);
+        for (k, v) in &b.server_closes {
+            *a.server_closes.entry(k.clone()).or_default() += v;
+        }
+        a.malformed += b.malformed;
+        a.other_events += b.other_events;
+        a.pings_answered += b.pings_answered;
+        let _ = a.churn_cycle.add(&b.churn_cycle);
+        a.churn_deferred += b.churn_deferred;
+        let _ = a.presence_join.add(&b.presence_join);
+        let _ = a.presence_added.add(&b.presence_added);
+        let _ = a.presence_removed.add(&b.presence_removed);
+        a.presence_dup_added += b.presence_dup_added;
+        a.presence_unknown_removed += b.presence_unknown_removed;
+        a.presence_self_events += b.presence_self_events;
+        a.presence_foreign += b.presence_foreign;
+        a.presence_after_leave += b.presence_after_leave;
+        a.presence_early += b.presence_early;
+    }
 }
 
 struct Track {

@@ -20,24 +20,91 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::net::ToSocketAddrs;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use clap::Args as ClapArgs;
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::auth::Creds;
-use super::client::{self, Fate, Handler, Pool, St, Target};
-use super::pace::{catch_up_floor, interval, wait_ms};
-use super::publish::{match_update, HttpClient, Sink};
-use super::report::{round1, round3, thousands, Report};
-use super::scenario::{preflight, server_connections, title, Env};
-use super::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
-use super::wire;
-use super::{BenchError, Result, SoakArgs};
+use super::{preflight, server_connections};
+use crate::auth::Creds;
+use crate::client::{self, Fate, Handler, Pool, St, Target};
+use crate::pace::{catch_up_floor, interval, wait_ms};
+use crate::publish::{match_update, HttpClient, Sink};
+use crate::report::{round1, round3, thousands, Report};
+use crate::stats::{fmt_hist, new_hist, now_ns, proc_sample, summary_us, Errors};
+use crate::wire;
+use crate::{BenchError, Env, Result};
+
+#[derive(ClapArgs, Debug, Clone)]
+pub struct SoakArgs {
+    /// Connections held open (the population churns, its size stays).
+    #[arg(short = 'c', long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Connections closed and replaced by new ones per second, once all are open.
+    #[arg(long, default_value_t = 500.0)]
+    pub churn_rate: f64,
+    /// Subscribe and unsubscribe operations per second, all connections together.
+    #[arg(long, default_value_t = 500.0)]
+    pub sub_rate: f64,
+    /// Events per second published, all channels together (one channel per event).
+    #[arg(short = 'r', long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seconds from the first connection to the end of the churn, warm-up included.
+    #[arg(short = 'd', long, default_value_t = 1800.0)]
+    pub duration: f64,
+    /// Seconds of warm-up (the ramp included); RSS and fds are compared from its end.
+    #[arg(long, default_value_t = 120.0)]
+    pub warmup: f64,
+    /// New connections per second while ramping up to --connections.
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp_rate: f64,
+    /// Public channels.
+    #[arg(long, default_value_t = 20)]
+    pub public_channels: usize,
+    /// Private channels (subscriptions signed with the app secret).
+    #[arg(long, default_value_t = 20)]
+    pub private_channels: usize,
+    /// Presence channels (channel_data signed with the app secret).
+    #[arg(long, default_value_t = 20)]
+    pub presence_channels: usize,
+    /// Most users the generator puts in one presence channel (the server's limit is 100).
+    #[arg(long, default_value_t = 90)]
+    pub presence_max_members: usize,
+    /// Distinct presence users; connections pick one at random, so a user may have several
+    /// sockets in a channel (default: connections / 4).
+    #[arg(long)]
+    pub users: Option<usize>,
+    /// Most channels one connection is subscribed to at a time.
+    #[arg(long, default_value_t = 3)]
+    pub max_subs: usize,
+    /// Connections that stay the whole run, subscribed to one channel of each kind.
+    #[arg(long, default_value_t = 100)]
+    pub steady: usize,
+    /// Fraction of the disconnects that drop TCP without a WebSocket close frame.
+    #[arg(long, default_value_t = 0.1)]
+    pub abrupt_fraction: f64,
+    /// Largest RSS growth allowed after the warm-up, percent, by the least-squares trend of the
+    /// per-second samples from the end of the warm-up to the end.
+    #[arg(long, default_value_t = 2.0)]
+    pub max_rss_growth_pct: f64,
+    /// How long a subscriber may take to receive every event it is owed before unsubscribing
+    /// or at the end (else those events count as missing), seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub catch_up_s: f64,
+    /// Publisher threads (one HTTP connection each; each owns every P-th channel).
+    #[arg(long, default_value_t = 2)]
+    pub publishers: usize,
+    /// Seconds between progress lines on stderr.
+    #[arg(long, default_value_t = 10.0)]
+    pub progress_s: f64,
+    /// Channel names start with this (a random suffix keeps runs apart).
+    #[arg(long, default_value = "soak")]
+    pub channel_prefix: String,
+}
 
 /// How long the server may take to answer our close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1383,17 +1450,6 @@ fn rss_trend_pct(samples: &[Sample], from: f64, to: f64) -> Option<f64> {
     (at_first > 0.0).then(|| slope * (last - first) / at_first * 100.0)
 }
 
-fn api_client(env: &Env) -> Result<HttpClient> {
-    let host = env.c.api_host.clone().unwrap_or_else(|| env.c.host.clone());
-    let port = env.c.api_port.unwrap_or(env.c.port);
-    let addr = (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {host}:{port}: {e}"))?
-        .find(|a| a.is_ipv4())
-        .ok_or_else(|| BenchError(format!("{host}:{port} has no IPv4 address")))?;
-    Ok(HttpClient::new(addr, format!("{host}:{port}")))
-}
-
 /// The server's view of a presence channel: (user ids, user_count).
 fn server_presence(
     http: &mut HttpClient,
@@ -1496,7 +1552,8 @@ fn ask_all<T>(txs: &[Sender<Cmd>], limit: Duration, make: impl Fn(Sender<T>) -> 
     out
 }
 
-pub(super) fn soak(env: &Env, a: &SoakArgs) -> Result<Report> {
+/// Runs the scenario.
+pub fn run(env: &Env, a: &SoakArgs) -> Result<Report> {
     if a.connections == 0 || a.rate <= 0.0 || a.duration <= 0.0 {
         return Err("soak needs --connections, --rate and --duration above 0".into());
     }
@@ -1634,7 +1691,7 @@ pub(super) fn soak(env: &Env, a: &SoakArgs) -> Result<Report> {
     .len();
     let fence_s = t_fence.elapsed().as_secs_f64();
     // Presence: the server's members and counts against the book, until they agree (10 s).
-    let mut http = api_client(env)?;
+    let mut http = env.api_client()?;
     let expected: Vec<HashSet<u32>> = board
         .book
         .lock()
@@ -1702,8 +1759,7 @@ pub(super) fn soak(env: &Env, a: &SoakArgs) -> Result<Report> {
     let rss_after_close = proc_sample(&pid.to_string()).ok().map(|s| s.rss_kib);
 
     // ---- report
-    let mut r = Report::new("soak", title(env, "soak"));
-    r.set("target", env.target_json());
+    let mut r = env.report("soak");
     r.set(
         "params",
         json!({
