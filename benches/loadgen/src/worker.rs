@@ -1,6 +1,7 @@
-//! Client threads. Each owns many non-blocking WebSocket connections watched by one epoll
-//! instance, takes commands from the orchestrator (open these, join, leave, report a phase,
-//! stop), and checks every delivery as it arrives: latency, duplicates, order.
+//! The client threads of the short scenarios (fanout, idle, churn, presence, max) and the
+//! orchestrator's handle on them ([`Workers`]). Each thread drives its connections through a
+//! [`Pool`], takes commands (open these, join, leave, report a phase, stop), and checks every
+//! delivery as it arrives: latency, duplicates, order.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
