@@ -28,7 +28,10 @@
 //! - [`doctor`]: `bts-guru doctor`, host checks against a tuning profile.
 //! - [`console`]: the debug console page at `/console` (off by default), registered with the
 //!   shards through their route hook, and `bts-guru demo`.
-//! - [`bench`]: the load generator behind `bts-guru-bench` (a client, not part of the server).
+//!
+//! The load generator, `bts-guru-bench`, is a package of its own (`benches/loadgen`): a client of
+//! any Pusher server, using this library only for pure parts ([`protocol::auth`]'s signing,
+//! [`ws::codec`]'s frame header and masking).
 //!
 //! [`run`] binds every shard's listener, starts one pinned glommio executor per shard, and
 //! returns once all of them accept connections.
@@ -70,8 +73,6 @@ pub mod doctor;
 pub mod simulate;
 
 pub mod console;
-
-pub mod bench;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ fn tiny_fanout_delivers_every_event_once_in_order() {
     let d = Daemon::start(2);
     let port = d.addr.port().to_string();
     let pid = d.pid().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_bts-guru-bench"))
+    let out = Command::new(bench_bin())
         .args(["--host", "127.0.0.1", "--port", &port])
         .args([
             "--app-id",
@@ -91,7 +91,7 @@ fn tiny_fanout_delivers_every_event_once_in_order() {
 #[test]
 fn short_soak_checks_deliveries_presence_and_open_files() {
     let d = Daemon::start(2);
-    let out = Command::new(env!("CARGO_BIN_EXE_bts-guru-bench"))
+    let out = Command::new(bench_bin())
         .args(["--host", "127.0.0.1", "--port", &d.addr.port().to_string()])
         .args([
             "--app-id",

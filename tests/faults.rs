@@ -430,7 +430,7 @@ fn ten_thousand_clients_reconnecting_at_once_after_a_drain_are_all_established()
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(Some(0)));
 
     // The storm: every connection at once (as many handshakes in flight as connections).
-    let out = Command::new(env!("CARGO_BIN_EXE_bts-guru-bench"))
+    let out = Command::new(bench_bin())
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args([
             "--app-id",

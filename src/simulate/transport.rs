@@ -7,11 +7,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context};
-use hmac::{Hmac, Mac};
-use md5::{Digest, Md5};
-use sha2::Sha256;
 
 use super::feed::Publish;
+use crate::protocol::auth;
 
 /// Largest number of channels one Pusher event may name.
 pub const MAX_CHANNELS: usize = 100;
@@ -89,14 +87,17 @@ impl HttpSink {
         })
         .to_string();
         let path = format!("/apps/{}/events", self.app_id);
-        let query = format!(
-            "auth_key={}&auth_timestamp={unix_secs}&auth_version=1.0&body_md5={}",
-            self.key,
-            hex::encode(Md5::digest(body.as_bytes()))
+        let query = auth::sign_api_request(
+            &self.key,
+            &self.secret,
+            "POST",
+            &path,
+            &[],
+            body.as_bytes(),
+            unix_secs,
         );
-        let signature = sign(&self.secret, &format!("POST\n{path}\n{query}"));
         let mut req = format!(
-            "POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\nHost: {}:{}\r\n\
+            "POST {path}?{query} HTTP/1.1\r\nHost: {}:{}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\
              User-Agent: bts-guru-simulate\r\n\r\n",
             self.host,
@@ -154,12 +155,6 @@ impl HttpSink {
         conn.read_exact(&mut body)?;
         Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
     }
-}
-
-fn sign(secret: &str, msg: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    mac.update(msg.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
 }
 
 impl Sink for HttpSink {
@@ -321,25 +316,14 @@ mod tests {
         let target = head.lines().next().unwrap().split(' ').nth(1).unwrap();
         let (path, query) = target.split_once('?').unwrap();
         assert_eq!(path, "/apps/123/events");
-        let md5 = hex::encode(Md5::digest(body.as_bytes()));
+        let md5 = auth::body_md5(body.as_bytes());
         let signed =
             format!("auth_key=k&auth_timestamp=1700000000&auth_version=1.0&body_md5={md5}");
         let expect = format!(
             "{signed}&auth_signature={}",
-            sign("s", &format!("POST\n/apps/123/events\n{signed}"))
+            auth::sign("s", format!("POST\n/apps/123/events\n{signed}").as_bytes())
         );
         assert_eq!(query, expect);
-    }
-
-    #[test]
-    fn hmac_matches_the_pusher_docs_example() {
-        // https://pusher.com/docs/channels/library_auth_reference/rest-api/#worked-authentication-example
-        let msg = "POST\n/apps/3/events\nauth_key=278d425bdf160c739803&auth_timestamp=1353088179\
-                   &auth_version=1.0&body_md5=ec365a775a4cd0599faeb73354201b6f";
-        assert_eq!(
-            sign("7ad3773142a6692b25b8", msg),
-            "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c"
-        );
     }
 
     #[test]

@@ -933,6 +933,56 @@ pub fn http_get(
     (status, content_type, resp[split + 4..].to_vec())
 }
 
+/// The load generator, `bts-guru-bench`, beside the daemon's binary. It is its own package in the
+/// workspace (benches/loadgen), so Cargo gives these tests no `CARGO_BIN_EXE_` for it: a plain
+/// `cargo test --all-targets` at the root builds it (with its own tests), a run filtered to one
+/// test file does not. Missing, or older than its sources, it panics naming the command.
+pub fn bench_bin() -> std::path::PathBuf {
+    let daemon = std::path::Path::new(env!("CARGO_BIN_EXE_bts-guru"));
+    let bench = daemon.with_file_name(format!("bts-guru-bench{}", std::env::consts::EXE_SUFFIX));
+    let release = if cfg!(debug_assertions) {
+        ""
+    } else {
+        " --release"
+    };
+    let build = format!("cargo build -p bts-guru-bench{release}");
+    let Ok(built) = std::fs::metadata(&bench).and_then(|m| m.modified()) else {
+        panic!(
+            "{} is missing: build it first with `{build}`",
+            bench.display()
+        );
+    };
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/loadgen");
+    if let Some(newer) = newer_file(&crate_dir, built) {
+        panic!(
+            "{} is older than {}: rebuild it with `{build}`",
+            bench.display(),
+            newer.display()
+        );
+    }
+    bench
+}
+
+/// A file under `dir` (sources and manifests; not build output) modified after `than`.
+fn newer_file(dir: &std::path::Path, than: SystemTime) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        if meta.is_dir() {
+            if entry.file_name() != "target" {
+                if let Some(p) = newer_file(&path, than) {
+                    return Some(p);
+                }
+            }
+        } else if meta.modified().is_ok_and(|m| m > than) {
+            return Some(path);
+        }
+    }
+    None
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

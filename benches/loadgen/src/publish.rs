@@ -4,66 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use hmac::{Hmac, Mac};
-use md5::{Digest, Md5};
-use sha2::Sha256;
 
-use super::stats::{new_hist, now_ns, Errors};
-
-/// An app's credentials.
-#[derive(Clone, Debug)]
-pub struct Creds {
-    pub app_id: String,
-    pub key: String,
-    pub secret: String,
-}
-
-pub fn hmac_hex(secret: &str, msg: &str) -> String {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
-    m.update(msg.as_bytes());
-    hex::encode(m.finalize().into_bytes())
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// `path?query&auth_signature=…` for a POST of `body`, signed like the Pusher SDKs.
-pub fn signed_post(creds: &Creds, path: &str, body: &[u8]) -> String {
-    let md5 = hex::encode(Md5::digest(body));
-    let query = format!(
-        "auth_key={}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-        creds.key,
-        unix_secs()
-    );
-    let sig = hmac_hex(&creds.secret, &format!("POST\n{path}\n{query}"));
-    format!("{path}?{query}&auth_signature={sig}")
-}
-
-/// `path?query&auth_signature=…` for a GET with extra (URL-safe) parameters.
-pub fn signed_get(creds: &Creds, path: &str, params: &[(&str, &str)]) -> String {
-    let mut all: Vec<(String, String)> = params
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    all.push(("auth_key".into(), creds.key.clone()));
-    all.push(("auth_timestamp".into(), unix_secs().to_string()));
-    all.push(("auth_version".into(), "1.0".into()));
-    all.sort();
-    let query = all
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let sig = hmac_hex(&creds.secret, &format!("GET\n{path}\n{query}"));
-    format!("{path}?{query}&auth_signature={sig}")
-}
+use crate::auth::Creds;
+use crate::stats::{new_hist, now_ns, Errors};
 
 /// A minimal HTTP/1.1 client over one keep-alive connection.
 pub struct HttpClient {
@@ -144,7 +90,7 @@ impl HttpClient {
         self.buf.clear();
         let mut chunk = [0u8; 8192];
         let head_len = loop {
-            if let Some(end) = super::wire::head_end(&self.buf) {
+            if let Some(end) = crate::wire::head_end(&self.buf) {
                 break end;
             }
             let n = s.read(&mut chunk).map_err(|e| {
@@ -227,7 +173,7 @@ fn decode_chunked(b: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
-        let line_end = super::wire::find(&b[i..], b"\r\n")? + i;
+        let line_end = crate::wire::find(&b[i..], b"\r\n")? + i;
         let size_txt = std::str::from_utf8(&b[i..line_end]).ok()?;
         let size = usize::from_str_radix(size_txt.split(';').next()?.trim(), 16).ok()?;
         i = line_end + 2;
@@ -297,7 +243,7 @@ impl Sink {
             } => {
                 let body = serde_json::json!({"name": event, "channels": channels, "data": data})
                     .to_string();
-                let target = signed_post(creds, path, body.as_bytes());
+                let target = creds.signed_target("POST", path, &[], body.as_bytes());
                 let (status, text) = client.request("POST", &target, body.as_bytes())?;
                 if status == 200 {
                     Ok(())

@@ -114,7 +114,7 @@ pub fn proc_sample(pid: &str) -> Result<ProcSample, String> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let (utime, stime) = (ticks(11), ticks(12));
-    let hz = super::sys::clock_ticks() as f64;
+    let hz = crate::sys::clock_ticks() as f64;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
     let rss_kib = status

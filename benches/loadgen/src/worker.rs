@@ -1,24 +1,25 @@
-//! Client threads. Each owns many non-blocking WebSocket connections watched by one epoll
-//! instance, takes commands from the orchestrator (open these, join, leave, report a phase,
-//! stop), and checks every delivery as it arrives: latency, duplicates, order.
+//! The client threads of the short scenarios (fanout, idle, churn, presence, max) and the
+//! orchestrator's handle on them ([`Workers`]). Each thread drives its connections through a
+//! [`Pool`], takes commands (open these, join, leave, report a phase, stop), and checks every
+//! delivery as it arrives: latency, duplicates, order.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::io;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
-use socket2::{Domain, Socket, Type};
 
-use super::publish::{hmac_hex, set_bit, Creds};
-use super::stats::{new_hist, now_ns, Errors};
-use super::sys::{self, Epoll};
-use super::wire::{self, FrameHead};
+use crate::auth::Creds;
+use crate::client::{self, Fate, Handler, Pool, St, Target};
+use crate::pace::{catch_up_floor, interval, wait_ms};
+use crate::publish::set_bit;
+use crate::stats::{new_hist, now_ns, Errors};
+use crate::wire;
 
 /// Publisher ids are `phase * PUB_STRIDE + index`, so a delivery names its phase.
 pub const PUB_STRIDE: u64 = 1000;
@@ -56,18 +57,13 @@ pub struct PresenceSetup {
 
 /// What every thread shares.
 pub struct Setup {
-    pub addr: SocketAddr,
-    pub host_header: String,
-    pub path: String,
+    pub target: Target,
     pub creds: Creds,
-    pub sources: Vec<IpAddr>,
-    pub connect_timeout: Duration,
     pub event: String,
     pub channels: Arc<Vec<String>>,
     pub lookup: HashMap<Box<[u8]>, u32>,
     pub presence: Option<PresenceSetup>,
     pub shared: Arc<Shared>,
-    pub max_frame: usize,
 }
 
 /// Churn: open at `rate` per second from `start` until `until`, each connection subscribing,
@@ -186,12 +182,132 @@ pub struct WorkerResult {
     pub presence_early: u64,
 }
 
-#[derive(PartialEq, Eq, Clone, Copy, Debug)]
-enum St {
-    Connecting,
-    Upgrading,
-    Open,
-    Closing,
+/// The orchestrator's handle on its client threads.
+pub struct Workers {
+    txs: Vec<Sender<Cmd>>,
+    handles: Vec<JoinHandle<WorkerResult>>,
+}
+
+impl Workers {
+    /// Starts `threads` client threads sharing `setup`: together they keep at most
+    /// `connect_concurrency` handshakes in flight and open `connect_rate` connections per
+    /// second (0: unpaced); `churn`'s rate is split between them.
+    pub fn spawn(
+        setup: &Arc<Setup>,
+        threads: usize,
+        connect_concurrency: usize,
+        connect_rate: f64,
+        churn: Option<ChurnPlan>,
+    ) -> Result<Workers, String> {
+        let n = threads.max(1);
+        let per_inflight = connect_concurrency.div_ceil(n).max(1);
+        let per_rate = connect_rate / n as f64;
+        let mut txs = Vec::new();
+        let mut handles = Vec::new();
+        for i in 0..n {
+            let plan = churn.map(|mut c| {
+                c.rate /= n as f64;
+                c.index = i as u32;
+                c.stride = n as u32;
+                c
+            });
+            let w = Worker::new(setup.clone(), i, per_inflight, per_rate, plan)
+                .map_err(|e| format!("cannot create epoll instance: {e}"))?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let h = std::thread::Builder::new()
+                .name(format!("client-{i}"))
+                .spawn(move || w.run(rx))
+                .map_err(|e| format!("cannot start a client thread: {e}"))?;
+            txs.push(tx);
+            handles.push(h);
+        }
+        Ok(Workers { txs, handles })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.txs.len()
+    }
+
+    /// Sends thread `i` the command `make(i)`.
+    pub fn each(&self, make: impl Fn(usize) -> Cmd) {
+        for (i, tx) in self.txs.iter().enumerate() {
+            let _ = tx.send(make(i));
+        }
+    }
+
+    /// Spec `i` goes to thread `i % threads`.
+    pub fn open(&self, specs: Vec<Spec>) {
+        let n = self.txs.len();
+        let mut per: Vec<Vec<Spec>> = vec![Vec::new(); n];
+        for (i, s) in specs.into_iter().enumerate() {
+            per[i % n].push(s);
+        }
+        for (tx, s) in self.txs.iter().zip(per) {
+            let _ = tx.send(Cmd::Open(s));
+        }
+    }
+
+    /// Every thread's view of phase `phase`'s deliveries, checked against `expected`, merged.
+    pub fn snapshot(&self, phase: u32, expected: Arc<Vec<PubExpect>>) -> PhaseStats {
+        let (rtx, rrx) = crossbeam_channel::unbounded();
+        for tx in &self.txs {
+            let _ = tx.send(Cmd::Snapshot {
+                phase,
+                expected: expected.clone(),
+                reply: rtx.clone(),
+            });
+        }
+        drop(rtx);
+        let mut total = PhaseStats::new();
+        for st in rrx.iter() {
+            total.merge(&st);
+        }
+        total
+    }
+
+    /// Stops the threads (closing their connections); what they measured, merged.
+    pub fn stop(self) -> WorkerResult {
+        for tx in &self.txs {
+            let _ = tx.send(Cmd::Stop);
+        }
+        let mut all: Option<WorkerResult> = None;
+        for h in self.handles {
+            let Ok(r) = h.join() else {
+                continue;
+            };
+            match all.as_mut() {
+                None => all = Some(r),
+                Some(a) => a.merge(&r),
+            }
+        }
+        all.expect("at least one client thread")
+    }
+}
+
+impl WorkerResult {
+    fn merge(&mut self, b: &WorkerResult) {
+        let a = self;
+        let _ = a.establish.add(&b.establish);
+        let _ = a.handshake.add(&b.handshake);
+        a.errors.merge(&b.errors);
+        for (k, v) in &b.server_closes {
+            *a.server_closes.entry(k.clone()).or_default() += v;
+        }
+        a.malformed += b.malformed;
+        a.other_events += b.other_events;
+        a.pings_answered += b.pings_answered;
+        let _ = a.churn_cycle.add(&b.churn_cycle);
+        a.churn_deferred += b.churn_deferred;
+        let _ = a.presence_join.add(&b.presence_join);
+        let _ = a.presence_added.add(&b.presence_added);
+        let _ = a.presence_removed.add(&b.presence_removed);
+        a.presence_dup_added += b.presence_dup_added;
+        a.presence_unknown_removed += b.presence_unknown_removed;
+        a.presence_self_events += b.presence_self_events;
+        a.presence_foreign += b.presence_foreign;
+        a.presence_after_leave += b.presence_after_leave;
+        a.presence_early += b.presence_early;
+    }
 }
 
 struct Track {
@@ -209,17 +325,9 @@ struct Pres {
     left: bool,
 }
 
-struct Conn {
-    stream: TcpStream,
-    st: St,
-    out_interest: bool,
-    inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
-    frag: Vec<u8>,
-    fragmenting: bool,
-    key: Option<Box<str>>,
+/// What a client thread keeps per connection beside its WebSocket.
+struct State {
     spec: Spec,
-    started: Instant,
     ready: bool,
     subscribed: bool,
     socket_id: Option<Box<str>>,
@@ -227,6 +335,8 @@ struct Conn {
     pres: Option<Box<Pres>>,
     churn: bool,
 }
+
+type Conn = client::Conn<State>;
 
 const T_CONNECT: u8 = 0;
 const T_HOLD: u8 = 1;
@@ -242,7 +352,6 @@ struct PhaseAcc {
 /// Everything but the connections, so handlers can borrow both.
 struct Ctx {
     setup: Arc<Setup>,
-    rng: u64,
     inflight: usize,
     delivered_unflushed: u64,
     phases: Vec<PhaseAcc>,
@@ -253,20 +362,9 @@ struct Ctx {
     res: WorkerResult,
 }
 
-/// Marks a connection's fate after handling its input.
-pub(super) enum Fate {
-    Keep,
-    /// Remove it; the string is the error (None: a clean end).
-    Drop(Option<String>),
-}
-
 pub struct Worker {
     ctx: Ctx,
-    epoll: Epoll,
-    slots: Vec<Option<Conn>>,
-    gens: Vec<u32>,
-    free: Vec<u32>,
-    pending_free: Vec<u32>,
+    pool: Pool<State>,
     pending: VecDeque<Spec>,
     max_inflight: usize,
     connect_interval: Option<Duration>,
@@ -282,25 +380,6 @@ pub struct Worker {
     leave_next: Instant,
 }
 
-/// An epoll token: a connection's slot and its generation, so a stale event never reaches a
-/// newer connection in the same slot.
-pub(super) fn token(idx: u32, gen: u32) -> u64 {
-    ((gen as u64) << 32) | idx as u64
-}
-
-/// The connection a token names, if its slot still holds that generation.
-pub(super) fn slot_mut<'a, C>(
-    slots: &'a mut [Option<C>],
-    gens: &[u32],
-    tok: u64,
-) -> Option<&'a mut C> {
-    let idx = (tok & 0xFFFF_FFFF) as usize;
-    if gens.get(idx) != Some(&((tok >> 32) as u32)) {
-        return None;
-    }
-    slots.get_mut(idx)?.as_mut()
-}
-
 impl Worker {
     pub fn new(
         setup: Arc<Setup>,
@@ -310,10 +389,12 @@ impl Worker {
         churn: Option<ChurnPlan>,
     ) -> io::Result<Worker> {
         let now = Instant::now();
+        let seed = 0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D);
+        // A churn cycle ends when the server ends TCP after our close frame, answered or not.
+        let pool = Pool::new(&setup.target, seed, false)?;
         Ok(Worker {
             ctx: Ctx {
                 setup,
-                rng: 0x9E37_79B9_7F4A_7C15 ^ ((index as u64 + 1) * 0x2545_F491_4F6C_DD1D),
                 inflight: 0,
                 delivered_unflushed: 0,
                 phases: Vec::new(),
@@ -342,15 +423,10 @@ impl Worker {
                     presence_early: 0,
                 },
             },
-            epoll: Epoll::new(1024)?,
-            slots: Vec::new(),
-            gens: Vec::new(),
-            free: Vec::new(),
-            pending_free: Vec::new(),
+            pool,
             pending: VecDeque::new(),
             max_inflight: max_inflight.max(1),
-            connect_interval: (connect_rate > 0.0)
-                .then(|| Duration::from_secs_f64(1.0 / connect_rate)),
+            connect_interval: interval(connect_rate),
             next_open: now,
             source_rr: index,
             churn,
@@ -383,14 +459,16 @@ impl Worker {
             self.presence_due(now);
             self.timers_due(now);
             let wait = self.next_wake(now);
-            if let Err(e) = self.epoll.wait(wait, &mut events) {
+            if let Err(e) = self.pool.wait(wait, &mut events) {
                 self.ctx.res.errors.add(format!("epoll_wait: {e}"));
                 std::thread::sleep(Duration::from_millis(10));
             }
             for &(tok, flags) in &events {
-                self.io(tok, flags, &mut scratch);
+                if let Fate::Drop(e) = self.pool.io(tok, flags, &mut scratch, &mut self.ctx) {
+                    self.remove(tok, e);
+                }
             }
-            self.free.append(&mut self.pending_free);
+            self.pool.recycle();
             if self.ctx.delivered_unflushed > 0 {
                 self.ctx
                     .setup
@@ -421,12 +499,7 @@ impl Worker {
         if let Some(Reverse((t, _, _))) = self.ctx.timers.peek() {
             until = until.min(*t);
         }
-        let d = until.saturating_duration_since(now);
-        if d.is_zero() {
-            0
-        } else {
-            (d.as_micros().div_ceil(1000) as i32).max(1)
-        }
+        wait_ms(now, until)
     }
 
     fn command(&mut self, cmd: Cmd) {
@@ -434,12 +507,12 @@ impl Worker {
             Cmd::Open(specs) => self.pending.extend(specs),
             Cmd::Join { ids, rate } => {
                 self.join_q.extend(ids);
-                self.join_interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+                self.join_interval = interval(rate);
                 self.join_next = Instant::now();
             }
             Cmd::Leave { ids, rate } => {
                 self.leave_q.extend(ids);
-                self.leave_interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+                self.leave_interval = interval(rate);
                 self.leave_next = Instant::now();
             }
             Cmd::Snapshot {
@@ -520,7 +593,7 @@ impl Worker {
             }
             return;
         };
-        let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
+        let Some(conn) = self.pool.get_mut(tok) else {
             self.ctx
                 .res
                 .errors
@@ -530,37 +603,29 @@ impl Worker {
             }
             return;
         };
-        let ctx = &mut self.ctx;
-        let setup = ctx.setup.clone();
+        let setup = self.ctx.setup.clone();
         let p = setup.presence.as_ref().expect("presence run");
         if join {
-            let socket_id = conn.socket_id.clone().unwrap_or_default();
+            let socket_id = conn.app.socket_id.clone().unwrap_or_default();
             let user = format!("bench-{id}");
             let channel_data = serde_json::json!({
                 "user_id": user,
                 "user_info": {"name": format!("Bench member {id}")}
             })
             .to_string();
-            let sig = hmac_hex(
-                &setup.creds.secret,
-                &format!("{socket_id}:{}:{channel_data}", p.channel),
-            );
-            let msg = serde_json::json!({
-                "event": "pusher:subscribe",
-                "data": {"channel": p.channel, "auth": format!("{}:{sig}", setup.creds.key),
-                         "channel_data": channel_data}
-            })
-            .to_string();
-            conn.pres = Some(Box::new(Pres {
+            let msg = setup
+                .creds
+                .subscribe_message(&socket_id, &p.channel, Some(&channel_data));
+            conn.app.pres = Some(Box::new(Pres {
                 known: Vec::new(),
                 count: 0,
                 joined: false,
                 left: false,
             }));
             p.join_sent[id as usize].store(now_ns(), Relaxed);
-            send_text(ctx, conn, msg.as_bytes());
+            conn.send_text(msg.as_bytes());
         } else {
-            let Some(pr) = conn.pres.as_mut().filter(|pr| pr.joined && !pr.left) else {
+            let Some(pr) = conn.app.pres.as_mut().filter(|pr| pr.joined && !pr.left) else {
                 setup.shared.leave_skipped.fetch_add(1, Relaxed);
                 return;
             };
@@ -574,10 +639,9 @@ impl Worker {
             pr.known.clear();
             p.leave_sent[id as usize].store(now_ns(), Relaxed);
             setup.shared.left.fetch_add(1, Relaxed);
-            send_text(ctx, conn, msg.as_bytes());
+            conn.send_text(msg.as_bytes());
         }
-        let fate = flush(conn, &self.epoll, tok);
-        if let Fate::Drop(e) = fate {
+        if let Fate::Drop(e) = self.pool.flush(tok) {
             self.remove(tok, e);
         }
     }
@@ -588,26 +652,31 @@ impl Worker {
                 break;
             }
             self.ctx.timers.pop();
-            let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
+            let Some(conn) = self.pool.get_mut(tok) else {
                 continue;
             };
             match kind {
-                T_CONNECT if !conn.ready && conn.st != St::Closing => {
+                T_CONNECT if !conn.app.ready && conn.st != St::Closing => {
                     let stage = match conn.st {
                         St::Connecting => "the TCP connect",
                         St::Upgrading => "the WebSocket upgrade",
-                        _ if conn.socket_id.is_none() => "pusher:connection_established",
+                        _ if conn.app.socket_id.is_none() => "pusher:connection_established",
                         _ => "pusher_internal:subscription_succeeded",
                     };
                     let msg = format!(
                         "timed out after {:?} waiting for {stage}",
-                        self.ctx.setup.connect_timeout
+                        self.ctx.setup.target.connect_timeout
                     );
                     self.remove(tok, Some(msg));
                 }
                 T_HOLD if conn.st == St::Open => {
-                    start_close(&mut self.ctx, conn, tok);
-                    if let Fate::Drop(e) = flush(conn, &self.epoll, tok) {
+                    conn.start_close();
+                    self.ctx.timers.push(Reverse((
+                        Instant::now() + Duration::from_secs(5),
+                        tok,
+                        T_CLOSE,
+                    )));
+                    if let Fate::Drop(e) = self.pool.flush(tok) {
                         self.remove(tok, e);
                     }
                 }
@@ -625,20 +694,26 @@ impl Worker {
 
     fn open(&mut self, spec: Spec, churn: bool) {
         let setup = self.ctx.setup.clone();
-        let src = if setup.sources.is_empty() {
+        let sources = &setup.target.sources;
+        let src = if sources.is_empty() {
             None
         } else {
             self.source_rr = self.source_rr.wrapping_add(1);
-            Some(setup.sources[self.source_rr % setup.sources.len()])
+            Some(sources[self.source_rr % sources.len()])
         };
-        let stream = match connect_nonblocking(setup.addr, src) {
-            Ok(s) => s,
+        let state = State {
+            spec,
+            ready: false,
+            subscribed: false,
+            socket_id: None,
+            tracks: Vec::new(),
+            pres: None,
+            churn,
+        };
+        let tok = match self.pool.open(src, state) {
+            Ok(tok) => tok,
             Err(e) => {
-                let from = src.map(|s| format!(" from {s}")).unwrap_or_default();
-                self.ctx
-                    .res
-                    .errors
-                    .add(format!("connect to {}{from}: {e}", setup.addr));
+                self.ctx.res.errors.add(e);
                 setup.shared.failed.fetch_add(1, Relaxed);
                 if churn {
                     setup.shared.churn_failed.fetch_add(1, Relaxed);
@@ -646,46 +721,12 @@ impl Worker {
                 return;
             }
         };
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.gens.push(0);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let gen = self.gens[idx as usize];
-        let tok = token(idx, gen);
-        if let Err(e) = self.epoll.add(stream.as_raw_fd(), tok, sys::IN | sys::OUT) {
-            self.ctx.res.errors.add(format!("epoll_ctl: {e}"));
-            setup.shared.failed.fetch_add(1, Relaxed);
-            self.free.push(idx);
-            return;
-        }
-        self.slots[idx as usize] = Some(Conn {
-            stream,
-            st: St::Connecting,
-            out_interest: true,
-            inbuf: Vec::new(),
-            outbuf: Vec::new(),
-            frag: Vec::new(),
-            fragmenting: false,
-            key: None,
-            spec,
-            started: Instant::now(),
-            ready: false,
-            subscribed: false,
-            socket_id: None,
-            tracks: Vec::new(),
-            pres: None,
-            churn,
-        });
         if setup.presence.is_some() {
             self.ctx.by_id.insert(spec.id, tok);
         }
         self.ctx.inflight += 1;
         self.ctx.timers.push(Reverse((
-            Instant::now() + setup.connect_timeout,
+            Instant::now() + setup.target.connect_timeout,
             tok,
             T_CONNECT,
         )));
@@ -693,24 +734,22 @@ impl Worker {
 
     /// Removes a connection. `err` is why, when it is an error.
     fn remove(&mut self, tok: u64, err: Option<String>) {
-        let idx = (tok & 0xFFFF_FFFF) as usize;
-        let Some(conn) = self.slots[idx].take() else {
+        let Some(conn) = self.pool.remove(tok) else {
             return;
         };
-        self.gens[idx] = self.gens[idx].wrapping_add(1);
-        self.pending_free.push(idx as u32);
         let ctx = &mut self.ctx;
         let shared = &ctx.setup.shared;
-        if !conn.ready {
+        let app = conn.app;
+        if !app.ready {
             ctx.inflight -= 1;
             shared.failed.fetch_add(1, Relaxed);
-            if conn.churn {
+            if app.churn {
                 shared.churn_failed.fetch_add(1, Relaxed);
             }
             ctx.res
                 .errors
                 .add(err.unwrap_or_else(|| "connection closed before it was ready".into()));
-        } else if conn.churn {
+        } else if app.churn {
             if let Some(e) = err {
                 shared.churn_failed.fetch_add(1, Relaxed);
                 ctx.res.errors.add(e);
@@ -725,62 +764,17 @@ impl Worker {
             ctx.res
                 .errors
                 .add(err.unwrap_or_else(|| "server closed a ready connection".into()));
-            if let Some(c) = conn.spec.channel.filter(|_| conn.subscribed) {
-                ctx.dead.push((c, conn.tracks));
-            }
-            if let Some(p) = conn.pres.as_ref() {
+            if let Some(p) = app.pres.as_ref() {
                 if p.joined && !p.left {
                     shared.presence_known.fetch_sub(p.count, Relaxed);
                 }
             }
+            if let Some(c) = app.spec.channel.filter(|_| app.subscribed) {
+                ctx.dead.push((c, app.tracks));
+            }
         }
         if ctx.setup.presence.is_some() {
-            ctx.by_id.remove(&conn.spec.id);
-        }
-        // Dropping the stream closes the fd, which also leaves the epoll set.
-    }
-
-    fn io(&mut self, tok: u64, flags: u32, scratch: &mut [u8]) {
-        let Some(conn) = slot_mut(&mut self.slots, &self.gens, tok) else {
-            return;
-        };
-        let fate = if conn.st == St::Connecting {
-            match conn.stream.take_error() {
-                Ok(None) if flags & (sys::ERR | sys::HUP) == 0 => {
-                    let key = tungstenite::handshake::client::generate_key();
-                    let setup = &self.ctx.setup;
-                    conn.outbuf.extend_from_slice(&wire::handshake_request(
-                        &setup.host_header,
-                        &setup.path,
-                        &key,
-                    ));
-                    conn.key = Some(key.into_boxed_str());
-                    conn.st = St::Upgrading;
-                    flush(conn, &self.epoll, tok)
-                }
-                Ok(None) => Fate::Drop(Some(format!(
-                    "connect to {}: connection closed",
-                    self.ctx.setup.addr
-                ))),
-                Ok(Some(e)) | Err(e) => {
-                    Fate::Drop(Some(format!("connect to {}: {e}", self.ctx.setup.addr)))
-                }
-            }
-        } else {
-            let mut fate = Fate::Keep;
-            if flags & sys::OUT != 0 {
-                fate = flush(conn, &self.epoll, tok);
-            }
-            if matches!(fate, Fate::Keep) && flags & (sys::IN | sys::ERR | sys::HUP) != 0 {
-                fate = read_input(&mut self.ctx, conn, tok, scratch);
-                if matches!(fate, Fate::Keep) && !conn.outbuf.is_empty() {
-                    fate = flush(conn, &self.epoll, tok);
-                }
-            }
-            fate
-        };
-        if let Fate::Drop(e) = fate {
-            self.remove(tok, e);
+            ctx.by_id.remove(&app.spec.id);
         }
     }
 
@@ -813,9 +807,10 @@ impl Worker {
             }
             tracks.retain(|t| t.publisher as u64 / PUB_STRIDE != phase as u64);
         };
-        for conn in self.slots.iter_mut().flatten() {
-            if let (Some(c), true) = (conn.spec.channel, conn.subscribed) {
-                check(&mut st, c, &mut conn.tracks);
+        for conn in self.pool.conns_mut() {
+            let app = &mut conn.app;
+            if let (Some(c), true) = (app.spec.channel, app.subscribed) {
+                check(&mut st, c, &mut app.tracks);
             }
         }
         for (c, tracks) in self.ctx.dead.iter_mut() {
@@ -826,300 +821,23 @@ impl Worker {
     }
 
     fn stop(mut self) -> WorkerResult {
-        let mut close = Vec::new();
-        for slot in self.slots.iter_mut() {
-            if let Some(mut conn) = slot.take() {
-                if conn.st == St::Open {
-                    close.clear();
-                    let m = next_mask(&mut self.ctx.rng);
-                    wire::encode_frame(&mut close, wire::OP_CLOSE, &1000u16.to_be_bytes(), m);
-                    let _ = conn.stream.write(&close);
-                }
-                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-            }
+        for mut conn in self.pool.drain() {
+            conn.close_now();
         }
         self.ctx.res
     }
 }
 
-/// Paced senders catch up at most 100 ms of backlog in one burst.
-pub(super) fn catch_up_floor(now: Instant) -> Instant {
-    now.checked_sub(Duration::from_millis(100)).unwrap_or(now)
-}
-
-pub(super) fn next_mask(rng: &mut u64) -> [u8; 4] {
-    let mut x = *rng;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    *rng = x;
-    (x as u32).to_le_bytes()
-}
-
-pub(super) fn connect_nonblocking(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_nonblocking(true)?;
-    s.set_nodelay(true)?;
-    if let Some(ip) = src {
-        let _ = sys::bind_address_no_port(s.as_raw_fd());
-        s.bind(&SocketAddr::new(ip, 0).into())?;
+impl Handler<State> for Ctx {
+    fn text(&mut self, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate {
+        text(self, conn, tok, msg, now)
     }
-    match s.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(s.into())
-}
 
-fn send_text(ctx: &mut Ctx, conn: &mut Conn, payload: &[u8]) {
-    let m = next_mask(&mut ctx.rng);
-    wire::encode_frame(&mut conn.outbuf, wire::OP_TEXT, payload, m);
-}
-
-fn start_close(ctx: &mut Ctx, conn: &mut Conn, tok: u64) {
-    let m = next_mask(&mut ctx.rng);
-    wire::encode_frame(&mut conn.outbuf, wire::OP_CLOSE, &1000u16.to_be_bytes(), m);
-    conn.st = St::Closing;
-    ctx.timers.push(Reverse((
-        Instant::now() + Duration::from_secs(5),
-        tok,
-        T_CLOSE,
-    )));
-}
-
-/// Writes what is queued; asks for POLLOUT only while something is left.
-fn flush(conn: &mut Conn, epoll: &Epoll, tok: u64) -> Fate {
-    write_queued(
-        &mut conn.stream,
-        &mut conn.outbuf,
-        &mut conn.out_interest,
-        epoll,
-        tok,
-    )
-}
-
-/// Writes what is queued in `outbuf` without blocking; asks epoll for POLLOUT (`out_interest`)
-/// only while something is left, and frees a large emptied buffer. `Fate::Drop`: the connection
-/// must be dropped, and why.
-pub(super) fn write_queued(
-    stream: &mut TcpStream,
-    outbuf: &mut Vec<u8>,
-    out_interest: &mut bool,
-    epoll: &Epoll,
-    tok: u64,
-) -> Fate {
-    while !outbuf.is_empty() {
-        match stream.write(outbuf) {
-            Ok(0) => return Fate::Drop(Some("write returned 0".into())),
-            Ok(n) => {
-                outbuf.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Fate::Drop(Some(format!("write: {e}"))),
+    fn server_closed(&mut self, conn: &mut Conn, code: Option<u16>) {
+        if conn.app.ready {
+            let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+            *self.res.server_closes.entry(code).or_default() += 1;
         }
-    }
-    let want_out = !outbuf.is_empty();
-    if want_out != *out_interest {
-        let interest = if want_out {
-            sys::IN | sys::OUT
-        } else {
-            sys::IN
-        };
-        if let Err(e) = epoll.modify(stream.as_raw_fd(), tok, interest) {
-            return Fate::Drop(Some(format!("epoll_ctl: {e}")));
-        }
-        *out_interest = want_out;
-    }
-    if outbuf.capacity() > 4096 && outbuf.is_empty() {
-        *outbuf = Vec::new();
-    }
-    Fate::Keep
-}
-
-fn read_input(ctx: &mut Ctx, conn: &mut Conn, tok: u64, scratch: &mut [u8]) -> Fate {
-    loop {
-        let n = match conn.stream.read(scratch) {
-            Ok(0) => {
-                return match conn.st {
-                    St::Closing => Fate::Drop(None),
-                    St::Upgrading => Fate::Drop(Some(
-                        "server closed the connection during the WebSocket upgrade".into(),
-                    )),
-                    _ => Fate::Drop(Some("server closed the TCP connection".into())),
-                };
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Fate::Keep,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return match conn.st {
-                    St::Closing => Fate::Drop(None),
-                    _ => Fate::Drop(Some(format!("read: {e}"))),
-                }
-            }
-        };
-        let now = now_ns();
-        let fate = input(ctx, conn, tok, &scratch[..n], now);
-        if !matches!(fate, Fate::Keep) {
-            return fate;
-        }
-        if n < scratch.len() {
-            return Fate::Keep;
-        }
-    }
-}
-
-/// Handles bytes read from a connection.
-fn input(ctx: &mut Ctx, conn: &mut Conn, tok: u64, data: &[u8], now: u64) -> Fate {
-    let mut buf = std::mem::take(&mut conn.inbuf);
-    let mut fate = Fate::Keep;
-    let consumed;
-    {
-        let src: &[u8] = if buf.is_empty() {
-            data
-        } else {
-            buf.extend_from_slice(data);
-            &buf
-        };
-        let mut pos = 0;
-        if conn.st == St::Upgrading {
-            match wire::head_end(src) {
-                Some(end) => {
-                    let key = conn.key.take().unwrap_or_default();
-                    if let Err(e) = wire::check_handshake(&src[..end], &key) {
-                        let body = String::from_utf8_lossy(&src[end..src.len().min(end + 200)])
-                            .trim()
-                            .to_string();
-                        let e = if body.is_empty() {
-                            e
-                        } else {
-                            format!("{e} {body:?}")
-                        };
-                        conn.inbuf = Vec::new();
-                        return Fate::Drop(Some(e));
-                    }
-                    conn.st = St::Open;
-                    pos = end;
-                }
-                None if src.len() > 16 << 10 => {
-                    return Fate::Drop(Some("WebSocket upgrade answer too large".into()));
-                }
-                None => {
-                    conn.inbuf = src.to_vec();
-                    return Fate::Keep;
-                }
-            }
-        }
-        while pos < src.len() {
-            let head = match wire::parse_frame(&src[pos..], ctx.setup.max_frame) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
-                Err(e) => {
-                    fate = Fate::Drop(Some(e));
-                    break;
-                }
-            };
-            let FrameHead {
-                fin,
-                opcode,
-                start,
-                end,
-            } = head;
-            let payload = &src[pos + start..pos + end];
-            pos += end;
-            fate = frame(ctx, conn, tok, fin, opcode, payload, now);
-            if !matches!(fate, Fate::Keep) {
-                break;
-            }
-        }
-        consumed = pos;
-        if matches!(fate, Fate::Keep) && consumed < src.len() {
-            let rest = src[consumed..].to_vec();
-            conn.inbuf = rest;
-        }
-    }
-    fate
-}
-
-fn frame(
-    ctx: &mut Ctx,
-    conn: &mut Conn,
-    tok: u64,
-    fin: bool,
-    opcode: u8,
-    payload: &[u8],
-    now: u64,
-) -> Fate {
-    match opcode {
-        wire::OP_TEXT | wire::OP_BINARY if fin && !conn.fragmenting => {
-            if opcode == wire::OP_BINARY {
-                return Fate::Drop(Some("server sent a binary frame".into()));
-            }
-            text(ctx, conn, tok, payload, now)
-        }
-        wire::OP_TEXT | wire::OP_BINARY if !conn.fragmenting => {
-            conn.fragmenting = true;
-            conn.frag.clear();
-            conn.frag.extend_from_slice(payload);
-            Fate::Keep
-        }
-        wire::OP_CONT if conn.fragmenting => {
-            conn.frag.extend_from_slice(payload);
-            if fin {
-                conn.fragmenting = false;
-                let msg = std::mem::take(&mut conn.frag);
-                let f = text(ctx, conn, tok, &msg, now);
-                conn.frag = msg;
-                conn.frag.clear();
-                if conn.frag.capacity() > 4096 {
-                    conn.frag = Vec::new();
-                }
-                f
-            } else {
-                Fate::Keep
-            }
-        }
-        wire::OP_PING => {
-            let m = next_mask(&mut ctx.rng);
-            wire::encode_frame(&mut conn.outbuf, wire::OP_PONG, payload, m);
-            Fate::Keep
-        }
-        wire::OP_PONG => Fate::Keep,
-        wire::OP_CLOSE => {
-            let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-            let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).into_owned();
-            if conn.st == St::Closing {
-                return Fate::Drop(None);
-            }
-            // Answer the close (best effort), then drop.
-            let m = next_mask(&mut ctx.rng);
-            let mut out = Vec::new();
-            wire::encode_frame(
-                &mut out,
-                wire::OP_CLOSE,
-                &payload[..payload.len().min(2)],
-                m,
-            );
-            let _ = conn.stream.write(&out);
-            let code_txt = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-            if conn.ready {
-                *ctx.res.server_closes.entry(code_txt.clone()).or_default() += 1;
-            }
-            let reason = if reason.is_empty() {
-                String::new()
-            } else {
-                format!(" ({reason})")
-            };
-            Fate::Drop(Some(format!(
-                "server closed the WebSocket with code {code_txt}{reason}"
-            )))
-        }
-        _ => Fate::Drop(Some(format!(
-            "unexpected frame opcode {opcode} (fragmenting: {})",
-            conn.fragmenting
-        ))),
     }
 }
 
@@ -1134,15 +852,10 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
     }
     match ev {
         b"pusher:connection_established" => {
-            let sid = wire::data_value(msg).and_then(|d| {
-                d.get("socket_id")
-                    .and_then(|s| s.as_str())
-                    .map(str::to_owned)
-            });
-            let Some(sid) = sid else {
+            let Some(sid) = wire::socket_id(msg) else {
                 return Fate::Drop(Some("connection_established without a socket_id".into()));
             };
-            if conn.socket_id.is_some() {
+            if conn.app.socket_id.is_some() {
                 ctx.res
                     .errors
                     .add("second pusher:connection_established on one connection");
@@ -1151,22 +864,13 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
             ctx.res
                 .handshake
                 .saturating_record(conn.started.elapsed().as_nanos() as u64);
-            conn.socket_id = Some(sid.into_boxed_str());
-            match conn.spec.channel {
+            conn.app.socket_id = Some(sid.into_boxed_str());
+            match conn.app.spec.channel {
                 Some(c) => {
                     let name = &ctx.setup.channels[c as usize];
-                    let msg = if name.starts_with("private-") {
-                        let sig = hmac_hex(
-                            &ctx.setup.creds.secret,
-                            &format!("{}:{name}", conn.socket_id.as_deref().unwrap_or("")),
-                        );
-                        serde_json::json!({"event":"pusher:subscribe","data":{
-                            "channel": name, "auth": format!("{}:{sig}", ctx.setup.creds.key)}})
-                    } else {
-                        serde_json::json!({"event":"pusher:subscribe","data":{"channel": name}})
-                    }
-                    .to_string();
-                    send_text(ctx, conn, msg.as_bytes());
+                    let sid = conn.app.socket_id.as_deref().unwrap_or("");
+                    let msg = ctx.setup.creds.subscribe_message(sid, name, None);
+                    conn.send_text(msg.as_bytes());
                 }
                 None => ready(ctx, conn, tok),
             }
@@ -1180,27 +884,14 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
                 .as_ref()
                 .filter(|p| p.channel.as_bytes() == ch)
             {
-                let sent = p.join_sent[conn.spec.id as usize].load(Relaxed);
+                let sent = p.join_sent[conn.app.spec.id as usize].load(Relaxed);
                 ctx.res
                     .presence_join
                     .saturating_record(now.saturating_sub(sent).max(1));
-                let ids: Vec<String> = wire::data_value(msg)
-                    .and_then(|d| {
-                        d.pointer("/presence/ids")
-                            .and_then(|v| v.as_array())
-                            .map(|a| {
-                                a.iter()
-                                    .map(|x| match x {
-                                        serde_json::Value::String(s) => s.clone(),
-                                        other => other.to_string(),
-                                    })
-                                    .collect()
-                            })
-                    })
-                    .unwrap_or_default();
-                let me = conn.spec.id;
+                let ids = wire::presence_ids(msg);
+                let me = conn.app.spec.id;
                 let shared = ctx.setup.shared.clone();
-                let Some(pr) = conn.pres.as_mut() else {
+                let Some(pr) = conn.app.pres.as_mut() else {
                     ctx.res.presence_early += 1;
                     return Fate::Keep;
                 };
@@ -1212,7 +903,7 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
                 }
                 pr.joined = true;
                 for id in ids {
-                    match member_id(&id) {
+                    match bench_member(&id) {
                         Some(i) if i == me => {}
                         Some(i) => {
                             if set_bit(&mut pr.known, i as u64) {
@@ -1229,13 +920,14 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
                 return Fate::Keep;
             }
             if conn
+                .app
                 .spec
                 .channel
                 .map(|c| ctx.setup.channels[c as usize].as_bytes())
                 == Some(ch)
             {
-                if !conn.subscribed {
-                    conn.subscribed = true;
+                if !conn.app.subscribed {
+                    conn.app.subscribed = true;
                     ready(ctx, conn, tok);
                 }
             } else {
@@ -1250,14 +942,11 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
         }
         b"pusher:ping" => {
             ctx.res.pings_answered += 1;
-            send_text(ctx, conn, br#"{"event":"pusher:pong","data":{}}"#);
+            conn.send_text(wire::PUSHER_PONG);
             Fate::Keep
         }
         b"pusher:error" => {
-            let d = wire::data_value(msg).unwrap_or_default();
-            let code = d.get("code").map(|c| c.to_string()).unwrap_or_default();
-            let m = d.get("message").and_then(|m| m.as_str()).unwrap_or("");
-            ctx.res.errors.add(format!("pusher:error {code}: {m}"));
+            ctx.res.errors.add(wire::pusher_error(msg));
             Fate::Keep
         }
         b"pusher:subscription_error" => {
@@ -1284,7 +973,8 @@ fn text(ctx: &mut Ctx, conn: &mut Conn, tok: u64, msg: &[u8], now: u64) -> Fate 
     }
 }
 
-fn member_id(s: &str) -> Option<u32> {
+/// The member number of a user id the generator gave (`bench-N`).
+fn bench_member(s: &str) -> Option<u32> {
     s.strip_prefix("bench-")?.parse().ok()
 }
 
@@ -1293,17 +983,12 @@ fn presence_event(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], added: bool, now: 
         ctx.res.other_events += 1;
         return;
     };
-    let d = wire::data_value(msg).unwrap_or_default();
-    let uid = match d.get("user_id") {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::new(),
-    };
-    let Some(i) = member_id(&uid) else {
+    let uid = wire::member_id(msg).unwrap_or_default();
+    let Some(i) = bench_member(&uid) else {
         ctx.res.presence_foreign += 1;
         return;
     };
-    let Some(pr) = conn.pres.as_mut() else {
+    let Some(pr) = conn.app.pres.as_mut() else {
         ctx.res.presence_early += 1;
         return;
     };
@@ -1315,7 +1000,7 @@ fn presence_event(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], added: bool, now: 
         ctx.res.presence_early += 1;
         return;
     }
-    if i == conn.spec.id {
+    if i == conn.app.spec.id {
         ctx.res.presence_self_events += 1;
         return;
     }
@@ -1353,13 +1038,13 @@ fn presence_event(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], added: bool, now: 
 }
 
 fn ready(ctx: &mut Ctx, conn: &mut Conn, tok: u64) {
-    conn.ready = true;
+    conn.app.ready = true;
     ctx.inflight -= 1;
     ctx.setup.shared.ready.fetch_add(1, Relaxed);
     ctx.res
         .establish
         .saturating_record(conn.started.elapsed().as_nanos() as u64);
-    if conn.churn {
+    if conn.app.churn {
         ctx.timers
             .push(Reverse((Instant::now() + ctx.churn_hold, tok, T_HOLD)));
     }
@@ -1390,25 +1075,26 @@ fn delivery(ctx: &mut Ctx, conn: &mut Conn, msg: &[u8], now: u64) {
     }
     let acc = &mut ctx.phases[phase];
     let chan = wire::str_field(msg, "channel").and_then(|c| ctx.setup.lookup.get(c).copied());
-    let Some(chan) = chan.filter(|&c| conn.spec.channel == Some(c)) else {
+    let Some(chan) = chan.filter(|&c| conn.app.spec.channel == Some(c)) else {
         acc.unexpected += 1;
         return;
     };
     let publisher = publisher as u32;
     let t = match conn
+        .app
         .tracks
         .iter_mut()
         .position(|t| t.channel == chan && t.publisher == publisher)
     {
-        Some(i) => &mut conn.tracks[i],
+        Some(i) => &mut conn.app.tracks[i],
         None => {
-            conn.tracks.push(Track {
+            conn.app.tracks.push(Track {
                 channel: chan,
                 publisher,
                 top: 0,
                 bits: Vec::new(),
             });
-            conn.tracks.last_mut().expect("just pushed")
+            conn.app.tracks.last_mut().expect("just pushed")
         }
     };
     if set_bit(&mut t.bits, seq) {

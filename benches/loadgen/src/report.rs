@@ -6,7 +6,6 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
 pub struct Report {
-    pub scenario: String,
     pub title: String,
     pub json: Map<String, Value>,
     rows: Vec<(String, String)>,
@@ -22,7 +21,6 @@ impl Report {
         json.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
         json.insert("scenario".into(), json!(scenario));
         Report {
-            scenario: scenario.to_owned(),
             title,
             json,
             rows: Vec::new(),
@@ -37,10 +35,6 @@ impl Report {
 
     pub fn row(&mut self, k: impl Into<String>, v: impl Into<String>) {
         self.rows.push((k.into(), v.into()));
-    }
-
-    pub fn section(&mut self, title: &str) {
-        self.rows.push((String::new(), title.to_owned()));
     }
 
     pub fn problem(&mut self, p: impl Into<String>) {

@@ -1,5 +1,8 @@
-//! The client side of RFC 6455 (handshake request, answer check, frame encode/decode) and the
-//! allocation-free field scanners used on every delivery.
+//! The client side of RFC 6455 (handshake request, answer check, frame encode/decode), the
+//! allocation-free field scanners used on every delivery, and the few Pusher messages every
+//! client reads the same way.
+
+use bts_guru::ws::codec;
 
 /// The upgrade request for `path` (e.g. `/app/KEY?protocol=7...`).
 pub fn handshake_request(host: &str, path: &str, key: &str) -> Vec<u8> {
@@ -38,33 +41,22 @@ pub fn check_handshake(head: &[u8], key: &str) -> Result<(), String> {
     Err("WebSocket upgrade: no Sec-WebSocket-Accept".into())
 }
 
+pub use bts_guru::ws::codec::{OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 pub const OP_CONT: u8 = 0;
-pub const OP_TEXT: u8 = 1;
 pub const OP_BINARY: u8 = 2;
-pub const OP_CLOSE: u8 = 8;
-pub const OP_PING: u8 = 9;
-pub const OP_PONG: u8 = 10;
 
-/// Appends one masked client frame.
+/// Appends one final, masked client frame: the daemon's frame header (the same for both
+/// directions but for the mask bit) and its masking, which is the same XOR as unmasking.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let mut head = [0u8; codec::MAX_SERVER_HEADER];
+    let n = codec::encode_header(opcode, payload.len(), &mut head);
+    // RFC 6455 §5.3: every frame a client sends is masked.
+    head[1] |= 0x80;
+    out.extend_from_slice(&head[..n]);
     out.extend_from_slice(&mask);
     let start = out.len();
     out.extend_from_slice(payload);
-    for (i, b) in out[start..].iter_mut().enumerate() {
-        *b ^= mask[i & 3];
-    }
+    codec::unmask(&mut out[start..], mask);
 }
 
 /// One complete server frame found at the start of a buffer.
@@ -248,28 +240,57 @@ pub fn data_value(msg: &[u8]) -> Option<serde_json::Value> {
     }
 }
 
+/// The answer to `pusher:ping`.
+pub const PUSHER_PONG: &[u8] = br#"{"event":"pusher:pong","data":{}}"#;
+
+/// The `socket_id` of a `pusher:connection_established`.
+pub fn socket_id(msg: &[u8]) -> Option<String> {
+    let d = data_value(msg)?;
+    Some(d.get("socket_id")?.as_str()?.to_owned())
+}
+
+/// `pusher:error CODE: MESSAGE`, for the error counts.
+pub fn pusher_error(msg: &[u8]) -> String {
+    let d = data_value(msg).unwrap_or_default();
+    let code = d.get("code").map(|c| c.to_string()).unwrap_or_default();
+    let m = d.get("message").and_then(|m| m.as_str()).unwrap_or("");
+    format!("pusher:error {code}: {m}")
+}
+
+/// A user id as text: a string as it is, any other JSON value as JSON.
+fn id_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The members a presence `subscription_succeeded` lists (`presence.ids`).
+pub fn presence_ids(msg: &[u8]) -> Vec<String> {
+    data_value(msg)
+        .and_then(|d| {
+            let ids = d.pointer("/presence/ids")?.as_array()?;
+            Some(ids.iter().map(id_text).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// The `user_id` of a `member_added` or `member_removed`.
+pub fn member_id(msg: &[u8]) -> Option<String> {
+    data_value(msg)?.get("user_id").map(id_text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    // What the daemon's encoder writes, the client's parser reads back whole; one byte short
+    // is not a frame yet.
     #[test]
     fn frames_round_trip_lengths() {
         for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
             let payload = vec![b'x'; n];
-            // server frames are unmasked: build one by hand
-            let mut f = vec![0x81];
-            match n {
-                0..=125 => f.push(n as u8),
-                126..=0xFFFF => {
-                    f.push(126);
-                    f.extend_from_slice(&(n as u16).to_be_bytes());
-                }
-                _ => {
-                    f.push(127);
-                    f.extend_from_slice(&(n as u64).to_be_bytes());
-                }
-            }
-            f.extend_from_slice(&payload);
+            let f = codec::server_frame(OP_TEXT, &payload);
             let h = parse_frame(&f, 1 << 20).unwrap().unwrap();
             assert_eq!(
                 (h.fin, h.opcode, h.end - h.start, h.end),
@@ -277,20 +298,34 @@ mod tests {
             );
             assert_eq!(parse_frame(&f[..f.len() - 1], 1 << 20).unwrap(), None);
         }
+        let big = codec::server_frame(OP_TEXT, &[b'x'; 300]);
+        assert!(parse_frame(&big, 299).is_err());
     }
 
+    // What the client encodes, the daemon's decoder (which checks every RFC 6455 rule on client
+    // frames) reads back, at every length encoding.
     #[test]
-    fn masked_client_frame_unmasks() {
+    fn masked_client_frames_decode_in_the_daemon() {
+        for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
+            let text = "y".repeat(n);
+            let mut out = Vec::new();
+            encode_frame(&mut out, OP_TEXT, text.as_bytes(), [1, 2, 3, 4]);
+            assert_eq!(out[1] & 0x80, 0x80, "masked");
+            let mut dec = codec::Decoder::default();
+            let (msg, used) = dec.next(&mut out, 1 << 20).unwrap().unwrap();
+            assert_eq!(used, out.len());
+            let codec::Inbound::Text(codec::Text::InBuf(r)) = msg else {
+                panic!("{msg:?}");
+            };
+            assert_eq!(&out[r], text.as_bytes());
+        }
         let mut out = Vec::new();
-        encode_frame(&mut out, OP_TEXT, b"hello", [1, 2, 3, 4]);
-        assert_eq!(out[0], 0x81);
-        assert_eq!(out[1], 0x80 | 5);
-        let un: Vec<u8> = out[6..]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ [1, 2, 3, 4][i & 3])
-            .collect();
-        assert_eq!(un, b"hello");
+        encode_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), [9, 8, 7, 6]);
+        let (msg, _) = codec::Decoder::default()
+            .next(&mut out, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, codec::Inbound::Close(Some(1000)));
     }
 
     #[test]
@@ -306,6 +341,22 @@ mod tests {
         assert_eq!(str_field(o, "event"), Some(&b"e"[..]));
         assert_eq!(num_field(o, "missing"), None);
         assert_eq!(str_field(br#"{"channel":"x"}"#, "event"), None);
+    }
+
+    #[test]
+    fn pusher_messages() {
+        let est = br#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":30}"}"#;
+        assert_eq!(socket_id(est).as_deref(), Some("1.2"));
+        let err = br#"{"event":"pusher:error","data":{"code":4001,"message":"App key x does not exist"}}"#;
+        assert_eq!(
+            pusher_error(err),
+            "pusher:error 4001: App key x does not exist"
+        );
+        let ok = br#"{"event":"pusher_internal:subscription_succeeded","channel":"presence-a","data":"{\"presence\":{\"ids\":[\"u1\",2],\"hash\":{},\"count\":2}}"}"#;
+        assert_eq!(presence_ids(ok), vec!["u1".to_string(), "2".to_string()]);
+        let added = br#"{"event":"pusher_internal:member_added","channel":"presence-a","data":"{\"user_id\":\"u7\"}"}"#;
+        assert_eq!(member_id(added).as_deref(), Some("u7"));
+        assert_eq!(member_id(est), None);
     }
 
     #[test]

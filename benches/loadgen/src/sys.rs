@@ -9,7 +9,6 @@ pub const IN: u32 = libc::EPOLLIN as u32;
 pub const OUT: u32 = libc::EPOLLOUT as u32;
 pub const ERR: u32 = libc::EPOLLERR as u32;
 pub const HUP: u32 = libc::EPOLLHUP as u32;
-pub const RDHUP: u32 = libc::EPOLLRDHUP as u32;
 
 /// A level-triggered epoll instance.
 pub struct Epoll {

@@ -205,7 +205,7 @@ mod tests {
 
     #[test]
     fn plot_is_svg() {
-        let mut h = super::super::stats::new_hist();
+        let mut h = crate::stats::new_hist();
         for i in 1..10_000u64 {
             h.record(i * 1000).unwrap();
         }
