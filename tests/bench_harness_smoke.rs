@@ -5,53 +5,39 @@
 mod common;
 use common::*;
 
-use std::process::Command;
-
-use serde_json::Value;
-
 #[test]
 fn tiny_fanout_delivers_every_event_once_in_order() {
     let d = Daemon::start(2);
-    let port = d.addr.port().to_string();
-    let pid = d.pid().to_string();
-    let out = Command::new(bench_bin())
-        .args(["--host", "127.0.0.1", "--port", &port])
-        .args([
-            "--app-id",
-            APP_ID,
-            "--app-key",
-            APP_KEY,
-            "--app-secret",
-            APP_SECRET,
-        ])
-        .args(["--server-pid", &pid, "--timeout-s", "30"])
-        .args(["fanout", "--connections", "50", "--channels", "2"])
-        .args(["--rate", "20", "--duration", "2", "--settle-ms", "100"])
-        .env_remove("REVERB_APP_ID")
-        .env_remove("REVERB_APP_KEY")
-        .env_remove("REVERB_APP_SECRET")
-        .output()
-        .expect("run bts-guru-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = || {
-        format!(
-            "stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon stderr:\n{}",
-            d.stderr()
-        )
-    };
-    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    let run = run_bench(
+        &d,
+        &[
+            "--timeout-s",
+            "30",
+            "fanout",
+            "--connections",
+            "50",
+            "--channels",
+            "2",
+            "--rate",
+            "20",
+            "--duration",
+            "2",
+            "--settle-ms",
+            "100",
+        ],
+    );
+    let context = || run.context(&d);
     assert_eq!(
-        lines.len(),
+        run.json_lines(),
         1,
         "exactly one JSON line expected; {}",
         context()
     );
-    let v: Value = serde_json::from_str(lines[0]).expect("the JSON line parses");
+    let v = &run.json;
     assert!(
-        out.status.success(),
+        run.status.success(),
         "exit status {:?}; {}",
-        out.status,
+        run.status,
         context()
     );
     assert_eq!(v["ok"], true, "{}", context());
@@ -91,47 +77,46 @@ fn tiny_fanout_delivers_every_event_once_in_order() {
 #[test]
 fn short_soak_checks_deliveries_presence_and_open_files() {
     let d = Daemon::start(2);
-    let out = Command::new(bench_bin())
-        .args(["--host", "127.0.0.1", "--port", &d.addr.port().to_string()])
-        .args([
-            "--app-id",
-            APP_ID,
-            "--app-key",
-            APP_KEY,
-            "--app-secret",
-            APP_SECRET,
-        ])
-        .args(["--server-pid", &d.pid().to_string(), "--timeout-s", "120"])
-        .args(["soak", "--connections", "300", "--duration", "20"])
-        .args(["--warmup", "5", "--churn-rate", "30", "--sub-rate", "60"])
-        .args(["--rate", "20", "--steady", "10", "--progress-s", "5"])
-        .args(["--public-channels", "4", "--private-channels", "4"])
-        .args(["--presence-channels", "4", "--presence-max-members", "40"])
-        // RSS of a debug build over 7.5 s windows is noisy at this size; the 30-minute run
-        // holds the 2 % bound (RELIABILITY.md).
-        .args(["--max-rss-growth-pct", "25"])
-        .env_remove("REVERB_APP_ID")
-        .env_remove("REVERB_APP_KEY")
-        .env_remove("REVERB_APP_SECRET")
-        .output()
-        .expect("run bts-guru-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = || {
-        format!(
-            "stdout:\n{stdout}\nstderr:\n{stderr}\ndaemon stderr (tail):\n{}",
-            d.stderr()
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    };
-    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
-    assert_eq!(lines.len(), 1, "one JSON line; {}", context());
-    let v: Value = serde_json::from_str(lines[0]).expect("the JSON line parses");
-    assert!(out.status.success(), "{:?}; {}", out.status, context());
+    let run = run_bench(
+        &d,
+        &[
+            "--timeout-s",
+            "120",
+            "soak",
+            "--connections",
+            "300",
+            "--duration",
+            "20",
+            "--warmup",
+            "5",
+            "--churn-rate",
+            "30",
+            "--sub-rate",
+            "60",
+            "--rate",
+            "20",
+            "--steady",
+            "10",
+            "--progress-s",
+            "5",
+            "--public-channels",
+            "4",
+            "--private-channels",
+            "4",
+            "--presence-channels",
+            "4",
+            "--presence-max-members",
+            "40",
+            // RSS of a debug build over 7.5 s windows is noisy at this size; the 30-minute run
+            // holds the 2 % bound (RELIABILITY.md).
+            "--max-rss-growth-pct",
+            "25",
+        ],
+    );
+    let context = || run.context(&d);
+    assert_eq!(run.json_lines(), 1, "one JSON line; {}", context());
+    let v = &run.json;
+    assert!(run.status.success(), "{:?}; {}", run.status, context());
     assert_eq!(v["ok"], true, "{}", context());
     assert_eq!(v["scenario"], "soak");
     // It churned, on every kind of channel, and checked what it claims to have checked.

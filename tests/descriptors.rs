@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use md5::{Digest, Md5};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -39,15 +38,7 @@ fn connect_from(src: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
 /// A Pusher client connected from `src`, through `stream` (which may already carry a PROXY
 /// header), with extra request headers.
 fn viewer_over(stream: TcpStream, addr: SocketAddr, headers: &[(&str, &str)]) -> Client {
-    let ws = ws_over(stream, addr, headers).expect("ws handshake");
-    let mut c = Client {
-        ws,
-        socket_id: String::new(),
-    };
-    let ev = c.expect_event("pusher:connection_established");
-    let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
-    c.socket_id = data["socket_id"].as_str().unwrap().to_owned();
-    c
+    Client::established(ws_over(stream, addr, headers).expect("ws handshake"))
 }
 
 fn ws_over(
@@ -104,17 +95,10 @@ fn answer_unasked(src: &str, addr: SocketAddr, prefix: &[u8]) -> String {
 /// A signed `POST /apps/{id}/events` from `src`.
 fn publish_from(src: &str, addr: SocketAddr, channel: &str, data: &str) -> u16 {
     let body = json!({"name": "score", "channel": channel, "data": data}).to_string();
-    let path = format!("/apps/{APP_ID}/events");
-    let md5 = hex::encode(Md5::digest(body.as_bytes()));
-    let query = format!(
-        "auth_key={APP_KEY}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-        now_secs()
-    );
-    let sig = hmac_hex(APP_SECRET, &format!("POST\n{path}\n{query}"));
+    let target = signed_events(body.as_bytes());
     let Ok(mut s) = connect_from(src, addr) else {
         return 0;
     };
-    let target = format!("{path}?{query}&auth_signature={sig}");
     http_over(&mut s, &addr.to_string(), "POST", &target, body.as_bytes()).0
 }
 

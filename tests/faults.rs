@@ -430,34 +430,26 @@ fn ten_thousand_clients_reconnecting_at_once_after_a_drain_are_all_established()
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(Some(0)));
 
     // The storm: every connection at once (as many handshakes in flight as connections).
-    let out = Command::new(bench_bin())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--app-id",
-            APP_ID,
-            "--app-key",
-            APP_KEY,
-            "--app-secret",
-            APP_SECRET,
-        ])
-        .args(["--server-pid", &new.pid().to_string()])
-        .args(["--connect-concurrency", &CLIENTS.to_string()])
-        .args(["--connect-timeout-s", "90", "--timeout-s", "300"])
-        .args(["idle", "--connections", &CLIENTS.to_string()])
-        .args(["--settle-ms", "500"])
-        .env_remove("REVERB_APP_ID")
-        .env_remove("REVERB_APP_KEY")
-        .env_remove("REVERB_APP_SECRET")
-        .output()
-        .expect("run bts-guru-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let json_line = stdout.lines().rfind(|l| l.starts_with('{'));
-    let v: Value = json_line
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no JSON line\nstdout:\n{stdout}\nstderr:\n{stderr}"));
-    let context = || format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert!(out.status.success(), "{}", context());
+    let run = run_bench(
+        &new,
+        &[
+            "--connect-concurrency",
+            &CLIENTS.to_string(),
+            "--connect-timeout-s",
+            "90",
+            "--timeout-s",
+            "300",
+            "idle",
+            "--connections",
+            &CLIENTS.to_string(),
+            "--settle-ms",
+            "500",
+        ],
+    );
+    let v = &run.json;
+    assert!(v.is_object(), "no JSON line\n{}", run.context(&new));
+    let context = || run.context(&new);
+    assert!(run.status.success(), "{}", context());
     assert_eq!(v["connect"]["ready"], CLIENTS, "{}", context());
     assert_eq!(v["connect"]["failed"], 0, "{}", context());
     assert_eq!(

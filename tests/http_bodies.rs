@@ -10,7 +10,6 @@ use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use md5::{Digest, Md5};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(5);
@@ -18,14 +17,7 @@ const T: Duration = Duration::from_secs(5);
 /// `path?query&auth_signature=…` for a signed POST of `body` to `/apps/{APP_ID}/{endpoint}`,
 /// signed with `secret`.
 fn signed_with(endpoint: &str, body: &[u8], secret: &str) -> String {
-    let path = format!("/apps/{APP_ID}/{endpoint}");
-    let md5 = hex::encode(Md5::digest(body));
-    let query = format!(
-        "auth_key={APP_KEY}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-        now_secs()
-    );
-    let sig = hmac_hex(secret, &format!("POST\n{path}\n{query}"));
-    format!("{path}?{query}&auth_signature={sig}")
+    signed_post(APP_ID, APP_KEY, secret, endpoint, body, now_secs())
 }
 
 fn signed(endpoint: &str, body: &[u8]) -> String {
@@ -578,16 +570,7 @@ fn expect_100_continue_gets_the_final_answer_at_once_when_refused() {
     let body = event("sports.football", "expected");
     let b = body.as_bytes();
     let n = b.len();
-    let stale = {
-        let path = format!("/apps/{APP_ID}/events");
-        let md5 = hex::encode(Md5::digest(b));
-        let query = format!(
-            "auth_key={APP_KEY}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-            now_secs() - 3600
-        );
-        let sig = hmac_hex(APP_SECRET, &format!("POST\n{path}\n{query}"));
-        format!("{path}?{query}&auth_signature={sig}")
-    };
+    let stale = signed_post(APP_ID, APP_KEY, APP_SECRET, "events", b, now_secs() - 3600);
     // None of these is worth its body: the answer comes without it, and no `100 Continue`.
     let cases = [
         (

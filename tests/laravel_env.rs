@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -102,52 +101,9 @@ fn a_fresh_laravel_11_env_with_redis_password_null_delivers_laravel_broadcasts()
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// redis-server with `requirepass`; killed on drop.
-struct PasswordRedis {
-    child: Child,
-    port: u16,
-}
-
-impl PasswordRedis {
-    fn start(password: &str) -> PasswordRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                password,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for this test: run `bash tests/run.sh` (installs it)");
-        let url = format!("redis://:{password}@127.0.0.1:{port}/0");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis::Client::open(url.as_str())
-            .and_then(|c| c.get_connection())
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PasswordRedis { child, port }
-    }
-}
-
-impl Drop for PasswordRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_refused_redis_password_is_logged_as_an_authentication_failure() {
-    let redis = PasswordRedis::start("right-password");
+    let redis = RedisServer::start_with_password("right-password");
     let dir = scratch("auth");
     // A wrong password, and none at all (REDIS_PASSWORD=null) for a Redis that needs one.
     for (name, password) in [("wrong", "\"wrong-password\""), ("none", "null")] {

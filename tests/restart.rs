@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use md5::{Digest, Md5};
 use serde_json::Value;
 use tungstenite::Message;
 
@@ -80,17 +79,11 @@ fn try_publish(addr: SocketAddr, seq: u64) -> Option<u16> {
         "data": serde_json::json!({"seq": seq}).to_string(),
     })
     .to_string();
-    let path = format!("/apps/{APP_ID}/events");
-    let md5 = hex::encode(Md5::digest(body.as_bytes()));
-    let query = format!(
-        "auth_key={APP_KEY}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-        now_secs()
-    );
-    let sig = hmac_hex(APP_SECRET, &format!("POST\n{path}\n{query}"));
+    let target = signed_events(body.as_bytes());
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let req = format!(
-        "POST {path}?{query}&auth_signature={sig} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: \
+        "POST {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: \
          application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -187,58 +186,14 @@ fn deeply_nested_json_is_refused_and_nothing_else_is_disturbed() {
     assert_alive(&mut d, "everything");
 }
 
-/// A redis-server on a free loopback port that requires `password`; killed on drop.
-struct PasswordRedis {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl PasswordRedis {
-    fn start(password: &str) -> PasswordRedis {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                password,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for this test: run `bash tests/run.sh` (installs it)");
-        let r = PasswordRedis { child, port };
-        let url = format!("redis://:{password}@127.0.0.1:{port}/0");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while redis::Client::open(url.as_str())
-            .and_then(|c| c.get_connection())
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-}
-
-impl Drop for PasswordRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn secrets_never_reach_the_logs_even_at_debug_level() {
     // Distinctive values, so any appearance in the output is a leak and not a coincidence.
     let secret = format!("app-secret-{:x}", now_secs() ^ 0x5ec7e7);
     let password = format!("redis-pass-{:x}", now_secs() ^ 0xbadc0de);
     let wrong_password = format!("wrong-pass-{:x}", now_secs() ^ 0xfeed);
-    let mut redis = PasswordRedis::start(&password);
-    let redis_url = format!("redis://:{password}@127.0.0.1:{}/0", redis.port);
+    let mut redis = RedisServer::start_with_password(&password);
+    let redis_url = redis.url();
     let d = Daemon::builder()
         .env("REVERB_APP_SECRET", secret.as_str())
         .env("REDIS_URL", redis_url.as_str())
@@ -295,11 +250,7 @@ fn secrets_never_reach_the_logs_even_at_debug_level() {
     // An event through Redis reaches the subscriber (the ingest really used the password).
     let deadline = Instant::now() + T;
     loop {
-        let url = format!("redis://:{password}@127.0.0.1:{}/0", redis.port);
-        let mut conn = redis::Client::open(url.as_str())
-            .unwrap()
-            .get_connection()
-            .unwrap();
+        let mut conn = redis.conn();
         let payload = json!({"event":"from-redis","data":{},"socket":null}).to_string();
         let _: i64 = redis::cmd("PUBLISH")
             .arg(ch)
@@ -313,12 +264,11 @@ fn secrets_never_reach_the_logs_even_at_debug_level() {
         assert!(Instant::now() < deadline, "Redis event never arrived");
     }
     // Redis goes away: the reconnect path logs too.
-    redis.child.kill().unwrap();
-    let _ = redis.child.wait();
+    redis.kill();
     std::thread::sleep(Duration::from_millis(1500));
 
     // A second daemon whose Redis password is wrong logs the failure, not the password.
-    let redis2 = PasswordRedis::start(&password);
+    let redis2 = RedisServer::start_with_password(&password);
     let d2 = Daemon::builder()
         .env("REVERB_APP_SECRET", secret.as_str())
         .env(

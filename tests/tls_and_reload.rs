@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use md5::{Digest, Md5};
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
@@ -78,14 +77,7 @@ fn https(
 
 /// A signed `POST /apps/{id}/events` target for `body`.
 fn signed_events_target(app_id: &str, key: &str, secret: &str, body: &str) -> String {
-    let path = format!("/apps/{app_id}/events");
-    let md5 = hex::encode(Md5::digest(body.as_bytes()));
-    let query = format!(
-        "auth_key={key}&auth_timestamp={}&auth_version=1.0&body_md5={md5}",
-        now_secs()
-    );
-    let sig = hmac_hex(secret, &format!("POST\n{path}\n{query}"));
-    format!("{path}?{query}&auth_signature={sig}")
+    signed_post(app_id, key, secret, "events", body.as_bytes(), now_secs())
 }
 
 /// A Pusher client over wss://.

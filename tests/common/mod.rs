@@ -310,6 +310,12 @@ impl Client {
             addr,
             &format!("/app/{key}?protocol=7&client=rust&version=0.1"),
         );
+        Client::established(ws)
+    }
+
+    /// A client on an upgraded WebSocket: reads `pusher:connection_established` and keeps the
+    /// socket id it names.
+    pub fn established(ws: WebSocket<TcpStream>) -> Client {
         let mut c = Client {
             ws,
             socket_id: String::new(),
@@ -490,6 +496,28 @@ pub fn hmac_hex(secret: &str, msg: &str) -> String {
     hex::encode(m.finalize().into_bytes())
 }
 
+/// `path?query&auth_signature=…` of `POST /apps/{app_id}/{endpoint}` with `body` at time `ts`,
+/// signed as the Pusher SDKs sign it (this harness's own signer, independent of the daemon's).
+pub fn signed_post(
+    app_id: &str,
+    key: &str,
+    secret: &str,
+    endpoint: &str,
+    body: &[u8],
+    ts: u64,
+) -> String {
+    let path = format!("/apps/{app_id}/{endpoint}");
+    let md5 = hex::encode(Md5::digest(body));
+    let query = format!("auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}");
+    let sig = hmac_hex(secret, &format!("POST\n{path}\n{query}"));
+    format!("{path}?{query}&auth_signature={sig}")
+}
+
+/// `signed_post` for the test app, now.
+pub fn signed_events(body: &[u8]) -> String {
+    signed_post(APP_ID, APP_KEY, APP_SECRET, "events", body, now_secs())
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -505,19 +533,15 @@ impl Api {
 
     /// Like `post`, with a chosen timestamp and signing secret.
     pub fn post_at(&self, endpoint: &str, body: &str, ts: u64, secret: &str) -> (u16, Value) {
-        let path = format!("/apps/{}/{endpoint}", self.app_id);
-        let md5 = hex::encode(Md5::digest(body.as_bytes()));
-        let query = format!(
-            "auth_key={}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}",
-            self.key
-        );
-        let sig = hmac_hex(secret, &format!("POST\n{path}\n{query}"));
-        let (status, text) = http(
-            self.addr,
-            "POST",
-            &format!("{path}?{query}&auth_signature={sig}"),
+        let target = signed_post(
+            &self.app_id,
+            &self.key,
+            secret,
+            endpoint,
             body.as_bytes(),
+            ts,
         );
+        let (status, text) = http(self.addr, "POST", &target, body.as_bytes());
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -628,6 +652,8 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     dir: std::path::PathBuf,
+    /// `requirepass`, when the server needs one.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -642,16 +668,34 @@ impl RedisServer {
 
     /// Starts on a chosen port (to restart a server on the port clients know).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::spawn(port, None)
+    }
+
+    /// Starts on a free port, requiring `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        Self::spawn(free_port(), Some(password))
+    }
+
+    fn spawn(port: u16, password: Option<&str>) -> RedisServer {
         let dir = scratch_dir();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
+            .arg(&dir);
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is needed for these tests: run `bash tests/run.sh` (installs it) or `apt-get install redis-server`");
-        let r = RedisServer { child, port, dir };
+        let r = RedisServer {
+            child,
+            port,
+            dir,
+            password: password.map(str::to_owned),
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         while redis::Client::open(r.url().as_str())
             .and_then(|c| c.get_connection())
@@ -666,8 +710,12 @@ impl RedisServer {
         r
     }
 
+    /// `redis://[:password@]127.0.0.1:<port>/0`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     pub fn conn(&self) -> redis::Connection {
@@ -931,6 +979,62 @@ pub fn http_get(
         })
         .unwrap_or_default();
     (status, content_type, resp[split + 4..].to_vec())
+}
+
+/// What one run of `bts-guru-bench` printed: its exit status, stdout, stderr, and the JSON line
+/// it ends with (`Value::Null` when there is none).
+pub struct BenchRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub json: Value,
+}
+
+impl BenchRun {
+    /// What a failed assertion shows: the generator's output, and the tail of the daemon's log.
+    pub fn context(&self, d: &Daemon) -> String {
+        let log = d.stderr();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "stdout:\n{}\nstderr:\n{}\ndaemon stderr (tail):\n{}",
+            self.stdout,
+            self.stderr,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// How many JSON lines it printed (a run prints exactly one).
+    pub fn json_lines(&self) -> usize {
+        self.stdout.lines().filter(|l| l.starts_with('{')).count()
+    }
+}
+
+/// Runs `bts-guru-bench` against `d` (its address, the test app's credentials, its pid for the
+/// server's CPU and RSS; no `REVERB_APP_*` inherited) with `args` after the common ones.
+pub fn run_bench(d: &Daemon, args: &[&str]) -> BenchRun {
+    let out = Command::new(bench_bin())
+        .args(["--host", "127.0.0.1", "--port", &d.addr.port().to_string()])
+        .args(["--app-id", APP_ID, "--app-key", APP_KEY])
+        .args(["--app-secret", APP_SECRET])
+        .args(["--server-pid", &d.pid().to_string()])
+        .args(args)
+        .env_remove("REVERB_APP_ID")
+        .env_remove("REVERB_APP_KEY")
+        .env_remove("REVERB_APP_SECRET")
+        .output()
+        .expect("run bts-guru-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = stdout
+        .lines()
+        .rfind(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    BenchRun {
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout,
+        json,
+    }
 }
 
 /// The load generator, `bts-guru-bench`, beside the daemon's binary. It is its own package in the

@@ -17,29 +17,14 @@
 // Run by tests/compat_channels.rs. Install the pinned clients first: npm ci --prefix tests/compat
 
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
-import { isDeepStrictEqual, inspect } from 'node:util';
 import PusherJs from 'pusher-js';
 import PusherServer from 'pusher';
 import EchoModule from 'laravel-echo';
+import { Clients, Run, check, expectEqual, expectResponse, installedVersion, serverFromArgs, show, sleep } from './harness.mjs';
 
 const Echo = EchoModule.default ?? EchoModule;
-// Read straight from node_modules: laravel-echo's `exports` map does not expose package.json.
-const installedVersion = (pkg) =>
-  JSON.parse(readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url), 'utf8')).version;
 const versions = Object.fromEntries(['pusher-js', 'pusher', 'laravel-echo'].map((p) => [p, installedVersion(p)]));
-
-const argv = process.argv.slice(2);
-const env = process.env;
-const host = argv[0] ?? env.REVERB_HOST ?? '127.0.0.1';
-const port = Number(argv[1] ?? env.REVERB_PORT ?? 8080);
-const appId = argv[2] ?? env.REVERB_APP_ID;
-const key = argv[3] ?? env.REVERB_APP_KEY;
-const secret = argv[4] ?? env.REVERB_APP_SECRET;
-if (!appId || !key || !secret || !Number.isInteger(port) || port <= 0) {
-  process.stderr.write('usage: node channels.mjs host port appId key secret (or REVERB_HOST, REVERB_PORT, REVERB_APP_ID, REVERB_APP_KEY, REVERB_APP_SECRET)\n');
-  process.exit(2);
-}
+const { host, port, appId, key, secret } = serverFromArgs('channels.mjs');
 
 const OVERALL_TIMEOUT_MS = 20_000;
 const STEP_TIMEOUT_MS = 5_000;
@@ -72,95 +57,23 @@ const CACHED_UPDATE = {
 };
 
 // ---------------------------------------------------------------------------------------------
-// pusher-js logging: debug lines are kept for the failure report; any warning or error it logs
-// fails the run, except the `disableStats` deprecation notice (Echo-style options still pass it)
-// and what a terminated connection logs while step (d) terminates it on purpose. pusher-js only
-// logs through console.* when logToConsole is set, so route console.* here; this script itself
-// writes to process.stdout / process.stderr directly.
+// The run: pusher-js's log kept for the failure report; any warning or error it logs fails it,
+// except the `disableStats` deprecation notice (Echo-style options still pass it) and what a
+// terminated connection logs while step (d) terminates it on purpose (`run.allowWarnings`).
+// Every failure path tears the clients down. A wait stops early when a client reports a protocol
+// error (so a refused whisper or subscription says why instead of timing out).
 
-const pusherLog = [];
-const pusherWarnings = [];
-const IGNORED_WARNINGS = [/disableStats option is deprecated/];
-let allowWarnings = false;
-PusherJs.logToConsole = true;
-console.log = (...args) => pusherLog.push(args.map(String).join(' '));
-console.info = console.log;
-console.debug = console.log;
-console.warn = console.error = (...args) => {
-  const line = args.map((a) => (typeof a === 'string' ? a : inspect(a, { depth: 4 }))).join(' ');
-  pusherLog.push(`WARN ${line}`);
-  if (!allowWarnings && !IGNORED_WARNINGS.some((re) => re.test(line))) pusherWarnings.push(`${step}: ${line}`);
-};
+const run = new Run({ overallMs: OVERALL_TIMEOUT_MS, stepMs: STEP_TIMEOUT_MS, logTail: 60, teardown: () => clients.teardown() });
+const clients = new Clients(run, { host, port });
+run.captureLogs(PusherJs, [/disableStats option is deprecated/]);
 
-// ---------------------------------------------------------------------------------------------
-// Failure handling: every failure path ends here, with the clients torn down.
-
-const clients = [];
-const trackedClients = [];
-let finished = false;
-
-function teardown() {
-  for (const c of clients) {
-    try {
-      c.disconnect();
-    } catch {}
-  }
+function protocolErrors(what) {
+  const bad = clients.tracked.find((t) => !t.errorsExpected && t.errors.length > 0);
+  return bad ? `${bad.label}: protocol errors while waiting for ${what}: ${show(bad.errors)}` : null;
 }
 
-function fail(msg) {
-  if (finished) return;
-  finished = true;
-  process.stderr.write(`compat: FAIL: ${msg}\n`);
-  if (pusherLog.length) {
-    process.stderr.write(`compat: last pusher-js log lines:\n${pusherLog.slice(-60).map((l) => `  ${l}`).join('\n')}\n`);
-  }
-  teardown();
-  // Give the close frames a moment to go out, then leave regardless.
-  setTimeout(() => process.exit(1), 200).unref();
-  process.exitCode = 1;
-}
-
-const overall = setTimeout(
-  () => fail(`overall timeout: not done after ${OVERALL_TIMEOUT_MS / 1000} s (last step: ${step})`),
-  OVERALL_TIMEOUT_MS,
-);
-process.on('unhandledRejection', (e) => fail(`unhandled rejection in step "${step}": ${e?.stack ?? e}`));
-process.on('uncaughtException', (e) => fail(`uncaught exception in step "${step}": ${e?.stack ?? e}`));
-
-let step = 'start';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-function check(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-function withTimeout(promise, what, ms = STEP_TIMEOUT_MS) {
-  let t;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      t = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(t));
-}
-
-/// Resolves once `pred()` holds, polling; rejects after `ms`, or as soon as a client reports a
-/// protocol error (so a refused whisper or subscription says why instead of timing out).
-async function until(pred, what, ms = STEP_TIMEOUT_MS) {
-  const deadline = Date.now() + ms;
-  while (!pred()) {
-    const bad = trackedClients.find((t) => !t.errorsExpected && t.errors.length > 0);
-    if (bad) throw new Error(`${bad.label}: protocol errors while waiting for ${what}: ${show(bad.errors)}`);
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(10);
-  }
-}
-
-const show = (v) => inspect(v, { depth: 6, breakLength: Infinity });
-
-function expectEqual(got, want, what) {
-  check(isDeepStrictEqual(got, want), `${what}:\n  expected ${show(want)}\n  got      ${show(got)}`);
-}
+const until = (pred, what, ms = STEP_TIMEOUT_MS) => run.until(pred, what, ms, protocolErrors);
+const withTimeout = (promise, what, ms = STEP_TIMEOUT_MS) => run.withTimeout(promise, what, ms);
 
 // ---------------------------------------------------------------------------------------------
 // The official server SDK: signs every auth, publishes, reads. `encSdk` also holds an encryption
@@ -177,63 +90,12 @@ const encSdk = new PusherServer({
   encryptionMasterKeyBase64: randomBytes(32).toString('base64'),
 });
 
-async function expectResponse(promise, what) {
-  let res;
-  try {
-    res = await promise;
-  } catch (e) {
-    // The SDK rejects with a RequestError carrying status and body for non-2xx responses.
-    throw new Error(`${what}: HTTP API request failed: status ${e?.status} body ${show(e?.body)} (${e?.message ?? e})`);
-  }
-  const body = await res.text();
-  check(res.status === 200, `${what}: HTTP status ${res.status}, body ${body}`);
-  try {
-    return JSON.parse(body);
-  } catch {
-    throw new Error(`${what}: response body is not JSON: ${show(body)}`);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clients: pusher-js with the options Laravel Echo's 'reverb' broadcaster uses, and Echo itself.
 
-function pusherJsOptions(extra = {}) {
-  return {
-    wsHost: host,
-    wsPort: port,
-    wssPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    cluster: 'mt1',
-    disableStats: true,
-    ...extra,
-  };
-}
+const pusherJsOptions = (extra = {}) => clients.pusherJsOptions(extra);
 
-/// A pusher-js client that records everything it receives and every protocol-level problem.
-function tracked(label, client) {
-  const t = {
-    label,
-    client,
-    received: [], // { channel, event, data } for every non-internal event on a recorded channel
-    errors: [], // pusher:error events, connection errors, subscription errors
-    states: [client.connection.state],
-  };
-  client.connection.bind('state_change', ({ current }) => t.states.push(current));
-  client.connection.bind('error', (e) => t.errors.push({ kind: 'connection error', detail: summarize(e) }));
-  client.bind('pusher:error', (e) => t.errors.push({ kind: 'pusher:error', detail: summarize(e) }));
-  clients.push(client);
-  trackedClients.push(t);
-  return t;
-}
-
-function summarize(e) {
-  try {
-    return JSON.parse(JSON.stringify(e, (k, v) => (k === 'target' || k === 'currentTarget' ? undefined : v)));
-  } catch {
-    return inspect(e, { depth: 3 });
-  }
-}
+const tracked = (label, client) => clients.track(label, client);
 
 /// Laravel Echo as a Laravel app sets it up for Reverb, with the app's /broadcasting/auth replaced by
 /// an `authorizer` that signs with the SDK as that endpoint would for `user`.
@@ -267,59 +129,15 @@ function echoClient(label, user) {
   return t;
 }
 
-async function connect(t) {
-  if (t.client.connection.state !== 'connected') {
-    await withTimeout(
-      new Promise((resolve, reject) => {
-        t.client.connection.bind('connected', resolve);
-        t.client.connection.bind('failed', () => reject(new Error(`${t.label}: connection failed`)));
-        t.client.connection.bind('unavailable', () => reject(new Error(`${t.label}: connection unavailable`)));
-      }),
-      `${t.label} to connect`,
-    );
-  }
-  const sid = t.client.connection.socket_id;
-  check(/^\d+\.\d+$/.test(sid ?? ''), `${t.label}: socket_id ${show(sid)} is not "<digits>.<digits>"`);
-  return sid;
-}
+const connect = (t) => clients.connect(t);
 
-/// Records every non-internal event pusher-js delivers on `ch` into `t.received`.
-function record(t, ch) {
-  ch.bind_global((event, data) => {
-    if (event.startsWith('pusher:') || event.startsWith('pusher_internal:')) return;
-    t.received.push({ channel: ch.name, event, data });
-  });
-}
+const record = (t, ch) => clients.record(t, ch);
 
-/// Resolves when an Echo channel (or a pusher-js channel, `raw`) reports subscription_succeeded.
-function subscribed(t, ch, name, raw = false) {
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      const onError = (e) => {
-        t.errors.push({ kind: 'subscription_error', channel: name, detail: summarize(e) });
-        reject(new Error(`${t.label}: subscription to ${name} failed: ${show(e)}`));
-      };
-      if (raw) {
-        if (ch.subscribed) return resolve();
-        ch.bind('pusher:subscription_succeeded', resolve);
-        ch.bind('pusher:subscription_error', onError);
-      } else {
-        if (ch.subscription.subscribed) return resolve();
-        ch.subscribed(resolve);
-        ch.error(onError);
-      }
-    }),
-    `${t.label}: pusher:subscription_succeeded on ${name}`,
-  );
-}
+const subscribed = (t, ch, name, raw = false) => clients.subscribed(t, ch, name, raw);
 
-const got = (t, channel, event) => t.received.filter((r) => r.channel === channel && r.event === event);
+const got = (t, channel, event) => clients.got(t, channel, event);
 
-function expectOnce(t, channel, event, data) {
-  const g = got(t, channel, event);
-  check(g.length === 1, `${t.label}: expected "${event}" on ${channel} exactly once, got it ${g.length} times: ${show(g)}`);
-  expectEqual(g[0].data, data, `${t.label}: "${event}" on ${channel} data`);
-}
+const expectOnce = (t, channel, event, data) => clients.expectOnce(t, channel, event, data);
 
 function expectNone(t, channel, event, why) {
   const g = got(t, channel, event);
@@ -339,17 +157,17 @@ async function main() {
   const passed = (name) => summary.checks.push(name);
 
   // (f, first half) Published before anyone subscribes: the daemon must keep it for later.
-  step = 'f: trigger match.update to the cache channel before any subscriber';
+  run.step = 'f: trigger match.update to the cache channel before any subscriber';
   await expectResponse(sdk.trigger(CACHE, 'match.update', CACHED_UPDATE), `trigger match.update to ${CACHE}`);
 
   // ---- a. Echo private channel ---------------------------------------------------------------
-  step = 'a: connect Echo clients (user 1, user 2)';
+  run.step = 'a: connect Echo clients (user 1, user 2)';
   const e1 = echoClient('Echo user 1', ANN);
   const e2 = echoClient('Echo user 2', BOB);
   await connect(e1);
   await connect(e2);
 
-  step = 'a: Echo .private() subscribe';
+  run.step = 'a: Echo .private() subscribe';
   const matchEvents = { [e1.label]: [], [e2.label]: [] };
   const whispers = { [e1.label]: [], [e2.label]: [] };
   const priv = {};
@@ -363,12 +181,12 @@ async function main() {
   }
   await Promise.all([e1, e2].map((t) => subscribed(t, priv[t.label], PRIVATE)));
 
-  step = 'a: SDK trigger on the private channel';
+  run.step = 'a: SDK trigger on the private channel';
   await expectResponse(sdk.trigger(PRIVATE, 'match.event', MATCH_EVENT), `trigger match.event to ${PRIVATE}`);
   await until(() => matchEvents[e1.label].length > 0 && matchEvents[e2.label].length > 0, `.match.event at both Echo clients on ${PRIVATE}`);
 
   // ---- c. whisper on the private channel -----------------------------------------------------
-  step = 'c: whisper on the private channel';
+  run.step = 'c: whisper on the private channel';
   priv[e1.label].whisper('typing', TYPING_PRIVATE);
   await until(() => whispers[e2.label].length > 0, `Echo user 2 to hear user 1's whisper on ${PRIVATE}`);
   await sleep(SETTLE_MS);
@@ -411,13 +229,13 @@ async function main() {
   const membersOf = (t) => ({ ...presence[t.label].subscription.members.members });
   const info = (u) => ({ name: u.name });
 
-  step = 'b: user 1 joins the presence channel';
+  run.step = 'b: user 1 joins the presence channel';
   await join(e1);
   check(here[e1.label].length === 1, `Echo user 1: here() fired ${here[e1.label].length} times`);
   expectEqual(here[e1.label][0], [info(ANN)], 'Echo user 1: here() on joining an empty presence channel');
   expectEqual(membersOf(e1), { [ANN.id]: info(ANN) }, 'Echo user 1: pusher-js members after subscribing');
 
-  step = 'b: user 2 joins the presence channel';
+  run.step = 'b: user 2 joins the presence channel';
   await join(e2);
   check(here[e2.label].length === 1, `Echo user 2: here() fired ${here[e2.label].length} times`);
   expectEqual(
@@ -429,7 +247,7 @@ async function main() {
   check(presence[e2.label].subscription.members.me?.id === BOB.id, `Echo user 2: members.me is ${show(presence[e2.label].subscription.members.me)}`);
   await until(() => joining[e1.label].length > 0, `Echo user 1: joining() for user 2`);
 
-  step = "b: user 1's second tab joins the presence channel";
+  run.step = "b: user 1's second tab joins the presence channel";
   const e3 = echoClient('Echo user 1 (tab 2)', ANN);
   await connect(e3);
   await join(e3);
@@ -449,7 +267,7 @@ async function main() {
   passed('b: presence here() lists users once with ids and info; joining() once per user, not per tab');
 
   // ---- c. whisper on the presence channel ----------------------------------------------------
-  step = 'c: whisper on the presence channel';
+  run.step = 'c: whisper on the presence channel';
   presence[e2.label].whisper('typing', TYPING_PRESENCE);
   const heardBy = (t) => presenceWhispers[t.label].filter((w) => !w.meta);
   const metaOf = (t) => presenceWhispers[t.label].filter((w) => w.meta).map((w) => w.meta);
@@ -464,7 +282,7 @@ async function main() {
   passed('c: whisper on a presence channel reaches the others once with user_id, not the sender');
 
   // ---- g. SDK reads --------------------------------------------------------------------------
-  step = 'g: GET /channels?filter_by_prefix=presence-&info=user_count';
+  run.step = 'g: GET /channels?filter_by_prefix=presence-&info=user_count';
   const channels = await expectResponse(
     sdk.get({ path: '/channels', params: { filter_by_prefix: 'presence-', info: 'user_count' } }),
     'GET /channels filter_by_prefix=presence- info=user_count',
@@ -472,21 +290,21 @@ async function main() {
   expectEqual(channels, { channels: { [PRESENCE]: { user_count: 2 } } }, 'GET /channels?filter_by_prefix=presence-&info=user_count');
   summary.channels_response = channels;
 
-  step = 'g: GET /channels/<presence>?info=user_count';
+  run.step = 'g: GET /channels/<presence>?info=user_count';
   const one = await expectResponse(
     sdk.get({ path: `/channels/${PRESENCE}`, params: { info: 'user_count' } }),
     `GET /channels/${PRESENCE} info=user_count`,
   );
   check(one.occupied === true && one.user_count === 2, `GET /channels/${PRESENCE}?info=user_count: expected occupied true and user_count 2, got ${show(one)}`);
 
-  step = 'g: GET /channels/<presence>/users';
+  run.step = 'g: GET /channels/<presence>/users';
   const users = await expectResponse(sdk.get({ path: `/channels/${PRESENCE}/users` }), `GET /channels/${PRESENCE}/users`);
   check(Array.isArray(users?.users), `GET /channels/${PRESENCE}/users: no "users" array in ${show(users)}`);
   expectEqual([...users.users].sort(byId), [{ id: ANN.id }, { id: BOB.id }], `GET /channels/${PRESENCE}/users`);
   passed('g: SDK reads: /channels user_count, /channels/<presence>, /channels/<presence>/users');
 
   // ---- b. leaving ----------------------------------------------------------------------------
-  step = "b: user 1's second tab leaves";
+  run.step = "b: user 1's second tab leaves";
   e3.echo.disconnect();
   await until(() => e3.client.connection.state === 'disconnected', 'Echo user 1 (tab 2) to disconnect');
   await sleep(SETTLE_MS);
@@ -494,7 +312,7 @@ async function main() {
   const stillTwo = await expectResponse(sdk.get({ path: `/channels/${PRESENCE}/users` }), `GET /channels/${PRESENCE}/users after the second tab left`);
   expectEqual([...(stillTwo.users ?? [])].sort(byId), [{ id: ANN.id }, { id: BOB.id }], `GET /channels/${PRESENCE}/users after user 1's second tab left`);
 
-  step = 'b: user 2 leaves';
+  run.step = 'b: user 2 leaves';
   e2.echo.disconnect();
   await until(() => leaving[e1.label].length > 0, 'Echo user 1: leaving() for user 2');
   await sleep(SETTLE_MS);
@@ -506,7 +324,7 @@ async function main() {
   passed('b: closing a second tab fires no leaving(); the last connection of a user fires it once');
 
   // ---- d. signin, sendToUser, terminateUserConnections ----------------------------------------
-  step = 'd: pusher-js signin';
+  run.step = 'd: pusher-js signin';
   const signins = [];
   const s = tracked(
     'signed-in client',
@@ -541,7 +359,7 @@ async function main() {
   expectEqual(s.client.user.user_data, SIGNED_IN, 'pusher.user.user_data after signin_success');
   check(signins.length === 1, `the user authenticator ran ${signins.length} times`);
 
-  step = 'd: SDK sendToUser';
+  run.step = 'd: SDK sendToUser';
   await expectResponse(sdk.sendToUser(SIGNED_IN.id, 'score.alert', SCORE_ALERT), `sendToUser ${SIGNED_IN.id}`);
   await until(() => alerts.length > 0, 'score.alert at pusher.user');
   await sleep(SETTLE_MS);
@@ -550,13 +368,13 @@ async function main() {
   expectClean(s);
   passed('d: signin, sendToUser reaches pusher.user once, deep-equal');
 
-  step = 'd: SDK terminateUserConnections';
-  allowWarnings = true; // pusher-js logs the pusher:error and the close it is about to get
+  run.step = 'd: SDK terminateUserConnections';
+  run.allowWarnings = true; // pusher-js logs the pusher:error and the close it is about to get
   s.errorsExpected = true;
   await expectResponse(sdk.terminateUserConnections(SIGNED_IN.id), `terminateUserConnections ${SIGNED_IN.id}`);
   await until(() => s.client.connection.state !== 'connected', 'the signed-in client to lose its connection');
   await sleep(SETTLE_MS);
-  allowWarnings = false;
+  run.allowWarnings = false;
   summary.terminated = { states: s.states, errors: s.errors };
   check(s.client.connection.state !== 'connected', `the terminated client reconnected: ${s.states.join(' -> ')}`);
   // Pusher and Reverb say why before closing: pusher:error 4009, then close code 4009, which
@@ -568,7 +386,7 @@ async function main() {
   passed('d: terminateUserConnections closes the signed-in client (4009), no reconnect, others stay');
 
   // ---- e. private-encrypted channel ----------------------------------------------------------
-  step = 'e: pusher-js subscribes to the encrypted channel';
+  run.step = 'e: pusher-js subscribes to the encrypted channel';
   const authorized = [];
   const enc = tracked(
     'encrypted client',
@@ -595,18 +413,18 @@ async function main() {
   await subscribed(enc, encCh, ENCRYPTED, true);
   expectEqual(authorized, [{ channelName: ENCRYPTED, has_shared_secret: true }], 'channel authorizer calls (shared_secret from the SDK)');
 
-  step = 'e: SDK trigger (encrypted) on the encrypted channel';
+  run.step = 'e: SDK trigger (encrypted) on the encrypted channel';
   await expectResponse(encSdk.trigger(ENCRYPTED, 'odds.update', ODDS), `encrypted trigger to ${ENCRYPTED}`);
   await until(() => got(enc, ENCRYPTED, 'odds.update').length > 0, `odds.update decrypted at the encrypted client`);
   await sleep(SETTLE_MS);
   expectOnce(enc, ENCRYPTED, 'odds.update', ODDS);
   check(enc.received.length === 1, `encrypted client: unexpected events: ${show(enc.received)}`);
-  check(!pusherLog.some((l) => /decrypt|Unexpected format for encrypted event|ciphertext length|nonce length/i.test(l)), 'pusher-js could not decrypt an event (see the log below)');
+  check(!run.pusherLog.some((l) => /decrypt|Unexpected format for encrypted event|ciphertext length|nonce length/i.test(l)), 'pusher-js could not decrypt an event (see the log below)');
   expectClean(enc);
   passed('e: private-encrypted channel: SDK-encrypted event decrypted by pusher-js, deep-equal');
 
   // ---- f. cache channels ---------------------------------------------------------------------
-  step = 'f: subscribe to the cache channel after the event';
+  run.step = 'f: subscribe to the cache channel after the event';
   // Three clients, so that (with 2 shards) at least one is likely on a shard other than the one
   // that answered the HTTP trigger.
   const cacheClients = [1, 2, 3].map((i) => tracked(`cache client ${i}`, new PusherJs(key, pusherJsOptions())));
@@ -630,7 +448,7 @@ async function main() {
   });
   passed('f: cache channel: the event triggered before subscribing arrives right after subscription_succeeded');
 
-  step = 'f: subscribe to an empty cache channel';
+  run.step = 'f: subscribe to an empty cache channel';
   const miss = await subscribeSeq(cacheClients[0], CACHE_EMPTY);
   await until(() => miss.length >= 2, `pusher:cache_miss on ${CACHE_EMPTY}`);
   await sleep(SETTLE_MS);
@@ -638,7 +456,7 @@ async function main() {
   passed('f: empty cache channel: pusher:cache_miss after subscription_succeeded');
 
   // ---- nothing unexpected, then a clean goodbye ----------------------------------------------
-  step = 'verify';
+  run.step = 'verify';
   const expectedTotals = new Map([
     [e1, 1 + 1], // match.event, presence whisper (its own private whisper never echoed)
     [e2, 1 + 1], // match.event, private whisper
@@ -653,9 +471,9 @@ async function main() {
     check(t.received.length === n, `${t.label}: expected ${n} events in all, got ${t.received.length}: ${show(t.received.map((r) => `${r.channel} ${r.event}`))}`);
     if (t !== s) expectClean(t);
   }
-  check(pusherWarnings.length === 0, `pusher-js logged warnings/errors: ${show(pusherWarnings)}`);
+  run.checkNoWarnings();
 
-  step = 'disconnect';
+  run.step = 'disconnect';
   const open = [e1, enc, ...cacheClients];
   e1.echo.disconnect();
   for (const t of [enc, ...cacheClients]) t.client.disconnect();
@@ -665,19 +483,10 @@ async function main() {
     check(!t.states.includes('unavailable') && !t.states.includes('failed'), `${t.label}: unexpected connection states ${t.states.join(' -> ')}`);
     check(t.states.filter((x) => x === 'connected').length === 1, `${t.label}: reconnected during the run: ${t.states.join(' -> ')}`);
   }
-  check(pusherWarnings.length === 0, `pusher-js logged warnings/errors while disconnecting: ${show(pusherWarnings)}`);
+  run.checkNoWarnings(' while disconnecting');
 
   summary.ok = true;
   return summary;
 }
 
-main().then(
-  (summary) => {
-    if (finished) return;
-    finished = true;
-    clearTimeout(overall);
-    process.stdout.write(`${JSON.stringify(summary)}\n`);
-    process.exit(0);
-  },
-  (err) => fail(`step "${step}": ${err?.message ?? err}`),
-);
+run.finish(main);
