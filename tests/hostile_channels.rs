@@ -420,7 +420,16 @@ fn subscription_churn_is_refused_then_closed_with_4301() {
         assert!(limited > 0, "flooder {k} was never rate-limited");
         assert_eq!(closed, 4301, "flooder {k}");
     }
-    let m = scrape_metrics(port);
+    // The client sees its close before the shard has counted it, and shards publish their
+    // counters periodically: poll until both disconnects are counted (or the deadline).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = scrape_metrics(port);
+        if metric(&m, "bts_disconnects_total{code=\"4301\"}") >= 2.0 || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         metric(&m, "bts_subscribes_refused_total{reason=\"rate_limit\"}") >= 2000.0,
         "{m}"
