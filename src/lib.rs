@@ -54,8 +54,9 @@ pub mod metrics;
 // Layer 4: the hand-off to the shards.
 pub mod fanout;
 
-// Layer 5: beside it, the other hand-offs.
+// Layer 5: beside it, the other hand-offs, and positioned channels' history.
 pub mod cluster;
+pub mod resume;
 pub mod webhooks;
 
 // Layer 6: the node-wide context.

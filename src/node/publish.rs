@@ -24,6 +24,9 @@ pub struct Event<'a> {
     pub except: Option<SocketId>,
     /// Keep the frame as the channel's last event (server events on cache channels only).
     pub cache: bool,
+    /// A positioned channel's event (`App::positioned`; never internal events): `deliver`
+    /// gives it the channel's next position and keeps it in the channel's history.
+    pub positioned: bool,
 }
 
 impl Shared {
@@ -31,6 +34,23 @@ impl Shared {
     /// Returns how many shards dropped it (their inbox was full). For events every node gets
     /// by itself: Laravel's Redis broadcasts, other nodes' events, internal events.
     pub fn deliver(&self, event: Event<'_>) -> usize {
+        if event.positioned {
+            // The one point positions are assigned on this node: under the channel's history
+            // lock, which also covers the broadcast, so inboxes get offsets in order.
+            let now = Instant::now();
+            return self
+                .resume
+                .append(event.app, event.channel, &event.frame, now, |frame| {
+                    self.router.broadcast(Broadcast {
+                        app: event.app,
+                        channel: Arc::from(event.channel),
+                        frame: frame.bytes,
+                        except: event.except,
+                        cache: event.cache,
+                        created: now,
+                    })
+                });
+        }
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),

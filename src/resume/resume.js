@@ -1,0 +1,1 @@
+(function (root, factory) { if (typeof module === "object" && module.exports) { module.exports = factory(); } else { root.BtsGuruResume = factory(); } })(typeof self !== "undefined" ? self : globalThis, function () { return {}; });
