@@ -273,9 +273,9 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
                 frame: SharedFrame::text(json.as_bytes()),
                 except: except.as_deref().and_then(SocketId::parse),
                 cache,
-                // Numbered by this node: positions agree across nodes only with a shared
-                // history (see ARCHITECTURE.md, "Positioned channels").
-                positioned: shared.apps.current().get(app).positioned(&channel),
+                // In a cluster, positioned channels' events come through Redis's append
+                // (`ingest::positions`), never as `Wire::Event`.
+                positioned: false,
             });
         }
         Wire::Join {

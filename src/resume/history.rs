@@ -119,6 +119,18 @@ impl ChannelHistory {
         self.charge as isize - before
     }
 
+    /// Starts over at `epoch`, the next event getting `next`, nothing kept (a cluster node
+    /// taking the positions Redis gave). Returns the change in `charge`.
+    pub fn reset(&mut self, epoch: u64, next: u64) -> isize {
+        let before = self.charge as isize;
+        while !self.frames.is_empty() {
+            self.pop_front();
+        }
+        self.epoch = epoch;
+        self.next = next.max(1);
+        self.charge as isize - before
+    }
+
     /// Drops the frames older than the age bound. Returns the change in `charge`.
     pub fn expire(&mut self, now: Instant, b: &ResumeBounds) -> isize {
         let before = self.charge as isize;
@@ -286,6 +298,108 @@ impl Histories {
             self.shrink();
         }
         r
+    }
+
+    /// Cluster mode: records `frame` at the position Redis gave it (`pos`) and runs
+    /// `broadcast` with the positioned frame under the channel's lock, like `append`. An event
+    /// already recorded (its offset not past the head, same epoch) is skipped (`None`). When
+    /// `pos` does not follow the head (another epoch, a gap: this node started late or missed
+    /// announcements), the history restarts at `pos`, first taking from `fill` what Redis kept
+    /// before it: `(epoch, [(offset, frame)])`, oldest first.
+    pub fn append_at<R>(
+        &self,
+        app: usize,
+        channel: &str,
+        pos: Position,
+        frame: &SharedFrame,
+        fill: impl FnOnce() -> Option<(u64, Vec<(u64, SharedFrame)>)>,
+        broadcast: impl FnOnce(SharedFrame) -> R,
+    ) -> Option<R> {
+        let now = Instant::now();
+        let r = self.with(app, channel, now, |h| {
+            let head = h.head();
+            if head.epoch == pos.epoch && pos.offset <= head.offset {
+                return (0, None);
+            }
+            let mut delta = 0;
+            if head.epoch != pos.epoch || pos.offset != head.offset + 1 {
+                let older = fill()
+                    .filter(|(e, _)| *e == pos.epoch)
+                    .map(|(_, v)| v)
+                    .unwrap_or_default();
+                delta += self.restart(h, pos, older, now);
+            }
+            let framed = frame.with_member(FIELD, &pos.to_string());
+            delta += h.push(framed.bytes.clone(), now, &self.bounds);
+            (delta, Some(broadcast(framed)))
+        });
+        self.appended.fetch_add(1, Ordering::Relaxed);
+        if self.memory.load(Ordering::Relaxed) > self.bounds.memory {
+            self.shrink();
+        }
+        r
+    }
+
+    /// Cluster mode, at start: takes a channel's history as Redis keeps it, unless this node's
+    /// is already as far.
+    pub fn load(
+        &self,
+        app: usize,
+        channel: &str,
+        epoch: u64,
+        kept: Vec<(u64, SharedFrame)>,
+        now: Instant,
+    ) {
+        let Some(last) = kept.last().map(|(o, _)| *o) else {
+            return;
+        };
+        self.with(app, channel, now, |h| {
+            let head = h.head();
+            if head.epoch == epoch && head.offset >= last {
+                return (0, ());
+            }
+            let pos = Position {
+                epoch,
+                offset: last + 1,
+            };
+            (self.restart(h, pos, kept, now), ())
+        });
+    }
+
+    /// Restarts `h` so that its next event is `pos`, keeping the run of `older` that ends right
+    /// before it. Returns the change in charge.
+    fn restart(
+        &self,
+        h: &mut ChannelHistory,
+        pos: Position,
+        older: Vec<(u64, SharedFrame)>,
+        now: Instant,
+    ) -> isize {
+        // The contiguous run ending at pos.offset - 1.
+        let mut run: Vec<(u64, SharedFrame)> = Vec::new();
+        for (o, f) in older.into_iter().rev() {
+            let want = run.last().map_or(pos.offset - 1, |(p, _)| p - 1);
+            if o == want && o >= 1 {
+                run.push((o, f));
+            } else if o < want {
+                break;
+            }
+        }
+        run.reverse();
+        let start = run.first().map_or(pos.offset, |(o, _)| *o);
+        let mut delta = h.reset(pos.epoch, start);
+        for (o, f) in run {
+            let p = Position {
+                epoch: pos.epoch,
+                offset: o,
+            };
+            delta += h.push(
+                f.with_member(FIELD, &p.to_string()).bytes,
+                now,
+                &self.bounds,
+            );
+        }
+        delta
     }
 
     /// Answers a subscribe that last saw `from` and runs `deliver` with the answer while the

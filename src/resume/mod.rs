@@ -12,6 +12,7 @@
 //! is `node::Shared::deliver`, through [`history::Histories::append`].
 
 pub mod history;
+pub mod store;
 
 use std::fmt;
 
