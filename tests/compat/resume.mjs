@@ -18,7 +18,6 @@
 
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -26,7 +25,7 @@ import vm from 'node:vm';
 import PusherJs from 'pusher-js';
 import PusherServer from 'pusher';
 import EchoModule from 'laravel-echo';
-import { Clients, Run, check, expectEqual, installedVersion, serverFromArgs, show, sleep } from './harness.mjs';
+import { Clients, Run, check, expectEqual, installedVersion, serverFromArgs, show, tcpProxy } from './harness.mjs';
 
 const Echo = EchoModule.default ?? EchoModule;
 const { host, port, appId, key, secret } = serverFromArgs('resume.mjs');
@@ -49,61 +48,6 @@ const run = new Run({
 const clients = new Clients(run, { host, port });
 // pusher-js warns when its socket is cut (that is the test), and about disableStats.
 run.captureLogs(PusherJs, [/disableStats option is deprecated/, /Error/i, /close/i]);
-
-/// A TCP proxy to the server: `cut()` drops every connection through it; while `paused`, new
-/// connections are held (not yet linked to the server) until `unpause()`: the network is down,
-/// and pusher-js's reconnect gets through as soon as it is back.
-function proxy() {
-  const conns = new Set();
-  const held = [];
-  const link = (down) => {
-    p.accepted += 1;
-    const up = net.connect(port, host);
-    down.pipe(up);
-    up.pipe(down);
-    const pair = { down, up };
-    conns.add(pair);
-    const end = () => {
-      conns.delete(pair);
-      down.destroy();
-      up.destroy();
-    };
-    down.on('error', end).on('close', end);
-    up.on('error', end).on('close', end);
-  };
-  const p = {
-    paused: false,
-    accepted: 0,
-    server: net.createServer((down) => {
-      if (p.paused) {
-        down.on('error', () => {});
-        held.push(down);
-      } else {
-        link(down);
-      }
-    }),
-    unpause() {
-      p.paused = false;
-      for (const down of held.splice(0)) {
-        if (!down.destroyed) link(down);
-      }
-    },
-    cut() {
-      for (const { down, up } of [...conns]) {
-        down.destroy();
-        up.destroy();
-      }
-      conns.clear();
-    },
-    close() {
-      p.cut();
-      for (const down of held.splice(0)) down.destroy();
-      p.server.close();
-    },
-  };
-  proxies.push(p);
-  return new Promise((resolve) => p.server.listen(0, '127.0.0.1', () => resolve(p)));
-}
 
 async function fetchScript(path) {
   const res = await fetch(`http://${host}:${port}${path}`);
@@ -164,7 +108,8 @@ async function main() {
   };
 
   run.step = 'connect: pusher-js with the script (through a proxy), a stock pusher-js, Echo with the script';
-  const px = await proxy();
+  const px = await tcpProxy(host, port);
+  proxies.push(px);
   const r = recorder('resuming pusher-js', new PusherJs(key, clients.pusherJsOptions({ wsHost: '127.0.0.1', wsPort: px.server.address().port })));
   required.attach(r.client);
   await clients.connect(r);
