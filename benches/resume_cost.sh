@@ -2,7 +2,7 @@
 # Positioned vs plain channels: server CPU per delivery, same daemon, runs interleaved
 # (plain, positioned, plain, positioned, ...), then the reconnect scenario.
 #   benches/resume_cost.sh [repeats] [connections] [rate]
-# Needs release builds: cargo build --release --bin bts-guru -p bts-guru-bench
+# Needs release builds: cargo build --release --bin bts-guru && cargo build --release -p bts-guru-bench
 set -euo pipefail
 REPEATS=${1:-3}
 CONNS=${2:-5000}
