@@ -348,6 +348,9 @@ impl Shard {
         }
         conn.send_text(&outbound::subscription_succeeded_at(&r.channel, &r.head));
         let stats = &self.stats;
+        // A cache channel's last event goes to a fresh subscriber, and after `recovered:
+        // false`; a recovered client already has it.
+        let mut cached = true;
         match r.outcome {
             ResumeOutcome::Fresh => {}
             ResumeOutcome::Recovered(frames) if self.replay_budget(frames.len()) => {
@@ -362,6 +365,7 @@ impl Shard {
                 stats.replayed.set(stats.replayed.get() + n);
                 stats.recovered.set(stats.recovered.get() + 1);
                 conn.send_text(&outbound::recovered(&r.channel, true, Some(n), &r.head));
+                cached = false;
             }
             ResumeOutcome::Recovered(frames) => {
                 // Over this shard's replay budget for this second.
@@ -374,7 +378,9 @@ impl Shard {
                 conn.send_text(&outbound::recovered(&r.channel, false, missed, &r.head));
             }
         }
-        self.send_cached(&conn, &r.channel);
+        if cached {
+            self.send_cached(&conn, &r.channel);
+        }
         self.mark_dirty(&conn);
     }
 
