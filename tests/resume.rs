@@ -230,7 +230,7 @@ fn resumes_while_events_flow_lose_and_repeat_nothing() {
                 }
                 let take = 5 + next_rand() % 60;
                 for _ in 0..take {
-                    let v = match c.next(Duration::from_secs(3)) {
+                    let v = match c.next(Duration::from_secs(10)) {
                         Got::Event(v) => v,
                         Got::Timeout if got.len() as u64 == total => break 'outer,
                         other => panic!("client {seed}: {other:?} after {}", got.len()),
