@@ -269,3 +269,46 @@ fn resumes_while_events_flow_lose_and_repeat_nothing() {
         assert!(resumes > 0, "client {i} resumed");
     }
 }
+
+/// A replay larger than half of the connection's outbound bound would only end in 4100 and the
+/// same resume again: it is answered `recovered: false`; a smaller one is replayed.
+#[test]
+fn a_replay_larger_than_half_the_outbound_bound_is_not_recovered() {
+    let d = Daemon::builder()
+        .env("BTS_APP_RESUME", "sports.*")
+        .env("REVERB_APP_MAX_MESSAGE_SIZE", "2000")
+        .server_toml("max_outbound_bytes = 8192")
+        .shards(1)
+        .start();
+    let api = d.api();
+    let mut a = d.client();
+    let start = subscribe_at(&mut a, "sports.big", None);
+    a.close();
+    let kb = "x".repeat(1000);
+    for _ in 0..3 {
+        assert_eq!(api.trigger(&["sports.big"], "e", &kb).0, 200);
+    }
+    // 3 KB missed: replayed.
+    let mut b = d.client();
+    let head = subscribe_at(&mut b, "sports.big", Some(&start));
+    for _ in 0..3 {
+        assert_eq!(b.next_event(Duration::from_secs(5))["data"], kb);
+    }
+    assert_eq!(
+        b.expect_event("bts:recovered")["data"],
+        r#"{"recovered":true,"missed":3}"#
+    );
+    b.close();
+    for _ in 0..6 {
+        assert_eq!(api.trigger(&["sports.big"], "e", &kb).0, 200);
+    }
+    // 6 KB missed, over half of 8 KiB: not replayed, and the connection stays.
+    let mut c = d.client();
+    subscribe_at(&mut c, "sports.big", Some(&head));
+    assert_eq!(
+        c.expect_event("bts:recovered")["data"],
+        r#"{"recovered":false,"missed":6}"#
+    );
+    api.trigger(&["sports.big"], "e", "small");
+    assert_eq!(c.next_event(Duration::from_secs(5))["data"], "small");
+}

@@ -353,7 +353,9 @@ impl Shard {
         let mut cached = true;
         match r.outcome {
             ResumeOutcome::Fresh => {}
-            ResumeOutcome::Recovered(frames) if self.replay_budget(frames.len()) => {
+            ResumeOutcome::Recovered(frames)
+                if self.replay_fits(&frames) && self.replay_budget(frames.len()) =>
+            {
                 let n = frames.len() as u64;
                 for f in frames {
                     if !matches!(conn.enqueue_shared(&Rc::new(f)), Enqueued::Yes(_)) {
@@ -368,7 +370,9 @@ impl Shard {
                 cached = false;
             }
             ResumeOutcome::Recovered(frames) => {
-                // Over this shard's replay budget for this second.
+                // Larger than half the connection's outbound bound (it could only end in
+                // 4100, and the same resume again), or over this shard's replay budget for
+                // this second.
                 stats.not_recovered.set(stats.not_recovered.get() + 1);
                 let missed = Some(frames.len() as u64);
                 conn.send_text(&outbound::recovered(&r.channel, false, missed, &r.head));
@@ -382,6 +386,14 @@ impl Shard {
             self.send_cached(&conn, &r.channel);
         }
         self.mark_dirty(&conn);
+    }
+
+    /// Whether a replay fits in half of a connection's outbound bound: a larger one would close
+    /// the connection with 4100 before it is written, and its client would ask for the same
+    /// replay again.
+    fn replay_fits(&self, frames: &[bytes::Bytes]) -> bool {
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        bytes <= self.shared.cfg.max_outbound_bytes / 2
     }
 
     /// Takes `n` events from this shard's replay budget for the current second; `false` (and
