@@ -324,7 +324,67 @@ pub fn render(shared: &Shared, snaps: &[Snapshot]) -> String {
     shared.admission.render(&mut o);
     render_ingest(&mut o, shared);
     render_requests(&mut o, snaps);
+    render_resume(&mut o, shared, snaps);
     o
+}
+
+/// Positioned channels: history memory against its bound, replays and their outcomes.
+fn render_resume(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
+    let (memory, channels, dropped, events) = shared.resume.stats();
+    let bound = shared.resume.bounds().memory;
+    for (name, kind, help, value) in [
+        (
+            "bts_resume_history_bytes",
+            "gauge",
+            "Memory held by positioned channels' history (frames and overheads).",
+            memory as u64,
+        ),
+        (
+            "bts_resume_history_bytes_limit",
+            "gauge",
+            "The node's bound on that memory (resume_memory_bytes).",
+            bound as u64,
+        ),
+        (
+            "bts_resume_channels",
+            "gauge",
+            "Positioned channels with a history on this node.",
+            channels as u64,
+        ),
+        (
+            "bts_resume_channels_dropped_total",
+            "counter",
+            "Channel histories dropped by the memory bound (their clients get recovered: false).",
+            dropped,
+        ),
+        (
+            "bts_resume_events_total",
+            "counter",
+            "Events given a position.",
+            events,
+        ),
+        (
+            "bts_resume_replayed_events_total",
+            "counter",
+            "Events replayed to resuming clients.",
+            snaps.iter().map(|s| s.replayed).sum(),
+        ),
+    ] {
+        family(o, name, kind, help);
+        let _ = writeln!(o, "{name} {value}");
+    }
+    family(
+        o,
+        "bts_resumes_total",
+        "counter",
+        "Resumes by outcome: recovered (the gap replayed) or not (recovered: false).",
+    );
+    let _ = writeln!(
+        o,
+        "bts_resumes_total{{outcome=\"recovered\"}} {}\nbts_resumes_total{{outcome=\"not_recovered\"}} {}",
+        snaps.iter().map(|s| s.recovered).sum::<u64>(),
+        snaps.iter().map(|s| s.not_recovered).sum::<u64>()
+    );
 }
 
 /// `# HELP` and `# TYPE` of one metric family.

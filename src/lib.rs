@@ -54,8 +54,9 @@ pub mod metrics;
 // Layer 4: the hand-off to the shards.
 pub mod fanout;
 
-// Layer 5: beside it, the other hand-offs.
+// Layer 5: beside it, the other hand-offs, and positioned channels' history.
 pub mod cluster;
+pub mod resume;
 pub mod webhooks;
 
 // Layer 6: the node-wide context.
@@ -431,13 +432,17 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     }
     if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
         tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
-        cluster::outbox::spawn_publisher(redis.clone(), Arc::clone(cluster), shards).map_err(
-            |e| StartError::Executor {
-                shard: shards,
-                cpu: 0,
-                message: format!("cannot start the cluster publisher thread: {e}"),
-            },
-        )?;
+        cluster::outbox::spawn_publisher(
+            redis.clone(),
+            Arc::clone(cluster),
+            shards,
+            shared.cfg.resume.events,
+        )
+        .map_err(|e| StartError::Executor {
+            shard: shards,
+            cpu: 0,
+            message: format!("cannot start the cluster publisher thread: {e}"),
+        })?;
     }
     if let Some(redis) = shared.cfg.redis.clone() {
         tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");

@@ -68,6 +68,10 @@ pub struct Snapshot {
     pub http: BTreeMap<(&'static str, u16), u64>,
     /// Subscribes refused by reason (`rate_limit`, `shard_channels`, `app_channels`).
     pub subscribes_refused: BTreeMap<&'static str, u64>,
+    /// Events replayed to resuming clients, and resumes answered recovered / not recovered.
+    pub replayed: u64,
+    pub recovered: u64,
+    pub not_recovered: u64,
     /// Event received (HTTP, Redis, client, other node) to its frames written, microseconds.
     pub latency: Histogram<u64>,
 }

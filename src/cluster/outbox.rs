@@ -19,11 +19,18 @@ use crate::config::RedisConfig;
 /// Messages waiting for the publisher thread.
 const OUTBOX: usize = 65_536;
 
-/// Serialized messages on their way to the publisher thread.
+/// What the publisher thread sends: a serialized message for the cluster channel, or a
+/// positioned channel's event to append (`resume::store`).
+pub enum Out {
+    Publish(Vec<u8>),
+    Append(crate::resume::store::Append),
+}
+
+/// Messages on their way to the publisher thread.
 pub struct Outbox {
-    tx: Sender<Vec<u8>>,
+    tx: Sender<Out>,
     /// Taken once by the publisher thread.
-    rx: Mutex<Option<Receiver<Vec<u8>>>>,
+    rx: Mutex<Option<Receiver<Out>>>,
     /// Messages dropped because the outbox was full or Redis was unreachable.
     pub dropped: AtomicU64,
     pub published: AtomicU64,
@@ -47,7 +54,17 @@ impl Outbox {
         let Ok(bytes) = serde_json::to_vec(msg) else {
             return;
         };
-        match self.tx.try_send(bytes) {
+        self.send(Out::Publish(bytes));
+    }
+
+    /// Queues a positioned channel's event for Redis to order, keep and announce to every node
+    /// (this one included). Never blocks.
+    pub fn append(&self, a: crate::resume::store::Append) {
+        self.send(Out::Append(a));
+    }
+
+    fn send(&self, out: Out) {
+        match self.tx.try_send(out) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -62,6 +79,7 @@ pub fn spawn_publisher(
     redis: RedisConfig,
     cluster: std::sync::Arc<super::Cluster>,
     shards: usize,
+    history_events: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("bts-cluster-pub".into())
@@ -75,11 +93,19 @@ pub fn spawn_publisher(
             else {
                 return;
             };
-            publisher(&redis, &cluster, &rx, shards);
+            publisher(&redis, &cluster, &rx, shards, history_events);
         })
 }
 
-fn publisher(redis: &RedisConfig, cluster: &super::Cluster, rx: &Receiver<Vec<u8>>, shards: usize) {
+fn publisher(
+    redis: &RedisConfig,
+    cluster: &super::Cluster,
+    rx: &Receiver<Out>,
+    shards: usize,
+    history_events: usize,
+) {
+    let announce = crate::resume::store::announce_channel(&cluster.channel);
+    let mut epochs = 0u64;
     let outbox = &cluster.outbox;
     let mut conn: Option<redis::Connection> = None;
     let mut next_beat = Instant::now();
@@ -95,7 +121,7 @@ fn publisher(redis: &RedisConfig, cluster: &super::Cluster, rx: &Receiver<Vec<u8
             Ok(m) => m,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 next_beat = Instant::now() + HEARTBEAT;
-                heartbeat.clone()
+                Out::Publish(heartbeat.clone())
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };
@@ -112,10 +138,20 @@ fn publisher(redis: &RedisConfig, cluster: &super::Cluster, rx: &Receiver<Vec<u8
             outbox.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&cluster.channel)
-            .arg(msg)
-            .query(c);
+        let sent: redis::RedisResult<()> = match msg {
+            Out::Publish(msg) => redis::cmd("PUBLISH")
+                .arg(&cluster.channel)
+                .arg(msg)
+                .query(c),
+            Out::Append(a) => {
+                // Used only if the channel has no epoch in Redis yet.
+                epochs += 1;
+                let candidate =
+                    crate::cluster::wire::new_node_id() ^ cluster.node.rotate_left(17) ^ epochs;
+                crate::resume::store::append(c, &a, history_events, candidate, &announce)
+                    .map(|_| ())
+            }
+        };
         match sent {
             Ok(_) => {
                 outbox.published.fetch_add(1, Ordering::Relaxed);

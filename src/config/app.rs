@@ -44,6 +44,12 @@ pub(super) fn resolve_apps(
             "seconds",
         )?,
         rate_limit_terminate: env_bool(env, "REVERB_APP_RATE_LIMIT_TERMINATE")?,
+        resume: env_str(env, "BTS_APP_RESUME").map(|v| {
+            v.split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()
+        }),
         webhooks: env_str(env, "BTS_APP_WEBHOOK_URLS").map(|v| {
             v.split(',')
                 .map(|u| WebhookTarget {
@@ -81,6 +87,7 @@ pub(super) fn resolve_apps(
                     .or(a.rate_limit_decay_seconds);
                 a.rate_limit_terminate = env_app.rate_limit_terminate.or(a.rate_limit_terminate);
                 a.webhooks = env_app.webhooks.clone().or(a.webhooks.take());
+                a.resume = env_app.resume.clone().or(a.resume.take());
             }
             None => apps.push(env_app.clone()),
         }
@@ -194,7 +201,16 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
                 .into(),
         ));
     }
+    let resume = a.resume.clone().unwrap_or_default();
+    for p in &resume {
+        if p.is_empty() || channel_pattern_invalid(p) {
+            return Err(bad(format!(
+                "resume pattern {p:?} is not a channel name with `*` wildcards"
+            )));
+        }
+    }
     Ok(App {
+        resume,
         max_channels: a.max_channels,
         subscription_rate,
         id,
@@ -252,4 +268,12 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             None
         },
     })
+}
+
+/// A resume pattern is a channel name in which `*` stands for any run of characters.
+fn channel_pattern_invalid(p: &str) -> bool {
+    p.len() > 200
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_=@,.;*".contains(&b))
 }

@@ -111,6 +111,66 @@ pub struct App {
     /// `burst`; every subscribe and unsubscribe takes a token, and a subscribe that finds none
     /// is refused with 4301 (an unsubscribe is always honoured).
     pub subscription_rate: SubscriptionRate,
+    /// Positioned channels (`resume`, BTS_APP_RESUME): names matching one of these patterns
+    /// (`*` matches any run of characters) carry a position in every event and keep a history
+    /// that reconnecting clients resume from. Presence channels are never positioned.
+    pub resume: Vec<String>,
+}
+
+impl App {
+    /// Is `channel` a positioned channel of this app?
+    pub fn positioned(&self, channel: &str) -> bool {
+        !self.resume.is_empty()
+            && !channel.starts_with("presence-")
+            && self
+                .resume
+                .iter()
+                .any(|p| glob_exact(p.as_bytes(), channel.as_bytes()))
+    }
+}
+
+/// `*` matches any run of characters; everything else matches itself (case-sensitive, as
+/// channel names are).
+fn glob_exact(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob_exact(rest, &s[i..])),
+        Some((c, rest)) => s
+            .split_first()
+            .is_some_and(|(d, srest)| c == d && glob_exact(rest, srest)),
+    }
+}
+
+/// Bounds on positioned channels' history (`[server] resume_*`, BTS_RESUME_*).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumeBounds {
+    /// Most events one channel's history keeps.
+    pub events: usize,
+    /// Most bytes (frames) one channel's history keeps.
+    pub bytes: usize,
+    /// Oldest event one channel's history keeps.
+    pub age: Duration,
+    /// Most bytes every channel's history holds together on this node; beyond, the channels
+    /// that have gone longest without an event lose their history (a new epoch).
+    pub memory: usize,
+    /// Most events one resume may replay; a longer gap is answered `recovered: false`.
+    pub max_replay: usize,
+    /// Most events a shard replays per second, all resumes together; beyond, resumes are
+    /// answered `recovered: false` until the next second.
+    pub replay_per_shard: usize,
+}
+
+impl Default for ResumeBounds {
+    fn default() -> ResumeBounds {
+        ResumeBounds {
+            events: 300,
+            bytes: 1 << 20,
+            age: Duration::from_secs(600),
+            memory: 256 << 20,
+            max_replay: 300,
+            replay_per_shard: 200_000,
+        }
+    }
 }
 
 /// `subscription_changes_per_second` and `subscription_changes_burst`.
@@ -267,6 +327,8 @@ pub struct Config {
     pub trusted_proxies: crate::proxy::Trusted,
     /// Connections from `trusted_proxies` start with a PROXY protocol (v1 or v2) header.
     pub proxy_protocol: bool,
+    /// Positioned channels' history bounds.
+    pub resume: ResumeBounds,
 }
 
 /// Defaults for the channel bounds: far above what any deployment we know of lists or holds

@@ -189,6 +189,12 @@ pub struct RawServer {
     pub max_connections_per_ip: Option<u32>,
     pub trusted_proxies: Option<Vec<String>>,
     pub proxy_protocol: Option<bool>,
+    pub resume_history_events: Option<usize>,
+    pub resume_history_bytes: Option<usize>,
+    pub resume_history_secs: Option<u64>,
+    pub resume_memory_bytes: Option<usize>,
+    pub resume_max_replay: Option<usize>,
+    pub resume_replay_per_shard: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -216,4 +222,5 @@ pub struct RawApp {
     pub max_channels: Option<usize>,
     pub subscription_changes_per_second: Option<u32>,
     pub subscription_changes_burst: Option<u32>,
+    pub resume: Option<Vec<String>>,
 }

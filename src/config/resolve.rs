@@ -89,6 +89,7 @@ impl Config {
             max_connections_per_ip: sockets.max_connections_per_ip,
             trusted_proxies: sockets.trusted_proxies,
             proxy_protocol: sockets.proxy_protocol,
+            resume: resolve_resume(env, s)?,
         })
     }
 
@@ -409,4 +410,40 @@ fn resolve_metrics(
             .or(s.metrics_port)
             .unwrap_or(9601),
     )))
+}
+
+/// Positioned channels' history bounds: environment, then the file, then the defaults.
+fn resolve_resume(env: &dyn Env, s: &RawServer) -> Result<super::ResumeBounds, ConfigError> {
+    let d = super::ResumeBounds::default();
+    let secs: Option<u64> =
+        env_parse(env, "BTS_RESUME_HISTORY_SECS", "seconds")?.or(s.resume_history_secs);
+    let b = super::ResumeBounds {
+        events: env_parse(env, "BTS_RESUME_HISTORY_EVENTS", "a count")?
+            .or(s.resume_history_events)
+            .unwrap_or(d.events),
+        bytes: env_parse(env, "BTS_RESUME_HISTORY_BYTES", "bytes")?
+            .or(s.resume_history_bytes)
+            .unwrap_or(d.bytes),
+        age: secs.map_or(d.age, Duration::from_secs),
+        memory: env_parse(env, "BTS_RESUME_MEMORY_BYTES", "bytes")?
+            .or(s.resume_memory_bytes)
+            .unwrap_or(d.memory),
+        max_replay: env_parse(env, "BTS_RESUME_MAX_REPLAY", "a count")?
+            .or(s.resume_max_replay)
+            .unwrap_or(d.max_replay),
+        replay_per_shard: s.resume_replay_per_shard.unwrap_or(d.replay_per_shard),
+    };
+    for (name, v) in [
+        ("resume_history_events", b.events),
+        ("resume_history_bytes", b.bytes),
+        ("resume_history_secs", b.age.as_secs() as usize),
+        ("resume_memory_bytes", b.memory),
+        ("resume_max_replay", b.max_replay),
+        ("resume_replay_per_shard", b.replay_per_shard),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::Other(format!("{name} must be at least 1")));
+        }
+    }
+    Ok(b)
 }

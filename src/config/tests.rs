@@ -499,3 +499,57 @@ fn ping_rate_comes_from_env_or_file_and_is_at_least_one() {
     let err = resolve(&Cli::default(), &e, file).unwrap_err().to_string();
     assert!(err.contains("max_pings_per_second"), "{err}");
 }
+
+#[test]
+fn resume_patterns_and_history_bounds() {
+    let c = resolve(&Cli::default(), &[], "").unwrap();
+    assert!(c.apps[0].resume.is_empty());
+    assert!(!c.apps[0].positioned("sports.a"));
+    assert_eq!(c.resume, ResumeBounds::default());
+    assert_eq!(
+        (c.resume.events, c.resume.bytes, c.resume.age.as_secs()),
+        (300, 1 << 20, 600)
+    );
+    // From the REVERB_APP_* app's environment.
+    let e = [
+        ("REVERB_APP_ID", "1"),
+        ("REVERB_APP_KEY", "k"),
+        ("REVERB_APP_SECRET", "s"),
+        ("BTS_APP_RESUME", "sports.*, scores-*-live ,"),
+        ("BTS_RESUME_HISTORY_EVENTS", "50"),
+        ("BTS_RESUME_MEMORY_BYTES", "1000000"),
+    ];
+    let c = resolve(&Cli::default(), &e, "").unwrap();
+    let app = &c.apps[0];
+    assert_eq!(app.resume, ["sports.*", "scores-*-live"]);
+    for (ch, want) in [
+        ("sports.football", true),
+        ("sports.", true),
+        ("sport.x", false),
+        ("scores-a-live", true),
+        ("scores-a-live2", false),
+        ("Sports.x", false),
+    ] {
+        assert_eq!(app.positioned(ch), want, "{ch}");
+    }
+    assert_eq!((c.resume.events, c.resume.memory), (50, 1_000_000));
+    // From the file; presence channels never.
+    let f = "[server]\nresume_history_secs = 5\nresume_max_replay = 7\n\
+             [[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nresume = [\"*\"]";
+    let c = resolve(&Cli::default(), &[], f).unwrap();
+    assert!(c.apps[0].positioned("private-x"));
+    assert!(!c.apps[0].positioned("presence-x"));
+    assert_eq!((c.resume.age.as_secs(), c.resume.max_replay), (5, 7));
+    // Refusals, by name.
+    let bad = "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\nresume = [\"sports.{x}\"]";
+    let err = resolve(&Cli::default(), &[], bad).unwrap_err().to_string();
+    assert!(err.contains("resume pattern"), "{err}");
+    let err = resolve(&Cli::default(), &[], "[server]\nresume_history_events = 0")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("resume_history_events"), "{err}");
+    let err = resolve(&Cli::default(), &[("BTS_RESUME_HISTORY_BYTES", "lots")], "")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("BTS_RESUME_HISTORY_BYTES"), "{err}");
+}

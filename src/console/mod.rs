@@ -507,6 +507,9 @@ mod tests {
                 channels: Vec::new(),
                 http: Default::default(),
                 subscribes_refused: Default::default(),
+                replayed: 0,
+                recovered: 0,
+                not_recovered: 0,
                 latency,
             }
         };

@@ -47,6 +47,27 @@ impl SharedFrame {
         }
     }
 
+    /// This frame's event with one more top-level member, `"name":"value"`, added last (for
+    /// a positioned channel: its position). One copy of the payload per event and node, never
+    /// per subscriber. `name` and `value` must need no JSON escaping. A payload that is not a
+    /// JSON object is returned unchanged.
+    pub fn with_member(&self, name: &str, value: &str) -> SharedFrame {
+        let p = self.payload();
+        if p.last() != Some(&b'}') || p.len() < 2 {
+            return self.clone();
+        }
+        let mut buf =
+            Vec::with_capacity(MAX_SERVER_HEADER + p.len() + name.len() + value.len() + 8);
+        buf.resize(MAX_SERVER_HEADER, 0);
+        buf.extend_from_slice(&p[..p.len() - 1]);
+        buf.extend_from_slice(b",\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":\"");
+        buf.extend_from_slice(value.as_bytes());
+        buf.extend_from_slice(b"\"}");
+        Self::finish(buf)
+    }
+
     /// Frames a text payload that was written after `MAX_SERVER_HEADER` bytes of headroom.
     fn finish(mut buf: Vec<u8>) -> SharedFrame {
         let mut hdr = [0u8; MAX_SERVER_HEADER];
@@ -97,6 +118,17 @@ mod tests {
             assert_eq!((text.payload(), &text.bytes), (payload, &f.bytes));
             let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
             assert_eq!(v["data"].as_str().unwrap().len(), size);
+            let m = f.with_member("bts_position", "00ab:7");
+            let mut cur = Cursor::new(m.bytes.to_vec());
+            let (_, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut cur)
+                .unwrap()
+                .unwrap();
+            assert_eq!(len as usize, m.payload().len());
+            let w: serde_json::Value = serde_json::from_slice(m.payload()).unwrap();
+            assert_eq!(
+                (&w["data"], &w["bts_position"]),
+                (&v["data"], &"00ab:7".into())
+            );
         }
     }
 }

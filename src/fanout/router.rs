@@ -102,6 +102,10 @@ pub enum ShardCmd {
     Tls(Arc<rustls::ServerConfig>),
     /// Send this shard's metrics.
     Scrape(std::sync::mpsc::SyncSender<crate::metrics::Snapshot>),
+    /// A subscribe to a positioned channel, answered under the channel's history lock and
+    /// pushed by the subscribing shard into its own inbox: it sits after every event it covers
+    /// and before every later one, so the subscription starts exactly at `head`.
+    Resume(Resume),
     /// A shard's subscriber count of a channel changed; to the channel's owner, which keeps the
     /// total for `pusher_internal:subscription_count`.
     CountDelta {
@@ -109,6 +113,27 @@ pub enum ShardCmd {
         channel: Arc<str>,
         delta: i64,
     },
+}
+
+/// The answer to a subscribe on a positioned channel (`ShardCmd::Resume`).
+#[derive(Debug)]
+pub struct Resume {
+    pub conn: ConnId,
+    pub app: usize,
+    pub channel: Arc<str>,
+    /// The channel's position when answered (`<epoch>:<offset>`).
+    pub head: String,
+    pub outcome: ResumeOutcome,
+}
+
+#[derive(Debug)]
+pub enum ResumeOutcome {
+    /// No position was asked for.
+    Fresh,
+    /// The missed frames, in order.
+    Recovered(Vec<Bytes>),
+    /// The history cannot cover the gap; how many were missed when known.
+    Lost(Option<u64>),
 }
 
 /// Presence membership changes, applied by the channel's owner shard only, so membership has

@@ -273,6 +273,9 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
                 frame: SharedFrame::text(json.as_bytes()),
                 except: except.as_deref().and_then(SocketId::parse),
                 cache,
+                // In a cluster, positioned channels' events come through Redis's append
+                // (`ingest::positions`), never as `Wire::Event`.
+                positioned: false,
             });
         }
         Wire::Join {

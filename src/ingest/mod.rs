@@ -3,4 +3,5 @@
 //! whichever shard accepted the request.
 
 pub mod cluster;
+pub mod positions;
 pub mod redis;

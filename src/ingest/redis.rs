@@ -164,6 +164,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
     let pattern = pattern(&cfg.prefix);
     // Cluster-wide webhook decisions: this thread's alone, kept across reconnects.
     let mut arbiter = super::cluster::Arbiter::default();
+    let mut positions = super::positions::Positions::default();
     loop {
         let conn = cfg
             .client()
@@ -177,6 +178,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             pubsub.psubscribe(&pattern)?;
             if let Some(cluster) = &shared.cluster {
                 pubsub.subscribe(&cluster.channel)?;
+                pubsub.subscribe(crate::resume::store::announce_channel(&cluster.channel))?;
                 // Wake up at least once a second to notice silent cluster nodes.
                 pubsub.set_read_timeout(Some(Duration::from_secs(1)))?;
                 super::cluster::announce(shared);
@@ -188,7 +190,12 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
             ever_connected = true;
             backoff = Duration::from_millis(50);
             tracing::info!(redis = %cfg.redacted_url(), %pattern, "Redis ingest subscribed");
-            let err = consume(cfg, shared, &mut arbiter, &mut pubsub);
+            if shared.cluster.is_some() {
+                // Subscribed first: what is announced meanwhile waits in the socket, and
+                // `deliver_at` skips what the preload already holds.
+                positions.preload(cfg, shared);
+            }
+            let err = consume(cfg, shared, &mut arbiter, &mut positions, &mut pubsub);
             stats.connected.store(false, Ordering::Relaxed);
             match Failure::of(&err) {
                 Failure::Unreachable => {
@@ -227,6 +234,7 @@ fn consume(
     cfg: &RedisConfig,
     shared: &Shared,
     arbiter: &mut super::cluster::Arbiter,
+    positions: &mut super::positions::Positions,
     pubsub: &mut redis::PubSub<'_>,
 ) -> redis::RedisError {
     let stats = &shared.ingest;
@@ -235,10 +243,15 @@ fn consume(
     // The app's settings, re-read once a second so a reload's new limits apply.
     let mut apps = shared.apps.current();
     let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.as_str());
+    let announce_channel = shared
+        .cluster
+        .as_ref()
+        .map(|c| crate::resume::store::announce_channel(&c.channel));
     let mut last_tick = Instant::now();
     loop {
         if last_tick.elapsed() >= Duration::from_secs(1) {
             super::cluster::tick(shared, arbiter);
+            positions.gc();
             apps = shared.apps.current();
             last_tick = Instant::now();
         }
@@ -252,10 +265,15 @@ fn consume(
             super::cluster::receive(shared, arbiter, msg.get_payload_bytes());
             continue;
         }
+        if Some(name) == announce_channel.as_deref() {
+            positions.announced(cfg, shared, msg.get_payload_bytes());
+            continue;
+        }
         let Some(channel) = name.strip_prefix(cfg.prefix.as_str()) else {
             continue;
         };
-        let mut payload = msg.get_payload_bytes().to_vec();
+        let raw = msg.get_payload_bytes();
+        let mut payload = raw.to_vec();
         let decoded = if channel::validate(channel).is_err() {
             Err(PayloadError::BadChannel)
         } else {
@@ -281,14 +299,22 @@ fn consume(
             continue;
         }
         stats.events.fetch_add(1, Ordering::Relaxed);
-        // Every node consumes Redis itself: delivered here only, never replicated.
-        let dropped = shared.deliver(Event {
+        let event = Event {
             app: cfg.app,
             channel,
             frame: SharedFrame::event(&ev.event, channel, &ev.data_json),
             except: ev.except,
             cache: channel::is_cache(channel),
-        });
+            positioned: apps.get(cfg.app).positioned(channel),
+        };
+        if event.positioned && shared.cluster.is_some() {
+            // Every node offers it with the same id; Redis appends it once and announces it.
+            let id = positions.dedupe_id(channel, msg.get_payload_bytes());
+            shared.offer(&event, Some(id));
+            continue;
+        }
+        // Every node consumes Redis itself: delivered here only, never replicated.
+        let dropped = shared.deliver(event);
         if dropped > 0 {
             stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);
         }

@@ -50,6 +50,8 @@ pub struct Shared {
     pub listeners_closed: AtomicUsize,
     /// The socket budget, per-IP counts and refusal counters (touched on accept and close).
     pub admission: Admission,
+    /// Positioned channels' positions and history (locked per event on those channels only).
+    pub resume: crate::resume::Histories,
 }
 
 impl Shared {
@@ -72,7 +74,14 @@ impl Shared {
             .clone()
             .map(|channel| Arc::new(crate::cluster::Cluster::new(node, channel)));
         let admission = Admission::new(cfg.fd_reserve, cfg.max_connections_per_ip);
+        // A standalone restart must never reuse an epoch: seed from the clock and the node id.
+        let seed = node
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+        let resume = crate::resume::Histories::new(cfg.resume, seed);
         Shared {
+            resume,
             admission,
             cfg,
             router,

@@ -24,6 +24,9 @@ pub struct Event<'a> {
     pub except: Option<SocketId>,
     /// Keep the frame as the channel's last event (server events on cache channels only).
     pub cache: bool,
+    /// A positioned channel's event (`App::positioned`; never internal events): `deliver`
+    /// gives it the channel's next position and keeps it in the channel's history.
+    pub positioned: bool,
 }
 
 impl Shared {
@@ -31,6 +34,24 @@ impl Shared {
     /// Returns how many shards dropped it (their inbox was full). For events every node gets
     /// by itself: Laravel's Redis broadcasts, other nodes' events, internal events.
     pub fn deliver(&self, event: Event<'_>) -> usize {
+        // In a cluster, positions come from Redis (`offer`, `deliver_at`), never from here.
+        if event.positioned && self.cluster.is_none() {
+            // The one point positions are assigned on this node: under the channel's history
+            // lock, which also covers the broadcast, so inboxes get offsets in order.
+            let now = Instant::now();
+            return self
+                .resume
+                .append(event.app, event.channel, &event.frame, now, |frame| {
+                    self.router.broadcast(Broadcast {
+                        app: event.app,
+                        channel: Arc::from(event.channel),
+                        frame: frame.bytes,
+                        except: event.except,
+                        cache: event.cache,
+                        created: now,
+                    })
+                });
+        }
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),
@@ -44,6 +65,11 @@ impl Shared {
     /// `deliver`, and in a cluster the same event for the other nodes' subscribers: what this
     /// node's HTTP API and clients publish. Returns how many of this node's shards dropped it.
     pub fn publish(&self, event: Event<'_>) -> usize {
+        if event.positioned && self.cluster.is_some() {
+            // Redis orders, keeps and announces it; every node delivers the announcement.
+            self.offer(&event, None);
+            return 0;
+        }
         if let Some(cluster) = &self.cluster {
             // The payload was written from strings and escaped JSON: always UTF-8.
             match std::str::from_utf8(event.frame.payload()) {
@@ -64,5 +90,62 @@ impl Shared {
             }
         }
         self.deliver(event)
+    }
+
+    /// Cluster mode, a positioned channel's event: to Redis through the outbox (never
+    /// blocking), which gives it the channel's next position, keeps it and announces it to
+    /// every node. `dedupe` names an event every node offers (Laravel's): one of them appends.
+    pub fn offer(&self, event: &Event<'_>, dedupe: Option<String>) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        match std::str::from_utf8(event.frame.payload()) {
+            Ok(json) => cluster.outbox.append(crate::resume::store::Append {
+                app_id: self.router.app_id(event.app).into(),
+                channel: event.channel.into(),
+                json: json.into(),
+                except: event.except.map(|s| s.to_string()),
+                cache: event.cache,
+                dedupe,
+            }),
+            Err(_) => {
+                cluster
+                    .outbox
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Cluster mode: a positioned event as Redis announced it, delivered to this node's
+    /// subscribers at the position Redis gave it and kept in this node's history (`fill`: what
+    /// Redis kept before it, asked only when this node's history does not reach it). Returns
+    /// how many shards dropped it.
+    pub fn deliver_at(
+        &self,
+        event: Event<'_>,
+        position: crate::resume::Position,
+        fill: impl FnOnce() -> Option<(u64, Vec<(u64, SharedFrame)>)>,
+    ) -> usize {
+        let now = Instant::now();
+        self.resume
+            .append_at(
+                event.app,
+                event.channel,
+                position,
+                &event.frame,
+                fill,
+                |frame| {
+                    self.router.broadcast(Broadcast {
+                        app: event.app,
+                        channel: Arc::from(event.channel),
+                        frame: frame.bytes,
+                        except: event.except,
+                        cache: event.cache,
+                        created: now,
+                    })
+                },
+            )
+            .unwrap_or(0)
     }
 }

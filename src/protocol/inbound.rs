@@ -16,6 +16,9 @@ pub enum ClientMessage<'a> {
         channel: Cow<'a, str>,
         auth: Option<Cow<'a, str>>,
         channel_data: Option<Cow<'a, str>>,
+        /// `bts_position`: the last position the client saw on a positioned channel (sent by
+        /// the resume script; stock clients never send it).
+        position: Option<Cow<'a, str>>,
     },
     Unsubscribe {
         channel: Cow<'a, str>,
@@ -75,6 +78,7 @@ pub fn parse(buf: &mut [u8]) -> Result<ClientMessage<'_>, InboundError> {
                 channel,
                 auth: field(&data, "auth"),
                 channel_data: field(&data, "channel_data"),
+                position: field(&data, "bts_position"),
             }
         }
         "pusher:unsubscribe" => {
@@ -151,6 +155,7 @@ mod tests {
                 channel: "sports.football".into(),
                 auth: None,
                 channel_data: None,
+                position: None,
             }),
         );
         check(
@@ -159,6 +164,7 @@ mod tests {
                 channel: "private-a".into(),
                 auth: Some("k:s".into()),
                 channel_data: Some(r#"{"user_id":1}"#.into()),
+                position: None,
             }),
         );
         check(
@@ -167,6 +173,7 @@ mod tests {
                 channel: "x".into(),
                 auth: None,
                 channel_data: None,
+                position: None,
             }),
         );
         check(

@@ -47,6 +47,34 @@ pub fn subscription_succeeded(channel: &str) -> Vec<u8> {
     out
 }
 
+/// `subscription_succeeded` on a positioned channel: the position the subscription starts
+/// after, as the frame's last member (pusher-js ignores it; the resume script reads it).
+pub fn subscription_succeeded_at(channel: &str, position: &str) -> Vec<u8> {
+    let mut out = subscription_succeeded(channel);
+    out.pop();
+    out.extend_from_slice(br#","bts_position":"#);
+    push_json_str(&mut out, position);
+    out.push(b'}');
+    out
+}
+
+/// `bts:recovered` after a resume: whether the missed events were replayed (they come right
+/// before it) and how many (`null` when unknown: the position was from another epoch), with
+/// the position the client is at now.
+pub fn recovered(channel: &str, recovered: bool, missed: Option<u64>, position: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(120 + channel.len());
+    out.extend_from_slice(br#"{"event":"bts:recovered","channel":"#);
+    push_json_str(&mut out, channel);
+    let missed = missed.map_or_else(|| "null".to_owned(), |m| m.to_string());
+    let data = format!(r#"{{"recovered":{recovered},"missed":{missed}}}"#);
+    out.extend_from_slice(br#","data":"#);
+    push_json_str(&mut out, &data);
+    out.extend_from_slice(br#","bts_position":"#);
+    push_json_str(&mut out, position);
+    out.push(b'}');
+    out
+}
+
 /// `pusher:error`; `code` is `None` for errors Pusher sends without one.
 pub fn error(code: Option<u16>, message: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + message.len());

@@ -69,7 +69,9 @@ pub(super) struct Extra {
     pub watchlist: Vec<Rc<str>>,
     /// Presence channels joined: (channel, user id), so leaving and client events know the user.
     pub presence: Vec<(Rc<str>, Rc<str>)>,
-    /// Presence channels whose owner shard has not answered the join yet.
+    /// Subscriptions waiting for an answer: presence channels whose owner shard has not
+    /// answered the join yet, and positioned channels whose `ShardCmd::Resume` is still in
+    /// this shard's inbox.
     pub presence_pending: Vec<Rc<str>>,
 }
 

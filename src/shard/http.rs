@@ -106,6 +106,10 @@ const INCOMPLETE: &str = "a shard did not answer in time; counts would not be ex
 
 /// Answers one HTTP request, and counts it by endpoint and status.
 pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8], peer: IpAddr) -> Response {
+    if let Some(reply) = resume_script(req) {
+        count(shard, req, reply.status);
+        return reply;
+    }
     let reply = match shard.route_hook(&req.path) {
         Some(hook) => hook.handle(shard, req, peer).await,
         None => {
@@ -115,6 +119,35 @@ pub(super) async fn handle(shard: &Shard, req: &Request, body: &[u8], peer: IpAd
     };
     count(shard, req, reply.status);
     reply
+}
+
+/// Headers of the resume script: cacheable for an hour (it changes only with the daemon),
+/// loadable from the app's own origin (`<script>` and ES module imports across origins need
+/// CORS), never sniffed as anything else.
+const SCRIPT_HEADERS: &[(&str, &str)] = &[
+    ("Cache-Control", "public, max-age=3600"),
+    ("Access-Control-Allow-Origin", "*"),
+    ("X-Content-Type-Options", "nosniff"),
+];
+
+/// `GET /bts-guru/resume.js` (UMD: `<script>`, `require()`) and `/bts-guru/resume.mjs` (ES
+/// module): the client side of positioned channels, embedded in the binary.
+fn resume_script(req: &Request) -> Option<Response> {
+    let body = match req.path.as_str() {
+        "/bts-guru/resume.js" => crate::resume::SCRIPT,
+        "/bts-guru/resume.mjs" => crate::resume::SCRIPT_MJS,
+        _ => return None,
+    };
+    if req.method != "GET" {
+        let (status, body) = err(405, "Method not allowed");
+        return Some(Response::json(status, body));
+    }
+    Some(Response {
+        status: 200,
+        content_type: "text/javascript; charset=utf-8",
+        body: body.as_bytes().into(),
+        headers: SCRIPT_HEADERS,
+    })
 }
 
 /// Counts an answer by endpoint and status.
@@ -132,7 +165,7 @@ fn count(shard: &Shard, req: &Request, status: u16) {
 /// request is refused whatever its body (unknown path or app, wrong method, missing or bad
 /// signature, stale timestamp), counted like any other; `None` when the body is needed.
 pub(super) fn refuse_before_body(shard: &Shard, req: &Request) -> Option<Response> {
-    if shard.route_hook(&req.path).is_some() {
+    if shard.route_hook(&req.path).is_some() || req.path.starts_with("/bts-guru/") {
         return None;
     }
     let (status, body) = match resolve(shard, req) {
@@ -163,6 +196,7 @@ fn endpoint_label(req: &Request) -> &'static str {
         ["apps", _, "connections"] => "connections",
         ["apps", _, "users", _, "terminate_connections"] => "terminate_connections",
         ["console", ..] => "console",
+        ["bts-guru", "resume.js" | "resume.mjs"] => "resume_script",
         _ => "other",
     }
 }
@@ -381,6 +415,7 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
                 frame: SharedFrame::event(&c.name, ch, &c.data_json),
                 except: c.except,
                 cache: channel::is_cache(ch),
+                positioned: app.positioned(ch),
             });
         }
     }

@@ -66,6 +66,14 @@ pub struct Stats {
     pub subscribes_refused: RefCell<std::collections::BTreeMap<&'static str, u64>>,
     /// Arrival to written, in microseconds, for events with local subscribers.
     pub latency: RefCell<Option<hdrhistogram::Histogram<u64>>>,
+    /// Events replayed to resuming clients (`bts_resume_replayed_events_total`).
+    pub replayed: Cell<u64>,
+    /// Resumes answered `recovered: true` / `recovered: false`.
+    pub recovered: Cell<u64>,
+    pub not_recovered: Cell<u64>,
+    /// This shard's replay budget: (window start on the shard clock in ms, events replayed in
+    /// that second).
+    pub replay_window: Cell<(u32, usize)>,
     /// Arrival times of the events fanned out in the current burst.
     burst: RefCell<Vec<Instant>>,
 }
@@ -241,6 +249,9 @@ impl Shard {
             channels,
             http: self.stats.http.borrow().clone(),
             subscribes_refused: self.stats.subscribes_refused.borrow().clone(),
+            replayed: self.stats.replayed.get(),
+            recovered: self.stats.recovered.get(),
+            not_recovered: self.stats.not_recovered.get(),
             latency: self
                 .stats
                 .latency
@@ -271,6 +282,7 @@ impl Shard {
                 channel,
                 delta,
             } => self.count_delta(app, channel, delta),
+            ShardCmd::Resume(r) => self.resumed(r),
             ShardCmd::UserOnline {
                 app,
                 user_id,

@@ -218,6 +218,7 @@ impl Shard {
             frame: SharedFrame::text(&json),
             except,
             cache: false,
+            positioned: false,
         });
     }
 

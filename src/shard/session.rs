@@ -14,6 +14,7 @@ use crate::node::Event;
 use crate::protocol::inbound::{self, ClientMessage};
 use crate::protocol::members::{parse_channel_data, parse_user_data};
 use crate::protocol::{auth, channel, outbound, ChannelKind, PusherError};
+use crate::resume::Position;
 
 /// Most channels one connection may be subscribed to at once; bounds the index per connection.
 pub const MAX_CHANNELS_PER_CONN: usize = 1000;
@@ -61,12 +62,14 @@ pub(super) fn on_text(shard: &Shard, conn: &Conn, payload: &mut [u8]) {
             channel,
             auth,
             channel_data,
+            position,
         } => subscribe(
             shard,
             conn,
             &channel,
             auth.as_deref(),
             channel_data.as_deref(),
+            position.as_deref(),
         ),
         ClientMessage::Unsubscribe { channel } => {
             subscription_token(shard, conn, false);
@@ -163,6 +166,7 @@ fn subscribe(
     channel: &str,
     auth_token: Option<&str>,
     channel_data: Option<&str>,
+    position: Option<&str>,
 ) {
     match subscription_token(shard, conn, true) {
         Churn::Allowed => {}
@@ -296,6 +300,16 @@ fn subscribe(
         }
         return;
     }
+    if app.positioned(channel) {
+        // A position that does not parse is one the history cannot cover.
+        let from = position.map(|p| {
+            Position::parse(p).unwrap_or(Position {
+                epoch: 0,
+                offset: u64::MAX,
+            })
+        });
+        return shard.subscribe_positioned(conn, channel, from);
+    }
     if let Err(limit) = shard.subscribe_local(conn, channel) {
         conn.send_text(&outbound::error(None, &limit.to_string()));
         return;
@@ -402,6 +416,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         // on every node): a client event would otherwise replace it for the whole TTL (Pusher
         // caches server events only).
         cache: false,
+        positioned: app.positioned(channel),
     });
 }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::conn::Conn;
+use super::conn::Enqueued;
 use super::index::SubscriptionIndex;
 use super::Shard;
-use crate::fanout::router::{ConnId, Joined, PresenceOp, ShardCmd};
+use crate::fanout::router::{ConnId, Joined, PresenceOp, Resume, ResumeOutcome, ShardCmd};
 use crate::protocol::{channel, outbound, ChannelKind, SocketId};
 use crate::webhooks;
 
@@ -282,5 +283,135 @@ impl Shard {
             conn.send_text(&outbound::watchlist_event(name, &[user_id]));
             self.mark_dirty(&conn);
         }
+    }
+}
+
+impl Shard {
+    /// Subscribes `conn` to a positioned channel from `from` (the last position its client saw,
+    /// if it sent one). The channel's history answers under its lock, and the answer goes into
+    /// this shard's own inbox under that same lock: every event it covers is ahead of it there
+    /// and every later one behind it, so the subscription (`resumed`) starts exactly after it.
+    pub(super) fn subscribe_positioned(
+        &self,
+        conn: &Conn,
+        channel: &str,
+        from: Option<crate::resume::Position>,
+    ) {
+        conn.ext().presence_pending.push(Rc::from(channel));
+        let router = &self.shared.router;
+        let pushed = self
+            .shared
+            .resume
+            .resume(conn.app, channel, from, Instant::now(), |answer| {
+                use crate::resume::history::Replay;
+                let outcome = match answer.replay {
+                    Replay::Fresh => ResumeOutcome::Fresh,
+                    Replay::Recovered(frames) => ResumeOutcome::Recovered(frames),
+                    Replay::Lost { missed } => ResumeOutcome::Lost(missed),
+                };
+                router.try_push(
+                    self.id,
+                    ShardCmd::Resume(Resume {
+                        conn: conn.id,
+                        app: conn.app,
+                        channel: Arc::from(channel),
+                        head: answer.head.to_string(),
+                        outcome,
+                    }),
+                )
+            });
+        if pushed.is_err() {
+            conn.ext().presence_pending.retain(|c| &**c != channel);
+            conn.send_text(&outbound::subscription_error(
+                channel,
+                "Overloaded",
+                "server is overloaded, try again",
+                503,
+            ));
+        }
+    }
+
+    /// A positioned subscription's turn in the inbox: add the connection, then
+    /// `subscription_succeeded` (with the position), the missed frames (the same `Bytes` every
+    /// subscriber got, under the connection's outbound bound: a replay that does not fit closes
+    /// it with 4100 like any slow consumer), and `bts:recovered`.
+    pub(super) fn resumed(&self, r: Resume) {
+        let conn = self.conns.borrow().get(r.conn).cloned();
+        let Some(conn) = conn.filter(|c| c.join_pending(&r.channel) && c.is_open()) else {
+            return;
+        };
+        conn.ext().presence_pending.retain(|c| **c != *r.channel);
+        if let Err(limit) = self.subscribe_local(&conn, &r.channel) {
+            conn.send_text(&outbound::error(None, &limit.to_string()));
+            self.mark_dirty(&conn);
+            return;
+        }
+        conn.send_text(&outbound::subscription_succeeded_at(&r.channel, &r.head));
+        let stats = &self.stats;
+        // A cache channel's last event goes to a fresh subscriber, and after `recovered:
+        // false`; a recovered client already has it.
+        let mut cached = true;
+        match r.outcome {
+            ResumeOutcome::Fresh => {}
+            ResumeOutcome::Recovered(frames)
+                if self.replay_fits(&frames) && self.replay_budget(frames.len()) =>
+            {
+                let n = frames.len() as u64;
+                for f in frames {
+                    if !matches!(conn.enqueue_shared(&Rc::new(f)), Enqueued::Yes(_)) {
+                        // Closed as a slow consumer: its client resumes again.
+                        self.mark_dirty(&conn);
+                        return;
+                    }
+                }
+                stats.replayed.set(stats.replayed.get() + n);
+                stats.recovered.set(stats.recovered.get() + 1);
+                conn.send_text(&outbound::recovered(&r.channel, true, Some(n), &r.head));
+                cached = false;
+            }
+            ResumeOutcome::Recovered(frames) => {
+                // Larger than half the connection's outbound bound (it could only end in
+                // 4100, and the same resume again), or over this shard's replay budget for
+                // this second.
+                stats.not_recovered.set(stats.not_recovered.get() + 1);
+                let missed = Some(frames.len() as u64);
+                conn.send_text(&outbound::recovered(&r.channel, false, missed, &r.head));
+            }
+            ResumeOutcome::Lost(missed) => {
+                stats.not_recovered.set(stats.not_recovered.get() + 1);
+                conn.send_text(&outbound::recovered(&r.channel, false, missed, &r.head));
+            }
+        }
+        if cached {
+            self.send_cached(&conn, &r.channel);
+        }
+        self.mark_dirty(&conn);
+    }
+
+    /// Whether a replay fits in half of a connection's outbound bound: a larger one would close
+    /// the connection with 4100 before it is written, and its client would ask for the same
+    /// replay again.
+    fn replay_fits(&self, frames: &[bytes::Bytes]) -> bool {
+        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+        bytes <= self.shared.cfg.max_outbound_bytes / 2
+    }
+
+    /// Takes `n` events from this shard's replay budget for the current second; `false` (and
+    /// nothing taken) when they do not fit.
+    fn replay_budget(&self, n: usize) -> bool {
+        let limit = self.shared.resume.bounds().replay_per_shard;
+        let now = self.now_ms();
+        let (start, used) = self.stats.replay_window.get();
+        let (start, used) = if now.wrapping_sub(start) >= 1000 {
+            (now, 0)
+        } else {
+            (start, used)
+        };
+        if used + n > limit {
+            self.stats.replay_window.set((start, used));
+            return false;
+        }
+        self.stats.replay_window.set((start, used + n));
+        true
     }
 }

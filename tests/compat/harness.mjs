@@ -4,6 +4,7 @@
 // the clients torn down, and exit 1; and the waits a step may make, each bounded.
 
 import { readFileSync } from 'node:fs';
+import net from 'node:net';
 import { inspect, isDeepStrictEqual } from 'node:util';
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -293,4 +294,58 @@ export class Clients {
     check(g.length === 1, `${t.label}: expected "${event}" on ${channel} exactly once, got it ${g.length} times: ${show(g)}`);
     expectEqual(g[0].data, data, `${t.label}: "${event}" on ${channel} data`);
   }
+}
+
+/// A TCP proxy to the server: `cut()` drops every connection through it; while `paused`, new
+/// connections are held (not yet linked to the server) until `unpause()`: the network is down,
+/// and pusher-js's reconnect gets through as soon as it is back.
+export function tcpProxy(host, port) {
+  const conns = new Set();
+  const held = [];
+  const link = (down) => {
+    p.accepted += 1;
+    const up = net.connect(port, host);
+    down.pipe(up);
+    up.pipe(down);
+    const pair = { down, up };
+    conns.add(pair);
+    const end = () => {
+      conns.delete(pair);
+      down.destroy();
+      up.destroy();
+    };
+    down.on('error', end).on('close', end);
+    up.on('error', end).on('close', end);
+  };
+  const p = {
+    paused: false,
+    accepted: 0,
+    server: net.createServer((down) => {
+      if (p.paused) {
+        down.on('error', () => {});
+        held.push(down);
+      } else {
+        link(down);
+      }
+    }),
+    unpause() {
+      p.paused = false;
+      for (const down of held.splice(0)) {
+        if (!down.destroyed) link(down);
+      }
+    },
+    cut() {
+      for (const { down, up } of [...conns]) {
+        down.destroy();
+        up.destroy();
+      }
+      conns.clear();
+    },
+    close() {
+      p.cut();
+      for (const down of held.splice(0)) down.destroy();
+      p.server.close();
+    },
+  };
+  return new Promise((resolve) => p.server.listen(0, '127.0.0.1', () => resolve(p)));
 }

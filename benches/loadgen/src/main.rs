@@ -180,6 +180,10 @@ pub enum Scenario {
     /// over public, private and presence channels) while events are published at a steady
     /// rate; checks server RSS and fds, every delivery, and presence counts at the end.
     Soak(scenario::soak::SoakArgs),
+    /// C viewers on positioned channels (bts-guru's `resume`), a fraction dropped and
+    /// reconnected every second while events flow: no loss, duplicate or reordering at any
+    /// viewer; resume latency and server CPU.
+    Reconnect(scenario::reconnect::ReconnectArgs),
 }
 
 /// Why a run could not be done.
@@ -223,6 +227,7 @@ impl Scenario {
             Scenario::Presence(_) => "presence",
             Scenario::Max(_) => "max",
             Scenario::Soak(_) => "soak",
+            Scenario::Reconnect(_) => "reconnect",
         }
     }
 
@@ -235,6 +240,7 @@ impl Scenario {
             Scenario::Presence(a) => scenario::presence::estimate_secs(c, a),
             Scenario::Max(a) => scenario::max::estimate_secs(c, a),
             Scenario::Soak(a) => scenario::soak::estimate_secs(a),
+            Scenario::Reconnect(a) => scenario::reconnect::estimate_secs(c, a),
         }
     }
 
@@ -246,6 +252,7 @@ impl Scenario {
             Scenario::Presence(a) => scenario::presence::run(env, a),
             Scenario::Max(a) => scenario::max::run(env, a),
             Scenario::Soak(a) => scenario::soak::run(env, a),
+            Scenario::Reconnect(a) => scenario::reconnect::run(env, a),
         }
     }
 }

@@ -36,7 +36,15 @@ fn help_names_every_scenario_and_the_exit_statuses() {
     let out = bench(&["--help"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    for s in ["fanout", "idle", "churn", "presence", "max", "soak"] {
+    for s in [
+        "fanout",
+        "idle",
+        "churn",
+        "presence",
+        "max",
+        "soak",
+        "reconnect",
+    ] {
         assert!(text.contains(s), "{s} missing from --help:\n{text}");
     }
     assert!(text.contains("3 the hard timeout fired"), "{text}");

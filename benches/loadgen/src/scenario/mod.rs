@@ -9,6 +9,7 @@ pub mod idle;
 pub mod max;
 mod phase;
 pub mod presence;
+pub mod reconnect;
 mod rows;
 pub mod soak;
 

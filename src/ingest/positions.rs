@@ -1,0 +1,165 @@
+//! Cluster mode, positioned channels, on the ingest thread: the announcements Redis makes for
+//! every appended event (delivered at the position Redis gave, with a backfill from Redis when
+//! this node's history does not reach it), the history preload at start, and the idempotency
+//! ids of Laravel's events, which every node offers for appending.
+//!
+//! Laravel's broadcaster PUBLISHes each event once; every node receives it, in the one order
+//! Redis delivers a channel's messages to every subscriber. Every node offers it
+//! (`Shared::offer`) with the same id: the channel, the payload's SHA-256, and how many times
+//! this node has seen that exact payload on that channel in the last `WINDOW`; the append
+//! script appends only for the first offer of an id. So an event enters the history once
+//! while at least one node that received it is alive, whichever node that is.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::RedisConfig;
+use crate::fanout::frame::SharedFrame;
+use crate::node::{Event, Shared};
+use crate::protocol::{channel, SocketId};
+use crate::resume::store;
+
+/// How long an identical payload counts as a repeat (well under the ids' lifetime in Redis,
+/// `store::DEDUPE_SECS`).
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+pub struct Positions {
+    /// A plain connection for reads (the subscription's cannot send commands).
+    conn: Option<redis::Connection>,
+    /// (channel, payload digest) → (times seen, last seen).
+    seen: HashMap<(String, [u8; 32]), (u64, Instant)>,
+}
+
+impl Positions {
+    fn conn(&mut self, cfg: &RedisConfig) -> Option<&mut redis::Connection> {
+        if self.conn.is_none() {
+            self.conn = cfg
+                .client()
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+                .ok();
+        }
+        self.conn.as_mut()
+    }
+
+    /// What Redis keeps of one channel, as frames.
+    fn history(
+        &mut self,
+        cfg: &RedisConfig,
+        app_id: &str,
+        ch: &str,
+    ) -> Option<(u64, Vec<(u64, SharedFrame)>)> {
+        let conn = self.conn(cfg)?;
+        match store::history(conn, app_id, ch) {
+            Ok(h) => h.map(|(e, kept)| {
+                (
+                    e,
+                    kept.into_iter()
+                        .map(|(o, j)| (o, SharedFrame::text(j.as_bytes())))
+                        .collect(),
+                )
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
+                self.conn = None;
+                None
+            }
+        }
+    }
+
+    /// At start (and after a reconnect): every positioned channel's history Redis keeps, into
+    /// this node's, so a client resuming here right away finds it.
+    pub fn preload(&mut self, cfg: &RedisConfig, shared: &Shared) {
+        let apps = shared.apps.current();
+        let Some(conn) = self.conn(cfg) else {
+            return;
+        };
+        let list = match store::channels(conn) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list positioned channels in Redis");
+                self.conn = None;
+                return;
+            }
+        };
+        let mut loaded = 0;
+        for (app_id, ch) in list {
+            let Some(app) = shared.router.app_index(&app_id) else {
+                continue;
+            };
+            if !apps.get(app).positioned(&ch) {
+                continue;
+            }
+            if let Some((epoch, kept)) = self.history(cfg, &app_id, &ch) {
+                shared.resume.load(app, &ch, epoch, kept, Instant::now());
+                loaded += 1;
+            }
+        }
+        if loaded > 0 {
+            tracing::info!(
+                channels = loaded,
+                "positioned channels' history loaded from Redis"
+            );
+        }
+    }
+
+    /// An announcement on `<cluster channel>:resume`: deliver it here at its position.
+    pub fn announced(&mut self, cfg: &RedisConfig, shared: &Shared, payload: &[u8]) {
+        let Some(a) = store::decode(payload) else {
+            shared
+                .ingest
+                .malformed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
+        let Some(app) = shared.router.app_index(a.app_id) else {
+            return;
+        };
+        if channel::validate(a.channel).is_err() {
+            return;
+        }
+        let dropped = shared.deliver_at(
+            Event {
+                app,
+                channel: a.channel,
+                frame: SharedFrame::text(a.json.as_bytes()),
+                except: a.except.and_then(SocketId::parse),
+                cache: a.cache,
+                positioned: true,
+            },
+            a.position,
+            || self.history(cfg, a.app_id, a.channel),
+        );
+        if dropped > 0 {
+            shared
+                .ingest
+                .dropped
+                .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The id every node gives the same Laravel event (see the module's note).
+    pub fn dedupe_id(&mut self, channel: &str, payload: &[u8]) -> String {
+        let digest: [u8; 32] = Sha256::digest(payload).into();
+        let now = Instant::now();
+        let e = self
+            .seen
+            .entry((channel.to_owned(), digest))
+            .or_insert((0, now));
+        if now.duration_since(e.1) > WINDOW {
+            e.0 = 0;
+        }
+        e.0 += 1;
+        e.1 = now;
+        format!("{}.{}", hex::encode(&digest[..16]), e.0)
+    }
+
+    /// Forgets payloads not seen for a `WINDOW` (once a second).
+    pub fn gc(&mut self) {
+        let now = Instant::now();
+        self.seen
+            .retain(|_, (_, at)| now.duration_since(*at) <= WINDOW);
+    }
+}

@@ -1,0 +1,314 @@
+//! Positioned channels and resume, over real sockets: positions in the shared frame, the
+//! replay of exactly the missed events between `subscription_succeeded` and `bts:recovered`,
+//! `recovered: false` without a partial replay when the history cannot cover the gap, plain
+//! channels unchanged, and clients that drop and resume while events keep flowing.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+fn daemon(history: usize) -> (Daemon, u16) {
+    let port = free_port();
+    let d = Daemon::builder()
+        .env("BTS_APP_RESUME", "sports.*,scores-*")
+        .env("BTS_RESUME_HISTORY_EVENTS", history.to_string())
+        .metrics_port(port)
+        .shards(2)
+        .start();
+    (d, port)
+}
+
+/// Subscribes, with a position or without, and returns the position in `subscription_succeeded`.
+fn subscribe_at(c: &mut Client, channel: &str, position: Option<&str>) -> String {
+    let mut data = json!({ "channel": channel });
+    if let Some(p) = position {
+        data["bts_position"] = p.into();
+    }
+    c.send_json(json!({"event":"pusher:subscribe","data":data}));
+    let ev = c.expect_event("pusher_internal:subscription_succeeded");
+    assert_eq!(ev["channel"], channel);
+    ev["bts_position"]
+        .as_str()
+        .expect("a positioned channel's subscription_succeeded has bts_position")
+        .to_owned()
+}
+
+fn split(p: &str) -> (String, u64) {
+    let (e, o) = p.split_once(':').unwrap();
+    (e.to_owned(), o.parse().unwrap())
+}
+
+/// Reads the raw text of the next message.
+fn next_text(c: &mut Client) -> String {
+    c.set_timeout(Duration::from_secs(5));
+    loop {
+        match c.ws.read().expect("read") {
+            Message::Text(t) => return t.to_string(),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn missed_events_are_replayed_once_in_order_then_live() {
+    let (d, metrics) = daemon(5);
+    let api = d.api();
+    let mut a = d.client();
+    let mut watcher = d.client();
+    let start = subscribe_at(&mut a, "sports.match-1", None);
+    let (epoch, zero) = split(&start);
+    assert_eq!((epoch.len(), zero), (16, 0));
+    subscribe_at(&mut watcher, "sports.match-1", None);
+    // A stock subscribe (no position) on a plain channel: today's frames, no position.
+    watcher.subscribe("news");
+    for i in 1..=3 {
+        assert_eq!(
+            api.trigger(&["sports.match-1"], "goal", &format!("g{i}")).0,
+            200
+        );
+    }
+    let mut last = String::new();
+    for i in 1..=3 {
+        let raw = next_text(&mut a);
+        let same = next_text(&mut watcher);
+        assert_eq!(raw, same, "every subscriber gets the same bytes");
+        let v: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(
+            (v["event"].as_str(), v["data"].as_str()),
+            (Some("goal"), Some(&*format!("g{i}")))
+        );
+        last = v["bts_position"].as_str().unwrap().to_owned();
+        assert_eq!(split(&last), (epoch.clone(), i));
+        assert!(
+            raw.ends_with(&format!(",\"bts_position\":\"{last}\"}}")),
+            "{raw}"
+        );
+    }
+    api.trigger(&["news"], "headline", "plain");
+    let plain = next_text(&mut watcher);
+    assert_eq!(
+        plain, r#"{"event":"headline","channel":"news","data":"plain"}"#,
+        "a plain channel's frame is unchanged"
+    );
+
+    // `a` drops; three events go by.
+    a.close();
+    for i in 4..=6 {
+        api.trigger(&["sports.match-1"], "goal", &format!("g{i}"));
+    }
+    for _ in 4..=6 {
+        next_text(&mut watcher);
+    }
+    let mut b = d.client();
+    let head = subscribe_at(&mut b, "sports.match-1", Some(&last));
+    assert_eq!(split(&head), (epoch.clone(), 6));
+    for i in 4..=6 {
+        let v = b.next_event(Duration::from_secs(5));
+        assert_eq!(v["event"], "goal", "{v}");
+        assert_eq!(v["data"], format!("g{i}"));
+        assert_eq!(
+            split(v["bts_position"].as_str().unwrap()),
+            (epoch.clone(), i)
+        );
+    }
+    let rec = b.expect_event("bts:recovered");
+    let data: Value = serde_json::from_str(rec["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data, json!({"recovered": true, "missed": 3}));
+    assert_eq!(rec["bts_position"], head);
+    api.trigger(&["sports.match-1"], "goal", "g7");
+    let live = b.next_event(Duration::from_secs(5));
+    assert_eq!(
+        (
+            live["data"].as_str(),
+            split(live["bts_position"].as_str().unwrap()).1
+        ),
+        (Some("g7"), 7)
+    );
+    b.expect_silence(Duration::from_millis(200));
+
+    // Resuming at the head: nothing to replay.
+    let mut c = d.client();
+    let at = subscribe_at(&mut c, "sports.match-1", Some(&format!("{epoch}:7")));
+    assert_eq!(split(&at).1, 7);
+    let rec = c.expect_event("bts:recovered");
+    assert_eq!(rec["data"], r#"{"recovered":true,"missed":0}"#);
+
+    // Older than the bound (5 events kept, 7 missed): recovered false, no partial replay.
+    let mut old = d.client();
+    subscribe_at(&mut old, "sports.match-1", Some(&format!("{epoch}:0")));
+    let rec = old.expect_event("bts:recovered");
+    assert_eq!(rec["data"], r#"{"recovered":false,"missed":7}"#);
+    // Another epoch (a restart, a dropped history): recovered false, missed unknown.
+    let mut other = d.client();
+    subscribe_at(&mut other, "sports.match-1", Some("00000000000000ff:3"));
+    let rec = other.expect_event("bts:recovered");
+    assert_eq!(rec["data"], r#"{"recovered":false,"missed":null}"#);
+    // A position that is not one: the same.
+    let mut junk = d.client();
+    subscribe_at(&mut junk, "sports.match-1", Some("nonsense"));
+    assert_eq!(
+        junk.expect_event("bts:recovered")["data"],
+        r#"{"recovered":false,"missed":null}"#
+    );
+    // Then live, from the current position.
+    api.trigger(&["sports.match-1"], "goal", "g8");
+    for cl in [&mut old, &mut other, &mut junk] {
+        let v = cl.next_event(Duration::from_secs(5));
+        assert_eq!(v["data"], "g8");
+    }
+
+    let text = scrape_metrics(metrics);
+    assert_eq!(metric(&text, "bts_resume_replayed_events_total"), 3.0);
+    assert_eq!(
+        metric(&text, r#"bts_resumes_total{outcome="recovered"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, r#"bts_resumes_total{outcome="not_recovered"}"#),
+        3.0
+    );
+    assert_eq!(metric(&text, "bts_resume_events_total"), 8.0);
+    assert!(metric(&text, "bts_resume_history_bytes") > 0.0);
+}
+
+/// Clients drop and resume over and over while a publisher keeps going: each ends with the
+/// whole published sequence, once, in order (the real-socket variant of the history model's
+/// property test). Events published while a resume is answered are held behind the replay.
+#[test]
+fn resumes_while_events_flow_lose_and_repeat_nothing() {
+    let (d, _) = daemon(1000);
+    let total = 400u64;
+    let done = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let api = d.api();
+        let published = Arc::clone(&published);
+        std::thread::spawn(move || {
+            for i in 1..=total {
+                let (status, body) = api.trigger(&["scores-live"], "tick", &i.to_string());
+                assert_eq!(status, 200, "{body}");
+                published.store(i, Ordering::SeqCst);
+                if i % 8 == 0 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            }
+        })
+    };
+    let mut handles = vec![];
+    for seed in 0..4u64 {
+        let addr = d.addr;
+        let done = Arc::clone(&done);
+        handles.push(std::thread::spawn(move || {
+            let mut rng = seed * 7919 + 17;
+            let mut next_rand = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let mut got: Vec<u64> = vec![];
+            let mut pos: Option<String> = None;
+            let mut resumes = 0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            'outer: while Instant::now() < deadline {
+                let mut c = Client::connect(addr, APP_KEY);
+                let head = subscribe_at(&mut c, "scores-live", pos.as_deref());
+                if pos.is_none() {
+                    // First subscribe: the sequence starts after the head it names.
+                    let (_, o) = split(&head);
+                    got.extend(1..=o);
+                    pos = Some(head);
+                } else {
+                    resumes += 1;
+                }
+                let take = 5 + next_rand() % 60;
+                for _ in 0..take {
+                    let v = match c.next(Duration::from_secs(10)) {
+                        Got::Event(v) => v,
+                        Got::Timeout if got.len() as u64 == total => break 'outer,
+                        other => panic!("client {seed}: {other:?} after {}", got.len()),
+                    };
+                    match v["event"].as_str() {
+                        Some("tick") => {
+                            let p = v["bts_position"].as_str().unwrap().to_owned();
+                            let n: u64 = v["data"].as_str().unwrap().parse().unwrap();
+                            assert_eq!(split(&p).1, n, "offset = publish order");
+                            got.push(n);
+                            pos = Some(p);
+                        }
+                        Some("bts:recovered") => {
+                            let data: Value =
+                                serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+                            assert_eq!(data["recovered"], true, "client {seed}: {v}");
+                        }
+                        _ => panic!("unexpected {v}"),
+                    }
+                    if got.len() as u64 == total {
+                        break 'outer;
+                    }
+                }
+                c.close();
+            }
+            done.store(true, Ordering::SeqCst);
+            (got, resumes)
+        }));
+    }
+    publisher.join().unwrap();
+    assert_eq!(published.load(Ordering::SeqCst), total);
+    for (i, h) in handles.into_iter().enumerate() {
+        let (got, resumes) = h.join().unwrap();
+        let want: Vec<u64> = (1..=total).collect();
+        assert_eq!(got, want, "client {i} after {resumes} resumes");
+        assert!(resumes > 0, "client {i} resumed");
+    }
+}
+
+/// A replay larger than half of the connection's outbound bound would only end in 4100 and the
+/// same resume again: it is answered `recovered: false`; a smaller one is replayed.
+#[test]
+fn a_replay_larger_than_half_the_outbound_bound_is_not_recovered() {
+    let d = Daemon::builder()
+        .env("BTS_APP_RESUME", "sports.*")
+        .env("REVERB_APP_MAX_MESSAGE_SIZE", "2000")
+        .server_toml("max_outbound_bytes = 8192")
+        .shards(1)
+        .start();
+    let api = d.api();
+    let mut a = d.client();
+    let start = subscribe_at(&mut a, "sports.big", None);
+    a.close();
+    let kb = "x".repeat(1000);
+    for _ in 0..3 {
+        assert_eq!(api.trigger(&["sports.big"], "e", &kb).0, 200);
+    }
+    // 3 KB missed: replayed.
+    let mut b = d.client();
+    let head = subscribe_at(&mut b, "sports.big", Some(&start));
+    for _ in 0..3 {
+        assert_eq!(b.next_event(Duration::from_secs(5))["data"], kb);
+    }
+    assert_eq!(
+        b.expect_event("bts:recovered")["data"],
+        r#"{"recovered":true,"missed":3}"#
+    );
+    b.close();
+    for _ in 0..6 {
+        assert_eq!(api.trigger(&["sports.big"], "e", &kb).0, 200);
+    }
+    // 6 KB missed, over half of 8 KiB: not replayed, and the connection stays.
+    let mut c = d.client();
+    subscribe_at(&mut c, "sports.big", Some(&head));
+    assert_eq!(
+        c.expect_event("bts:recovered")["data"],
+        r#"{"recovered":false,"missed":6}"#
+    );
+    api.trigger(&["sports.big"], "e", "small");
+    assert_eq!(c.next_event(Duration::from_secs(5))["data"], "small");
+}
