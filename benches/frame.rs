@@ -115,7 +115,8 @@ fn fanout_10k(c: &mut Criterion) {
             shard.bench_fanout(Broadcast {
                 app: 0,
                 channel: Arc::clone(&channel),
-                frame: frame.bytes.clone(),
+                frame: frame.clone().framed(false),
+                conflate: false,
                 except: None,
                 cache: false,
                 created: std::time::Instant::now(),

@@ -229,6 +229,8 @@ mod tests {
             webhooks: vec![],
             max_channels: None,
             subscription_rate: crate::config::DEFAULT_SUBSCRIPTION_RATE,
+            compression: true,
+            conflate: vec![],
         }
     }
 

@@ -189,6 +189,9 @@ pub struct RawServer {
     pub max_connections_per_ip: Option<u32>,
     pub trusted_proxies: Option<Vec<String>>,
     pub proxy_protocol: Option<bool>,
+    pub compression: Option<bool>,
+    pub compression_threshold: Option<usize>,
+    pub conflation_threshold: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -216,4 +219,6 @@ pub struct RawApp {
     pub max_channels: Option<usize>,
     pub subscription_changes_per_second: Option<u32>,
     pub subscription_changes_burst: Option<u32>,
+    pub compression: Option<bool>,
+    pub conflate: Option<Vec<String>>,
 }

@@ -267,12 +267,14 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
             if channel::validate(&channel).is_err() {
                 return;
             }
+            let apps = shared.apps.current();
             shared.deliver(Event {
                 app,
                 channel: &channel,
                 frame: SharedFrame::text(json.as_bytes()),
                 except: except.as_deref().and_then(SocketId::parse),
                 cache,
+                settings: apps.get(app),
             });
         }
         Wire::Join {

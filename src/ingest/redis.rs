@@ -288,6 +288,7 @@ fn consume(
             frame: SharedFrame::event(&ev.event, channel, &ev.data_json),
             except: ev.except,
             cache: channel::is_cache(channel),
+            settings: apps.get(cfg.app),
         });
         if dropped > 0 {
             stats.dropped.fetch_add(dropped as u64, Ordering::Relaxed);

@@ -24,17 +24,33 @@ pub struct Event<'a> {
     pub except: Option<SocketId>,
     /// Keep the frame as the channel's last event (server events on cache channels only).
     pub cache: bool,
+    /// The app's settings (compression, conflation), as the caller already holds them.
+    pub settings: &'a crate::config::App,
 }
 
 impl Shared {
     /// To this node's subscribers: every shard's inbox gets the frame, one `Bytes` clone each.
     /// Returns how many shards dropped it (their inbox was full). For events every node gets
     /// by itself: Laravel's Redis broadcasts, other nodes' events, internal events.
+    ///
+    /// This is where every event's frame is compressed, once for every compressing subscriber
+    /// on every shard (when compression is on for the server and the app and the payload is
+    /// at least `compression_threshold` bytes), and where its conflation key is decided.
     pub fn deliver(&self, event: Event<'_>) -> usize {
+        let settings = event.settings;
+        let compress = self.cfg.compression
+            && settings.compression
+            && event.frame.payload().len() >= self.cfg.compression_threshold;
+        let conflate = !settings.conflate.is_empty()
+            && event
+                .frame
+                .event_name()
+                .is_some_and(|name| settings.conflate.iter().any(|e| **e == *name));
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),
-            frame: event.frame.bytes,
+            frame: event.frame.framed(compress),
+            conflate,
             except: event.except,
             cache: event.cache,
             created: Instant::now(),

@@ -381,6 +381,7 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
                 frame: SharedFrame::event(&c.name, ch, &c.data_json),
                 except: c.except,
                 cache: channel::is_cache(ch),
+                settings: &app,
             });
         }
     }

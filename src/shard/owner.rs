@@ -212,12 +212,14 @@ impl Shard {
         except: Option<SocketId>,
     ) {
         let json = outbound::channel_event_str(event, &channel, data);
+        let settings = self.app(app);
         self.shared.deliver(Event {
             app,
             channel: &channel,
             frame: SharedFrame::text(&json),
             except,
             cache: false,
+            settings: &settings,
         });
     }
 

@@ -402,6 +402,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         // on every node): a client event would otherwise replace it for the whole TTL (Pusher
         // caches server events only).
         cache: false,
+        settings: &app,
     });
 }
 

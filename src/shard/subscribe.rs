@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use super::conn::Conn;
 use super::index::SubscriptionIndex;
+use super::outqueue::Frame;
 use super::Shard;
 use crate::fanout::router::{ConnId, Joined, PresenceOp, ShardCmd};
 use crate::protocol::{channel, outbound, ChannelKind, SocketId};
@@ -167,7 +168,7 @@ impl Shard {
         let cache = self.cache.borrow();
         match cache.get(conn.app, channel, Instant::now()) {
             Some(frame) => {
-                conn.enqueue_shared(&Rc::new(frame.clone()));
+                conn.enqueue_shared(frame, usize::MAX);
             }
             None => {
                 conn.send_text(&outbound::cache_miss(channel));
@@ -204,7 +205,7 @@ impl Shard {
                 conn.ext()
                     .presence
                     .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
-                conn.enqueue_shared(&Rc::new(frame));
+                conn.enqueue_shared(&Rc::new(Frame::plain(frame)), usize::MAX);
                 self.send_cached(conn, &j.channel);
                 self.mark_dirty(conn);
             }

@@ -614,7 +614,7 @@ mod tests {
     /// (payload unmasked).
     fn client_frame(s: &mut TcpStream, dec: &mut Decoder, buf: &mut Vec<u8>) -> (Inbound, Vec<u8>) {
         loop {
-            if let Some((msg, used)) = dec.next(buf, 1 << 20).unwrap() {
+            if let Some((msg, used)) = dec.next(buf, 1 << 20, false).unwrap() {
                 return (msg, buf.drain(..used).collect());
             }
             let mut chunk = [0u8; 4096];

@@ -312,7 +312,7 @@ mod tests {
             encode_frame(&mut out, OP_TEXT, text.as_bytes(), [1, 2, 3, 4]);
             assert_eq!(out[1] & 0x80, 0x80, "masked");
             let mut dec = codec::Decoder::default();
-            let (msg, used) = dec.next(&mut out, 1 << 20).unwrap().unwrap();
+            let (msg, used) = dec.next(&mut out, 1 << 20, false).unwrap().unwrap();
             assert_eq!(used, out.len());
             let codec::Inbound::Text(codec::Text::InBuf(r)) = msg else {
                 panic!("{msg:?}");
@@ -322,7 +322,7 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), [9, 8, 7, 6]);
         let (msg, _) = codec::Decoder::default()
-            .next(&mut out, 1 << 20)
+            .next(&mut out, 1 << 20, false)
             .unwrap()
             .unwrap();
         assert_eq!(msg, codec::Inbound::Close(Some(1000)));
