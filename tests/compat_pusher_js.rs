@@ -39,5 +39,9 @@ fn pusher_js_over_ws_negotiates_permessage_deflate() {
         Duration::from_secs(40),
         &|| d.stderr(),
     );
-    assert_eq!(summary["wire_first_bytes"], serde_json::json!(["0xc1", "0x81"]), "{summary}");
+    assert_eq!(
+        summary["wire_first_bytes"],
+        serde_json::json!(["0xc1", "0x81"]),
+        "{summary}"
+    );
 }
