@@ -49,8 +49,9 @@ fn payload_of_size(n: usize) -> String {
         i += 1;
     }
     s.push_str("]}");
-    if n < s.len() {
-        s = MATCH_UPDATE[..n.min(MATCH_UPDATE.len())].to_owned();
+    if n < MATCH_UPDATE.len() {
+        // Shorter than the match.update itself: its first n bytes (data is a string anyway).
+        s = MATCH_UPDATE[..n].to_owned();
     }
     s
 }
@@ -108,6 +109,29 @@ fn deflate(c: &mut Criterion) {
                     .framed(true),
                 )
             })
+        });
+    }
+    // The DEFLATE level (`ws::deflate::LEVEL`) on the original match.update: time and size.
+    let mut data = Vec::new();
+    outbound::push_json_str(&mut data, MATCH_UPDATE);
+    let f = SharedFrame::event("match.update", "sports.football.leagues.premier-league", &data);
+    for level in [1u32, 6, 9] {
+        let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+        let mut out = Vec::with_capacity(1024);
+        let run = |c: &mut flate2::Compress, out: &mut Vec<u8>| {
+            c.reset();
+            out.clear();
+            c.compress_vec(f.payload(), out, flate2::FlushCompress::Sync)
+                .unwrap();
+        };
+        run(&mut c, &mut out);
+        eprintln!(
+            "deflate/level_{level}: match.update payload {} B -> {} B",
+            f.payload().len(),
+            out.len() - 4
+        );
+        g.bench_function(format!("level_{level}/match_update"), |b| {
+            b.iter(|| run(&mut c, &mut out))
         });
     }
     g.finish();
