@@ -114,7 +114,11 @@ fn deflate(c: &mut Criterion) {
     // The DEFLATE level (`ws::deflate::LEVEL`) on the original match.update: time and size.
     let mut data = Vec::new();
     outbound::push_json_str(&mut data, MATCH_UPDATE);
-    let f = SharedFrame::event("match.update", "sports.football.leagues.premier-league", &data);
+    let f = SharedFrame::event(
+        "match.update",
+        "sports.football.leagues.premier-league",
+        &data,
+    );
     for level in [1u32, 6, 9] {
         let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
         let mut out = Vec::with_capacity(1024);
