@@ -152,6 +152,26 @@ pub fn event_name(payload: &[u8]) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
+/// The conflation key of an event JSON this server built: the length of its prefix
+/// `{"event":"NAME","channel":"CHANNEL"`, which names the event and its channel (every frame
+/// of one connection's queue is of its one app). Two frames supersede one another exactly when
+/// these bytes are equal. `None` for any other shape (never conflated).
+pub fn conflation_key_len(payload: &[u8]) -> Option<usize> {
+    let name = event_name(payload)?;
+    let at = br#"{"event":""#.len() + name.len() + 1;
+    let rest = payload.get(at..)?.strip_prefix(br#","channel":""#)?;
+    let at = at + br#","channel":""#.len();
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(at + i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// A frame as it travels to the shards: the plain frame and, when the message was compressed,
 /// the compressed frame after it in the same buffer, so one `Bytes` clone per shard carries
 /// both (and every inbox slot stays as small as it was).
@@ -185,6 +205,17 @@ impl Framed {
 
     pub fn plain_len(&self) -> usize {
         self.plain_len as usize
+    }
+
+    /// The plain frame's bytes, borrowed (no reference count touched: what shards use per
+    /// event).
+    pub fn plain_bytes(&self) -> &[u8] {
+        &self.bytes[..self.plain_len as usize]
+    }
+
+    /// The compressed frame's bytes, borrowed, if the message was compressed.
+    pub fn deflated_bytes(&self) -> Option<&[u8]> {
+        (self.deflated_at > 0).then(|| &self.bytes[self.deflated_at as usize..])
     }
 }
 
@@ -248,6 +279,20 @@ mod tests {
             .map(|i| char::from(b'!' + (i * 37 % 90) as u8))
             .collect();
         assert!(SharedFrame::text(noise.as_bytes()).deflated().is_none());
+    }
+
+    #[test]
+    fn conflation_keys_name_event_and_channel() {
+        fn key(json: &[u8]) -> Option<&[u8]> {
+            conflation_key_len(json).map(|n| &json[..n])
+        }
+        let f = SharedFrame::event("match.update", "match.\"1", b"\"x\"");
+        assert_eq!(
+            key(f.payload()),
+            Some(&br#"{"event":"match.update","channel":"match.\"1""#[..])
+        );
+        assert_eq!(key(br#"{"event":"a","data":"x"}"#), None);
+        assert_eq!(key(br#"{"event":"a","channel":"unterminated"#), None);
     }
 
     #[test]

@@ -114,7 +114,7 @@ mod tests {
         c.put(0, "cache-a", f(b"1"), now, ttl);
         c.put(0, "cache-a", f(b"2"), now, ttl);
         assert_eq!(
-            c.get(0, "cache-a", now).map(|b| &b.plain[..]),
+            c.get(0, "cache-a", now).map(|b| b.plain_bytes()),
             Some(&b"2"[..])
         );
         assert!(c.get(1, "cache-a", now).is_none());

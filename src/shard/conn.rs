@@ -230,7 +230,7 @@ impl Conn {
                 }
             }
         }
-        let deflate = self.deflate && frame.deflated.is_some();
+        let deflate = self.deflate && frame.is_deflated();
         self.enqueue(bytes.len(), || Chunk::Shared(Rc::clone(frame), deflate))
     }
 

@@ -9,51 +9,61 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use bytes::Bytes;
+
+use crate::fanout::frame::Framed;
 
 /// A broadcast as a shard holds it: one per event per shard, shared by every local
 /// subscriber's queue (and by the channel's cache entry).
 #[derive(Debug)]
 pub struct Frame {
-    /// The frame every subscriber gets unless it negotiated compression.
-    pub plain: Bytes,
-    /// The same message compressed once (permessage-deflate), for those that did; `None` when
-    /// it was not compressed (below the threshold, compression off, incompressible).
-    pub deflated: Option<Bytes>,
-    /// When the event is one its app conflates: its channel, and where its name is in `plain`.
-    /// A newer frame with the same channel and name supersedes this one while it waits in a
-    /// slow connection's queue. Resumable (positioned) channels must leave it `None`: see
+    /// The frame every subscriber gets unless it negotiated compression, and the same message
+    /// compressed once (permessage-deflate) for those that did, when it was compressed (not
+    /// below the threshold, compression on, compressible): the `Bytes` the inbox carried, moved
+    /// here and only borrowed from, so no reference count is touched per event on the shard.
+    pub framed: Framed,
+    /// When the event is one its app conflates: the length of the plain payload's prefix that
+    /// names the event and its channel (`fanout::frame::conflation_key_len`), and where the
+    /// payload starts. A newer frame with the same prefix supersedes this one while it waits
+    /// in a slow connection's queue. Resumable (positioned) channels must leave it `None`: see
     /// ARCHITECTURE.md, "Conflation".
-    pub conflate: Option<(Arc<str>, Range<usize>)>,
+    pub conflate: Option<Range<usize>>,
 }
 
 impl Frame {
-    /// A frame nobody conflates or compresses (cached replies in tests, benches).
+    /// A frame nobody conflates or compresses (a presence join's answer, tests).
     pub fn plain(bytes: Bytes) -> Frame {
         Frame {
-            plain: bytes,
-            deflated: None,
+            framed: Framed::plain_only(bytes),
             conflate: None,
         }
     }
 
+    /// The plain frame.
+    pub fn plain_bytes(&self) -> &[u8] {
+        self.framed.plain_bytes()
+    }
+
+    /// There is a compressed frame.
+    pub fn is_deflated(&self) -> bool {
+        self.framed.deflated_bytes().is_some()
+    }
+
     /// The bytes a connection is sent: the compressed frame when it negotiated compression and
     /// there is one.
-    pub fn for_conn(&self, deflate: bool) -> &Bytes {
-        match &self.deflated {
+    pub fn for_conn(&self, deflate: bool) -> &[u8] {
+        match self.framed.deflated_bytes() {
             Some(d) if deflate => d,
-            _ => &self.plain,
+            _ => self.framed.plain_bytes(),
         }
     }
 
     /// Same conflation key: the same conflated event on the same channel.
     fn supersedes(&self, older: &Frame) -> bool {
         match (&self.conflate, &older.conflate) {
-            (Some((c1, e1)), Some((c2, e2))) => {
-                (Arc::ptr_eq(c1, c2) || c1 == c2)
-                    && self.plain[e1.clone()] == older.plain[e2.clone()]
+            (Some(k1), Some(k2)) => {
+                self.plain_bytes()[k1.clone()] == older.plain_bytes()[k2.clone()]
             }
             _ => false,
         }
@@ -183,17 +193,23 @@ pub(crate) enum Enqueued {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::sync::Arc;
 
-    /// A frame whose bytes start with its sequence number, then its event's name; `key`: its
-    /// conflation key, if any.
+    /// A frame whose bytes start with its sequence number; `key`: its channel and event, if it is
+    /// of a conflated event.
     fn frame(seq: u32, len: usize, key: Option<(&Arc<str>, &Arc<str>)>) -> Rc<Frame> {
         let mut b = seq.to_be_bytes().to_vec();
-        b.extend_from_slice(b"match.update");
+        let mut conflate = None;
+        if let Some((channel, event)) = key {
+            // The key: the bytes naming the event and the channel.
+            b.extend_from_slice(event.as_bytes());
+            b.extend_from_slice(channel.as_bytes());
+            conflate = Some(4..b.len());
+        }
         b.resize(len.max(b.len()), b'.');
         Rc::new(Frame {
-            plain: Bytes::from(b),
-            deflated: None,
-            conflate: key.map(|(c, e)| (Arc::clone(c), 4..4 + e.len())),
+            framed: Framed::plain_only(Bytes::from(b)),
+            conflate,
         })
     }
 
@@ -246,7 +262,7 @@ mod tests {
                     if q.bytes > threshold {
                         q.conflate(&f);
                     }
-                    pushed.push((seq, conflated.then_some(c), f.plain.len()));
+                    pushed.push((seq, conflated.then_some(c), f.plain_bytes().len()));
                     q.push(Chunk::Shared(f, false));
                     if let Some(b) = bound {
                         prop_assert!(q.bytes <= b, "{} queued, bound {}", q.bytes, b);

@@ -9,8 +9,6 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use super::conn::{self, Conn};
 use super::outqueue::Frame;
 use super::Shard;
@@ -44,20 +42,17 @@ impl Shard {
         }
         // One non-atomic Rc per shard per event: the per-subscriber clones below never touch
         // the cross-core refcount inside `Bytes`.
-        let plain = b.frame.plain();
         let conflate = if b.conflate {
-            // Where the event's name is in the frame (checked when the event was delivered).
-            let at = b.frame.plain_len() - crate::ws::codec::payload_of(&plain).len();
-            crate::fanout::frame::event_name(&plain[at..]).map(|name| {
-                let start = at + br#"{"event":""#.len();
-                (Arc::clone(&b.channel), start..start + name.len())
-            })
+            // The bytes that name the event and its channel (the event was checked against the
+            // app's list when it was delivered).
+            let plain = b.frame.plain_bytes();
+            let at = plain.len() - crate::ws::codec::payload_of(plain).len();
+            crate::fanout::frame::conflation_key_len(&plain[at..]).map(|n| at..at + n)
         } else {
             None
         };
         let frame = Rc::new(Frame {
-            deflated: b.frame.deflated(),
-            plain,
+            framed: b.frame,
             conflate,
         });
         if b.cache {
