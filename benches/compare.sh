@@ -14,7 +14,8 @@
 #   cargo build --release                                                    # bts-guru and bts-guru-bench
 #
 # Run:   SOCKUDO=… SOKETI_DIR=… benches/compare.sh
-# Knobs: REPEATS (3), SERVERS ("bts-guru sockudo soketi"), SCENARIOS ("fanout5k sat1k max1k idle10k"),
+# Knobs: REPEATS (3), SERVERS ("bts-guru sockudo soketi"), SCENARIOS ("fanout5k sat1k max1k idle10k";
+#        also fanout5kz and idle10kz: the same with permessage-deflate offered),
 #        OUT (target/compare/<time>), SHARDS (bts-guru shards; default: all CPUs).
 set -euo pipefail
 
@@ -94,6 +95,11 @@ scenario_args() {
     max1k) echo "max -c 1000 -k 10 --start-rate 200 --step-factor 1.5 --step-s 3 --drain-ms 2000 --p99-ms 50 --max-steps 12" ;;
     # RSS per idle connection and connection rate (connect through subscription_succeeded).
     idle10k) echo "idle -c 10000 -k 1 --hold-s 2" ;;
+    # The same two with permessage-deflate offered as browsers offer it (issue 16): wire bytes
+    # per delivery and CPU per delivery when the server compresses; memory with it negotiated.
+    # A server that refuses the offer answers without the extension and sends plain frames.
+    fanout5kz) echo "--deflate fanout -c 5000 -k 1 -r 10 -d 20" ;;
+    idle10kz) echo "--deflate idle -c 10000 -k 1 --hold-s 2" ;;
     *) echo "unknown scenario $1" >&2; return 1 ;;
   esac
 }

@@ -27,6 +27,120 @@ fn frame(c: &mut Criterion) {
     });
 }
 
+/// A `match.update`-shaped event whose data is about `n` bytes (the original payload, then
+/// more players with their minute-by-minute stats: JSON as repetitive as a real feed's).
+fn payload_of_size(n: usize) -> String {
+    let mut s = String::from(&MATCH_UPDATE[..MATCH_UPDATE.len() - 1]);
+    let mut i = 0;
+    s.push_str(r#","players":["#);
+    while s.len() + 2 < n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            r#"{{"id":{},"name":"Player {}","team_id":{},"goals":{},"shots":{},"minutes":{}}}"#,
+            1000 + i,
+            i + 1,
+            101 + i % 2,
+            i % 3,
+            (i * 7) % 5,
+            60 + (i * 13) % 31
+        ));
+        i += 1;
+    }
+    s.push_str("]}");
+    if n < MATCH_UPDATE.len() {
+        // Shorter than the match.update itself: its first n bytes (data is a string anyway).
+        s = MATCH_UPDATE[..n].to_owned();
+    }
+    s
+}
+
+/// The compress-once step: one event's frame built and compressed beside it (what
+/// `node::Shared::deliver` does once per event and channel when compression is on), by payload
+/// size, against building the plain frame alone. Prints each size's compressed/plain ratio.
+fn deflate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("deflate");
+    for n in [64usize, 128, 256, 0, 1024, 4096, 16384] {
+        // 0: the original match.update payload itself.
+        let payload = if n == 0 {
+            MATCH_UPDATE.to_owned()
+        } else {
+            payload_of_size(n)
+        };
+        let mut data = Vec::new();
+        outbound::push_json_str(&mut data, &payload);
+        let f = SharedFrame::event(
+            "match.update",
+            "sports.football.leagues.premier-league",
+            &data,
+        );
+        let plain = f.len();
+        let z = f.clone().framed(true).deflated().map_or(plain, |d| d.len());
+        let label = if n == 0 {
+            "match_update".to_owned()
+        } else {
+            format!("{n}B")
+        };
+        eprintln!(
+            "deflate/{label}: frame {plain} B, compressed frame {z} B, ratio {:.3}",
+            z as f64 / plain as f64
+        );
+        g.bench_function(format!("frame_only/{label}"), |b| {
+            b.iter(|| {
+                black_box(
+                    SharedFrame::event(
+                        "match.update",
+                        "sports.football.leagues.premier-league",
+                        black_box(&data),
+                    )
+                    .framed(false),
+                )
+            })
+        });
+        g.bench_function(format!("frame_and_deflate/{label}"), |b| {
+            b.iter(|| {
+                black_box(
+                    SharedFrame::event(
+                        "match.update",
+                        "sports.football.leagues.premier-league",
+                        black_box(&data),
+                    )
+                    .framed(true),
+                )
+            })
+        });
+    }
+    // The DEFLATE level (`ws::deflate::LEVEL`) on the original match.update: time and size.
+    let mut data = Vec::new();
+    outbound::push_json_str(&mut data, MATCH_UPDATE);
+    let f = SharedFrame::event(
+        "match.update",
+        "sports.football.leagues.premier-league",
+        &data,
+    );
+    for level in [1u32, 6, 9] {
+        let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+        let mut out = Vec::with_capacity(1024);
+        let run = |c: &mut flate2::Compress, out: &mut Vec<u8>| {
+            c.reset();
+            out.clear();
+            c.compress_vec(f.payload(), out, flate2::FlushCompress::Sync)
+                .unwrap();
+        };
+        run(&mut c, &mut out);
+        eprintln!(
+            "deflate/level_{level}: match.update payload {} B -> {} B",
+            f.payload().len(),
+            out.len() - 4
+        );
+        g.bench_function(format!("level_{level}/match_update"), |b| {
+            b.iter(|| run(&mut c, &mut out))
+        });
+    }
+    g.finish();
+}
+
 fn parse(c: &mut Criterion) {
     let msg = br#"{"event":"pusher:subscribe","data":{"channel":"private-sports.football.leagues.premier-league.matches.12345","auth":"key:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4"}}"#;
     c.bench_function("parse/subscribe", |b| {
@@ -82,7 +196,7 @@ fn index(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame, parse, hmac, index, fanout_10k);
+criterion_group!(benches, frame, deflate, parse, hmac, index, fanout_10k);
 criterion_main!(benches);
 
 /// One event fanned out to 10,000 subscribers of one channel on one shard: the per-subscriber
@@ -115,7 +229,8 @@ fn fanout_10k(c: &mut Criterion) {
             shard.bench_fanout(Broadcast {
                 app: 0,
                 channel: Arc::clone(&channel),
-                frame: frame.bytes.clone(),
+                frame: frame.clone().framed(false),
+                conflate: false,
                 except: None,
                 cache: false,
                 created: std::time::Instant::now(),

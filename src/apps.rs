@@ -230,6 +230,8 @@ mod tests {
             max_channels: None,
             subscription_rate: crate::config::DEFAULT_SUBSCRIPTION_RATE,
             resume: vec![],
+            compression: true,
+            conflate: vec![],
         }
     }
 

@@ -528,6 +528,17 @@ fn render_traffic(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
         "bts_slow_consumer_closes_total {}",
         snaps.iter().map(|s| s.slow_consumer_closes).sum::<u64>()
     );
+    family(
+        o,
+        "bts_frames_conflated_total",
+        "counter",
+        "Queued frames of a conflated event dropped because a newer one of the same channel was queued for the same slow connection.",
+    );
+    let _ = writeln!(
+        o,
+        "bts_frames_conflated_total {}",
+        snaps.iter().map(|s| s.frames_conflated).sum::<u64>()
+    );
 }
 
 /// What was dropped or refused: queue overflows, webhook events, subscribes; webhook outcomes.

@@ -13,6 +13,18 @@ thread_local! {
     static WRITTEN: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
     /// Connections this thread closed with 4100 because their queue would pass its bound.
     static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
+    /// Queued frames this thread dropped because a newer frame superseded them (conflation).
+    static CONFLATED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts `n` queued frames dropped by conflation (shard thread only).
+pub fn count_conflated(n: u64) {
+    CONFLATED.with(|c| c.set(c.get() + n));
+}
+
+/// Frames conflated by this thread.
+pub fn conflated() -> u64 {
+    CONFLATED.with(Cell::get)
 }
 
 /// Counts one connection closed as a slow consumer (shard thread only; whatever frame, a
@@ -61,6 +73,8 @@ pub struct Snapshot {
     /// Socket writes that carried them; `frames_out / writes_out` is how well frames coalesce.
     pub writes_out: u64,
     pub slow_consumer_closes: u64,
+    /// Queued frames dropped by conflation (superseded by a newer frame of the same event).
+    pub frames_conflated: u64,
     pub inbox_overflows: u64,
     /// (channel kind, channels, subscriptions) on this shard.
     pub channels: Vec<(&'static str, u64, u64)>,

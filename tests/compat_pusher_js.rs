@@ -18,3 +18,30 @@ fn pusher_js_echo_and_node_sdk_interoperate() {
     let summary = run_compat_script(&d, "compat.mjs", Duration::from_secs(40));
     assert_eq!(summary["echo"], "ok", "{summary}");
 }
+
+/// pusher-js over `ws` (which offers permessage-deflate as browsers do) receives compressed
+/// frames (RSV1 on the wire) and decodes them; a pusher-js client that offers nothing gets the
+/// same events uncompressed; a client event ws compresses reaches the other client intact.
+#[test]
+fn pusher_js_over_ws_negotiates_permessage_deflate() {
+    let d = Daemon::start(2);
+    let args = [
+        d.addr.ip().to_string(),
+        d.addr.port().to_string(),
+        APP_ID.into(),
+        APP_KEY.into(),
+        APP_SECRET.into(),
+    ];
+    let summary = run_node_script(
+        "deflate.mjs",
+        &args,
+        &["pusher-js", "pusher", "ws"],
+        Duration::from_secs(40),
+        &|| d.stderr(),
+    );
+    assert_eq!(
+        summary["wire_first_bytes"],
+        serde_json::json!(["0xc1", "0x81"]),
+        "{summary}"
+    );
+}

@@ -54,6 +54,17 @@ fn console_shows_live_data_in_chromium() {
     );
     assert!(summary["tail_rows"].as_u64().unwrap() >= 5, "{summary}");
     assert!(summary["followed_rows"].as_u64().unwrap() >= 1, "{summary}");
+    // Chromium offered permessage-deflate and the server accepted it: every frame the page
+    // decoded above (scoreboard, tail) came over a compressing connection.
+    assert_eq!(
+        summary["ws_extensions"][0],
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "{summary}"
+    );
+    assert!(
+        summary["ws_text_frames"].as_u64().unwrap() >= 5,
+        "{summary}"
+    );
     let png = std::fs::read(&shot).expect("screenshot saved");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     assert!(png.len() > 20_000, "a blank page? {} bytes", png.len());

@@ -7,123 +7,17 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::netns::{ip, Netns};
 use common::*;
 use serde_json::{json, Value};
 
 /// Set in the child process that plays the silent peer inside the namespace.
 const PEER_ENV: &str = "BTS_FAULTS_SILENT_PEER_ADDR";
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run `ip {}`: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A network namespace joined to the host by a veth pair (/30 addresses), with the process
-/// running inside it; all of it is removed when dropped, panics included.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_if: String,
-    host_ip: String,
-    ns_ip: String,
-    inside: Option<Child>,
-}
-
-impl Netns {
-    fn create() -> Netns {
-        let pid = std::process::id();
-        let id = pid & 0xfffff;
-        let (a, b) = ((pid >> 6) & 0xff, (pid & 0x3f) << 2);
-        let mut ns = Netns {
-            name: format!("bts-faults-{pid}"),
-            host_if: format!("btf{id:05x}h"),
-            ns_if: format!("btf{id:05x}p"),
-            host_ip: format!("10.200.{a}.{}", b + 1),
-            ns_ip: format!("10.200.{a}.{}", b + 2),
-            inside: None,
-        };
-        let setup = || -> Result<(), String> {
-            ip(&["netns", "add", &ns.name])?;
-            ip(&[
-                "link",
-                "add",
-                &ns.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns.ns_if,
-            ])?;
-            ip(&["link", "set", &ns.ns_if, "netns", &ns.name])?;
-            ip(&[
-                "addr",
-                "add",
-                &format!("{}/30", ns.host_ip),
-                "dev",
-                &ns.host_if,
-            ])?;
-            ip(&["link", "set", &ns.host_if, "up"])?;
-            ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{}/30", ns.ns_ip),
-                "dev",
-                &ns.ns_if,
-            ])?;
-            ip(&["-n", &ns.name, "link", "set", &ns.ns_if, "up"])?;
-            ip(&["-n", &ns.name, "link", "set", "lo", "up"])
-        };
-        if let Err(e) = setup() {
-            let uid = Command::new("id")
-                .arg("-u")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-                .unwrap_or_default();
-            ns.cleanup();
-            panic!(
-                "this test needs root (uid {uid}) and iproute2 to create a network namespace and \
-                 a veth pair; CI runs as root and `bash tests/run.sh` installs iproute2: {e}"
-            );
-        }
-        ns
-    }
-
-    fn cleanup(&mut self) {
-        if let Some(mut c) = self.inside.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Deleting one end of a veth pair deletes both.
-        let _ = ip(&["link", "del", &self.host_if]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.cleanup();
-    }
-}
 
 /// Not a test: the silent peer, run by `client_that_vanishes_without_fin_...` inside the
 /// namespace (`ip netns exec`). It connects, subscribes, says so, then holds the socket and

@@ -2,7 +2,7 @@
 # The test command: on a fresh Debian machine (with Rust from rustup), installs what the tests
 # need -- a C compiler for glommio's bundled liburing, redis-server, Node.js and npm, Chromium
 # for the console's browser test, the Node packages of the client-compatibility and browser
-# tests, iproute2 for the network-namespace fault test, and curl for the HTTP upload test --
+# tests, iproute2 for the network-namespace tests (faults, conflation), and curl for the HTTP upload test --
 # then runs every check and every test.
 # `.ci/run` runs exactly this.
 set -euo pipefail
@@ -20,8 +20,9 @@ command -v npm >/dev/null || need+=(npm)
 command -v openssl >/dev/null || need+=(openssl)
 # tests/http_bodies.rs uploads with curl (Expect: 100-continue, chunked).
 command -v curl >/dev/null || need+=(curl)
-# tests/faults.rs puts a client in a network namespace behind a veth pair (needs root, as CI is).
-command -v ip >/dev/null || need+=(iproute2)
+# tests/faults.rs puts a client in a network namespace behind a veth pair (needs root, as CI is);
+# tests/conflation.rs also shapes that link with `tc` (iproute2 too).
+{ command -v ip >/dev/null && command -v tc >/dev/null; } || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing: ${need[*]}"
   $SUDO apt-get update -qq
@@ -35,7 +36,7 @@ if [ "$node_major" -lt 20 ]; then
   exit 1
 fi
 
-echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo, playwright-core)"
+echo "== npm ci (tests/compat: pusher-js, pusher, laravel-echo, playwright-core, ws)"
 npm ci --prefix tests/compat --no-audit --no-fund --loglevel=error
 
 echo "== cargo fmt --check"

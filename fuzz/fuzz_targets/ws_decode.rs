@@ -15,11 +15,14 @@ fn decode(chunks: &[&[u8]]) -> Result<Vec<Vec<u8>>, u16> {
     for c in chunks {
         buf.extend_from_slice(c);
         loop {
-            match dec.next(&mut buf, MAX) {
+            match dec.next(&mut buf, MAX, true) {
                 Ok(Some((m, used))) => {
                     match m {
                         Inbound::Text(Text::InBuf(r)) => out.push(buf[r].to_vec()),
                         Inbound::Text(Text::Assembled(v)) => out.push(v),
+                        // Compressed (RSV1): the still-compressed bytes, marked.
+                        Inbound::Deflated(Text::InBuf(r)) => out.push([b"z:", &buf[r]].concat()),
+                        Inbound::Deflated(Text::Assembled(v)) => out.push([&b"z:"[..], &v].concat()),
                         Inbound::Ping(p) => out.push(p),
                         Inbound::Close(code) => out.push(code.unwrap_or(0).to_be_bytes().to_vec()),
                         Inbound::Pong | Inbound::Fragment => {}

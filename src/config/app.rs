@@ -58,6 +58,12 @@ pub(super) fn resolve_apps(
                 })
                 .collect()
         }),
+        conflate: env_str(env, "BTS_APP_CONFLATE").map(|v| {
+            v.split(',')
+                .map(|e| e.trim().to_owned())
+                .filter(|e| !e.is_empty())
+                .collect()
+        }),
         ..RawApp::default()
     };
     let env_has_creds = env_app.id.is_some() || env_app.key.is_some() || env_app.secret.is_some();
@@ -88,6 +94,7 @@ pub(super) fn resolve_apps(
                 a.rate_limit_terminate = env_app.rate_limit_terminate.or(a.rate_limit_terminate);
                 a.webhooks = env_app.webhooks.clone().or(a.webhooks.take());
                 a.resume = env_app.resume.clone().or(a.resume.take());
+                a.conflate = env_app.conflate.clone().or(a.conflate.take());
             }
             None => apps.push(env_app.clone()),
         }
@@ -209,8 +216,24 @@ fn resolve_app(index: usize, a: RawApp, from_env: bool) -> Result<App, ConfigErr
             )));
         }
     }
+    let conflate: Vec<std::sync::Arc<str>> = a
+        .conflate
+        .iter()
+        .flatten()
+        .map(|e| std::sync::Arc::from(e.as_str()))
+        .collect();
+    if let Some(e) = conflate
+        .iter()
+        .find(|e| e.is_empty() || e.starts_with("pusher:") || e.starts_with("pusher_internal:"))
+    {
+        return Err(bad(format!(
+            "conflate: {e:?} is not an event name the server publishes for the app"
+        )));
+    }
     Ok(App {
         resume,
+        compression: a.compression.unwrap_or(true),
+        conflate,
         max_channels: a.max_channels,
         subscription_rate,
         id,

@@ -115,6 +115,12 @@ pub struct App {
     /// (`*` matches any run of characters) carry a position in every event and keep a history
     /// that reconnecting clients resume from. Presence channels are never positioned.
     pub resume: Vec<String>,
+    /// permessage-deflate for this app's clients (`compression` in its `[[apps]]` table;
+    /// default on): off, its connections never negotiate it, whatever the server says.
+    pub compression: bool,
+    /// Events carrying full state (`conflate`, BTS_APP_CONFLATE): a slow connection's queued,
+    /// unsent frame of one of them is dropped when a newer one of the same channel is queued.
+    pub conflate: Vec<std::sync::Arc<str>>,
 }
 
 impl App {
@@ -329,6 +335,15 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// Positioned channels' history bounds.
     pub resume: ResumeBounds,
+    /// permessage-deflate with clients that offer it (BTS_COMPRESSION, `[server] compression`;
+    /// default on). Off: never negotiated, nothing compressed (the behaviour before it existed).
+    pub compression: bool,
+    /// Frames whose payload is shorter than this many bytes are sent uncompressed even to
+    /// compressing clients (BTS_COMPRESSION_THRESHOLD, `[server] compression_threshold`).
+    pub compression_threshold: usize,
+    /// Unsent bytes a connection's queue must hold before its frames of `conflate` events are
+    /// conflated (BTS_CONFLATION_THRESHOLD, `[server] conflation_threshold`).
+    pub conflation_threshold: usize,
 }
 
 /// Defaults for the channel bounds: far above what any deployment we know of lists or holds
@@ -367,6 +382,13 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10_000;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 16 << 20;
 pub const DEFAULT_MAX_REQUEST_SIZE: usize = 10_000;
 pub const DEFAULT_OUTBOUND_BYTES: usize = 1 << 20;
+/// `compression_threshold`: payloads shorter than this are not compressed (BENCHMARKS.md,
+/// "permessage-deflate", has the measurement behind it).
+pub const DEFAULT_COMPRESSION_THRESHOLD: usize = 128;
+/// `conflation_threshold`: conflation starts once this much is queued for a connection (a
+/// connection keeping up never has that much waiting; one that is not falls behind by at most
+/// about this much plus one frame per conflated channel).
+pub const DEFAULT_CONFLATION_THRESHOLD: usize = 64 << 10;
 /// Pings per connection per second before 4301: pusher-js pings at most once per activity
 /// timeout (30 s and up), browsers never ping, other clients' keep-alives come seconds apart.
 pub const DEFAULT_MAX_PINGS_PER_SECOND: u32 = 10;

@@ -195,6 +195,9 @@ pub struct RawServer {
     pub resume_memory_bytes: Option<usize>,
     pub resume_max_replay: Option<usize>,
     pub resume_replay_per_shard: Option<usize>,
+    pub compression: Option<bool>,
+    pub compression_threshold: Option<usize>,
+    pub conflation_threshold: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -223,4 +226,6 @@ pub struct RawApp {
     pub subscription_changes_per_second: Option<u32>,
     pub subscription_changes_burst: Option<u32>,
     pub resume: Option<Vec<String>>,
+    pub compression: Option<bool>,
+    pub conflate: Option<Vec<String>>,
 }

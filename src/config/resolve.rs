@@ -11,8 +11,9 @@ use super::env::{env_bool, env_parse, env_str, Env};
 use super::redis_section::{resolve_cluster, resolve_redis};
 use super::{
     available_cpus, App, Cli, Config, ConfigError, ConsoleConfig, RawFile, RawServer, TlsFiles,
-    DEFAULT_FD_RESERVE, DEFAULT_MAX_CHANNELS_LISTED, DEFAULT_MAX_CHANNELS_PER_SHARD,
-    DEFAULT_MAX_REQUEST_SIZE, DEFAULT_OUTBOUND_BYTES, DEFAULT_PORT, DEFAULT_WEBHOOK_QUEUE_CAPACITY,
+    DEFAULT_COMPRESSION_THRESHOLD, DEFAULT_CONFLATION_THRESHOLD, DEFAULT_FD_RESERVE,
+    DEFAULT_MAX_CHANNELS_LISTED, DEFAULT_MAX_CHANNELS_PER_SHARD, DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_OUTBOUND_BYTES, DEFAULT_PORT, DEFAULT_WEBHOOK_QUEUE_CAPACITY,
     DEFAULT_WRITE_COALESCE_MS, DEV_APP_SECRET, MIN_CONSOLE_TOKEN,
 };
 
@@ -69,6 +70,9 @@ impl Config {
             max_request_size: io.max_request_size,
             pong_timeout: io.pong_timeout,
             max_outbound_bytes: io.max_outbound_bytes,
+            compression: io.compression,
+            compression_threshold: io.compression_threshold,
+            conflation_threshold: io.conflation_threshold,
             write_coalesce_ms: io.write_coalesce_ms,
             send_ring: io.send_ring,
             inbox_capacity: io.inbox_capacity,
@@ -159,6 +163,9 @@ fn resolve_shards(
 struct Io {
     max_request_size: usize,
     max_outbound_bytes: usize,
+    compression: bool,
+    compression_threshold: usize,
+    conflation_threshold: usize,
     write_coalesce_ms: u32,
     send_ring: bool,
     pong_timeout: Duration,
@@ -181,6 +188,21 @@ fn resolve_io(env: &dyn Env, s: &RawServer, apps: &[App]) -> Result<Io, ConfigEr
         return Err(ConfigError::Other(format!(
             "max_outbound_bytes ({max_outbound_bytes}) must exceed the largest max_message_size \
              ({biggest_message}), or no event that size could ever be delivered"
+        )));
+    }
+    let compression = env_bool(env, "BTS_COMPRESSION")?
+        .or(s.compression)
+        .unwrap_or(true);
+    let compression_threshold = env_parse(env, "BTS_COMPRESSION_THRESHOLD", "bytes")?
+        .or(s.compression_threshold)
+        .unwrap_or(DEFAULT_COMPRESSION_THRESHOLD);
+    let conflation_threshold = env_parse(env, "BTS_CONFLATION_THRESHOLD", "bytes")?
+        .or(s.conflation_threshold)
+        .unwrap_or(DEFAULT_CONFLATION_THRESHOLD);
+    if conflation_threshold >= max_outbound_bytes && apps.iter().any(|a| !a.conflate.is_empty()) {
+        return Err(ConfigError::Other(format!(
+            "conflation_threshold ({conflation_threshold}) must be below max_outbound_bytes \
+             ({max_outbound_bytes}), or a slow connection is closed before anything is conflated"
         )));
     }
     let write_coalesce_ms = env_parse(env, "BTS_WRITE_COALESCE_MS", "milliseconds")?
@@ -210,6 +232,9 @@ fn resolve_io(env: &dyn Env, s: &RawServer, apps: &[App]) -> Result<Io, ConfigEr
     Ok(Io {
         max_request_size,
         max_outbound_bytes,
+        compression,
+        compression_threshold,
+        conflation_threshold,
         write_coalesce_ms,
         send_ring,
         pong_timeout: Duration::from_secs(pong_timeout),

@@ -503,6 +503,7 @@ mod tests {
                 bytes_out: 100,
                 writes_out: 5,
                 slow_consumer_closes: 0,
+                frames_conflated: 0,
                 inbox_overflows: 0,
                 channels: Vec::new(),
                 http: Default::default(),

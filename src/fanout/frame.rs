@@ -1,15 +1,24 @@
 //! Builds the one WebSocket frame every subscriber of a channel is sent.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 
 use crate::protocol::outbound;
-use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT};
+use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT, RSV1};
+use crate::ws::deflate::Deflater;
+
+thread_local! {
+    /// One compressor per thread (shards, the ingest thread), reset for every frame: frames are
+    /// compressed without context (`server_no_context_takeover`), so nothing is kept between.
+    static DEFLATER: RefCell<Deflater> = RefCell::new(Deflater::default());
+}
 
 /// A complete, unmasked WebSocket text frame carrying one Pusher event. Built once per event and
 /// channel per node; every recipient is sent these exact bytes, so the payload is never copied
-/// per subscriber (possible because server frames are unmasked and permessage-deflate is never
-/// negotiated). Where its payload (the event JSON) starts is kept from building it, so the
-/// cluster gets the JSON without the frame being parsed again.
+/// per subscriber (possible because server frames are unmasked, and compressed once for every
+/// compressing subscriber: `deflated`). Where its payload (the event JSON) starts is kept from
+/// building it, so the cluster gets the JSON without the frame being parsed again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SharedFrame {
     /// The whole frame: header, then payload.
@@ -80,7 +89,66 @@ impl SharedFrame {
         }
     }
 
+    /// The same message as a permessage-deflate frame (RFC 7692): RSV1 set, the payload as raw
+    /// DEFLATE, sync-flushed, its trailing `00 00 ff ff` removed, compressed without context so
+    /// that every subscriber that negotiated compression can be sent these same bytes. Built once
+    /// per event and channel (`node::Shared::deliver`), beside the plain frame. `None` when
+    /// compressing would not make it smaller.
+    pub fn deflated(&self) -> Option<Bytes> {
+        let mut buf = Vec::new();
+        let start = self.deflate_into(&mut buf)?;
+        Some(Bytes::from(buf).slice(start..))
+    }
+
+    /// Appends the compressed frame to `buf`; returns where it starts, or `None` (and `buf`
+    /// as it was) when compressing does not make the message smaller.
+    fn deflate_into(&self, buf: &mut Vec<u8>) -> Option<usize> {
+        let payload = self.payload();
+        let at = buf.len();
+        buf.reserve(MAX_SERVER_HEADER + payload.len() / 2 + 64);
+        buf.resize(at + MAX_SERVER_HEADER, 0);
+        DEFLATER.with(|d| d.borrow_mut().compress(payload, buf));
+        let len = buf.len() - at - MAX_SERVER_HEADER;
+        if len >= payload.len() {
+            buf.truncate(at);
+            return None;
+        }
+        let mut hdr = [0u8; MAX_SERVER_HEADER];
+        let n = encode_header(RSV1 | OP_TEXT, len, &mut hdr);
+        let start = at + MAX_SERVER_HEADER - n;
+        buf[start..start + n].copy_from_slice(&hdr[..n]);
+        Some(start)
+    }
+
+    /// The frame for the shards: with `compress`, its compressed form too, in the same buffer
+    /// (compressed here, once for every compressing subscriber of every shard).
+    pub fn framed(self, compress: bool) -> Framed {
+        let plain_len = self.bytes.len();
+        if compress {
+            let mut buf = Vec::with_capacity(plain_len * 3 / 2 + 2 * MAX_SERVER_HEADER);
+            buf.extend_from_slice(&self.bytes);
+            if let Some(at) = self.deflate_into(&mut buf) {
+                return Framed {
+                    bytes: Bytes::from(buf),
+                    plain_len: plain_len as u32,
+                    deflated_at: at as u32,
+                };
+            }
+        }
+        Framed {
+            bytes: self.bytes,
+            plain_len: plain_len as u32,
+            deflated_at: 0,
+        }
+    }
+
+    /// The event's name (see [`event_name`]).
+    pub fn event_name(&self) -> Option<&str> {
+        event_name(self.payload())
+    }
+
     /// The payload: the event JSON every subscriber gets.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.payload_at..]
     }
@@ -91,6 +159,84 @@ impl SharedFrame {
 
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
+    }
+}
+
+/// An event's name when its JSON starts `{"event":"NAME"` with no escape in NAME, as every
+/// frame this server builds does (for conflation: an escaped name is never listed).
+pub fn event_name(payload: &[u8]) -> Option<&str> {
+    let rest = payload.strip_prefix(br#"{"event":""#)?;
+    let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+    if rest[end] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// The conflation key of an event JSON this server built: the length of its prefix
+/// `{"event":"NAME","channel":"CHANNEL"`, which names the event and its channel (every frame
+/// of one connection's queue is of its one app). Two frames supersede one another exactly when
+/// these bytes are equal. `None` for any other shape (never conflated).
+pub fn conflation_key_len(payload: &[u8]) -> Option<usize> {
+    let name = event_name(payload)?;
+    let at = br#"{"event":""#.len() + name.len() + 1;
+    let rest = payload.get(at..)?.strip_prefix(br#","channel":""#)?;
+    let at = at + br#","channel":""#.len();
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(at + i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// A frame as it travels to the shards: the plain frame and, when the message was compressed,
+/// the compressed frame after it in the same buffer, so one `Bytes` clone per shard carries
+/// both (and every inbox slot stays as small as it was).
+#[derive(Clone, Debug)]
+pub struct Framed {
+    bytes: Bytes,
+    plain_len: u32,
+    /// Where the compressed frame starts; 0: none.
+    deflated_at: u32,
+}
+
+impl Framed {
+    /// A frame with no compressed form.
+    pub fn plain_only(bytes: Bytes) -> Framed {
+        Framed {
+            plain_len: bytes.len() as u32,
+            bytes,
+            deflated_at: 0,
+        }
+    }
+
+    /// The plain frame (a slice of the shared buffer: no copy).
+    pub fn plain(&self) -> Bytes {
+        self.bytes.slice(..self.plain_len as usize)
+    }
+
+    /// The compressed frame, if the message was compressed.
+    pub fn deflated(&self) -> Option<Bytes> {
+        (self.deflated_at > 0).then(|| self.bytes.slice(self.deflated_at as usize..))
+    }
+
+    pub fn plain_len(&self) -> usize {
+        self.plain_len as usize
+    }
+
+    /// The plain frame's bytes, borrowed (no reference count touched: what shards use per
+    /// event).
+    pub fn plain_bytes(&self) -> &[u8] {
+        &self.bytes[..self.plain_len as usize]
+    }
+
+    /// The compressed frame's bytes, borrowed, if the message was compressed.
+    pub fn deflated_bytes(&self) -> Option<&[u8]> {
+        (self.deflated_at > 0).then(|| &self.bytes[self.deflated_at as usize..])
     }
 }
 
@@ -129,6 +275,76 @@ mod tests {
                 (&w["data"], &w["bts_position"]),
                 (&v["data"], &"00ab:7".into())
             );
+            assert_eq!(f.event_name(), Some("match.update"));
         }
+    }
+
+    #[test]
+    fn deflated_frame_has_rsv1_and_inflates_to_the_payload() {
+        let data = r#"{"home":{"name":"Arsenal","score":2},"away":{"name":"Chelsea","score":1},"minute":67}"#
+            .repeat(4);
+        let mut esc = Vec::new();
+        outbound::push_json_str(&mut esc, &data);
+        let f = SharedFrame::event("match.update", "match.1", &esc);
+        let d = f.deflated().expect("JSON compresses");
+        let mut cur = Cursor::new(d.to_vec());
+        let (hdr, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut cur)
+            .unwrap()
+            .unwrap();
+        assert!(hdr.is_final && hdr.rsv1 && !hdr.rsv2 && hdr.mask.is_none());
+        let body = &d[cur.position() as usize..];
+        assert_eq!(len as usize, body.len());
+        assert!(body.len() < f.payload().len() / 2, "{} bytes", body.len());
+        let mut back = Vec::new();
+        crate::ws::deflate::Inflater::default()
+            .inflate(body, 1 << 20, &mut back)
+            .unwrap();
+        assert_eq!(back, f.payload());
+        let framed = f.clone().framed(true);
+        assert_eq!(
+            (framed.plain(), framed.deflated()),
+            (f.bytes.clone(), Some(d))
+        );
+        assert_eq!(f.clone().framed(false).deflated(), None);
+        // Incompressible: no compressed frame.
+        let noise: String = (0..64u32)
+            .map(|i| char::from(b'!' + (i * 37 % 90) as u8))
+            .collect();
+        assert!(SharedFrame::text(noise.as_bytes()).deflated().is_none());
+    }
+
+    #[test]
+    fn conflation_keys_name_event_and_channel() {
+        fn key(json: &[u8]) -> Option<&[u8]> {
+            conflation_key_len(json).map(|n| &json[..n])
+        }
+        let f = SharedFrame::event("match.update", "match.\"1", b"\"x\"");
+        assert_eq!(
+            key(f.payload()),
+            Some(&br#"{"event":"match.update","channel":"match.\"1""#[..])
+        );
+        assert_eq!(key(br#"{"event":"a","data":"x"}"#), None);
+        assert_eq!(key(br#"{"event":"a","channel":"unterminated"#), None);
+    }
+
+    #[test]
+    fn event_name_needs_our_own_prefix() {
+        let noise: String = (0..64u32)
+            .map(|i| char::from(b'!' + (i * 37 % 90) as u8))
+            .collect();
+        let f = SharedFrame::text(noise.as_bytes()).framed(true);
+        assert_eq!((f.plain().len(), f.deflated()), (noise.len() + 2, None));
+        assert_eq!(
+            SharedFrame::text(br#"{"event":"a\"b","data":1}"#).event_name(),
+            None
+        );
+        assert_eq!(
+            SharedFrame::text(br#"{"data":1,"event":"x"}"#).event_name(),
+            None
+        );
+        assert_eq!(
+            SharedFrame::text(br#"{"event":"x","data":1}"#).event_name(),
+            Some("x")
+        );
     }
 }

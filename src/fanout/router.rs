@@ -21,6 +21,7 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use crossbeam_utils::CachePadded;
 
+use crate::fanout::frame::Framed;
 use crate::protocol::SocketId;
 
 /// A connection's slot in its shard: index plus generation, so a stale id never names a newer
@@ -41,8 +42,13 @@ pub struct Broadcast {
     /// Index of the app in `Config::apps`.
     pub app: usize,
     pub channel: Arc<str>,
-    /// The complete WebSocket frame; cloned once per shard, never per subscriber.
-    pub frame: Bytes,
+    /// The complete WebSocket frame, and the same message compressed once for the subscribers
+    /// that negotiated permessage-deflate (if it was: `Framed::deflated`); cloned once per
+    /// shard, never per subscriber.
+    pub frame: Framed,
+    /// The app lists this event in `conflate`: a slow subscriber's queued, unsent frame of the
+    /// same event and channel may be dropped for this newer one.
+    pub conflate: bool,
     /// Pusher `socket_id` exclusion: this connection does not get the event.
     pub except: Option<SocketId>,
     /// Keep the frame as the channel's last event (cache channels; never internal events).
@@ -429,7 +435,8 @@ mod tests {
         Broadcast {
             app: 0,
             channel: "c".into(),
-            frame: Bytes::from(vec![i]),
+            frame: Framed::plain_only(Bytes::from(vec![i])),
+            conflate: false,
             except: None,
             cache: false,
             created: std::time::Instant::now(),
@@ -447,7 +454,7 @@ mod tests {
         let Some(ShardCmd::Broadcast(first)) = r.try_pop(1) else {
             panic!("expected a broadcast")
         };
-        assert_eq!(&first.frame[..], &[1]);
+        assert_eq!(&first.frame.plain()[..], &[1]);
     }
 
     #[test]

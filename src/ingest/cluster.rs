@@ -267,6 +267,7 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
             if channel::validate(&channel).is_err() {
                 return;
             }
+            let apps = shared.apps.current();
             shared.deliver(Event {
                 app,
                 channel: &channel,
@@ -276,6 +277,7 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
                 // In a cluster, positioned channels' events come through Redis's append
                 // (`ingest::positions`), never as `Wire::Event`.
                 positioned: false,
+                settings: apps.get(app),
             });
         }
         Wire::Join {

@@ -120,6 +120,7 @@ impl Positions {
         if channel::validate(a.channel).is_err() {
             return;
         }
+        let apps = shared.apps.current();
         let dropped = shared.deliver_at(
             Event {
                 app,
@@ -128,6 +129,7 @@ impl Positions {
                 except: a.except.and_then(SocketId::parse),
                 cache: a.cache,
                 positioned: true,
+                settings: apps.get(app),
             },
             a.position,
             || self.history(cfg, a.app_id, a.channel),

@@ -306,6 +306,7 @@ fn consume(
             except: ev.except,
             cache: channel::is_cache(channel),
             positioned: apps.get(cfg.app).positioned(channel),
+            settings: apps.get(cfg.app),
         };
         if event.positioned && shared.cluster.is_some() {
             // Every node offers it with the same id; Redis appends it once and announces it.

@@ -27,13 +27,20 @@ pub struct Event<'a> {
     /// A positioned channel's event (`App::positioned`; never internal events): `deliver`
     /// gives it the channel's next position and keeps it in the channel's history.
     pub positioned: bool,
+    /// The app's settings (compression, conflation), as the caller already holds them.
+    pub settings: &'a crate::config::App,
 }
 
 impl Shared {
     /// To this node's subscribers: every shard's inbox gets the frame, one `Bytes` clone each.
     /// Returns how many shards dropped it (their inbox was full). For events every node gets
     /// by itself: Laravel's Redis broadcasts, other nodes' events, internal events.
+    ///
+    /// This is where every event's frame is compressed, once for every compressing subscriber
+    /// on every shard (when compression is on for the server and the app and the payload is
+    /// at least `compression_threshold` bytes), and where its conflation key is decided.
     pub fn deliver(&self, event: Event<'_>) -> usize {
+        let (compress, conflate) = self.encoding(&event);
         // In a cluster, positions come from Redis (`offer`, `deliver_at`), never from here.
         if event.positioned && self.cluster.is_none() {
             // The one point positions are assigned on this node: under the channel's history
@@ -45,7 +52,8 @@ impl Shared {
                     self.router.broadcast(Broadcast {
                         app: event.app,
                         channel: Arc::from(event.channel),
-                        frame: frame.bytes,
+                        frame: frame.framed(compress),
+                        conflate,
                         except: event.except,
                         cache: event.cache,
                         created: now,
@@ -55,11 +63,27 @@ impl Shared {
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),
-            frame: event.frame.bytes,
+            frame: event.frame.framed(compress),
+            conflate,
             except: event.except,
             cache: event.cache,
             created: Instant::now(),
         })
+    }
+
+    /// Whether `event`'s frame is compressed (the server's and the app's switch, and the
+    /// threshold) and whether its app conflates it (its event name is in `conflate`).
+    fn encoding(&self, event: &Event<'_>) -> (bool, bool) {
+        let settings = event.settings;
+        let compress = self.cfg.compression
+            && settings.compression
+            && event.frame.payload().len() >= self.cfg.compression_threshold;
+        let conflate = !settings.conflate.is_empty()
+            && event
+                .frame
+                .event_name()
+                .is_some_and(|name| settings.conflate.iter().any(|e| **e == *name));
+        (compress, conflate)
     }
 
     /// `deliver`, and in a cluster the same event for the other nodes' subscribers: what this
@@ -127,6 +151,7 @@ impl Shared {
         position: crate::resume::Position,
         fill: impl FnOnce() -> Option<(u64, Vec<(u64, SharedFrame)>)>,
     ) -> usize {
+        let (compress, conflate) = self.encoding(&event);
         let now = Instant::now();
         self.resume
             .append_at(
@@ -139,7 +164,8 @@ impl Shared {
                     self.router.broadcast(Broadcast {
                         app: event.app,
                         channel: Arc::from(event.channel),
-                        frame: frame.bytes,
+                        frame: frame.framed(compress),
+                        conflate,
                         except: event.except,
                         cache: event.cache,
                         created: now,

@@ -83,10 +83,10 @@ async fn serve_admitted(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAdd
             _ => return,
         }
     }
-    let Some((app, guard, leftover)) = handshake(&shard, &mut stream, hop, &ticket).await else {
+    let Some(upgraded) = handshake(&shard, &mut stream, hop, &ticket).await else {
         return;
     };
-    glommio::spawn_local(live(shard, stream, None, app, guard, ticket, leftover)).detach();
+    glommio::spawn_local(live(shard, stream, None, upgraded, ticket)).detach();
 }
 
 /// A connection that began with a TLS handshake: the same HTTP phase and upgrade, through
@@ -108,7 +108,7 @@ async fn serve_tls(
         }
         Err(_) => return,
     };
-    let Some((app, guard, leftover)) = handshake(&shard, &mut tls, hop, &ticket).await else {
+    let Some(upgraded) = handshake(&shard, &mut tls, hop, &ticket).await else {
         return;
     };
     let (stream, session) = tls.into_inner();
@@ -116,10 +116,8 @@ async fn serve_tls(
         shard,
         stream,
         Some(Box::new(session)),
-        app,
-        guard,
+        upgraded,
         ticket,
-        leftover,
     ))
     .detach();
 }
@@ -238,14 +236,39 @@ async fn read_proxy_header(
     }
 }
 
+/// A WebSocket upgrade that passed its checks: what the session starts with.
+pub(super) struct Upgraded {
+    pub app: usize,
+    /// Its place in the app's connection count.
+    pub guard: AppConnGuard,
+    /// Bytes the client sent after the request head.
+    pub leftover: Vec<u8>,
+    /// permessage-deflate was negotiated.
+    pub deflate: bool,
+}
+
+/// The permessage-deflate answer to this upgrade: only when compression is on for the server
+/// and for the app the path names, and the client offered something this server can honour.
+fn deflate_answer(shard: &Shard, req: &Request) -> Option<&'static str> {
+    if !shard.shared.cfg.compression {
+        return None;
+    }
+    let offers = req.extensions.as_deref()?;
+    let slot = shard.apps().by_key(req.path.strip_prefix("/app/")?)?;
+    if !shard.app(slot).compression {
+        return None;
+    }
+    crate::ws::deflate::negotiate(offers)
+}
+
 /// HTTP requests, then the WebSocket upgrade with its checks. `Some` when a Pusher session may
-/// start: the app, its connection-count guard, and bytes the client sent after the request head.
+/// start.
 async fn handshake<S: Stream>(
     shard: &Rc<Shard>,
     stream: &mut S,
     hop: IpAddr,
     ticket: &Ticket,
-) -> Option<(usize, AppConnGuard, Vec<u8>)> {
+) -> Option<Upgraded> {
     let (req, leftover) = http_phase(shard, stream, hop).await?;
     let Some(ws_key) = req
         .ws_key
@@ -262,8 +285,9 @@ async fn handshake<S: Stream>(
         respond_and_close(stream, &handshake::json_response(400, body, true)).await;
         return None;
     }
+    let extension = deflate_answer(shard, &req);
     stream
-        .write_all(&handshake::switching_protocols(ws_key))
+        .write_all(&handshake::switching_protocols(ws_key, extension))
         .await
         .ok()?;
     stream.flush().await.ok()?;
@@ -297,7 +321,12 @@ async fn handshake<S: Stream>(
         refuse(stream, PusherError::OverQuota).await;
         return None;
     };
-    Some((app, guard, leftover))
+    Some(Upgraded {
+        app,
+        guard,
+        leftover,
+        deflate: extension.is_some(),
+    })
 }
 
 /// Answers HTTP requests until the peer goes away (`None`) or asks for a WebSocket upgrade

@@ -7,11 +7,14 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use super::outqueue::Frame;
+
+/// One app's cached channels: channel -> (its last frame, expiry).
+type AppCache = HashMap<Rc<str>, (Rc<Frame>, Instant)>;
 
 pub struct CacheStore {
-    /// Per app: channel -> (complete frame, expiry).
-    apps: Vec<HashMap<Rc<str>, (Bytes, Instant)>>,
+    /// Per app.
+    apps: Vec<AppCache>,
     max: usize,
 }
 
@@ -30,7 +33,14 @@ impl CacheStore {
         }
     }
 
-    pub fn put(&mut self, app: usize, channel: &str, frame: Bytes, now: Instant, ttl: Duration) {
+    pub fn put(
+        &mut self,
+        app: usize,
+        channel: &str,
+        frame: Rc<Frame>,
+        now: Instant,
+        ttl: Duration,
+    ) {
         let total: usize = self.apps.iter().map(HashMap::len).sum();
         let map = &mut self.apps[app];
         if let Some(entry) = map.get_mut(channel) {
@@ -47,7 +57,7 @@ impl CacheStore {
     }
 
     /// The cached frame, if one is there and fresh.
-    pub fn get(&self, app: usize, channel: &str, now: Instant) -> Option<&Bytes> {
+    pub fn get(&self, app: usize, channel: &str, now: Instant) -> Option<&Rc<Frame>> {
         match self.apps.get(app)?.get(channel) {
             Some((frame, expires)) if *expires > now => Some(frame),
             _ => None,
@@ -90,35 +100,31 @@ impl CacheStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    fn f(b: &'static [u8]) -> Rc<Frame> {
+        Rc::new(Frame::plain(Bytes::from_static(b)))
+    }
 
     #[test]
     fn ttl_and_bound() {
         let now = Instant::now();
         let ttl = Duration::from_secs(10);
         let mut c = CacheStore::new(2, 2);
-        c.put(0, "cache-a", Bytes::from_static(b"1"), now, ttl);
-        c.put(0, "cache-a", Bytes::from_static(b"2"), now, ttl);
-        assert_eq!(c.get(0, "cache-a", now).map(|b| &b[..]), Some(&b"2"[..]));
-        assert_eq!(c.get(1, "cache-a", now), None);
-        c.put(
-            1,
-            "cache-b",
-            Bytes::from_static(b"3"),
-            now + Duration::from_secs(1),
-            ttl,
+        c.put(0, "cache-a", f(b"1"), now, ttl);
+        c.put(0, "cache-a", f(b"2"), now, ttl);
+        assert_eq!(
+            c.get(0, "cache-a", now).map(|b| b.plain_bytes()),
+            Some(&b"2"[..])
         );
+        assert!(c.get(1, "cache-a", now).is_none());
+        c.put(1, "cache-b", f(b"3"), now + Duration::from_secs(1), ttl);
         // Full: the entry expiring soonest (cache-a) makes room.
-        c.put(
-            1,
-            "cache-c",
-            Bytes::from_static(b"4"),
-            now + Duration::from_secs(2),
-            ttl,
-        );
+        c.put(1, "cache-c", f(b"4"), now + Duration::from_secs(2), ttl);
         assert_eq!(c.len(), 2);
-        assert_eq!(c.get(0, "cache-a", now), None);
+        assert!(c.get(0, "cache-a", now).is_none());
         assert!(c.get(1, "cache-b", now + Duration::from_secs(2)).is_some());
-        assert_eq!(c.get(1, "cache-b", now + Duration::from_secs(11)), None);
+        assert!(c.get(1, "cache-b", now + Duration::from_secs(11)).is_none());
         c.purge(now + Duration::from_secs(20));
         assert!(c.is_empty());
     }

@@ -17,14 +17,13 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
 use super::admission::Ticket;
 pub(crate) use super::outqueue::Enqueued;
-use super::outqueue::{Chunk, OutQueue};
-use super::{AppConnGuard, ConnId, Shard};
+use super::outqueue::{Chunk, Frame, OutQueue};
+use super::{ConnId, Shard};
 use crate::protocol::{outbound, PusherError, SocketId};
 use crate::sys;
 use crate::ws::codec::{self, Decoder, Inbound, Text};
@@ -113,6 +112,9 @@ pub struct Conn {
     tls: Option<Box<RefCell<rustls::ServerConnection>>>,
     /// TLS: our close_notify is queued.
     tls_closing: Cell<bool>,
+    /// permessage-deflate was negotiated: broadcasts are sent compressed when they have a
+    /// compressed frame, and client messages may arrive compressed. One flag, no zlib state.
+    deflate: bool,
     /// Message rate limit window: when it started and how many messages it saw.
     pub(super) rate_window: Cell<(Instant, u32)>,
     /// Client-event token bucket: tokens left and when they were last topped up.
@@ -134,8 +136,10 @@ impl Conn {
         fd: RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
         max_outbound_bytes: usize,
+        deflate: bool,
     ) -> Conn {
         Conn {
+            deflate,
             tls: tls.map(|t| Box::new(RefCell::new(*t))),
             tls_closing: Cell::new(false),
             id,
@@ -213,8 +217,28 @@ impl Conn {
     /// Queues a broadcast frame. Over `max_outbound_bytes` unsent bytes, the connection is a slow
     /// consumer: its unsent frames are dropped and it is closed with 4100 so its client
     /// reconnects with backoff instead of this shard's memory growing.
-    pub(super) fn enqueue_shared(&self, frame: &Rc<Bytes>) -> Enqueued {
-        self.enqueue(frame.len(), || Chunk::Shared(Rc::clone(frame)))
+    /// Queues a broadcast (its compressed form if this connection negotiated compression).
+    /// Over `conflate_over` queued bytes, the queued, unsent frames it supersedes are dropped
+    /// first (conflation: only frames of the same conflated event and channel); the bound on
+    /// the queue then applies to what is left.
+    pub(super) fn enqueue_shared(&self, frame: &Rc<Frame>, conflate_over: usize) -> Enqueued {
+        let bytes = frame.for_conn(self.deflate);
+        if frame.conflate.is_some() && self.state.get() == State::Open {
+            let mut out = self.out.borrow_mut();
+            if out.bytes > conflate_over {
+                let n = out.conflate(frame);
+                if n > 0 {
+                    crate::metrics::count_conflated(n);
+                }
+            }
+        }
+        let deflate = self.deflate && frame.is_deflated();
+        self.enqueue(bytes.len(), || Chunk::Shared(Rc::clone(frame), deflate))
+    }
+
+    /// permessage-deflate was negotiated.
+    pub(super) fn deflates(&self) -> bool {
+        self.deflate
     }
 
     /// Queues a frame of this connection's own (a reply, a pong, a ping) under the same bound as
@@ -579,11 +603,15 @@ pub(super) async fn live(
     mut stream: TcpStream,
     // Boxed: a `ServerConnection` is over a kilobyte.
     tls: Option<Box<rustls::ServerConnection>>,
-    app: usize,
-    _guard: AppConnGuard,
+    upgraded: super::accept::Upgraded,
     ticket: Ticket,
-    leftover: Vec<u8>,
 ) {
+    let super::accept::Upgraded {
+        app,
+        guard: _guard,
+        leftover,
+        deflate,
+    } = upgraded;
     if ticket.is_evicted() {
         // Closed to make room between the upgrade and this task's start.
         return;
@@ -593,7 +621,7 @@ pub(super) async fn live(
         (cfg.activity_timeout, cfg.max_message_size)
     };
     let _ = stream.set_read_timeout(None);
-    let conn = shard.register_with(app, stream.as_raw_fd(), tls);
+    let conn = shard.register_with(app, stream.as_raw_fd(), tls, deflate);
     ticket.set_conn(conn.id);
     tracing::debug!(shard = shard.id, socket_id = %conn.socket_id, "connected");
     conn.send_text(&outbound::connection_established(
@@ -636,7 +664,7 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
     }
     let mut pos = 0;
     while pos < rbuf.len() && !conn.peer_closed.get() {
-        let (msg, used) = match dec.next(&mut rbuf[pos..], max_message) {
+        let (msg, used) = match dec.next(&mut rbuf[pos..], max_message, conn.deflate) {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => {
@@ -668,11 +696,56 @@ fn process(shard: &Shard, conn: &Conn, dec: &mut Decoder, rbuf: &mut Vec<u8>, ma
                 }
                 Text::Assembled(mut v) => super::session::on_text(shard, conn, &mut v),
             },
+            Inbound::Deflated(text) if conn.is_open() => {
+                let compressed = text.bytes(&rbuf[pos..]);
+                match inflate(compressed, max_message) {
+                    Ok(mut msg) => {
+                        super::session::on_text(shard, conn, &mut msg);
+                        INFLATED.with(|b| b.replace(msg));
+                    }
+                    Err(e) => {
+                        tracing::debug!(socket_id = %conn.socket_id, error = %e, "compressed message refused");
+                        conn.close_ws(e.close_code(), &e.to_string());
+                        conn.input_broken.set(true);
+                        pos = rbuf.len();
+                        break;
+                    }
+                }
+            }
             _ => {}
         }
         pos += used;
     }
     rbuf.drain(..pos);
+}
+
+thread_local! {
+    /// One inflater per shard, reset for every message: clients compress each message on its
+    /// own (`client_no_context_takeover` is part of every permessage-deflate answer), so no
+    /// connection keeps any zlib state.
+    static INFLATER: RefCell<crate::ws::deflate::Inflater> = RefCell::new(Default::default());
+    /// The shard's buffer for inflated messages, reused (and cut back when a big one grew it).
+    static INFLATED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A compressed client message inflated (into the shard's reused buffer) and checked: at most
+/// `max_message` bytes once inflated (a decompression bomb stops there: 1009), valid DEFLATE
+/// (1007) and valid UTF-8 (1007).
+fn inflate(compressed: &[u8], max_message: usize) -> Result<Vec<u8>, codec::WsError> {
+    let mut out = INFLATED.with(|b| b.take());
+    out.clear();
+    if out.capacity() > 64 << 10 {
+        out = Vec::new();
+    }
+    let res = INFLATER.with(|i| i.borrow_mut().inflate(compressed, max_message, &mut out));
+    let checked = match res {
+        Err(crate::ws::deflate::InflateError::TooBig) => Err(codec::WsError::TooBig),
+        Err(crate::ws::deflate::InflateError::Corrupt) => Err(codec::WsError::BadDeflate),
+        Ok(()) if std::str::from_utf8(&out).is_err() => Err(codec::WsError::InvalidUtf8),
+        Ok(()) => return Ok(out),
+    };
+    INFLATED.with(|b| b.replace(out));
+    checked
 }
 
 /// The shard's send ring writes connections through these.

@@ -416,6 +416,7 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
                 except: c.except,
                 cache: channel::is_cache(ch),
                 positioned: app.positioned(ch),
+                settings: &app,
             });
         }
     }

@@ -245,6 +245,7 @@ impl Shard {
             bytes_out,
             writes_out,
             slow_consumer_closes: crate::metrics::slow_consumers(),
+            frames_conflated: crate::metrics::conflated(),
             inbox_overflows: self.shared.router.dropped(self.id),
             channels,
             http: self.stats.http.borrow().clone(),

@@ -1,25 +1,86 @@
 //! A connection's outbound queue: the frames waiting for its socket, shared broadcasts
-//! (`Rc<Bytes>`, one per event per shard) or its own replies, and the byte count every queued
-//! frame is held to (`max_outbound_bytes`).
+//! (`Rc<Frame>`, one per event per shard) or its own replies, and the byte count every queued
+//! frame is held to (`max_outbound_bytes`); and conflation, which drops a queued broadcast a
+//! newer one supersedes.
 //!
 //! No I/O here: the connection (`conn`) writes from it and reports what the socket took
 //! (`advance`, which counts frames and bytes written in `metrics`).
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::rc::Rc;
 
 use bytes::Bytes;
 
-/// A queued frame: shared by every subscriber (broadcasts) or this connection's own (replies).
+use crate::fanout::frame::Framed;
+
+/// A broadcast as a shard holds it: one per event per shard, shared by every local
+/// subscriber's queue (and by the channel's cache entry).
+#[derive(Debug)]
+pub struct Frame {
+    /// The frame every subscriber gets unless it negotiated compression, and the same message
+    /// compressed once (permessage-deflate) for those that did, when it was compressed (not
+    /// below the threshold, compression on, compressible): the `Bytes` the inbox carried, moved
+    /// here and only borrowed from, so no reference count is touched per event on the shard.
+    pub framed: Framed,
+    /// When the event is one its app conflates: the length of the plain payload's prefix that
+    /// names the event and its channel (`fanout::frame::conflation_key_len`), and where the
+    /// payload starts. A newer frame with the same prefix supersedes this one while it waits
+    /// in a slow connection's queue. Resumable (positioned) channels must leave it `None`: see
+    /// ARCHITECTURE.md, "Conflation".
+    pub conflate: Option<Range<usize>>,
+}
+
+impl Frame {
+    /// A frame nobody conflates or compresses (a presence join's answer, tests).
+    pub fn plain(bytes: Bytes) -> Frame {
+        Frame {
+            framed: Framed::plain_only(bytes),
+            conflate: None,
+        }
+    }
+
+    /// The plain frame.
+    pub fn plain_bytes(&self) -> &[u8] {
+        self.framed.plain_bytes()
+    }
+
+    /// There is a compressed frame.
+    pub fn is_deflated(&self) -> bool {
+        self.framed.deflated_bytes().is_some()
+    }
+
+    /// The bytes a connection is sent: the compressed frame when it negotiated compression and
+    /// there is one.
+    pub fn for_conn(&self, deflate: bool) -> &[u8] {
+        match self.framed.deflated_bytes() {
+            Some(d) if deflate => d,
+            _ => self.framed.plain_bytes(),
+        }
+    }
+
+    /// Same conflation key: the same conflated event on the same channel.
+    fn supersedes(&self, older: &Frame) -> bool {
+        match (&self.conflate, &older.conflate) {
+            (Some(k1), Some(k2)) => {
+                self.plain_bytes()[k1.clone()] == older.plain_bytes()[k2.clone()]
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A queued frame: shared by every subscriber (broadcasts: the frame and whether this
+/// connection is sent its compressed form) or this connection's own (replies).
 pub(super) enum Chunk {
-    Shared(Rc<Bytes>),
+    Shared(Rc<Frame>, bool),
     Own(Vec<u8>),
 }
 
 impl Chunk {
     pub(super) fn as_slice(&self) -> &[u8] {
         match self {
-            Chunk::Shared(b) => b,
+            Chunk::Shared(f, deflate) => f.for_conn(*deflate),
             Chunk::Own(v) => v,
         }
     }
@@ -82,6 +143,31 @@ impl OutQueue {
             .chain(self.chunks.iter().skip(1).map(Chunk::as_slice))
     }
 
+    /// Conflation: drops every queued frame `newer` supersedes (the same conflated event on the
+    /// same channel), except a frame partly sent or possibly being sent (the front one, once
+    /// started or while a write waits for the socket) and, with TLS, encrypted records. The
+    /// order of what is left is unchanged. Returns how many were dropped.
+    pub(super) fn conflate(&mut self, newer: &Frame) -> u64 {
+        if newer.conflate.is_none() {
+            return 0;
+        }
+        let front_busy = self.head_off > 0 || self.blocked;
+        let keep = usize::from(front_busy).max(self.sealed);
+        let mut dropped = 0;
+        let mut i = keep;
+        while i < self.chunks.len() {
+            if matches!(&self.chunks[i], Chunk::Shared(f, _) if newer.supersedes(f)) {
+                if let Some(c) = self.chunks.remove(i) {
+                    self.bytes -= c.as_slice().len();
+                    dropped += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        dropped
+    }
+
     /// Drops every frame not yet started, keeping a partly sent one (and, with TLS, every
     /// encrypted record: dropping one would break the record sequence) so the stream stays valid.
     pub(super) fn discard_unsent(&mut self) {
@@ -101,4 +187,140 @@ pub(crate) enum Enqueued {
     Overflow,
     /// Closing or dead: nothing queued.
     Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    /// A frame whose bytes start with its sequence number; `key`: its channel and event, if it is
+    /// of a conflated event.
+    fn frame(seq: u32, len: usize, key: Option<(&Arc<str>, &Arc<str>)>) -> Rc<Frame> {
+        let mut b = seq.to_be_bytes().to_vec();
+        let mut conflate = None;
+        if let Some((channel, event)) = key {
+            // The key: the bytes naming the event and the channel.
+            b.extend_from_slice(event.as_bytes());
+            b.extend_from_slice(channel.as_bytes());
+            conflate = Some(4..b.len());
+        }
+        b.resize(len.max(b.len()), b'.');
+        Rc::new(Frame {
+            framed: Framed::plain_only(Bytes::from(b)),
+            conflate,
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Queue a frame: channel 0..3, of the conflated event or not, its length.
+        Push(u8, bool, usize),
+        /// The socket takes this many bytes.
+        Send(usize),
+        /// The socket is full (a write waits) or not.
+        Block(bool),
+    }
+
+    const MAX_LEN: usize = 300;
+
+    /// A frame queued: (sequence number, its channel if of the conflated event, length).
+    type Pushed = (u32, Option<u8>, usize);
+
+    fn op(all_conflated: bool) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..3, any::<bool>(), 16usize..MAX_LEN)
+                .prop_map(move |(c, k, l)| Op::Push(c, k || all_conflated, l)),
+            1 => (0usize..2000).prop_map(Op::Send),
+            1 => any::<bool>().prop_map(Op::Block),
+        ]
+    }
+
+    /// Runs `ops` the way `Conn::enqueue_shared` conflates (over `threshold` queued bytes),
+    /// checking the queue's byte count and, with `bound`, its size after every push. Returns
+    /// what was pushed (seq, channel if conflated, length) and what reached the wire.
+    fn run(
+        ops: Vec<Op>,
+        threshold: usize,
+        bound: Option<usize>,
+    ) -> Result<(Vec<Pushed>, Vec<u8>), TestCaseError> {
+        let channels: Vec<Arc<str>> = (0..3).map(|i| Arc::from(format!("match.{i}"))).collect();
+        let event: Arc<str> = Arc::from("match.update");
+        let mut q = OutQueue {
+            max: usize::MAX,
+            ..OutQueue::default()
+        };
+        let mut pushed = Vec::new();
+        let mut wire: Vec<u8> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Push(c, conflated, len) => {
+                    let seq = pushed.len() as u32;
+                    let key = conflated.then(|| (&channels[c as usize], &event));
+                    let f = frame(seq, len, key);
+                    if q.bytes > threshold {
+                        q.conflate(&f);
+                    }
+                    pushed.push((seq, conflated.then_some(c), f.plain_bytes().len()));
+                    q.push(Chunk::Shared(f, false));
+                    if let Some(b) = bound {
+                        prop_assert!(q.bytes <= b, "{} queued, bound {}", q.bytes, b);
+                    }
+                }
+                Op::Send(n) if !q.blocked => {
+                    let n = n.min(q.bytes);
+                    wire.extend(q.unsent().flatten().copied().take(n));
+                    q.advance(n);
+                }
+                Op::Send(_) => {}
+                Op::Block(b) => q.blocked = b,
+            }
+            prop_assert_eq!(q.bytes, q.unsent().map(<[u8]>::len).sum::<usize>());
+        }
+        wire.extend(q.unsent().flatten().copied());
+        Ok((pushed, wire))
+    }
+
+    proptest! {
+        /// What goes out is whole frames in the order queued; only frames of the conflated
+        /// event are ever missing, and each missing one was followed by a newer frame of the
+        /// same channel.
+        #[test]
+        fn conflation_drops_only_superseded_frames_in_order(
+            ops in proptest::collection::vec(op(false), 1..200),
+            threshold in 0usize..1500,
+        ) {
+            let (pushed, wire) = run(ops, threshold, None)?;
+            let mut got = Vec::new();
+            let mut at = 0;
+            while at < wire.len() {
+                let seq = u32::from_be_bytes(wire[at..at + 4].try_into().unwrap());
+                got.push(seq);
+                at += pushed[seq as usize].2;
+            }
+            prop_assert_eq!(at, wire.len(), "whole frames only");
+            prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "order kept: {:?}", got);
+            for &(seq, key, _) in &pushed {
+                if got.contains(&seq) {
+                    continue;
+                }
+                prop_assert!(key.is_some(), "frame {} of another event was dropped", seq);
+                prop_assert!(
+                    pushed.iter().any(|&(s, k, _)| s > seq && k == key),
+                    "frame {} dropped without a newer one of its channel", seq
+                );
+            }
+        }
+
+        /// With only conflated events on 3 channels, a connection that never reads holds at
+        /// most the threshold plus a frame per channel, the front frame and the one crossing.
+        #[test]
+        fn conflation_bounds_a_stalled_queue(
+            ops in proptest::collection::vec(op(true), 1..300),
+            threshold in 0usize..1500,
+        ) {
+            run(ops, threshold, Some(threshold + 5 * MAX_LEN))?;
+        }
+    }
 }

@@ -212,6 +212,7 @@ impl Shard {
         except: Option<SocketId>,
     ) {
         let json = outbound::channel_event_str(event, &channel, data);
+        let settings = self.app(app);
         self.shared.deliver(Event {
             app,
             channel: &channel,
@@ -219,6 +220,7 @@ impl Shard {
             except,
             cache: false,
             positioned: false,
+            settings: &settings,
         });
     }
 

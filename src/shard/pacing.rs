@@ -10,6 +10,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::conn::{self, Conn};
+use super::outqueue::Frame;
 use super::Shard;
 use crate::fanout::router::Broadcast;
 
@@ -34,20 +35,36 @@ impl Shard {
     /// so no `RefCell` borrow lives across a yield. Writes happen in `flush_dirty`, after the
     /// whole burst is queued, so several events leave in one `sendmsg`.
     pub(super) fn fanout(&self, b: Broadcast) {
-        if b.cache {
-            let ttl = self.app(b.app).cache_ttl;
-            self.cache
-                .borrow_mut()
-                .put(b.app, &b.channel, b.frame.clone(), Instant::now(), ttl);
-        }
         let index = self.index.borrow();
         let subscribers = index.subscribers(b.app, &b.channel);
-        if subscribers.is_empty() {
+        if subscribers.is_empty() && !b.cache {
             return;
         }
         // One non-atomic Rc per shard per event: the per-subscriber clones below never touch
         // the cross-core refcount inside `Bytes`.
-        let (len, frame) = (b.frame.len(), Rc::new(b.frame));
+        let conflate = if b.conflate {
+            // The bytes that name the event and its channel (the event was checked against the
+            // app's list when it was delivered).
+            let plain = b.frame.plain_bytes();
+            let at = plain.len() - crate::ws::codec::payload_of(plain).len();
+            crate::fanout::frame::conflation_key_len(&plain[at..]).map(|n| at..at + n)
+        } else {
+            None
+        };
+        let frame = Rc::new(Frame {
+            framed: b.frame,
+            conflate,
+        });
+        if b.cache {
+            let ttl = self.app(b.app).cache_ttl;
+            self.cache
+                .borrow_mut()
+                .put(b.app, &b.channel, Rc::clone(&frame), Instant::now(), ttl);
+        }
+        if subscribers.is_empty() {
+            return;
+        }
+        let conflate_over = self.shared.cfg.conflation_threshold;
         let full = self.coalesce_full();
         let conns = self.conns.borrow();
         let mut dirty = self.dirty.borrow_mut();
@@ -57,9 +74,10 @@ impl Shard {
             if Some(conn.socket_id) == b.except {
                 continue;
             }
-            let crossed = match conn.enqueue_shared(&frame) {
+            let crossed = match conn.enqueue_shared(&frame, conflate_over) {
                 conn::Enqueued::Yes(bytes) => {
                     queued += 1;
+                    let len = frame.for_conn(conn.deflates()).len();
                     bytes >= full && bytes - len < full
                 }
                 // Closing with 4100 (counted by the connection): its close frame is written

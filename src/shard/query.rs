@@ -205,7 +205,7 @@ impl Shard {
         let now = Instant::now();
         let cache = self.cache.borrow();
         Some((
-            cache.get(app, channel, now)?.clone(),
+            cache.get(app, channel, now)?.framed.plain(),
             cache.ttl_left(app, channel, now)?,
         ))
     }

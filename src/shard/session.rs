@@ -417,6 +417,7 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         // caches server events only).
         cache: false,
         positioned: app.positioned(channel),
+        settings: &app,
     });
 }
 

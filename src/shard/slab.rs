@@ -75,7 +75,7 @@ impl Shard {
     }
 
     pub fn register(&self, app: usize, fd: std::os::fd::RawFd) -> Rc<Conn> {
-        self.register_with(app, fd, None)
+        self.register_with(app, fd, None, false)
     }
 
     /// Registers a connection, with its TLS state when it came in over wss://.
@@ -84,6 +84,7 @@ impl Shard {
         app: usize,
         fd: std::os::fd::RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
+        deflate: bool,
     ) -> Rc<Conn> {
         bump(&self.stats.connects);
         let socket_id = self.new_socket_id();
@@ -95,6 +96,7 @@ impl Shard {
                 fd,
                 tls,
                 self.shared.cfg.max_outbound_bytes,
+                deflate,
             ))
         })
     }

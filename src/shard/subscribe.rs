@@ -10,6 +10,7 @@ use std::time::Instant;
 use super::conn::Conn;
 use super::conn::Enqueued;
 use super::index::SubscriptionIndex;
+use super::outqueue::Frame;
 use super::Shard;
 use crate::fanout::router::{ConnId, Joined, PresenceOp, Resume, ResumeOutcome, ShardCmd};
 use crate::protocol::{channel, outbound, ChannelKind, SocketId};
@@ -168,7 +169,7 @@ impl Shard {
         let cache = self.cache.borrow();
         match cache.get(conn.app, channel, Instant::now()) {
             Some(frame) => {
-                conn.enqueue_shared(&Rc::new(frame.clone()));
+                conn.enqueue_shared(frame, usize::MAX);
             }
             None => {
                 conn.send_text(&outbound::cache_miss(channel));
@@ -205,7 +206,7 @@ impl Shard {
                 conn.ext()
                     .presence
                     .push((Rc::from(&*j.channel), Rc::from(&*j.user_id)));
-                conn.enqueue_shared(&Rc::new(frame));
+                conn.enqueue_shared(&Rc::new(Frame::plain(frame)), usize::MAX);
                 self.send_cached(conn, &j.channel);
                 self.mark_dirty(conn);
             }
@@ -358,7 +359,10 @@ impl Shard {
             {
                 let n = frames.len() as u64;
                 for f in frames {
-                    if !matches!(conn.enqueue_shared(&Rc::new(f)), Enqueued::Yes(_)) {
+                    if !matches!(
+                        conn.enqueue_shared(&Rc::new(Frame::plain(f)), usize::MAX),
+                        Enqueued::Yes(_)
+                    ) {
                         // Closed as a slow consumer: its client resumes again.
                         self.mark_dirty(&conn);
                         return;

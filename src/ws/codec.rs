@@ -46,13 +46,15 @@ pub enum WsError {
     TooBig,
     #[error("malformed close frame")]
     BadClose,
+    #[error("compressed message is not valid DEFLATE data")]
+    BadDeflate,
 }
 
 impl WsError {
     pub fn close_code(self) -> u16 {
         match self {
             WsError::Binary => close::UNSUPPORTED_DATA,
-            WsError::InvalidUtf8 => close::INVALID_PAYLOAD,
+            WsError::InvalidUtf8 | WsError::BadDeflate => close::INVALID_PAYLOAD,
             WsError::TooBig => close::MESSAGE_TOO_BIG,
             _ => close::PROTOCOL_ERROR,
         }
@@ -68,10 +70,23 @@ pub enum Text {
     Assembled(Vec<u8>),
 }
 
+impl Text {
+    /// The message's bytes, given the buffer `Decoder::next` was handed.
+    pub fn bytes<'a>(&'a self, buf: &'a [u8]) -> &'a [u8] {
+        match self {
+            Text::InBuf(r) => &buf[r.clone()],
+            Text::Assembled(v) => v,
+        }
+    }
+}
+
 /// One complete thing the client said.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inbound {
     Text(Text),
+    /// A text message compressed with permessage-deflate (RSV1 on its first frame): still
+    /// compressed, without the `00 00 ff ff` trailer; UTF-8 is checked once it is inflated.
+    Deflated(Text),
     Ping(Vec<u8>),
     Pong,
     /// A close frame; `None` when it carried no code (we answer 1000 then).
@@ -83,24 +98,37 @@ pub enum Inbound {
 /// Reassembles messages from client frames. Holds only the fragments of an unfinished message.
 #[derive(Debug, Default)]
 pub struct Decoder {
-    /// Text fragments received so far; `None` outside a fragmented message.
-    fragments: Option<Vec<u8>>,
+    /// A fragmented message so far; `None` outside one. Boxed: every connection's session
+    /// holds a decoder, and fragmented messages are rare.
+    fragments: Option<Box<Fragments>>,
+}
+
+#[derive(Debug, Default)]
+struct Fragments {
+    data: Vec<u8>,
+    /// Compressed (RSV1 on its first frame).
+    compressed: bool,
 }
 
 impl Decoder {
     /// Decodes the next frame at the front of `buf`. Returns what it found and how many bytes of
     /// `buf` it used; `Ok(None)` means "read more" (nothing used). `max_message` bounds a
-    /// message's payload, summed over its fragments. Payloads are unmasked in place.
+    /// message's payload, summed over its fragments (compressed messages: their compressed
+    /// size here, their inflated size where they are inflated). Payloads are unmasked in place.
+    /// `deflate`: permessage-deflate was negotiated, so RSV1 may mark a message's first frame.
     pub fn next(
         &mut self,
         buf: &mut [u8],
         max_message: usize,
+        deflate: bool,
     ) -> Result<Option<(Inbound, usize)>, WsError> {
         let Some((hdr, len, hdr_len)) = parse_header(buf)? else {
             return Ok(None);
         };
         let mask = hdr.mask.ok_or(WsError::Unmasked)?;
-        if hdr.rsv1 || hdr.rsv2 || hdr.rsv3 {
+        // RFC 7692 §6.1: RSV1 only on the first frame of a data message, only when negotiated.
+        let rsv1_ok = deflate && matches!(hdr.opcode, OpCode::Data(Data::Text));
+        if (hdr.rsv1 && !rsv1_ok) || hdr.rsv2 || hdr.rsv3 {
             return Err(WsError::ReservedBits);
         }
         match hdr.opcode {
@@ -113,7 +141,7 @@ impl Decoder {
             }
             OpCode::Control(_) => {}
             OpCode::Data(_) => {
-                let so_far = self.fragments.as_ref().map_or(0, Vec::len) as u64;
+                let so_far = self.fragments.as_ref().map_or(0, |f| f.data.len()) as u64;
                 if so_far + len > max_message as u64 {
                     return Err(WsError::TooBig);
                 }
@@ -134,21 +162,33 @@ impl Decoder {
                 if self.fragments.is_some() {
                     return Err(WsError::BadContinuation);
                 }
-                if hdr.is_final {
+                if hdr.is_final && hdr.rsv1 {
+                    Inbound::Deflated(Text::InBuf(start..end))
+                } else if hdr.is_final {
                     std::str::from_utf8(&buf[start..end]).map_err(|_| WsError::InvalidUtf8)?;
                     Inbound::Text(Text::InBuf(start..end))
                 } else {
-                    self.fragments = Some(buf[start..end].to_vec());
+                    self.fragments = Some(Box::new(Fragments {
+                        data: buf[start..end].to_vec(),
+                        compressed: hdr.rsv1,
+                    }));
                     Inbound::Fragment
                 }
             }
             OpCode::Data(Data::Continue) => {
                 let frags = self.fragments.as_mut().ok_or(WsError::BadContinuation)?;
-                frags.extend_from_slice(&buf[start..end]);
+                frags.data.extend_from_slice(&buf[start..end]);
                 if hdr.is_final {
-                    let msg = self.fragments.take().unwrap_or_default();
-                    std::str::from_utf8(&msg).map_err(|_| WsError::InvalidUtf8)?;
-                    Inbound::Text(Text::Assembled(msg))
+                    let Fragments {
+                        data: msg,
+                        compressed,
+                    } = *self.fragments.take().unwrap_or_default();
+                    if compressed {
+                        Inbound::Deflated(Text::Assembled(msg))
+                    } else {
+                        std::str::from_utf8(&msg).map_err(|_| WsError::InvalidUtf8)?;
+                        Inbound::Text(Text::Assembled(msg))
+                    }
                 } else {
                     Inbound::Fragment
                 }
@@ -194,8 +234,12 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, WsError> {
     }
 }
 
+/// RSV1 in a frame's first byte: the message is compressed (permessage-deflate, RFC 7692 §6).
+/// `encode_header(RSV1 | OP_TEXT, ..)` writes a compressed text frame's header.
+pub const RSV1: u8 = 0x40;
+
 /// Writes the header of an unmasked, final server frame carrying `len` payload bytes into `out`,
-/// returning its length. RFC 6455 §5.1: servers never mask.
+/// returning its length. RFC 6455 §5.1: servers never mask. `opcode` may carry `RSV1`.
 pub fn encode_header(opcode: u8, len: usize, out: &mut [u8; MAX_SERVER_HEADER]) -> usize {
     out[0] = 0x80 | opcode;
     match len {
@@ -283,14 +327,21 @@ mod tests {
     }
 
     fn decode_all(bytes: &[u8], max: usize) -> Result<Vec<Inbound>, WsError> {
+        decode_with(bytes, max, false)
+    }
+
+    fn decode_with(bytes: &[u8], max: usize, deflate: bool) -> Result<Vec<Inbound>, WsError> {
         let mut buf = bytes.to_vec();
         let mut dec = Decoder::default();
         let mut out = Vec::new();
         let mut pos = 0;
-        while let Some((m, used)) = dec.next(&mut buf[pos..], max)? {
+        while let Some((m, used)) = dec.next(&mut buf[pos..], max, deflate)? {
             let m = match m {
                 Inbound::Text(Text::InBuf(r)) => {
                     Inbound::Text(Text::Assembled(buf[pos + r.start..pos + r.end].to_vec()))
+                }
+                Inbound::Deflated(Text::InBuf(r)) => {
+                    Inbound::Deflated(Text::Assembled(buf[pos + r.start..pos + r.end].to_vec()))
                 }
                 Inbound::Fragment => {
                     pos += used;
@@ -302,6 +353,45 @@ mod tests {
             pos += used;
         }
         Ok(out)
+    }
+
+    #[test]
+    fn rsv1_marks_compressed_messages_only_when_negotiated() {
+        let m = [1, 2, 3, 4];
+        let one = client_frame(0xC1, b"\xff\x00z", m);
+        // Not negotiated: a protocol error.
+        assert_eq!(decode_with(&one, 100, false), Err(WsError::ReservedBits));
+        // Negotiated: handed on still compressed (not checked as UTF-8 here).
+        assert_eq!(
+            decode_with(&one, 100, true),
+            Ok(vec![Inbound::Deflated(Text::Assembled(
+                b"\xff\x00z".to_vec()
+            ))])
+        );
+        // Fragmented: RSV1 on the first frame marks the whole message.
+        let mut frags = client_frame(0x41, b"ab", m);
+        frags.extend(client_frame(0x80, b"cd", m));
+        assert_eq!(
+            decode_with(&frags, 100, true),
+            Ok(vec![Inbound::Deflated(Text::Assembled(b"abcd".to_vec()))])
+        );
+        // RSV1 on a continuation, a control frame, or with RSV2: refused.
+        let mut bad = client_frame(0x01, b"ab", m);
+        bad.extend(client_frame(0xC0, b"cd", m));
+        assert_eq!(decode_with(&bad, 100, true), Err(WsError::ReservedBits));
+        assert_eq!(
+            decode_with(&client_frame(0xC9, b"", m), 100, true),
+            Err(WsError::ReservedBits)
+        );
+        assert_eq!(
+            decode_with(&client_frame(0xE1, b"a", m), 100, true),
+            Err(WsError::ReservedBits)
+        );
+        // The compressed size is held to the limit too.
+        assert_eq!(
+            decode_with(&client_frame(0xC1, &[0; 101], m), 100, true),
+            Err(WsError::TooBig)
+        );
     }
 
     #[test]
@@ -410,7 +500,7 @@ mod tests {
             for c in cuts {
                 buf.extend_from_slice(&bytes[fed..c]);
                 fed = c;
-                while let Some((m, used)) = dec.next(&mut buf, 10_000).unwrap() {
+                while let Some((m, used)) = dec.next(&mut buf, 10_000, false).unwrap() {
                     if let Inbound::Text(Text::InBuf(r)) = m {
                         got.push(Inbound::Text(Text::Assembled(buf[r].to_vec())));
                     }

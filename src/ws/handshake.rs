@@ -33,6 +33,9 @@ pub struct Request {
     /// `X-Forwarded-For`, several headers joined with `, ` in order (RFC 9110 §5.3); believed
     /// only from a trusted proxy (`proxy::Trusted::client`).
     pub forwarded_for: Option<String>,
+    /// `Sec-WebSocket-Extensions`, several headers joined with `, ` in order (RFC 6455 §9.1);
+    /// `ws::deflate::negotiate` reads it.
+    pub extensions: Option<String>,
 }
 
 impl Request {
@@ -188,6 +191,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             out.origin = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("authorization") {
             out.authorization = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+            match &mut out.extensions {
+                Some(v) => {
+                    v.push_str(", ");
+                    v.push_str(value);
+                }
+                None => out.extensions = Some(value.to_owned()),
+            }
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             match &mut out.forwarded_for {
                 Some(v) => {
@@ -210,12 +221,17 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     Ok(Some((out, n)))
 }
 
-/// The `101 Switching Protocols` answer. No extensions are offered back: permessage-deflate is
-/// never negotiated, so every subscriber can be sent the same frame bytes.
-pub fn switching_protocols(ws_key: &str) -> Vec<u8> {
+/// The `101 Switching Protocols` answer, with the accepted extension (`ws::deflate::negotiate`)
+/// if any. The extension answered is always the same (no context kept on either side), so every
+/// compressing subscriber can be sent the same compressed bytes.
+pub fn switching_protocols(ws_key: &str, extension: Option<&str>) -> Vec<u8> {
     let accept = tungstenite::handshake::derive_accept_key(ws_key.as_bytes());
+    let ext = match extension {
+        Some(e) => format!("Sec-WebSocket-Extensions: {e}\r\n"),
+        None => String::new(),
+    };
     format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{ext}\r\n"
     )
     .into_bytes()
 }
@@ -301,9 +317,32 @@ mod tests {
         assert_eq!(req.path, "/app/key");
         assert_eq!(req.query_param("protocol"), Some("7"));
         assert!(req.wants_upgrade);
-        let resp = String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap())).unwrap();
+        let resp =
+            String::from_utf8(switching_protocols(req.ws_key.as_deref().unwrap(), None)).unwrap();
         // RFC 6455 §1.3's worked example.
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    #[test]
+    fn extension_headers_are_joined_and_answered() {
+        let raw = b"GET /app/k HTTP/1.1\r\nSec-WebSocket-Extensions: x-foo\r\nHost: x\r\nsec-websocket-extensions: permessage-deflate; client_max_window_bits\r\n\r\n";
+        let (req, _) = parse(raw).unwrap().unwrap();
+        assert_eq!(
+            req.extensions.as_deref(),
+            Some("x-foo, permessage-deflate; client_max_window_bits")
+        );
+        let ok = String::from_utf8(switching_protocols(
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            Some("permessage-deflate"),
+        ))
+        .unwrap();
+        assert!(
+            ok.ends_with("Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n"),
+            "{ok}"
+        );
+        let none =
+            String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
+        assert!(!none.contains("Extensions"));
     }
 
     #[test]

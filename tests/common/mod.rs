@@ -2,6 +2,8 @@
 //! over real sockets: a WebSocket client (tungstenite's sync client) and a signed HTTP API client.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -45,6 +45,20 @@ try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   page.on('pageerror', (e) => pageErrors.push(String(e)));
   page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(`${m.text()} (${m.location().url})`); });
+  // What the page's WebSockets negotiated, from Chromium's own network log (DevTools protocol):
+  // the Sec-WebSocket-Extensions the server answered, and how many data frames arrived (which
+  // Chromium reports already inflated; the page decoding them is the proof they inflate).
+  const cdp = await page.context().newCDPSession(page);
+  await cdp.send('Network.enable');
+  const wsExtensions = [];
+  let wsFrames = 0;
+  cdp.on('Network.webSocketHandshakeResponseReceived', ({ response }) => {
+    const h = Object.entries(response.headers ?? {}).find(([k]) => k.toLowerCase() === 'sec-websocket-extensions');
+    wsExtensions.push(h ? h[1] : null);
+  });
+  cdp.on('Network.webSocketFrameReceived', ({ response }) => {
+    if (response.opcode === 1) wsFrames += 1;
+  });
 
   const resp = await page.goto(url, { waitUntil: 'load' });
   if (!resp || resp.status() !== 200) fail(`GET ${url} answered ${resp && resp.status()}`);
@@ -112,6 +126,8 @@ try {
     scoreboard_rows: scoreboardRows,
     tail_rows: tailChannels.length,
     followed_rows: followed,
+    ws_extensions: wsExtensions,
+    ws_text_frames: wsFrames,
     screenshot,
   }));
 } catch (e) {

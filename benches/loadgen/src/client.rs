@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use flate2::{Decompress, FlushDecompress, Status};
 use socket2::{Domain, Socket, Type};
 
 use crate::stats::now_ns;
@@ -29,6 +30,8 @@ pub struct Target {
     pub connect_timeout: Duration,
     /// Largest server frame accepted, bytes.
     pub max_frame: usize,
+    /// Offer permessage-deflate (as browsers do) and inflate what arrives compressed.
+    pub deflate: bool,
 }
 
 /// What becomes of a connection after something happened on it.
@@ -59,6 +62,12 @@ pub struct Conn<A> {
     outbuf: Vec<u8>,
     frag: Vec<u8>,
     fragmenting: bool,
+    /// The message being reassembled is compressed.
+    frag_compressed: bool,
+    /// What the server's answer said about compression.
+    deflate: wire::Deflate,
+    /// The connection's own inflater, when the server keeps context between messages.
+    inflater: Option<Box<Decompress>>,
     key: Option<Box<str>>,
     /// Xorshift state for this connection's masks.
     masks: u64,
@@ -164,6 +173,19 @@ pub struct Pool<A> {
     /// error) while we wait counts as a clean end.
     strict_close: bool,
     masks: u64,
+    deflate: bool,
+    /// Inflating: one inflater for every connection whose server compresses each message on
+    /// its own, and the buffer messages are inflated into.
+    inflate: Inflate,
+    /// Bytes read from every socket (the upgrade's answers included) since the last
+    /// [`Pool::take_bytes_in`].
+    bytes_in: u64,
+}
+
+/// The pool's inflater and buffer.
+struct Inflate {
+    shared: Decompress,
+    out: Vec<u8>,
 }
 
 /// An epoll token: a connection's slot and its generation, so a stale event never reaches a
@@ -200,7 +222,19 @@ impl<A> Pool<A> {
             max_frame: target.max_frame,
             strict_close,
             masks: seed | 1,
+            deflate: target.deflate,
+            inflate: Inflate {
+                shared: Decompress::new(false),
+                out: Vec::new(),
+            },
+            bytes_in: 0,
         })
+    }
+
+    /// Bytes read from the sockets since the last call (wire bytes: frames, headers, control
+    /// frames, upgrade answers).
+    pub fn take_bytes_in(&mut self) -> u64 {
+        std::mem::take(&mut self.bytes_in)
     }
 
     /// Starts a connection (non-blocking connect, from `src` if given); its token.
@@ -235,6 +269,9 @@ impl<A> Pool<A> {
             outbuf: Vec::new(),
             frag: Vec::new(),
             fragmenting: false,
+            frag_compressed: false,
+            deflate: wire::Deflate::Off,
+            inflater: None,
             key: None,
             masks: self.masks | 1,
             app,
@@ -315,6 +352,7 @@ impl<A> Pool<A> {
         let rules = Rules {
             max_frame: self.max_frame,
             strict_close: self.strict_close,
+            offered: self.deflate,
         };
         if conn.st == St::Connecting {
             return match conn.stream.take_error() {
@@ -324,6 +362,7 @@ impl<A> Pool<A> {
                         &self.host_header,
                         &self.path,
                         &key,
+                        self.deflate,
                     ));
                     conn.key = Some(key.into_boxed_str());
                     conn.st = St::Upgrading;
@@ -340,7 +379,15 @@ impl<A> Pool<A> {
             fate = conn.flush(&self.epoll, tok);
         }
         if matches!(fate, Fate::Keep) && flags & (sys::IN | sys::ERR | sys::HUP) != 0 {
-            fate = read_input(conn, tok, scratch, rules, h);
+            fate = read_input(
+                conn,
+                tok,
+                scratch,
+                rules,
+                &mut self.inflate,
+                &mut self.bytes_in,
+                h,
+            );
             if matches!(fate, Fate::Keep) && !conn.outbuf.is_empty() {
                 fate = conn.flush(&self.epoll, tok);
             }
@@ -354,6 +401,8 @@ impl<A> Pool<A> {
 struct Rules {
     max_frame: usize,
     strict_close: bool,
+    /// permessage-deflate was offered.
+    offered: bool,
 }
 
 fn connect_nonblocking(addr: SocketAddr, src: Option<IpAddr>) -> io::Result<TcpStream> {
@@ -378,6 +427,8 @@ fn read_input<A, H: Handler<A>>(
     tok: u64,
     scratch: &mut [u8],
     rules: Rules,
+    inflate: &mut Inflate,
+    bytes_in: &mut u64,
     h: &mut H,
 ) -> Fate {
     loop {
@@ -400,7 +451,8 @@ fn read_input<A, H: Handler<A>>(
             Err(_) if conn.st == St::Closing && !rules.strict_close => return Fate::Drop(None),
             Err(e) => return Fate::Drop(Some(format!("read: {e}"))),
         };
-        let fate = input(conn, tok, &scratch[..n], now_ns(), rules, h);
+        *bytes_in += n as u64;
+        let fate = input(conn, tok, &scratch[..n], now_ns(), rules, inflate, h);
         if !matches!(fate, Fate::Keep) || n < scratch.len() {
             return fate;
         }
@@ -415,6 +467,7 @@ fn input<A, H: Handler<A>>(
     data: &[u8],
     now: u64,
     rules: Rules,
+    inflate: &mut Inflate,
     h: &mut H,
 ) -> Fate {
     let mut buf = std::mem::take(&mut conn.inbuf);
@@ -429,14 +482,22 @@ fn input<A, H: Handler<A>>(
         match wire::head_end(src) {
             Some(end) => {
                 let key = conn.key.take().unwrap_or_default();
-                if let Err(e) = wire::check_handshake(&src[..end], &key) {
-                    let body = String::from_utf8_lossy(&src[end..src.len().min(end + 200)]);
-                    let body = body.trim();
-                    return Fate::Drop(Some(if body.is_empty() {
-                        e
-                    } else {
-                        format!("{e} {body:?}")
-                    }));
+                match wire::check_handshake(&src[..end], &key, rules.offered) {
+                    Ok(d) => {
+                        conn.deflate = d;
+                        if d == wire::Deflate::Context {
+                            conn.inflater = Some(Box::new(Decompress::new(false)));
+                        }
+                    }
+                    Err(e) => {
+                        let body = String::from_utf8_lossy(&src[end..src.len().min(end + 200)]);
+                        let body = body.trim();
+                        return Fate::Drop(Some(if body.is_empty() {
+                            e
+                        } else {
+                            format!("{e} {body:?}")
+                        }));
+                    }
                 }
                 conn.st = St::Open;
                 pos = end;
@@ -452,20 +513,22 @@ fn input<A, H: Handler<A>>(
     }
     let mut fate = Fate::Keep;
     while pos < src.len() {
-        let head = match wire::parse_frame(&src[pos..], rules.max_frame) {
+        let deflate = conn.deflate != wire::Deflate::Off;
+        let head = match wire::parse_frame(&src[pos..], rules.max_frame, deflate) {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(e) => return Fate::Drop(Some(e)),
         };
         let FrameHead {
             fin,
+            rsv1,
             opcode,
             start,
             end,
         } = head;
         let payload = &src[pos + start..pos + end];
         pos += end;
-        fate = frame(conn, tok, fin, opcode, payload, now, h);
+        fate = frame(conn, tok, (fin, rsv1), opcode, payload, now, inflate, h);
         if !matches!(fate, Fate::Keep) {
             return fate;
         }
@@ -476,21 +539,98 @@ fn input<A, H: Handler<A>>(
     fate
 }
 
-/// One server frame (RFC 6455 §5): text (whole or in fragments) to the handler, pings
-/// answered, a close answered and reported.
+/// Inflates one compressed message (RFC 7692 §7.2.2: the `00 00 ff ff` trailer put back) into
+/// `inflate.out`: with the pool's inflater, reset first, or the connection's own (`own`: the
+/// server keeps context between messages).
+fn inflate_msg(
+    inflate: &mut Inflate,
+    own: Option<&mut Decompress>,
+    data: &[u8],
+    max: usize,
+) -> Result<(), String> {
+    let d = match own {
+        Some(d) => d,
+        None => {
+            inflate.shared.reset(false);
+            &mut inflate.shared
+        }
+    };
+    let out = &mut inflate.out;
+    out.clear();
+    for part in [data, &[0, 0, 0xff, 0xff][..]] {
+        let mut pos = 0;
+        loop {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity().max(4096));
+            }
+            let (i0, o0) = (d.total_in(), d.total_out());
+            let st = d
+                .decompress_vec(&part[pos..], out, FlushDecompress::Sync)
+                .map_err(|e| format!("server sent invalid DEFLATE data: {e}"))?;
+            pos += (d.total_in() - i0) as usize;
+            let wrote = d.total_out() - o0;
+            if out.len() > max {
+                return Err(format!("compressed message inflates past {max} bytes"));
+            }
+            if st == Status::StreamEnd || (pos == part.len() && out.len() < out.capacity()) {
+                break;
+            }
+            if wrote == 0 && pos < part.len() && out.len() < out.capacity() {
+                return Err("server sent DEFLATE data that does not inflate".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A whole text message to the handler, inflated first when it came compressed.
+#[allow(clippy::too_many_arguments)]
+fn deliver<A, H: Handler<A>>(
+    conn: &mut Conn<A>,
+    tok: u64,
+    compressed: bool,
+    msg: &[u8],
+    now: u64,
+    inflate: &mut Inflate,
+    max: usize,
+    h: &mut H,
+) -> Fate {
+    if !compressed {
+        return h.text(conn, tok, msg, now);
+    }
+    if let Err(e) = inflate_msg(inflate, conn.inflater.as_deref_mut(), msg, max) {
+        return Fate::Drop(Some(e));
+    }
+    let out = std::mem::take(&mut inflate.out);
+    let f = h.text(conn, tok, &out, now);
+    inflate.out = out;
+    f
+}
+
+/// One server frame (RFC 6455 §5): text (whole or in fragments, inflated when compressed) to
+/// the handler, pings answered, a close answered and reported. `(fin, rsv1)`: the header's bits.
+#[allow(clippy::too_many_arguments)]
 fn frame<A, H: Handler<A>>(
     conn: &mut Conn<A>,
     tok: u64,
-    fin: bool,
+    (fin, rsv1): (bool, bool),
     opcode: u8,
     payload: &[u8],
     now: u64,
+    inflate: &mut Inflate,
     h: &mut H,
 ) -> Fate {
+    const MAX_INFLATED: usize = 64 << 20;
+    if rsv1 && opcode != wire::OP_TEXT {
+        return Fate::Drop(Some(format!("RSV1 on a frame with opcode {opcode}")));
+    }
     match opcode {
-        wire::OP_TEXT if fin && !conn.fragmenting => h.text(conn, tok, payload, now),
+        wire::OP_TEXT if fin && !conn.fragmenting => {
+            deliver(conn, tok, rsv1, payload, now, inflate, MAX_INFLATED, h)
+        }
         wire::OP_TEXT if !conn.fragmenting => {
             conn.fragmenting = true;
+            conn.frag_compressed = rsv1;
             conn.frag.clear();
             conn.frag.extend_from_slice(payload);
             Fate::Keep
@@ -502,7 +642,8 @@ fn frame<A, H: Handler<A>>(
             }
             conn.fragmenting = false;
             let msg = std::mem::take(&mut conn.frag);
-            let f = h.text(conn, tok, &msg, now);
+            let compressed = std::mem::take(&mut conn.frag_compressed);
+            let f = deliver(conn, tok, compressed, &msg, now, inflate, MAX_INFLATED, h);
             conn.frag = if msg.capacity() > 4096 {
                 Vec::new()
             } else {
@@ -573,6 +714,10 @@ mod tests {
 
     /// A listener and a pool aimed at it.
     fn pool(strict_close: bool) -> (TcpListener, Pool<()>) {
+        pool_with(strict_close, false)
+    }
+
+    fn pool_with(strict_close: bool, deflate: bool) -> (TcpListener, Pool<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let target = Target {
@@ -582,12 +727,18 @@ mod tests {
             sources: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             max_frame: 1 << 20,
+            deflate,
         };
         (listener, Pool::new(&target, 7, strict_close).unwrap())
     }
 
     /// The server's side of the upgrade: reads the request and accepts it.
     fn accept_upgrade(listener: &TcpListener) -> TcpStream {
+        accept_upgrade_with(listener, None)
+    }
+
+    /// The same, answering `extension` (which the request must have offered).
+    fn accept_upgrade_with(listener: &TcpListener, extension: Option<&str>) -> TcpStream {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut head = Vec::new();
@@ -602,9 +753,16 @@ mod tests {
             .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
             .unwrap();
         let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+        let ext = match extension {
+            Some(e) => {
+                assert!(head.contains(wire::DEFLATE_OFFER), "{head}");
+                format!("Sec-WebSocket-Extensions: {e}\r\n")
+            }
+            None => String::new(),
+        };
         let answer = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Accept: {accept}\r\n\r\n"
+             Sec-WebSocket-Accept: {accept}\r\n{ext}\r\n"
         );
         s.write_all(answer.as_bytes()).unwrap();
         s
@@ -614,7 +772,7 @@ mod tests {
     /// (payload unmasked).
     fn client_frame(s: &mut TcpStream, dec: &mut Decoder, buf: &mut Vec<u8>) -> (Inbound, Vec<u8>) {
         loop {
-            if let Some((msg, used)) = dec.next(buf, 1 << 20).unwrap() {
+            if let Some((msg, used)) = dec.next(buf, 1 << 20, false).unwrap() {
                 return (msg, buf.drain(..used).collect());
             }
             let mut chunk = [0u8; 4096];
@@ -645,6 +803,56 @@ mod tests {
             }
         }
         panic!("the client did not get there within 10 s");
+    }
+
+    // Offered and accepted permessage-deflate: the daemon's compressed frames (RSV1) reach the
+    // scenario inflated, a fragmented compressed message too, plain ones as they are; every
+    // byte read is counted. With context takeover (another server's choice) the connection
+    // inflates with its own window.
+    #[test]
+    fn compressed_messages_arrive_inflated_and_bytes_are_counted() {
+        for answer in [
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+            "permessage-deflate",
+        ] {
+            let (listener, mut pool) = pool_with(false, true);
+            let tok = pool.open(None, ()).unwrap();
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let sent2 = sent.clone();
+            let server = std::thread::spawn(move || {
+                let mut s = accept_upgrade_with(&listener, Some(answer));
+                let json = br#"{"event":"match.update","channel":"c","data":"{\"score\":[1,2,1,2,1,2,1,2]}"}"#;
+                let f = bts_guru::fanout::frame::SharedFrame::text(json);
+                let z = f.deflated().unwrap();
+                // The same compressed payload, split in two fragments (RSV1 on the first).
+                let body = codec::payload_of(&z);
+                let (a, b) = body.split_at(body.len() / 2);
+                let mut out = z.to_vec();
+                out.extend_from_slice(&f.bytes);
+                out.extend_from_slice(&[0x41, a.len() as u8]);
+                out.extend_from_slice(a);
+                out.extend_from_slice(&[0x80, b.len() as u8]);
+                out.extend_from_slice(b);
+                s.write_all(&out).unwrap();
+                sent2.store(out.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                // Then TCP ends: the pool drops the connection after reading everything.
+            });
+            let mut h = Seen::default();
+            let end = drive(&mut pool, &mut h, |_| false);
+            assert_eq!(end, Some(Some("server closed the TCP connection".into())));
+            let json =
+                r#"{"event":"match.update","channel":"c","data":"{\"score\":[1,2,1,2,1,2,1,2]}"}"#;
+            assert_eq!(h.texts, vec![json; 3], "{answer}");
+            server.join().unwrap();
+            let read = pool.take_bytes_in();
+            let frames = sent.load(std::sync::atomic::Ordering::SeqCst);
+            assert!(
+                read > frames,
+                "{read} read, {frames} in frames (plus the 101)"
+            );
+            assert_eq!(pool.take_bytes_in(), 0);
+            let _ = tok;
+        }
     }
 
     // A message split in fragments with a ping between them arrives whole; the ping is

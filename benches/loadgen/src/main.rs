@@ -154,6 +154,10 @@ pub struct Common {
     /// Largest server frame accepted, bytes.
     #[arg(long, global = true, default_value_t = 1 << 20)]
     pub max_frame: usize,
+    /// Offer permessage-deflate on every WebSocket (`permessage-deflate; client_max_window_bits`,
+    /// as browsers do) and inflate compressed messages before checking them.
+    #[arg(long, global = true)]
+    pub deflate: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +423,7 @@ impl Env {
             sources: self.sources.clone(),
             connect_timeout: Duration::from_secs_f64(self.c.connect_timeout_s.max(0.1)),
             max_frame: self.c.max_frame,
+            deflate: self.c.deflate,
         }
     }
 

@@ -4,13 +4,34 @@
 
 use bts_guru::ws::codec;
 
-/// The upgrade request for `path` (e.g. `/app/KEY?protocol=7...`).
-pub fn handshake_request(host: &str, path: &str, key: &str) -> Vec<u8> {
+/// What a browser offers (`--deflate`): permessage-deflate, any client window.
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+/// The upgrade request for `path` (e.g. `/app/KEY?protocol=7...`), offering permessage-deflate
+/// with `deflate`.
+pub fn handshake_request(host: &str, path: &str, key: &str, deflate: bool) -> Vec<u8> {
+    let ext = if deflate {
+        format!("Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n")
+    } else {
+        String::new()
+    };
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: bts-guru-bench\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: bts-guru-bench\r\n{ext}\r\n"
     )
     .into_bytes()
+}
+
+/// What the server's answer says about compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deflate {
+    /// Not negotiated.
+    Off,
+    /// permessage-deflate with `server_no_context_takeover`: every message inflates on its own.
+    NoContext,
+    /// permessage-deflate with the server keeping its window between messages: the connection
+    /// needs its own inflater.
+    Context,
 }
 
 /// Offset just past the `\r\n\r\n` that ends an HTTP head.
@@ -18,8 +39,9 @@ pub fn head_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-/// Checks the server's answer to the upgrade: 101 and the right Sec-WebSocket-Accept.
-pub fn check_handshake(head: &[u8], key: &str) -> Result<(), String> {
+/// Checks the server's answer to the upgrade: 101, the right Sec-WebSocket-Accept, and no
+/// extension we did not offer (`offered`: permessage-deflate); what it says about compression.
+pub fn check_handshake(head: &[u8], key: &str, offered: bool) -> Result<Deflate, String> {
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split("\r\n");
     let status = lines.next().unwrap_or("");
@@ -27,18 +49,33 @@ pub fn check_handshake(head: &[u8], key: &str) -> Result<(), String> {
         return Err(format!("WebSocket upgrade refused: {:?}", status.trim()));
     }
     let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut accepted = None;
+    let mut deflate = Deflate::Off;
     for l in lines {
         if let Some((name, value)) = l.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("sec-websocket-accept") {
-                return if value.trim() == want {
-                    Ok(())
+            let (name, value) = (name.trim(), value.trim());
+            if name.eq_ignore_ascii_case("sec-websocket-accept") {
+                accepted = Some(value == want);
+            } else if name.eq_ignore_ascii_case("sec-websocket-extensions") {
+                let mut params = value.split(';').map(str::trim);
+                if !offered || params.next() != Some("permessage-deflate") {
+                    return Err(format!(
+                        "WebSocket upgrade: extension not offered: {value:?}"
+                    ));
+                }
+                deflate = if params.any(|p| p == "server_no_context_takeover") {
+                    Deflate::NoContext
                 } else {
-                    Err("WebSocket upgrade: wrong Sec-WebSocket-Accept".into())
+                    Deflate::Context
                 };
             }
         }
     }
-    Err("WebSocket upgrade: no Sec-WebSocket-Accept".into())
+    match accepted {
+        Some(true) => Ok(deflate),
+        Some(false) => Err("WebSocket upgrade: wrong Sec-WebSocket-Accept".into()),
+        None => Err("WebSocket upgrade: no Sec-WebSocket-Accept".into()),
+    }
 }
 
 pub use bts_guru::ws::codec::{OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
@@ -63,19 +100,23 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]
 #[derive(Debug, PartialEq, Eq)]
 pub struct FrameHead {
     pub fin: bool,
+    /// RSV1: a compressed message's first frame (permessage-deflate).
+    pub rsv1: bool,
     pub opcode: u8,
     /// Where the payload starts and ends within the buffer.
     pub start: usize,
     pub end: usize,
 }
 
-/// Parses the frame at the start of `buf`: `Ok(None)` when it is not complete yet.
-pub fn parse_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHead>, String> {
+/// Parses the frame at the start of `buf`: `Ok(None)` when it is not complete yet. `deflate`:
+/// permessage-deflate was negotiated, so RSV1 may be set.
+pub fn parse_frame(buf: &[u8], max_len: usize, deflate: bool) -> Result<Option<FrameHead>, String> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let (b0, b1) = (buf[0], buf[1]);
-    if b0 & 0x70 != 0 {
+    let rsv = if deflate { 0x30 } else { 0x70 };
+    if b0 & rsv != 0 {
         return Err("server frame with RSV bits set".into());
     }
     if b1 & 0x80 != 0 {
@@ -109,6 +150,7 @@ pub fn parse_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHead>, Stri
     pos += len;
     Ok(Some(FrameHead {
         fin: b0 & 0x80 != 0,
+        rsv1: b0 & 0x40 != 0,
         opcode: b0 & 0x0F,
         start,
         end: pos,
@@ -291,15 +333,18 @@ mod tests {
         for n in [0usize, 5, 125, 126, 300, 65535, 65536, 70000] {
             let payload = vec![b'x'; n];
             let f = codec::server_frame(OP_TEXT, &payload);
-            let h = parse_frame(&f, 1 << 20).unwrap().unwrap();
+            let h = parse_frame(&f, 1 << 20, false).unwrap().unwrap();
             assert_eq!(
                 (h.fin, h.opcode, h.end - h.start, h.end),
                 (true, 1, n, f.len())
             );
-            assert_eq!(parse_frame(&f[..f.len() - 1], 1 << 20).unwrap(), None);
+            assert_eq!(
+                parse_frame(&f[..f.len() - 1], 1 << 20, false).unwrap(),
+                None
+            );
         }
         let big = codec::server_frame(OP_TEXT, &[b'x'; 300]);
-        assert!(parse_frame(&big, 299).is_err());
+        assert!(parse_frame(&big, 299, false).is_err());
     }
 
     // What the client encodes, the daemon's decoder (which checks every RFC 6455 rule on client
@@ -312,7 +357,7 @@ mod tests {
             encode_frame(&mut out, OP_TEXT, text.as_bytes(), [1, 2, 3, 4]);
             assert_eq!(out[1] & 0x80, 0x80, "masked");
             let mut dec = codec::Decoder::default();
-            let (msg, used) = dec.next(&mut out, 1 << 20).unwrap().unwrap();
+            let (msg, used) = dec.next(&mut out, 1 << 20, false).unwrap().unwrap();
             assert_eq!(used, out.len());
             let codec::Inbound::Text(codec::Text::InBuf(r)) = msg else {
                 panic!("{msg:?}");
@@ -322,7 +367,7 @@ mod tests {
         let mut out = Vec::new();
         encode_frame(&mut out, OP_CLOSE, &1000u16.to_be_bytes(), [9, 8, 7, 6]);
         let (msg, _) = codec::Decoder::default()
-            .next(&mut out, 1 << 20)
+            .next(&mut out, 1 << 20, false)
             .unwrap()
             .unwrap();
         assert_eq!(msg, codec::Inbound::Close(Some(1000)));
@@ -362,8 +407,8 @@ mod tests {
     #[test]
     fn accept_key() {
         let head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-        assert!(check_handshake(head, "dGhlIHNhbXBsZSBub25jZQ==").is_ok());
-        assert!(check_handshake(head, "other").is_err());
-        assert!(check_handshake(b"HTTP/1.1 404 Not Found\r\n\r\n", "k").is_err());
+        assert!(check_handshake(head, "dGhlIHNhbXBsZSBub25jZQ==", false) == Ok(Deflate::Off));
+        assert!(check_handshake(head, "other", false).is_err());
+        assert!(check_handshake(b"HTTP/1.1 404 Not Found\r\n\r\n", "k", false).is_err());
     }
 }

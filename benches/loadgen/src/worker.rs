@@ -124,6 +124,9 @@ pub struct PhaseStats {
     pub unexpected: u64,
     /// Subscribers lost (closed by the server or broken) by the time of the snapshot.
     pub lost_subscribers: u64,
+    /// Bytes the subscribers' sockets read since the previous snapshot (everything on the
+    /// wire: frame headers, compressed or not, control frames).
+    pub wire_bytes: u64,
 }
 
 impl PhaseStats {
@@ -137,6 +140,7 @@ impl PhaseStats {
             reordered: 0,
             unexpected: 0,
             lost_subscribers: 0,
+            wire_bytes: 0,
         }
     }
     pub fn merge(&mut self, o: &PhaseStats) {
@@ -148,6 +152,7 @@ impl PhaseStats {
         self.reordered += o.reordered;
         self.unexpected += o.unexpected;
         self.lost_subscribers += o.lost_subscribers;
+        self.wire_bytes += o.wire_bytes;
     }
 }
 
@@ -780,6 +785,7 @@ impl Worker {
 
     fn snapshot(&mut self, phase: u32, expected: &[PubExpect]) -> PhaseStats {
         let mut st = PhaseStats::new();
+        st.wire_bytes = self.pool.take_bytes_in();
         if let Some(acc) = self.ctx.phases.get_mut(phase as usize) {
             let _ = st.latency.add(&acc.hist);
             acc.hist.reset();

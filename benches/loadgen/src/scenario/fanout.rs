@@ -73,6 +73,8 @@ pub fn run(env: &Env, a: &FanoutArgs) -> Result<Report> {
     let (workers, con) = open_subscribed(env, &setup, a.connections, a.channels)?;
     let s1 = env.server();
     std::thread::sleep(Duration::from_millis(a.settle_ms));
+    // Zeroes the wire-byte counters: what the subscribers read from here on is deliveries.
+    let connect_phase = workers.snapshot(0, std::sync::Arc::new(Vec::new()));
     let (s2, g2) = (env.server(), self_cpu());
     let total = (a.rate * a.duration).round().max(1.0) as u64;
     eprintln!(
@@ -109,6 +111,8 @@ pub fn run(env: &Env, a: &FanoutArgs) -> Result<Report> {
     let s4 = env.server();
 
     let mut r = env.report("fanout");
+    r.set("deflate", json!(env.c.deflate));
+    r.set("connect_wire_bytes", json!(connect_phase.wire_bytes));
     r.set(
         "params",
         json!({

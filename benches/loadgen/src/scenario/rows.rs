@@ -129,6 +129,19 @@ pub fn delivery_rows(
         ),
     );
     r.row("latency publish→receive", fmt_hist(&ps.latency));
+    let wire_per = (ps.received > 0).then(|| ps.wire_bytes as f64 / ps.received as f64);
+    r.row(
+        "wire bytes",
+        format!(
+            "{} read by the subscribers = {:.1} B per delivery",
+            thousands(ps.wire_bytes),
+            wire_per.unwrap_or(f64::NAN)
+        ),
+    );
+    r.set(
+        "wire",
+        json!({ "bytes": ps.wire_bytes, "bytes_per_delivery": wire_per.map(round1) }),
+    );
     r.set(
         "deliveries",
         json!({
