@@ -1,72 +1,282 @@
-//! The cluster outbox: the bounded, non-blocking hand-off that shards (and the ingest thread)
-//! publish through, and the publisher thread that drains it into Redis.
+//! The cluster outbox: the hand-off that shards (and the ingest thread) publish through, and
+//! the publisher thread that drains it into Redis.
 //!
-//! Shards never block on Redis: `publish` serializes the message and `try_send`s it; a full
-//! outbox drops it and counts it (`dropped`). The publisher thread owns its own Redis
-//! connection, PUBLISHes what it takes, and sends a heartbeat when the outbox has been quiet for
-//! a `HEARTBEAT`.
+//! Two queues, neither of which ever blocks a shard:
+//! - **events** (HTTP API publishes, client events): bounded by bytes and age
+//!   (`config::OutboxLimits`). `publish_events` reserves room for every event of a request
+//!   before any is numbered or delivered, so a refusal (`Refused`, the API's 503) means the
+//!   event went nowhere. The publisher holds each event, numbered, until every live peer has
+//!   acked it (`Cluster::min_ack`), sending in seq order; after a reconnect (a failover), a
+//!   peer's `hello` or `nack`, or acks that stall for `RESEND_AFTER`, it sends the unacked
+//!   tail again (receivers drop what they have). While Redis is away nothing leaves, and once
+//!   it is back the held events go first, in order, before newer ones. An accepted event is
+//!   never expired: the age bound refuses new publishes instead, once the oldest held event
+//!   is older than it.
+//! - **everything else** (presence, syncs, queries, webhook arbitration, heartbeats): a
+//!   bounded channel, dropped and counted when full; while Redis is away the publisher keeps at
+//!   most `CONTROL_HELD` of them (presence is re-synced after a reconnect anyway).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::wire::Wire;
-use super::HEARTBEAT;
-use crate::config::RedisConfig;
+use super::{Cluster, ACK_INTERVAL, HEARTBEAT};
+use crate::config::OutboxLimits;
+use crate::redis_conn::{Node, Redis};
 
-/// Messages waiting for the publisher thread.
-const OUTBOX: usize = 65_536;
+/// Non-event messages waiting for the publisher thread.
+const CONTROL: usize = 65_536;
+/// Non-event messages the publisher keeps while Redis is away (the oldest are dropped).
+const CONTROL_HELD: usize = 16_384;
+/// Room reserved for the `,"q":<seq>` appended to an event (`u64::MAX` has 20 digits).
+const SEQ_ROOM: usize = 26;
+/// An unacked event sent this long ago is sent again (with everything after it).
+pub const RESEND_AFTER: Duration = Duration::from_millis(1500);
+/// Most messages per pipelined round trip to Redis.
+const BATCH: usize = 256;
+/// Between two connection attempts while Redis is away.
+const RETRY: Duration = Duration::from_millis(200);
 
-/// Serialized messages on their way to the publisher thread.
-pub struct Outbox {
-    tx: Sender<Vec<u8>>,
-    /// Taken once by the publisher thread.
-    rx: Mutex<Option<Receiver<Vec<u8>>>>,
-    /// Messages dropped because the outbox was full or Redis was unreachable.
-    pub dropped: AtomicU64,
-    pub published: AtomicU64,
+/// Why the outbox refused an event: the HTTP API answers 503 with this, and the event was
+/// delivered nowhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Holding it would pass the byte bound.
+    Full { held: usize, max: usize },
+    /// The oldest held event is older than the age bound.
+    TooOld { age: Duration, max: Duration },
 }
 
-impl Default for Outbox {
-    fn default() -> Outbox {
-        let (tx, rx) = crossbeam_channel::bounded(OUTBOX);
-        Outbox {
-            tx,
-            rx: Mutex::new(Some(rx)),
-            dropped: AtomicU64::new(0),
-            published: AtomicU64::new(0),
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Full { held, max } => write!(
+                f,
+                "The cluster outbox is full ({held} of {max} bytes held while Redis is \
+                 unreachable or other nodes have not confirmed): the event was not delivered \
+                 anywhere; retry later"
+            ),
+            Refused::TooOld { age, max } => write!(
+                f,
+                "The cluster outbox holds an event for {:.1} s (limit {} s) while Redis is \
+                 unreachable or other nodes have not confirmed: the event was not delivered \
+                 anywhere; retry later",
+                age.as_secs_f64(),
+                max.as_secs()
+            ),
         }
     }
 }
 
+/// An event on its way to the other nodes.
+struct Held {
+    seq: u64,
+    bytes: Vec<u8>,
+    /// What it holds of the byte bound.
+    reserved: usize,
+    /// When it was accepted (the age bound).
+    at: Instant,
+    /// When it was last sent.
+    sent: Option<Instant>,
+}
+
+/// The publisher's ends: events, and everything else.
+type Receivers = (Receiver<Held>, Receiver<Vec<u8>>);
+
+/// Serialized messages on their way to the publisher thread.
+pub struct Outbox {
+    events_tx: Sender<Held>,
+    control_tx: Sender<Vec<u8>>,
+    /// Taken once by the publisher thread.
+    rx: Mutex<Option<Receivers>>,
+    limits: OutboxLimits,
+    /// The last seq given out.
+    seq: AtomicU64,
+    /// Bytes reserved by held events (and by events on their way to the publisher).
+    held_bytes: AtomicUsize,
+    /// Held events (the publisher's count).
+    held_events: AtomicUsize,
+    /// When the oldest held event was accepted, in ms after `epoch`, plus one; 0: none.
+    oldest: AtomicU64,
+    epoch: Instant,
+    /// Resend from this seq (`u64::MAX`: nothing asked).
+    resend_from: AtomicU64,
+    /// The publisher's connection is up.
+    pub connected: AtomicBool,
+    /// Non-event messages dropped because their queue was full.
+    pub dropped: AtomicU64,
+    /// Messages published (events, resends included, and the rest).
+    pub published: AtomicU64,
+    /// Events sent again.
+    pub resent: AtomicU64,
+    /// Events refused (the API answered 503).
+    pub refused: AtomicU64,
+}
+
 impl Outbox {
-    /// Queues `msg` for the other nodes. Never blocks.
+    pub fn new(limits: OutboxLimits) -> Outbox {
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let (control_tx, control_rx) = crossbeam_channel::bounded(CONTROL);
+        Outbox {
+            events_tx,
+            control_tx,
+            rx: Mutex::new(Some((events_rx, control_rx))),
+            limits,
+            seq: AtomicU64::new(0),
+            held_bytes: AtomicUsize::new(0),
+            held_events: AtomicUsize::new(0),
+            oldest: AtomicU64::new(0),
+            epoch: Instant::now(),
+            resend_from: AtomicU64::new(u64::MAX),
+            connected: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a message that is not an event for the other nodes. Never blocks.
     pub fn publish(&self, msg: &Wire<'_>) {
         let Ok(bytes) = serde_json::to_vec(msg) else {
             return;
         };
-        match self.tx.try_send(bytes) {
+        match self.control_tx.try_send(bytes) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
+
+    /// Holds events (`Wire::Event`s without a seq) for the other nodes, all or none: room for
+    /// all of them is reserved first, then each is numbered. Never blocks. `Err`: none was
+    /// taken (the caller delivers none of them either).
+    pub fn publish_events(&self, msgs: &[Wire<'_>]) -> Result<(), Refused> {
+        let bodies: Vec<Vec<u8>> = msgs
+            .iter()
+            .filter_map(|m| serde_json::to_vec(m).ok())
+            .collect();
+        let total: usize = bodies.iter().map(|b| b.len() + SEQ_ROOM).sum();
+        self.reserve(total)?;
+        for mut bytes in bodies {
+            let reserved = bytes.len() + SEQ_ROOM;
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            append_seq(&mut bytes, seq);
+            let held = Held {
+                seq,
+                bytes,
+                reserved,
+                at: Instant::now(),
+                sent: None,
+            };
+            self.note_oldest(held.at);
+            if self.events_tx.send(held).is_err() {
+                // The publisher is gone (the process is exiting).
+                self.held_bytes.fetch_sub(reserved, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// Records `at` as the oldest held event's time if none is recorded.
+    fn note_oldest(&self, at: Instant) {
+        let _ = self
+            .oldest
+            .compare_exchange(0, self.ms(at), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Reserves `bytes` of the byte bound, unless the oldest held event is past the age bound.
+    fn reserve(&self, bytes: usize) -> Result<(), Refused> {
+        if let Some(age) = self.oldest_age() {
+            if age > self.limits.max_age {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::TooOld {
+                    age,
+                    max: self.limits.max_age,
+                });
+            }
+        }
+        let max = self.limits.max_bytes;
+        let mut held = self.held_bytes.load(Ordering::Relaxed);
+        loop {
+            if held + bytes > max {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::Full { held, max });
+            }
+            match self.held_bytes.compare_exchange_weak(
+                held,
+                held + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Age of the oldest held event.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        match self.oldest.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        }
+    }
+
+    /// Bytes held (reserved) and events held.
+    pub fn fill(&self) -> (usize, usize) {
+        (
+            self.held_bytes.load(Ordering::Relaxed),
+            self.held_events.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn limits(&self) -> OutboxLimits {
+        self.limits
+    }
+
+    /// A peer asks for our events from `seq` on (0: everything held).
+    pub fn request_resend(&self, seq: u64) {
+        self.resend_from.fetch_min(seq, Ordering::Relaxed);
+    }
 }
 
-/// Starts the publisher thread: PUBLISHes queued messages on `channel` and a heartbeat (this
-/// node's id and `shards`) every `HEARTBEAT`.
+/// Appends `,"q":<seq>` as the last field of a serialized `Wire::Event` (the same bytes serde
+/// writes for `seq: Some(seq)`: pinned by a test).
+fn append_seq(bytes: &mut Vec<u8>, seq: u64) {
+    if bytes.last() == Some(&b'}') {
+        bytes.pop();
+    }
+    bytes.extend_from_slice(b",\"q\":");
+    bytes.extend_from_slice(seq.to_string().as_bytes());
+    bytes.push(b'}');
+}
+
+/// Starts the publisher thread: PUBLISHes (SPUBLISH on a Redis Cluster) queued messages on the
+/// cluster channel and a heartbeat (this node's id, `shards`, its acks and its oldest held
+/// seq) every `HEARTBEAT`, or every `ACK_INTERVAL` while acks move.
 pub fn spawn_publisher(
-    redis: RedisConfig,
-    cluster: std::sync::Arc<super::Cluster>,
+    redis: Redis,
+    cluster: Arc<Cluster>,
     shards: usize,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("bts-cluster-pub".into())
         .spawn(move || {
-            let Some(rx) = cluster
+            let Some((events, control)) = cluster
                 .outbox
                 .rx
                 .lock()
@@ -75,55 +285,362 @@ pub fn spawn_publisher(
             else {
                 return;
             };
-            publisher(&redis, &cluster, &rx, shards);
+            Publisher {
+                redis,
+                cluster: &cluster,
+                shards,
+                conn: None,
+                held: BTreeMap::new(),
+                next_send: 1,
+                high_sent: 0,
+                control: VecDeque::new(),
+                retry_at: Instant::now(),
+                last_resend: Instant::now(),
+                next_beat: Instant::now(),
+                last_beat: Instant::now(),
+                last_error_log: None,
+            }
+            .run(&events, &control);
         })
 }
 
-fn publisher(redis: &RedisConfig, cluster: &super::Cluster, rx: &Receiver<Vec<u8>>, shards: usize) {
-    let outbox = &cluster.outbox;
-    let mut conn: Option<redis::Connection> = None;
-    let mut next_beat = Instant::now();
-    let mut retry_at = Instant::now();
-    let heartbeat = serde_json::to_vec(&Wire::Heartbeat {
-        node: cluster.node,
-        shards,
-    })
-    .unwrap_or_default();
-    loop {
-        let wait = next_beat.saturating_duration_since(Instant::now());
-        let msg = match rx.recv_timeout(wait) {
-            Ok(m) => m,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                next_beat = Instant::now() + HEARTBEAT;
-                heartbeat.clone()
+struct Publisher<'a> {
+    redis: Redis,
+    cluster: &'a Cluster,
+    shards: usize,
+    conn: Option<Node>,
+    /// Events not yet acked by every live peer, by seq.
+    held: BTreeMap<u64, Held>,
+    /// The next seq to send.
+    next_send: u64,
+    /// The highest seq sent at least once.
+    high_sent: u64,
+    /// Non-event messages not yet sent.
+    control: VecDeque<Vec<u8>>,
+    retry_at: Instant,
+    last_resend: Instant,
+    next_beat: Instant,
+    last_beat: Instant,
+    last_error_log: Option<Instant>,
+}
+
+impl Publisher<'_> {
+    fn run(&mut self, events: &Receiver<Held>, control: &Receiver<Vec<u8>>) {
+        let outbox = &self.cluster.outbox;
+        loop {
+            let wait = if self.conn.is_none() || self.held.contains_key(&self.next_send) {
+                RETRY.min(Duration::from_millis(50))
+            } else {
+                self.next_beat
+                    .saturating_duration_since(Instant::now())
+                    .min(ACK_INTERVAL)
+            };
+            crossbeam_channel::select! {
+                recv(events) -> m => match m {
+                    Ok(h) => { self.held.insert(h.seq, h); }
+                    Err(_) => return,
+                },
+                recv(control) -> m => match m {
+                    Ok(b) => self.hold_control(b),
+                    Err(_) => return,
+                },
+                default(wait) => {}
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
-        if conn.is_none() && Instant::now() >= retry_at {
-            conn = redis
-                .client()
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .ok();
-            if conn.is_none() {
-                retry_at = Instant::now() + Duration::from_millis(500);
+            for _ in 0..4096 {
+                match events.try_recv() {
+                    Ok(h) => {
+                        self.held.insert(h.seq, h);
+                    }
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..4096 {
+                match control.try_recv() {
+                    Ok(b) => self.hold_control(b),
+                    Err(_) => break,
+                }
+            }
+            self.release();
+            self.plan_resend();
+            if self.conn.is_none() && Instant::now() >= self.retry_at {
+                self.connect();
+            }
+            if self.conn.is_some() {
+                self.send();
+            }
+            let acks_due = self.cluster.acks_moved.load(Ordering::Relaxed)
+                && self.last_beat.elapsed() >= ACK_INTERVAL;
+            if Instant::now() >= self.next_beat || acks_due {
+                self.heartbeat();
+            }
+            outbox.held_events.store(self.held.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn hold_control(&mut self, bytes: Vec<u8>) {
+        if self.control.len() >= CONTROL_HELD {
+            self.control.pop_front();
+            self.cluster.outbox.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.control.push_back(bytes);
+    }
+
+    /// Lets go of every sent event each live peer has acked (all sent ones when no live peer
+    /// acks), and updates the oldest held event's time.
+    fn release(&mut self) {
+        let outbox = &self.cluster.outbox;
+        let upto = self
+            .cluster
+            .min_ack()
+            .unwrap_or(self.high_sent)
+            .min(self.high_sent);
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() > upto {
+                break;
+            }
+            let h = entry.remove();
+            outbox.held_bytes.fetch_sub(h.reserved, Ordering::AcqRel);
+        }
+        match self.held.first_key_value() {
+            Some((_, h)) => outbox.oldest.store(outbox.ms(h.at), Ordering::Relaxed),
+            None => {
+                // An event between its number and this thread may set it again: only clear
+                // what we saw.
+                let seen = outbox.oldest.load(Ordering::Relaxed);
+                if outbox.seq.load(Ordering::Relaxed) < self.next_send {
+                    let _ = outbox.oldest.compare_exchange(
+                        seen,
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
             }
         }
-        let Some(c) = conn.as_mut() else {
-            outbox.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
+        if self.held.is_empty() && self.next_send <= self.high_sent {
+            self.next_send = self.high_sent + 1;
+        }
+    }
+
+    /// Goes back to the oldest held event when a peer asked for it, or when acks stalled.
+    fn plan_resend(&mut self) {
+        let outbox = &self.cluster.outbox;
+        let Some((&first, h)) = self.held.first_key_value() else {
+            outbox.resend_from.store(u64::MAX, Ordering::Relaxed);
+            return;
         };
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&cluster.channel)
-            .arg(msg)
-            .query(c);
+        let asked = outbox.resend_from.swap(u64::MAX, Ordering::Relaxed);
+        let stalled = h.sent.is_some_and(|t| t.elapsed() >= RESEND_AFTER)
+            && self.last_resend.elapsed() >= RESEND_AFTER;
+        let from = if asked != u64::MAX {
+            Some(asked.max(first))
+        } else if stalled {
+            Some(first)
+        } else {
+            None
+        };
+        if let Some(from) = from {
+            if from < self.next_send {
+                self.next_send = from;
+                self.last_resend = Instant::now();
+            }
+        }
+    }
+
+    fn channel_key(&self) -> &[u8] {
+        self.cluster.channel.as_bytes()
+    }
+
+    fn connect(&mut self) {
+        let found = if self.redis.sharded() {
+            self.redis.for_key(self.channel_key())
+        } else {
+            self.redis.primary()
+        };
+        match found {
+            Ok(node) => {
+                tracing::info!(node = %node.addr, "cluster publisher connected");
+                self.conn = Some(node);
+                self.cluster.outbox.connected.store(true, Ordering::Relaxed);
+                // What was sent before may have died with the old primary: from the oldest
+                // unacked event on, again.
+                if let Some((&first, _)) = self.held.first_key_value() {
+                    self.next_send = self.next_send.min(first);
+                }
+            }
+            Err(e) => {
+                self.retry_at = Instant::now() + RETRY;
+                if self
+                    .last_error_log
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+                {
+                    tracing::warn!(redis = %self.redis.describe(), error = %e, "cluster publisher: Redis unreachable; holding events");
+                    self.last_error_log = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn lost_connection(&mut self, e: &redis::RedisError) {
+        tracing::warn!(error = %e, "cluster publisher lost Redis; reconnecting");
+        self.conn = None;
+        self.cluster
+            .outbox
+            .connected
+            .store(false, Ordering::Relaxed);
+        self.retry_at = Instant::now() + Duration::from_millis(50);
+    }
+
+    fn publish_cmd(&self) -> &'static str {
+        if self.redis.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// Sends held control messages, then events from `next_send` on while they are
+    /// contiguous, `BATCH` per round trip.
+    fn send(&mut self) {
+        let outbox = &self.cluster.outbox;
+        let cmd = self.publish_cmd();
+        while !self.control.is_empty() {
+            let n = self.control.len().min(BATCH);
+            let mut pipe = redis::pipe();
+            for m in self.control.iter().take(n) {
+                pipe.cmd(cmd).arg(&self.cluster.channel).arg(m).ignore();
+            }
+            let Some(node) = self.conn.as_mut() else {
+                return;
+            };
+            if let Err(e) = pipe.query::<()>(&mut node.conn) {
+                self.lost_connection(&e);
+                return;
+            }
+            self.control.drain(..n);
+            outbox.published.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        loop {
+            let mut pipe = redis::pipe();
+            let mut seqs = Vec::new();
+            let mut s = self.next_send;
+            while seqs.len() < BATCH {
+                let Some(h) = self.held.get(&s) else { break };
+                pipe.cmd(cmd)
+                    .arg(&self.cluster.channel)
+                    .arg(&h.bytes)
+                    .ignore();
+                seqs.push(s);
+                s += 1;
+            }
+            if seqs.is_empty() {
+                return;
+            }
+            let Some(node) = self.conn.as_mut() else {
+                return;
+            };
+            if let Err(e) = pipe.query::<()>(&mut node.conn) {
+                self.lost_connection(&e);
+                return;
+            }
+            let now = Instant::now();
+            for q in &seqs {
+                if let Some(h) = self.held.get_mut(q) {
+                    if h.sent.is_some() {
+                        outbox.resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    h.sent = Some(now);
+                }
+            }
+            outbox
+                .published
+                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+            self.next_send = s;
+            self.high_sent = self.high_sent.max(s - 1);
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        self.next_beat = Instant::now() + HEARTBEAT;
+        self.last_beat = Instant::now();
+        self.cluster.acks_moved.store(false, Ordering::Relaxed);
+        let low = self
+            .held
+            .first_key_value()
+            .map_or(self.high_sent + 1, |(s, _)| *s);
+        let beat = Wire::Heartbeat {
+            node: self.cluster.node,
+            shards: self.shards,
+            acks: Some(self.cluster.acks()),
+            low: Some(low),
+        };
+        let Ok(bytes) = serde_json::to_vec(&beat) else {
+            return;
+        };
+        let cmd = self.publish_cmd();
+        let Some(node) = self.conn.as_mut() else {
+            return;
+        };
+        let sent: redis::RedisResult<i64> = redis::cmd(cmd)
+            .arg(&self.cluster.channel)
+            .arg(bytes)
+            .query(&mut node.conn);
         match sent {
             Ok(_) => {
-                outbox.published.fetch_add(1, Ordering::Relaxed);
+                self.cluster
+                    .outbox
+                    .published
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
-                outbox.dropped.fetch_add(1, Ordering::Relaxed);
-                conn = None;
-            }
+            Err(e) => self.lost_connection(&e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_appended_seq_is_what_serde_writes() {
+        let ev = |seq| Wire::Event {
+            node: 1,
+            app: "a".into(),
+            channel: "c".into(),
+            json: r#"{"event":"e","data":"{}"}"#.into(),
+            except: None,
+            cache: false,
+            seq,
+        };
+        let mut bytes = serde_json::to_vec(&ev(None)).unwrap();
+        append_seq(&mut bytes, u64::MAX);
+        assert_eq!(bytes, serde_json::to_vec(&ev(Some(u64::MAX))).unwrap());
+        assert!(bytes.len() <= serde_json::to_vec(&ev(None)).unwrap().len() + SEQ_ROOM);
+    }
+
+    #[test]
+    fn refusals_take_nothing() {
+        let outbox = Outbox::new(OutboxLimits {
+            max_bytes: 1024,
+            max_age: Duration::from_secs(60),
+        });
+        let ev = |n: usize| Wire::Event {
+            node: 1,
+            app: "a".into(),
+            channel: "c".into(),
+            json: "x".repeat(n).into(),
+            except: None,
+            cache: false,
+            seq: None,
+        };
+        assert!(outbox.publish_events(&[ev(400)]).is_ok());
+        // A batch that does not fit as a whole takes nothing and numbers nothing.
+        let r = outbox.publish_events(&[ev(200), ev(400)]);
+        assert!(matches!(r, Err(Refused::Full { max: 1024, .. })), "{r:?}");
+        assert_eq!(outbox.seq.load(Ordering::Relaxed), 1);
+        assert!(outbox.publish_events(&[ev(200)]).is_ok());
+        assert_eq!(outbox.seq.load(Ordering::Relaxed), 2);
+        assert!(outbox.oldest_age().is_some());
+        assert!(outbox.fill().0 <= 1024);
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
+use crate::cluster::outbox::Refused;
 use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::Broadcast;
@@ -41,28 +42,36 @@ impl Shared {
         })
     }
 
-    /// `deliver`, and in a cluster the same event for the other nodes' subscribers: what this
-    /// node's HTTP API and clients publish. Returns how many of this node's shards dropped it.
-    pub fn publish(&self, event: Event<'_>) -> usize {
+    /// `deliver`, and in a cluster the same events for the other nodes' subscribers: what this
+    /// node's HTTP API and clients publish. In a cluster the outbox takes all of `events` or
+    /// none (`Refused`: past its bounds; then none is delivered here either, so no event is
+    /// half-delivered). Local delivery does not wait for the other nodes: the outbox holds the
+    /// events until every live peer has them. Returns how many shard copies were dropped
+    /// (inboxes full).
+    pub fn publish_all(&self, events: Vec<Event<'_>>) -> Result<usize, Refused> {
         if let Some(cluster) = &self.cluster {
             // The payload was written from strings and escaped JSON: always UTF-8.
-            match std::str::from_utf8(event.frame.payload()) {
-                Ok(json) => cluster.publish(&Wire::Event {
-                    node: self.node,
-                    app: self.router.app_id(event.app).into(),
-                    channel: event.channel.into(),
-                    json: json.into(),
-                    except: event.except.map(|s| s.to_string()),
-                    cache: event.cache,
-                }),
-                Err(_) => {
-                    cluster
-                        .outbox
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+            let msgs: Vec<Wire<'_>> = events
+                .iter()
+                .filter_map(|e| {
+                    Some(Wire::Event {
+                        node: self.node,
+                        app: self.router.app_id(e.app).into(),
+                        channel: e.channel.into(),
+                        json: std::str::from_utf8(e.frame.payload()).ok()?.into(),
+                        except: e.except.map(|s| s.to_string()),
+                        cache: e.cache,
+                        seq: None,
+                    })
+                })
+                .collect();
+            cluster.outbox.publish_events(&msgs)?;
         }
-        self.deliver(event)
+        Ok(events.into_iter().map(|e| self.deliver(e)).sum())
+    }
+
+    /// `publish_all` for one event.
+    pub fn publish(&self, event: Event<'_>) -> Result<usize, Refused> {
+        self.publish_all(vec![event])
     }
 }
