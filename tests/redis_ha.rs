@@ -1,0 +1,344 @@
+//! Redis that fails: Sentinel failover, Redis Cluster failover, and Redis away past the
+//! cluster outbox's bound. Real redis-server and sentinels on loopback, two bts-guru nodes,
+//! viewers on both, a steady stream of signed HTTP publishes to both; every event the API
+//! answered 200 for must reach every viewer, in its node's order, once. The figures are
+//! printed (`eprintln!`) for RELIABILITY.md.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const CH: &str = "match.1";
+
+fn up(d: &Daemon) -> Value {
+    serde_json::from_str(&http(d.addr, "GET", "/up", b"").1).unwrap()
+}
+
+/// Polls `f` every 50 ms until it is true; panics with `what` after `limit`.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two cluster nodes with `env`, and until each sees the other.
+fn two_nodes(env: &[(&str, String)]) -> Vec<Daemon> {
+    let nodes: Vec<Daemon> = (0..2)
+        .map(|_| {
+            let mut b = Daemon::builder()
+                .env("REDIS_PREFIX", "laravel_database_")
+                .env("REVERB_SCALING_ENABLED", "true");
+            for (k, v) in env {
+                b = b.env(k, v.clone());
+            }
+            b.start()
+        })
+        .collect();
+    for d in &nodes {
+        wait_for(Duration::from_secs(15), "the cluster to form", || {
+            up(d)["cluster_nodes"] == 2
+        });
+    }
+    nodes
+}
+
+/// What a viewer received: (when, origin node index, number).
+type Seen = Arc<Mutex<Vec<(Instant, usize, u64)>>>;
+
+/// A subscriber reading on its own thread until `stop`.
+fn viewer(d: &Daemon, stop: &Arc<AtomicBool>) -> (Seen, JoinHandle<()>) {
+    let mut c = d.client();
+    c.subscribe(CH);
+    let seen: Seen = Arc::default();
+    let (out, stop) = (Arc::clone(&seen), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Got::Event(ev) = c.next(Duration::from_millis(100)) {
+                if ev["event"] != "tick" {
+                    continue;
+                }
+                let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+                out.lock().unwrap().push((
+                    Instant::now(),
+                    data["o"].as_u64().unwrap() as usize,
+                    data["i"].as_u64().unwrap(),
+                ));
+            }
+        }
+    });
+    (seen, h)
+}
+
+/// Every publish: (number, when it was sent, the API's status).
+type Sent = Arc<Mutex<Vec<(u64, Instant, u16)>>>;
+
+/// Publishes `{"o":origin,"i":n}` to node `d` every `every` until `stop`.
+fn publisher(
+    d: &Daemon,
+    origin: usize,
+    every: Duration,
+    stop: &Arc<AtomicBool>,
+) -> (Sent, JoinHandle<()>) {
+    let api = d.api();
+    let sent: Sent = Arc::default();
+    let (out, stop) = (Arc::clone(&sent), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let at = Instant::now();
+            let (status, _) = api.trigger(&[CH], "tick", &format!(r#"{{"o":{origin},"i":{n}}}"#));
+            out.lock().unwrap().push((n, at, status));
+            std::thread::sleep(every.saturating_sub(at.elapsed()));
+        }
+    });
+    (sent, h)
+}
+
+/// The figures of one run.
+struct Outcome {
+    accepted: [usize; 2],
+    refused: [usize; 2],
+    /// From the kill to the first event published after it that crossed nodes, each way.
+    recovery: [Duration; 2],
+}
+
+/// Two nodes publishing to one channel, viewers on both, `fail` at 1.5 s into the stream;
+/// streams for `after` more, then checks every viewer got exactly the accepted events of each
+/// origin, in order. `fail` returns when it struck.
+fn stream_through(nodes: &[Daemon], after: Duration, fail: impl FnOnce() -> Instant) -> Outcome {
+    let stop_pub = Arc::new(AtomicBool::new(false));
+    let stop_view = Arc::new(AtomicBool::new(false));
+    let viewers: Vec<_> = nodes.iter().map(|d| viewer(d, &stop_view)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pubs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| publisher(d, i, Duration::from_millis(25), &stop_pub))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let struck = fail();
+    std::thread::sleep(after);
+    stop_pub.store(true, Ordering::Relaxed);
+    let sent: Vec<Vec<(u64, Instant, u16)>> = pubs
+        .into_iter()
+        .map(|(s, h)| {
+            h.join().unwrap();
+            Arc::try_unwrap(s).unwrap().into_inner().unwrap()
+        })
+        .collect();
+    let accepted: Vec<Vec<u64>> = sent
+        .iter()
+        .map(|s| s.iter().filter(|e| e.2 == 200).map(|e| e.0).collect())
+        .collect();
+    // Everything accepted reaches both viewers (held events included), or the test fails.
+    let complete = |seen: &Seen| {
+        let seen = seen.lock().unwrap();
+        (0..2).all(|o| seen.iter().filter(|e| e.1 == o).count() >= accepted[o].len())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !viewers.iter().all(|(s, _)| complete(s)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Anything more (a duplicate) would have arrived by now too.
+    std::thread::sleep(Duration::from_millis(500));
+    stop_view.store(true, Ordering::Relaxed);
+    let mut recovery = [Duration::ZERO; 2];
+    for (v, (seen, h)) in viewers.into_iter().enumerate() {
+        h.join().unwrap();
+        let seen = seen.lock().unwrap();
+        for (o, acc) in accepted.iter().enumerate() {
+            let got: Vec<u64> = seen.iter().filter(|e| e.1 == o).map(|e| e.2).collect();
+            assert_eq!(
+                &got,
+                acc,
+                "viewer on node {v}, events of node {o}: got {} of {} accepted (first \
+                 difference at {:?}); node stderr:\n{}",
+                got.len(),
+                acc.len(),
+                got.iter().zip(acc).position(|(a, b)| a != b),
+                nodes[v]
+                    .stderr()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        // Cross-node delivery again: the first event of the other node published after the
+        // failure, as this viewer received it.
+        let other = 1 - v;
+        let first_after = sent[other]
+            .iter()
+            .find(|e| e.1 >= struck && e.2 == 200)
+            .map(|e| e.0)
+            .expect("no event accepted after the failure");
+        let at = seen
+            .iter()
+            .find(|e| e.1 == other && e.2 >= first_after)
+            .map(|e| e.0)
+            .unwrap();
+        recovery[other] = at.saturating_duration_since(struck);
+    }
+    Outcome {
+        accepted: [accepted[0].len(), accepted[1].len()],
+        refused: [
+            sent[0].len() - accepted[0].len(),
+            sent[1].len() - accepted[1].len(),
+        ],
+        recovery,
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_connection_with_timeout(Duration::from_secs(1))?;
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(&mut conn)
+}
+
+fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let v: String = redis::from_redis_value(redis_cmd(port, &["INFO", section]).ok()?).ok()?;
+    v.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|s| s.trim().to_owned())
+}
+
+/// A primary, one replica, three sentinels (`down-after-milliseconds 1000`).
+struct Sentinels {
+    primary: RedisServer,
+    _replica: RedisServer,
+    ports: Vec<u16>,
+    _procs: Vec<Proc>,
+}
+
+impl Sentinels {
+    fn start() -> Sentinels {
+        let primary = RedisServer::start();
+        let p = primary.port.to_string();
+        let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &p]);
+        wait_for(Duration::from_secs(10), "the replica to sync", || {
+            info_field(replica.port, "replication", "master_link_status").as_deref() == Some("up")
+        });
+        let dir = scratch_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ports = Vec::new();
+        let mut procs = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor mymaster 127.0.0.1 {p} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 3000\n\
+                     sentinel parallel-syncs mymaster 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            procs.push(Proc(child));
+            ports.push(port);
+        }
+        // Each sentinel knows the replica and the two other sentinels (their hellos go
+        // through the primary every 2 s), so a failover can be agreed on.
+        for &port in &ports {
+            wait_for(Duration::from_secs(20), "the sentinels to meet", || {
+                let Ok(v) = redis_cmd(port, &["SENTINEL", "master", "mymaster"]) else {
+                    return false;
+                };
+                let Ok(fields) = redis::from_redis_value::<Vec<String>>(v) else {
+                    return false;
+                };
+                let get = |k: &str| {
+                    fields
+                        .iter()
+                        .position(|f| f == k)
+                        .and_then(|i| fields.get(i + 1))
+                        .cloned()
+                };
+                get("num-other-sentinels").as_deref() == Some("2")
+                    && get("num-slaves").as_deref() == Some("1")
+            });
+        }
+        Sentinels {
+            primary,
+            _replica: replica,
+            ports,
+            _procs: procs,
+        }
+    }
+
+    fn env(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[test]
+fn sentinel_failover_loses_no_accepted_event() {
+    let mut s = Sentinels::start();
+    let nodes = two_nodes(&[
+        ("REDIS_SENTINELS", s.env()),
+        ("REDIS_SENTINEL_MASTER", "mymaster".into()),
+    ]);
+    let out = stream_through(&nodes, Duration::from_secs(8), || {
+        s.primary.kill();
+        Instant::now()
+    });
+    eprintln!(
+        "sentinel failover (SIGKILL of the primary, down-after 1000 ms): cross-node delivery \
+         again after {:?} (node 0 -> 1) and {:?} (node 1 -> 0); accepted {:?} events, refused \
+         {:?}; every accepted event reached both viewers, in order, once",
+        out.recovery[0], out.recovery[1], out.accepted, out.refused
+    );
+    for d in &nodes {
+        let u = up(d);
+        eprintln!(
+            "  node: resent {} duplicates dropped {} gaps {} lost {}",
+            u["cluster_resent"], u["cluster_duplicates"], u["cluster_gaps"], u["cluster_lost"]
+        );
+        assert_eq!(u["redis"], "connected", "{u}");
+        assert_eq!(u["cluster_lost"], 0, "{u}");
+    }
+    assert!(
+        out.recovery.iter().all(|r| *r < Duration::from_secs(15)),
+        "recovery took {:?}",
+        out.recovery
+    );
+}
