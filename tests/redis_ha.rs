@@ -342,3 +342,122 @@ fn sentinel_failover_loses_no_accepted_event() {
         out.recovery
     );
 }
+
+/// The data of a `tick` event: (origin, number).
+fn tick_of(ev: &Value) -> (u64, u64) {
+    assert_eq!(ev["event"], "tick", "{ev}");
+    let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+    (data["o"].as_u64().unwrap(), data["i"].as_u64().unwrap())
+}
+
+#[test]
+fn redis_away_past_the_outbox_bound_refuses_then_recovers() {
+    const T: Duration = Duration::from_secs(5);
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let nodes = two_nodes(&[
+        ("REDIS_URL", redis.url()),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
+        ("BTS_CLUSTER_OUTBOX_MAX_AGE_SECS", "3".into()),
+    ]);
+    let mut a = nodes[0].client();
+    a.subscribe(CH);
+    let mut b = nodes[1].client();
+    b.subscribe(CH);
+    redis.kill();
+    let down_at = Instant::now();
+    wait_for(Duration::from_secs(10), "node 0 to see Redis down", || {
+        up(&nodes[0])["redis"] == "disconnected"
+    });
+    // Held while Redis is away: 200, and node 0's own viewer has it at once (local delivery
+    // does not wait for the hand-off); node 1's has nothing yet.
+    let pad = "x".repeat(400);
+    let publish = |i: u64| {
+        nodes[0].api().trigger(
+            &[CH],
+            "tick",
+            &format!(r#"{{"o":0,"i":{i},"pad":"{pad}"}}"#),
+        )
+    };
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 1..=50 {
+        let (status, body) = publish(i);
+        if status == 200 {
+            accepted.push(i);
+            assert_eq!(tick_of(&a.next_event(T)), (0, i));
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        let msg = body["error"].as_str().unwrap();
+        assert!(
+            msg.contains("outbox is full") && msg.contains("not delivered anywhere"),
+            "{msg}"
+        );
+        refused = Some(i);
+        break;
+    }
+    let refused = refused.expect("the outbox's byte bound was never reached");
+    assert!(accepted.len() >= 3, "{accepted:?}");
+    // The refused event went nowhere, and nothing crossed.
+    a.expect_silence(Duration::from_millis(300));
+    b.expect_silence(Duration::from_millis(300));
+    let u = up(&nodes[0]);
+    assert_eq!(u["redis"], "disconnected", "{u}");
+    assert!(u["redis_down_secs"].as_f64().unwrap() > 0.0, "{u}");
+    assert!(u["redis_down_since"].as_u64().is_some(), "{u}");
+    assert_eq!(u["cluster_outbox_events"], accepted.len(), "{u}");
+    assert!(u["cluster_outbox_bytes"].as_u64().unwrap() > 3000, "{u}");
+    assert_eq!(u["cluster_refused"], 1, "{u}");
+    // Past the age bound a small event is refused too (the oldest held is over 3 s old).
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(down_at.elapsed()));
+    let (status, body) = nodes[0].api().trigger(&[CH], "tick", r#"{"o":0,"i":999}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("limit 3 s"),
+        "{body}"
+    );
+    eprintln!(
+        "outage: {} events held and delivered locally at once, then 503 (byte bound 4096), \
+         then 503 (age bound 3 s); /up while down: {u}",
+        accepted.len()
+    );
+    // Redis back on the same port: the held events cross first, in order, then new ones.
+    let back = Instant::now();
+    let _redis = RedisServer::start_on(port);
+    let mut after = Vec::new();
+    let mut n = 1000;
+    wait_for(
+        Duration::from_secs(20),
+        "publishes to be accepted again",
+        || {
+            n += 1;
+            if publish(n).0 == 200 {
+                after.push(n);
+            }
+            after.len() >= 3
+        },
+    );
+    eprintln!(
+        "outage: publishes accepted again {:?} after Redis came back",
+        back.elapsed()
+    );
+    let expected: Vec<u64> = accepted.iter().chain(&after).copied().collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match b.next(Duration::from_secs(10)) {
+            Got::Event(ev) => got.push(tick_of(&ev).1),
+            other => panic!("node 1's viewer got {other:?} after {got:?}, expected {expected:?}"),
+        }
+    }
+    assert_eq!(got, expected);
+    assert!(!got.contains(&refused) && !got.contains(&999));
+    b.expect_silence(Duration::from_millis(500));
+    for i in &after {
+        assert_eq!(tick_of(&a.next_event(T)), (0, *i));
+    }
+    a.expect_silence(Duration::from_millis(300));
+    let u = up(&nodes[0]);
+    assert_eq!(u["redis"], "connected", "{u}");
+    assert!(u.get("redis_down_secs").is_none(), "{u}");
+}

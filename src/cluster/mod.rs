@@ -150,10 +150,12 @@ impl Cluster {
         fresh
     }
 
-    /// `node` has delivered our events up to `seq`.
-    pub fn acked_by(&self, node: u64, seq: u64) {
+    /// `node` has delivered our events up to `seq` (`None`: it acks, but has not heard from
+    /// us yet: everything we hold is held for it too, until it says).
+    pub fn acked_by(&self, node: u64, seq: Option<u64>) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = peers.get_mut(&node) {
+            let seq = seq.unwrap_or(0);
             p.acked = Some(p.acked.map_or(seq, |a| a.max(seq)));
         }
     }
@@ -216,11 +218,19 @@ impl Cluster {
         }
     }
 
-    /// `origin` holds nothing before `low`: what we miss before it was given up (we were
-    /// dropped as silent); count it and go on from there.
+    /// `origin` holds nothing before `low` (its heartbeat says). Heard first: its count
+    /// starts there (what it still holds will come). Else what we miss before `low` was given
+    /// up (we were dropped as silent): count it and go on from there.
     pub fn origin_low(&self, origin: u64, low: u64) {
         let mut received = self.received.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = received.get_mut(&origin) {
+        let r = received.entry(origin).or_insert_with(|| {
+            self.acks_moved.store(true, Ordering::Relaxed);
+            Received {
+                last: low.saturating_sub(1),
+                nacked: None,
+            }
+        });
+        {
             if r.last + 1 < low {
                 self.lost.fetch_add(low - 1 - r.last, Ordering::Relaxed);
                 tracing::warn!(
@@ -280,6 +290,10 @@ mod tests {
         // A low behind us changes nothing.
         c.origin_low(9, 3);
         assert_eq!(c.acks(), vec![(9, 12)]);
+        // An origin first heard through its heartbeat: its count starts at its oldest held.
+        c.origin_low(4, 20);
+        assert_eq!(c.accept(4, 20), Accept::Deliver);
+        assert_eq!(c.lost.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -293,10 +307,16 @@ mod tests {
             None,
             "peers that never acked hold nothing back"
         );
-        c.acked_by(2, 10);
-        c.acked_by(3, 4);
+        c.acked_by(2, Some(10));
+        c.acked_by(3, None);
+        assert_eq!(
+            c.min_ack(),
+            Some(0),
+            "a peer that acks but never heard us holds all"
+        );
+        c.acked_by(3, Some(4));
         assert_eq!(c.min_ack(), Some(4));
-        c.acked_by(3, 2);
+        c.acked_by(3, Some(2));
         assert_eq!(c.min_ack(), Some(4), "acks never go back");
     }
 }

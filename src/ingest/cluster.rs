@@ -276,9 +276,8 @@ pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) -> bool {
                 cluster.origin_low(from, *low);
             }
             if let Some(acks) = acks {
-                if let Some((_, seq)) = acks.iter().find(|(n, _)| *n == cluster.node) {
-                    cluster.acked_by(from, *seq);
-                }
+                let mine = acks.iter().find(|(n, _)| *n == cluster.node);
+                cluster.acked_by(from, mine.map(|(_, seq)| *seq));
             }
         }
         Wire::Nack { to, from: seq, .. } if *to == cluster.node => {
