@@ -461,3 +461,176 @@ fn redis_away_past_the_outbox_bound_refuses_then_recovers() {
     assert_eq!(u["redis"], "connected", "{u}");
     assert!(u.get("redis_down_secs").is_none(), "{u}");
 }
+
+/// A Redis Cluster: three primaries, a replica each (`cluster-node-timeout 1000`).
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            wait_for(
+                Duration::from_secs(20),
+                "the Redis Cluster to be ok",
+                || info_field_cluster(n.port).as_deref() == Some("ok"),
+            );
+        }
+        // Every replica has its primary's data link up (so it may take over).
+        for n in &nodes {
+            wait_for(Duration::from_secs(20), "the replicas to sync", || {
+                info_field(n.port, "replication", "role").as_deref() == Some("master")
+                    || info_field(n.port, "replication", "master_link_status").as_deref()
+                        == Some("up")
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    fn env(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node that serves `key`'s slot now.
+    fn owner_of(&self, key: &str) -> usize {
+        let port = self.nodes[0].port;
+        let slot: i64 =
+            redis::from_redis_value(redis_cmd(port, &["CLUSTER", "KEYSLOT", key]).unwrap())
+                .unwrap();
+        let ranges: Vec<(i64, i64, (String, i64))> =
+            match redis_cmd(port, &["CLUSTER", "SLOTS"]).unwrap() {
+                redis::Value::Array(rs) => rs
+                    .into_iter()
+                    .map(|r| match r {
+                        redis::Value::Array(v) => {
+                            let start: i64 = redis::from_redis_value(v[0].clone()).unwrap();
+                            let end: i64 = redis::from_redis_value(v[1].clone()).unwrap();
+                            let (h, p): (String, i64) = match &v[2] {
+                                redis::Value::Array(n) => (
+                                    redis::from_redis_value(n[0].clone()).unwrap(),
+                                    redis::from_redis_value(n[1].clone()).unwrap(),
+                                ),
+                                other => panic!("{other:?}"),
+                            };
+                            (start, end, (h, p))
+                        }
+                        other => panic!("{other:?}"),
+                    })
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+        let port = ranges
+            .iter()
+            .find(|r| (r.0..=r.1).contains(&slot))
+            .map(|r| (r.2).1 as u16)
+            .unwrap();
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+}
+
+fn info_field_cluster(port: u16) -> Option<String> {
+    let v: String = redis::from_redis_value(redis_cmd(port, &["CLUSTER", "INFO"]).ok()?).ok()?;
+    v.lines()
+        .find_map(|l| l.strip_prefix("cluster_state:"))
+        .map(|s| s.trim().to_owned())
+}
+
+#[test]
+fn redis_cluster_failover_loses_no_accepted_event() {
+    let mut rc = RedisCluster::start();
+    let nodes = two_nodes(&[("REDIS_CLUSTER_NODES", rc.env())]);
+    // Laravel's broadcaster on a Redis Cluster: a plain PUBLISH on any node reaches every
+    // node's pattern subscription.
+    let mut views: Vec<Client> = nodes
+        .iter()
+        .map(|d| {
+            let mut c = d.client();
+            c.subscribe(CH);
+            c
+        })
+        .collect();
+    for n in &rc.nodes {
+        if info_field(n.port, "replication", "role").as_deref() != Some("master") {
+            continue;
+        }
+        let payload = r#"{"event":"laravel","data":{"via":"publish"},"socket":null}"#;
+        redis_cmd(n.port, &["PUBLISH", "laravel_database_match.1", payload]).unwrap();
+        for v in &mut views {
+            let ev = v.next_event(Duration::from_secs(5));
+            assert_eq!(ev["event"], "laravel", "{ev}");
+        }
+    }
+    drop(views);
+    // The nodes' channel is sharded: both nodes subscribe on its slot's primary only (no
+    // classic subscription anywhere, so no node of the Redis Cluster relays their traffic to
+    // all the others). Kill that primary.
+    let victim = rc.owner_of("bts-guru");
+    let owner = rc.nodes[victim].port;
+    wait_for(Duration::from_secs(5), "both sharded subscriptions", || {
+        let n: Vec<redis::Value> = redis::from_redis_value(
+            redis_cmd(owner, &["PUBSUB", "SHARDNUMSUB", "bts-guru"]).unwrap(),
+        )
+        .unwrap();
+        n.get(1) == Some(&redis::Value::Int(2))
+    });
+    for n in &rc.nodes {
+        let v: Vec<redis::Value> =
+            redis::from_redis_value(redis_cmd(n.port, &["PUBSUB", "NUMSUB", "bts-guru"]).unwrap())
+                .unwrap();
+        assert_eq!(v.get(1), Some(&redis::Value::Int(0)));
+    }
+    let out = stream_through(&nodes, Duration::from_secs(8), || {
+        rc.nodes[victim].kill();
+        Instant::now()
+    });
+    eprintln!(
+        "redis cluster failover (SIGKILL of the primary of the nodes' channel slot, \
+         cluster-node-timeout 1000 ms): cross-node delivery again after {:?} (node 0 -> 1) and \
+         {:?} (node 1 -> 0); accepted {:?} events, refused {:?}; every accepted event reached \
+         both viewers, in order, once",
+        out.recovery[0], out.recovery[1], out.accepted, out.refused
+    );
+    for d in &nodes {
+        let u = up(d);
+        eprintln!(
+            "  node: resent {} duplicates dropped {} gaps {} lost {}",
+            u["cluster_resent"], u["cluster_duplicates"], u["cluster_gaps"], u["cluster_lost"]
+        );
+        assert_eq!(u["cluster_lost"], 0, "{u}");
+    }
+    assert!(
+        out.recovery.iter().all(|r| *r < Duration::from_secs(15)),
+        "recovery took {:?}",
+        out.recovery
+    );
+}
