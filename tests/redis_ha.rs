@@ -317,10 +317,29 @@ fn sentinel_failover_loses_no_accepted_event() {
         ("REDIS_SENTINELS", s.env()),
         ("REDIS_SENTINEL_MASTER", "mymaster".into()),
     ]);
+    let mut late = None;
     let out = stream_through(&nodes, Duration::from_secs(8), || {
         s.primary.kill();
-        Instant::now()
+        let at = Instant::now();
+        // A member joins on node 1 while there is no primary.
+        let mut c = nodes[1].client();
+        c.join("presence-room", "late", serde_json::json!(null));
+        late = Some(c);
+        at
     });
+    // Presence reads are exact again everywhere: node 0 lists the member that joined on
+    // node 1 during the failover.
+    wait_for(
+        Duration::from_secs(10),
+        "node 0 to list the late member",
+        || {
+            let (status, v) = nodes[0].api().get("channels/presence-room/users", &[]);
+            status == 200
+                && v["users"]
+                    .as_array()
+                    .is_some_and(|u| u.len() == 1 && u[0]["id"] == "late")
+        },
+    );
     eprintln!(
         "sentinel failover (SIGKILL of the primary, down-after 1000 ms): cross-node delivery \
          again after {:?} (node 0 -> 1) and {:?} (node 1 -> 0); accepted {:?} events, refused \
