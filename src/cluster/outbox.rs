@@ -34,7 +34,8 @@ const CONTROL: usize = 65_536;
 const CONTROL_HELD: usize = 16_384;
 /// Room reserved for the `,"q":<seq>` appended to an event (`u64::MAX` has 20 digits).
 const SEQ_ROOM: usize = 26;
-/// An unacked event sent this long ago is sent again (with everything after it).
+/// An unacked event sent this long ago, while the acks have not moved for as long, is sent
+/// again (with everything after it).
 pub const RESEND_AFTER: Duration = Duration::from_millis(1500);
 /// Most messages per pipelined round trip to Redis.
 const BATCH: usize = 256;
@@ -296,6 +297,8 @@ pub fn spawn_publisher(
                 control: VecDeque::new(),
                 retry_at: Instant::now(),
                 last_resend: Instant::now(),
+                min_ack: None,
+                min_ack_since: Instant::now(),
                 next_beat: Instant::now(),
                 last_beat: Instant::now(),
                 last_error_log: None,
@@ -319,6 +322,10 @@ struct Publisher<'a> {
     control: VecDeque<Vec<u8>>,
     retry_at: Instant,
     last_resend: Instant,
+    /// The live peers' lowest ack, and since when it has not moved (a stall, unlike acks
+    /// that merely lag behind a busy stream, is resent).
+    min_ack: Option<u64>,
+    min_ack_since: Instant,
     next_beat: Instant,
     last_beat: Instant,
     last_error_log: Option<Instant>,
@@ -389,11 +396,12 @@ impl Publisher<'_> {
     /// acks), and updates the oldest held event's time.
     fn release(&mut self) {
         let outbox = &self.cluster.outbox;
-        let upto = self
-            .cluster
-            .min_ack()
-            .unwrap_or(self.high_sent)
-            .min(self.high_sent);
+        let min_ack = self.cluster.min_ack();
+        if min_ack != self.min_ack {
+            self.min_ack = min_ack;
+            self.min_ack_since = Instant::now();
+        }
+        let upto = min_ack.unwrap_or(self.high_sent).min(self.high_sent);
         while let Some(entry) = self.held.first_entry() {
             if *entry.key() > upto {
                 break;
@@ -431,6 +439,7 @@ impl Publisher<'_> {
         };
         let asked = outbox.resend_from.swap(u64::MAX, Ordering::Relaxed);
         let stalled = h.sent.is_some_and(|t| t.elapsed() >= RESEND_AFTER)
+            && self.min_ack_since.elapsed() >= RESEND_AFTER
             && self.last_resend.elapsed() >= RESEND_AFTER;
         let from = if asked != u64::MAX {
             Some(asked.max(first))
