@@ -30,11 +30,14 @@ fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Two cluster nodes with `env`, and until each sees the other.
-fn two_nodes(env: &[(&str, String)]) -> Vec<Daemon> {
-    let nodes: Vec<Daemon> = (0..2)
-        .map(|_| {
+/// Two cluster nodes with `env` (and their metrics ports), once each sees the other.
+fn two_nodes(env: &[(&str, String)]) -> (Vec<Daemon>, Vec<u16>) {
+    let ports = vec![free_port(), free_port()];
+    let nodes: Vec<Daemon> = ports
+        .iter()
+        .map(|&port| {
             let mut b = Daemon::builder()
+                .metrics_port(port)
                 .env("REDIS_PREFIX", "laravel_database_")
                 .env("REVERB_SCALING_ENABLED", "true");
             for (k, v) in env {
@@ -48,7 +51,7 @@ fn two_nodes(env: &[(&str, String)]) -> Vec<Daemon> {
             up(d)["cluster_nodes"] == 2
         });
     }
-    nodes
+    (nodes, ports)
 }
 
 /// What a viewer received: (when, origin node index, number).
@@ -313,7 +316,7 @@ impl Sentinels {
 #[test]
 fn sentinel_failover_loses_no_accepted_event() {
     let mut s = Sentinels::start();
-    let nodes = two_nodes(&[
+    let (nodes, _) = two_nodes(&[
         ("REDIS_SENTINELS", s.env()),
         ("REDIS_SENTINEL_MASTER", "mymaster".into()),
     ]);
@@ -374,7 +377,7 @@ fn redis_away_past_the_outbox_bound_refuses_then_recovers() {
     const T: Duration = Duration::from_secs(5);
     let mut redis = RedisServer::start();
     let port = redis.port;
-    let nodes = two_nodes(&[
+    let (nodes, metrics_ports) = two_nodes(&[
         ("REDIS_URL", redis.url()),
         ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
         ("BTS_CLUSTER_OUTBOX_MAX_AGE_SECS", "3".into()),
@@ -428,6 +431,15 @@ fn redis_away_past_the_outbox_bound_refuses_then_recovers() {
     assert_eq!(u["cluster_outbox_events"], accepted.len(), "{u}");
     assert!(u["cluster_outbox_bytes"].as_u64().unwrap() > 3000, "{u}");
     assert_eq!(u["cluster_refused"], 1, "{u}");
+    let m = scrape_metrics(metrics_ports[0]);
+    assert!(metric(&m, "bts_redis_down_seconds") > 0.0, "{m}");
+    assert_eq!(metric(&m, "bts_redis_connected"), 0.0);
+    assert_eq!(
+        metric(&m, "bts_cluster_outbox_events"),
+        accepted.len() as f64
+    );
+    assert!(metric(&m, "bts_cluster_outbox_bytes") > 3000.0);
+    assert_eq!(metric(&m, "bts_cluster_refused_total"), 1.0);
     // Past the age bound a small event is refused too (the oldest held is over 3 s old).
     std::thread::sleep(Duration::from_millis(3300).saturating_sub(down_at.elapsed()));
     let (status, body) = nodes[0].api().trigger(&[CH], "tick", r#"{"o":0,"i":999}"#);
@@ -587,7 +599,7 @@ fn info_field_cluster(port: u16) -> Option<String> {
 #[test]
 fn redis_cluster_failover_loses_no_accepted_event() {
     let mut rc = RedisCluster::start();
-    let nodes = two_nodes(&[("REDIS_CLUSTER_NODES", rc.env())]);
+    let (nodes, _) = two_nodes(&[("REDIS_CLUSTER_NODES", rc.env())]);
     // Laravel's broadcaster on a Redis Cluster: a plain PUBLISH on any node reaches every
     // node's pattern subscription.
     let mut views: Vec<Client> = nodes
