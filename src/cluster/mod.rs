@@ -67,7 +67,13 @@ struct Received {
     /// The last seq delivered, none missing before it.
     last: u64,
     nacked: Option<Instant>,
+    /// When the origin was last heard (its state is forgotten an hour later).
+    heard: Instant,
 }
+
+/// An origin not heard for this long is forgotten (node ids are per process: a restarted node
+/// is a new origin).
+const RECEIVED_IDLE: Duration = Duration::from_secs(3600);
 
 /// What to do with an origin's numbered event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +203,9 @@ impl Cluster {
         let r = received.entry(origin).or_insert(Received {
             last: seq.saturating_sub(1),
             nacked: None,
+            heard: Instant::now(),
         });
+        r.heard = Instant::now();
         if seq <= r.last {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return Accept::Duplicate;
@@ -228,8 +236,10 @@ impl Cluster {
             Received {
                 last: low.saturating_sub(1),
                 nacked: None,
+                heard: Instant::now(),
             }
         });
+        r.heard = Instant::now();
         {
             if r.last + 1 < low {
                 self.lost.fetch_add(low - 1 - r.last, Ordering::Relaxed);
@@ -242,6 +252,12 @@ impl Cluster {
                 self.acks_moved.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Forgets origins not heard for an hour (bounds the receive state).
+    pub fn forget_idle(&self) {
+        let mut received = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        received.retain(|_, r| r.heard.elapsed() < RECEIVED_IDLE);
     }
 
     /// Our acks, for the heartbeat: (origin, last delivered seq).

@@ -482,6 +482,7 @@ pub fn tick(shared: &Shared, arbiter: &mut Arbiter) {
         });
     }
     arbiter.gc();
+    cluster.forget_idle();
 }
 
 /// After the ingest (re)subscribed: announce ourselves and our members.
