@@ -665,3 +665,44 @@ fn redis_cluster_failover_loses_no_accepted_event() {
         out.recovery
     );
 }
+
+/// A batch the outbox cannot take whole is refused whole: none of its events reaches anyone,
+/// although some would have fit.
+#[test]
+fn a_batch_is_held_whole_or_refused_whole() {
+    const T: Duration = Duration::from_secs(5);
+    let mut redis = RedisServer::start();
+    let (nodes, _) = two_nodes(&[
+        ("REDIS_URL", redis.url()),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
+    ]);
+    let mut a = nodes[0].client();
+    a.subscribe(CH);
+    redis.kill();
+    wait_for(Duration::from_secs(10), "node 0 to see Redis down", || {
+        up(&nodes[0])["redis"] == "disconnected"
+    });
+    let pad = "x".repeat(400);
+    let data = |i: u64| format!(r#"{{"o":0,"i":{i},"pad":"{pad}"}}"#);
+    // Four single events (~620 bytes each as the cluster carries them) are held.
+    for i in 1..=4 {
+        assert_eq!(nodes[0].api().trigger(&[CH], "tick", &data(i)).0, 200);
+        assert_eq!(tick_of(&a.next_event(T)), (0, i));
+    }
+    let held = up(&nodes[0])["cluster_outbox_bytes"].as_u64().unwrap();
+    assert!(held + 620 < 4096 && held + 3 * 620 > 4096, "held {held}");
+    // A batch of three does not fit whole (one would): refused, and none of it delivered.
+    let batch = |from: u64, n: u64| {
+        let items: Vec<Value> = (from..from + n)
+            .map(|i| serde_json::json!({"name":"tick","channel":CH,"data":data(i)}))
+            .collect();
+        serde_json::json!({ "batch": items }).to_string()
+    };
+    let (status, body) = nodes[0].api().post("batch_events", &batch(5, 3));
+    assert_eq!(status, 503, "{body}");
+    a.expect_silence(Duration::from_millis(500));
+    assert_eq!(up(&nodes[0])["cluster_outbox_bytes"], held);
+    // A batch of one fits.
+    assert_eq!(nodes[0].api().post("batch_events", &batch(8, 1)).0, 200);
+    assert_eq!(tick_of(&a.next_event(T)), (0, 8));
+}
