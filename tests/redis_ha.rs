@@ -343,6 +343,30 @@ fn sentinel_failover_loses_no_accepted_event() {
                     .is_some_and(|u| u.len() == 1 && u[0]["id"] == "late")
         },
     );
+    // Laravel's broadcaster, publishing to the primary the sentinels name now, reaches both
+    // nodes: the ingest followed the failover too.
+    let (host, port): (String, u16) = redis::from_redis_value(
+        redis_cmd(
+            s.ports[0],
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_ne!(port, s.primary.port, "no failover happened ({host})");
+    let mut views: Vec<Client> = nodes
+        .iter()
+        .map(|d| {
+            let mut c = d.client();
+            c.subscribe(CH);
+            c
+        })
+        .collect();
+    let payload = r#"{"event":"laravel","data":{"after":"failover"},"socket":null}"#;
+    redis_cmd(port, &["PUBLISH", "laravel_database_match.1", payload]).unwrap();
+    for v in &mut views {
+        assert_eq!(v.next_event(Duration::from_secs(5))["event"], "laravel");
+    }
     eprintln!(
         "sentinel failover (SIGKILL of the primary, down-after 1000 ms): cross-node delivery \
          again after {:?} (node 0 -> 1) and {:?} (node 1 -> 0); accepted {:?} events, refused \
