@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
 use crate::node::{Event, Shared};
 use crate::protocol::{channel, SocketId};
+use crate::redis_conn::{Keyed, Redis};
 use crate::resume::store;
 
 /// How long an identical payload counts as a repeat (well under the ids' lifetime in Redis,
@@ -27,32 +27,31 @@ const WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct Positions {
-    /// A plain connection for reads (the subscription's cannot send commands).
-    conn: Option<redis::Connection>,
+    /// Plain connections for reads (the subscription's cannot send commands), to the node
+    /// that holds each channel's keys (`redis_conn`: it follows a failover).
+    conns: Option<Keyed>,
     /// (channel, payload digest) → (times seen, last seen).
     seen: HashMap<(String, [u8; 32]), (u64, Instant)>,
 }
 
 impl Positions {
-    fn conn(&mut self, cfg: &RedisConfig) -> Option<&mut redis::Connection> {
-        if self.conn.is_none() {
-            self.conn = cfg
-                .client()
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .ok();
-        }
-        self.conn.as_mut()
+    fn conns(&mut self, redis: &Redis) -> &mut Keyed {
+        self.conns.get_or_insert_with(|| Keyed::new(redis.clone()))
     }
 
     /// What Redis keeps of one channel, as frames.
     fn history(
         &mut self,
-        cfg: &RedisConfig,
+        redis: &Redis,
         app_id: &str,
         ch: &str,
     ) -> Option<(u64, Vec<(u64, SharedFrame)>)> {
-        let conn = self.conn(cfg)?;
-        match store::history(conn, app_id, ch) {
+        let key = store::keys(app_id, ch).1;
+        let conns = self.conns(redis);
+        let read = conns
+            .get(key.as_bytes())
+            .and_then(|(node, _)| store::history(&mut node.conn, app_id, ch));
+        match read {
             Ok(h) => h.map(|(e, kept)| {
                 (
                     e,
@@ -63,7 +62,7 @@ impl Positions {
             }),
             Err(e) => {
                 tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
-                self.conn = None;
+                conns.failed(key.as_bytes());
                 None
             }
         }
@@ -71,16 +70,20 @@ impl Positions {
 
     /// At start (and after a reconnect): every positioned channel's history Redis keeps, into
     /// this node's, so a client resuming here right away finds it.
-    pub fn preload(&mut self, cfg: &RedisConfig, shared: &Shared) {
+    pub fn preload(&mut self, redis: &Redis, shared: &Shared) {
         let apps = shared.apps.current();
-        let Some(conn) = self.conn(cfg) else {
-            return;
-        };
-        let list = match store::channels(conn) {
+        // Every primary's keys (a Redis Cluster spreads the channels over its shards).
+        let list = redis.primaries().and_then(|nodes| {
+            let mut list = Vec::new();
+            for mut node in nodes {
+                list.extend(store::channels(&mut node.conn)?);
+            }
+            Ok(list)
+        });
+        let list = match list {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list positioned channels in Redis");
-                self.conn = None;
                 return;
             }
         };
@@ -92,7 +95,7 @@ impl Positions {
             if !apps.get(app).positioned(&ch) {
                 continue;
             }
-            if let Some((epoch, kept)) = self.history(cfg, &app_id, &ch) {
+            if let Some((epoch, kept)) = self.history(redis, &app_id, &ch) {
                 shared.resume.load(app, &ch, epoch, kept, Instant::now());
                 loaded += 1;
             }
@@ -106,7 +109,7 @@ impl Positions {
     }
 
     /// An announcement on `<cluster channel>:resume`: deliver it here at its position.
-    pub fn announced(&mut self, cfg: &RedisConfig, shared: &Shared, payload: &[u8]) {
+    pub fn announced(&mut self, redis: &Redis, shared: &Shared, payload: &[u8]) {
         let Some(a) = store::decode(payload) else {
             shared
                 .ingest
@@ -130,7 +133,7 @@ impl Positions {
                 positioned: true,
             },
             a.position,
-            || self.history(cfg, a.app_id, a.channel),
+            || self.history(redis, a.app_id, a.channel),
         );
         if dropped > 0 {
             shared

@@ -1,0 +1,732 @@
+//! Redis that fails: Sentinel failover, Redis Cluster failover, and Redis away past the
+//! cluster outbox's bound. Real redis-server and sentinels on loopback, two bts-guru nodes,
+//! viewers on both, a steady stream of signed HTTP publishes to both; every event the API
+//! answered 200 for must reach every viewer, in its node's order, once. The figures are
+//! printed (`eprintln!`) for RELIABILITY.md.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const CH: &str = "match.1";
+
+fn up(d: &Daemon) -> Value {
+    serde_json::from_str(&http(d.addr, "GET", "/up", b"").1).unwrap()
+}
+
+/// Polls `f` every 50 ms until it is true; panics with `what` after `limit`.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two cluster nodes with `env` (and their metrics ports), once each sees the other.
+fn two_nodes(env: &[(&str, String)]) -> (Vec<Daemon>, Vec<u16>) {
+    let ports = vec![free_port(), free_port()];
+    let nodes: Vec<Daemon> = ports
+        .iter()
+        .map(|&port| {
+            let mut b = Daemon::builder()
+                .metrics_port(port)
+                .env("REDIS_PREFIX", "laravel_database_")
+                .env("REVERB_SCALING_ENABLED", "true");
+            for (k, v) in env {
+                b = b.env(k, v.clone());
+            }
+            b.start()
+        })
+        .collect();
+    for d in &nodes {
+        wait_for(Duration::from_secs(15), "the cluster to form", || {
+            up(d)["cluster_nodes"] == 2
+        });
+    }
+    (nodes, ports)
+}
+
+/// What a viewer received: (when, origin node index, number).
+type Seen = Arc<Mutex<Vec<(Instant, usize, u64)>>>;
+
+/// A subscriber reading on its own thread until `stop`.
+fn viewer(d: &Daemon, stop: &Arc<AtomicBool>) -> (Seen, JoinHandle<()>) {
+    let mut c = d.client();
+    c.subscribe(CH);
+    let seen: Seen = Arc::default();
+    let (out, stop) = (Arc::clone(&seen), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Got::Event(ev) = c.next(Duration::from_millis(100)) {
+                if ev["event"] != "tick" {
+                    continue;
+                }
+                let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+                out.lock().unwrap().push((
+                    Instant::now(),
+                    data["o"].as_u64().unwrap() as usize,
+                    data["i"].as_u64().unwrap(),
+                ));
+            }
+        }
+    });
+    (seen, h)
+}
+
+/// Every publish: (number, when it was sent, the API's status).
+type Sent = Arc<Mutex<Vec<(u64, Instant, u16)>>>;
+
+/// Publishes `{"o":origin,"i":n}` to node `d` every `every` until `stop`.
+fn publisher(
+    d: &Daemon,
+    origin: usize,
+    every: Duration,
+    stop: &Arc<AtomicBool>,
+) -> (Sent, JoinHandle<()>) {
+    let api = d.api();
+    let sent: Sent = Arc::default();
+    let (out, stop) = (Arc::clone(&sent), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let at = Instant::now();
+            let (status, _) = api.trigger(&[CH], "tick", &format!(r#"{{"o":{origin},"i":{n}}}"#));
+            out.lock().unwrap().push((n, at, status));
+            std::thread::sleep(every.saturating_sub(at.elapsed()));
+        }
+    });
+    (sent, h)
+}
+
+/// The figures of one run.
+struct Outcome {
+    accepted: [usize; 2],
+    refused: [usize; 2],
+    /// From the kill to the first event published after it that crossed nodes, each way.
+    recovery: [Duration; 2],
+}
+
+/// Two nodes publishing to one channel, viewers on both, `fail` at 1.5 s into the stream;
+/// streams for `after` more, then checks every viewer got exactly the accepted events of each
+/// origin, in order. `fail` returns when it struck.
+fn stream_through(nodes: &[Daemon], after: Duration, fail: impl FnOnce() -> Instant) -> Outcome {
+    let stop_pub = Arc::new(AtomicBool::new(false));
+    let stop_view = Arc::new(AtomicBool::new(false));
+    let viewers: Vec<_> = nodes.iter().map(|d| viewer(d, &stop_view)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pubs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| publisher(d, i, Duration::from_millis(25), &stop_pub))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let struck = fail();
+    std::thread::sleep(after);
+    stop_pub.store(true, Ordering::Relaxed);
+    let sent: Vec<Vec<(u64, Instant, u16)>> = pubs
+        .into_iter()
+        .map(|(s, h)| {
+            h.join().unwrap();
+            Arc::try_unwrap(s).unwrap().into_inner().unwrap()
+        })
+        .collect();
+    let accepted: Vec<Vec<u64>> = sent
+        .iter()
+        .map(|s| s.iter().filter(|e| e.2 == 200).map(|e| e.0).collect())
+        .collect();
+    // Everything accepted reaches both viewers (held events included), or the test fails.
+    let complete = |seen: &Seen| {
+        let seen = seen.lock().unwrap();
+        (0..2).all(|o| seen.iter().filter(|e| e.1 == o).count() >= accepted[o].len())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !viewers.iter().all(|(s, _)| complete(s)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Anything more (a duplicate) would have arrived by now too.
+    std::thread::sleep(Duration::from_millis(500));
+    stop_view.store(true, Ordering::Relaxed);
+    let mut recovery = [Duration::ZERO; 2];
+    for (v, (seen, h)) in viewers.into_iter().enumerate() {
+        h.join().unwrap();
+        let seen = seen.lock().unwrap();
+        for (o, acc) in accepted.iter().enumerate() {
+            let got: Vec<u64> = seen.iter().filter(|e| e.1 == o).map(|e| e.2).collect();
+            assert_eq!(
+                &got,
+                acc,
+                "viewer on node {v}, events of node {o}: got {} of {} accepted (first \
+                 difference at {:?}); node stderr:\n{}",
+                got.len(),
+                acc.len(),
+                got.iter().zip(acc).position(|(a, b)| a != b),
+                nodes[v]
+                    .stderr()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        // Cross-node delivery again: the first event of the other node published after the
+        // failure, as this viewer received it.
+        let other = 1 - v;
+        let first_after = sent[other]
+            .iter()
+            .find(|e| e.1 >= struck && e.2 == 200)
+            .map(|e| e.0)
+            .expect("no event accepted after the failure");
+        let at = seen
+            .iter()
+            .find(|e| e.1 == other && e.2 >= first_after)
+            .map(|e| e.0)
+            .unwrap();
+        recovery[other] = at.saturating_duration_since(struck);
+    }
+    Outcome {
+        accepted: [accepted[0].len(), accepted[1].len()],
+        refused: [
+            sent[0].len() - accepted[0].len(),
+            sent[1].len() - accepted[1].len(),
+        ],
+        recovery,
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_cmd(port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+        .get_connection_with_timeout(Duration::from_secs(1))?;
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query(&mut conn)
+}
+
+fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let v: String = redis::from_redis_value(redis_cmd(port, &["INFO", section]).ok()?).ok()?;
+    v.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|s| s.trim().to_owned())
+}
+
+/// A primary, one replica, three sentinels (`down-after-milliseconds 1000`).
+struct Sentinels {
+    primary: RedisServer,
+    _replica: RedisServer,
+    ports: Vec<u16>,
+    _procs: Vec<Proc>,
+}
+
+impl Sentinels {
+    fn start() -> Sentinels {
+        let primary = RedisServer::start();
+        let p = primary.port.to_string();
+        let replica = RedisServer::start_with_args(&["--replicaof", "127.0.0.1", &p]);
+        wait_for(Duration::from_secs(10), "the replica to sync", || {
+            info_field(replica.port, "replication", "master_link_status").as_deref() == Some("up")
+        });
+        let dir = scratch_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ports = Vec::new();
+        let mut procs = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {}\n\
+                     sentinel monitor mymaster 127.0.0.1 {p} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 3000\n\
+                     sentinel parallel-syncs mymaster 1\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            procs.push(Proc(child));
+            ports.push(port);
+        }
+        // Each sentinel knows the replica and the two other sentinels (their hellos go
+        // through the primary every 2 s), so a failover can be agreed on.
+        for &port in &ports {
+            wait_for(Duration::from_secs(20), "the sentinels to meet", || {
+                let Ok(v) = redis_cmd(port, &["SENTINEL", "master", "mymaster"]) else {
+                    return false;
+                };
+                let Ok(fields) = redis::from_redis_value::<Vec<String>>(v) else {
+                    return false;
+                };
+                let get = |k: &str| {
+                    fields
+                        .iter()
+                        .position(|f| f == k)
+                        .and_then(|i| fields.get(i + 1))
+                        .cloned()
+                };
+                get("num-other-sentinels").as_deref() == Some("2")
+                    && get("num-slaves").as_deref() == Some("1")
+            });
+        }
+        Sentinels {
+            primary,
+            _replica: replica,
+            ports,
+            _procs: procs,
+        }
+    }
+
+    fn env(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[test]
+fn sentinel_failover_loses_no_accepted_event() {
+    let mut s = Sentinels::start();
+    let (nodes, _) = two_nodes(&[
+        ("REDIS_SENTINELS", s.env()),
+        ("REDIS_SENTINEL_MASTER", "mymaster".into()),
+    ]);
+    let mut late = None;
+    let out = stream_through(&nodes, Duration::from_secs(8), || {
+        s.primary.kill();
+        let at = Instant::now();
+        // A member joins on node 1 while there is no primary.
+        let mut c = nodes[1].client();
+        c.join("presence-room", "late", serde_json::json!(null));
+        late = Some(c);
+        at
+    });
+    // Presence reads are exact again everywhere: node 0 lists the member that joined on
+    // node 1 during the failover.
+    wait_for(
+        Duration::from_secs(10),
+        "node 0 to list the late member",
+        || {
+            let (status, v) = nodes[0].api().get("channels/presence-room/users", &[]);
+            status == 200
+                && v["users"]
+                    .as_array()
+                    .is_some_and(|u| u.len() == 1 && u[0]["id"] == "late")
+        },
+    );
+    // Laravel's broadcaster, publishing to the primary the sentinels name now, reaches both
+    // nodes: the ingest followed the failover too.
+    let (host, port): (String, u16) = redis::from_redis_value(
+        redis_cmd(
+            s.ports[0],
+            &["SENTINEL", "get-master-addr-by-name", "mymaster"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_ne!(port, s.primary.port, "no failover happened ({host})");
+    let mut views: Vec<Client> = nodes
+        .iter()
+        .map(|d| {
+            let mut c = d.client();
+            c.subscribe(CH);
+            c
+        })
+        .collect();
+    let payload = r#"{"event":"laravel","data":{"after":"failover"},"socket":null}"#;
+    redis_cmd(port, &["PUBLISH", "laravel_database_match.1", payload]).unwrap();
+    for v in &mut views {
+        assert_eq!(v.next_event(Duration::from_secs(5))["event"], "laravel");
+    }
+    eprintln!(
+        "sentinel failover (SIGKILL of the primary, down-after 1000 ms): cross-node delivery \
+         again after {:?} (node 0 -> 1) and {:?} (node 1 -> 0); accepted {:?} events, refused \
+         {:?}; every accepted event reached both viewers, in order, once",
+        out.recovery[0], out.recovery[1], out.accepted, out.refused
+    );
+    for d in &nodes {
+        let u = up(d);
+        eprintln!(
+            "  node: resent {} duplicates dropped {} gaps {} lost {}",
+            u["cluster_resent"], u["cluster_duplicates"], u["cluster_gaps"], u["cluster_lost"]
+        );
+        assert_eq!(u["redis"], "connected", "{u}");
+        assert_eq!(u["cluster_lost"], 0, "{u}");
+    }
+    assert!(
+        out.recovery.iter().all(|r| *r < Duration::from_secs(15)),
+        "recovery took {:?}",
+        out.recovery
+    );
+}
+
+/// The data of a `tick` event: (origin, number).
+fn tick_of(ev: &Value) -> (u64, u64) {
+    assert_eq!(ev["event"], "tick", "{ev}");
+    let data: Value = serde_json::from_str(ev["data"].as_str().unwrap()).unwrap();
+    (data["o"].as_u64().unwrap(), data["i"].as_u64().unwrap())
+}
+
+#[test]
+fn redis_away_past_the_outbox_bound_refuses_then_recovers() {
+    const T: Duration = Duration::from_secs(5);
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let (nodes, metrics_ports) = two_nodes(&[
+        ("REDIS_URL", redis.url()),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
+        ("BTS_CLUSTER_OUTBOX_MAX_AGE_SECS", "3".into()),
+    ]);
+    let mut a = nodes[0].client();
+    a.subscribe(CH);
+    let mut b = nodes[1].client();
+    b.subscribe(CH);
+    redis.kill();
+    let down_at = Instant::now();
+    wait_for(Duration::from_secs(10), "node 0 to see Redis down", || {
+        up(&nodes[0])["redis"] == "disconnected"
+    });
+    // Held while Redis is away: 200, and node 0's own viewer has it at once (local delivery
+    // does not wait for the hand-off); node 1's has nothing yet.
+    let pad = "x".repeat(400);
+    let publish = |i: u64| {
+        nodes[0].api().trigger(
+            &[CH],
+            "tick",
+            &format!(r#"{{"o":0,"i":{i},"pad":"{pad}"}}"#),
+        )
+    };
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 1..=50 {
+        let (status, body) = publish(i);
+        if status == 200 {
+            accepted.push(i);
+            assert_eq!(tick_of(&a.next_event(T)), (0, i));
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        let msg = body["error"].as_str().unwrap();
+        assert!(
+            msg.contains("outbox is full") && msg.contains("not delivered anywhere"),
+            "{msg}"
+        );
+        refused = Some(i);
+        break;
+    }
+    let refused = refused.expect("the outbox's byte bound was never reached");
+    assert!(accepted.len() >= 3, "{accepted:?}");
+    // The refused event went nowhere, and nothing crossed.
+    a.expect_silence(Duration::from_millis(300));
+    b.expect_silence(Duration::from_millis(300));
+    let u = up(&nodes[0]);
+    assert_eq!(u["redis"], "disconnected", "{u}");
+    assert!(u["redis_down_secs"].as_f64().unwrap() > 0.0, "{u}");
+    assert!(u["redis_down_since"].as_u64().is_some(), "{u}");
+    assert_eq!(u["cluster_outbox_events"], accepted.len(), "{u}");
+    assert!(u["cluster_outbox_bytes"].as_u64().unwrap() > 3000, "{u}");
+    assert_eq!(u["cluster_refused"], 1, "{u}");
+    let m = scrape_metrics(metrics_ports[0]);
+    assert!(metric(&m, "bts_redis_down_seconds") > 0.0, "{m}");
+    assert_eq!(metric(&m, "bts_redis_connected"), 0.0);
+    assert_eq!(
+        metric(&m, "bts_cluster_outbox_events"),
+        accepted.len() as f64
+    );
+    assert!(metric(&m, "bts_cluster_outbox_bytes") > 3000.0);
+    assert_eq!(metric(&m, "bts_cluster_refused_total"), 1.0);
+    // Past the age bound a small event is refused too (the oldest held is over 3 s old).
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(down_at.elapsed()));
+    let (status, body) = nodes[0].api().trigger(&[CH], "tick", r#"{"o":0,"i":999}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("limit 3 s"),
+        "{body}"
+    );
+    eprintln!(
+        "outage: {} events held and delivered locally at once, then 503 (byte bound 4096), \
+         then 503 (age bound 3 s); /up while down: {u}",
+        accepted.len()
+    );
+    // Redis back on the same port: the held events cross first, in order, then new ones.
+    let back = Instant::now();
+    let _redis = RedisServer::start_on(port);
+    let mut after = Vec::new();
+    let mut n = 1000;
+    wait_for(
+        Duration::from_secs(20),
+        "publishes to be accepted again",
+        || {
+            n += 1;
+            if publish(n).0 == 200 {
+                after.push(n);
+            }
+            after.len() >= 3
+        },
+    );
+    eprintln!(
+        "outage: publishes accepted again {:?} after Redis came back",
+        back.elapsed()
+    );
+    let expected: Vec<u64> = accepted.iter().chain(&after).copied().collect();
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match b.next(Duration::from_secs(10)) {
+            Got::Event(ev) => got.push(tick_of(&ev).1),
+            other => panic!("node 1's viewer got {other:?} after {got:?}, expected {expected:?}"),
+        }
+    }
+    assert_eq!(got, expected);
+    assert!(!got.contains(&refused) && !got.contains(&999));
+    b.expect_silence(Duration::from_millis(500));
+    for i in &after {
+        assert_eq!(tick_of(&a.next_event(T)), (0, *i));
+    }
+    a.expect_silence(Duration::from_millis(300));
+    let u = up(&nodes[0]);
+    assert_eq!(u["redis"], "connected", "{u}");
+    assert!(u.get("redis_down_secs").is_none(), "{u}");
+}
+
+/// A Redis Cluster: three primaries, a replica each (`cluster-node-timeout 1000`).
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            wait_for(
+                Duration::from_secs(20),
+                "the Redis Cluster to be ok",
+                || info_field_cluster(n.port).as_deref() == Some("ok"),
+            );
+        }
+        // Every replica has its primary's data link up (so it may take over).
+        for n in &nodes {
+            wait_for(Duration::from_secs(20), "the replicas to sync", || {
+                info_field(n.port, "replication", "role").as_deref() == Some("master")
+                    || info_field(n.port, "replication", "master_link_status").as_deref()
+                        == Some("up")
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    fn env(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node that serves `key`'s slot now.
+    fn owner_of(&self, key: &str) -> usize {
+        let port = self.nodes[0].port;
+        let slot: i64 =
+            redis::from_redis_value(redis_cmd(port, &["CLUSTER", "KEYSLOT", key]).unwrap())
+                .unwrap();
+        let ranges: Vec<(i64, i64, (String, i64))> =
+            match redis_cmd(port, &["CLUSTER", "SLOTS"]).unwrap() {
+                redis::Value::Array(rs) => rs
+                    .into_iter()
+                    .map(|r| match r {
+                        redis::Value::Array(v) => {
+                            let start: i64 = redis::from_redis_value(v[0].clone()).unwrap();
+                            let end: i64 = redis::from_redis_value(v[1].clone()).unwrap();
+                            let (h, p): (String, i64) = match &v[2] {
+                                redis::Value::Array(n) => (
+                                    redis::from_redis_value(n[0].clone()).unwrap(),
+                                    redis::from_redis_value(n[1].clone()).unwrap(),
+                                ),
+                                other => panic!("{other:?}"),
+                            };
+                            (start, end, (h, p))
+                        }
+                        other => panic!("{other:?}"),
+                    })
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+        let port = ranges
+            .iter()
+            .find(|r| (r.0..=r.1).contains(&slot))
+            .map(|r| (r.2).1 as u16)
+            .unwrap();
+        self.nodes.iter().position(|n| n.port == port).unwrap()
+    }
+}
+
+fn info_field_cluster(port: u16) -> Option<String> {
+    let v: String = redis::from_redis_value(redis_cmd(port, &["CLUSTER", "INFO"]).ok()?).ok()?;
+    v.lines()
+        .find_map(|l| l.strip_prefix("cluster_state:"))
+        .map(|s| s.trim().to_owned())
+}
+
+#[test]
+fn redis_cluster_failover_loses_no_accepted_event() {
+    let mut rc = RedisCluster::start();
+    let (nodes, _) = two_nodes(&[("REDIS_CLUSTER_NODES", rc.env())]);
+    // Laravel's broadcaster on a Redis Cluster: a plain PUBLISH on any node reaches every
+    // node's pattern subscription.
+    let mut views: Vec<Client> = nodes
+        .iter()
+        .map(|d| {
+            let mut c = d.client();
+            c.subscribe(CH);
+            c
+        })
+        .collect();
+    for n in &rc.nodes {
+        if info_field(n.port, "replication", "role").as_deref() != Some("master") {
+            continue;
+        }
+        let payload = r#"{"event":"laravel","data":{"via":"publish"},"socket":null}"#;
+        redis_cmd(n.port, &["PUBLISH", "laravel_database_match.1", payload]).unwrap();
+        for v in &mut views {
+            let ev = v.next_event(Duration::from_secs(5));
+            assert_eq!(ev["event"], "laravel", "{ev}");
+        }
+    }
+    drop(views);
+    // The nodes' channel is sharded: both nodes subscribe on its slot's primary only (no
+    // classic subscription anywhere, so no node of the Redis Cluster relays their traffic to
+    // all the others). Kill that primary.
+    let victim = rc.owner_of("bts-guru");
+    let owner = rc.nodes[victim].port;
+    wait_for(Duration::from_secs(5), "both sharded subscriptions", || {
+        let n: Vec<redis::Value> = redis::from_redis_value(
+            redis_cmd(owner, &["PUBSUB", "SHARDNUMSUB", "bts-guru"]).unwrap(),
+        )
+        .unwrap();
+        n.get(1) == Some(&redis::Value::Int(2))
+    });
+    for n in &rc.nodes {
+        let v: Vec<redis::Value> =
+            redis::from_redis_value(redis_cmd(n.port, &["PUBSUB", "NUMSUB", "bts-guru"]).unwrap())
+                .unwrap();
+        assert_eq!(v.get(1), Some(&redis::Value::Int(0)));
+    }
+    let out = stream_through(&nodes, Duration::from_secs(8), || {
+        rc.nodes[victim].kill();
+        Instant::now()
+    });
+    eprintln!(
+        "redis cluster failover (SIGKILL of the primary of the nodes' channel slot, \
+         cluster-node-timeout 1000 ms): cross-node delivery again after {:?} (node 0 -> 1) and \
+         {:?} (node 1 -> 0); accepted {:?} events, refused {:?}; every accepted event reached \
+         both viewers, in order, once",
+        out.recovery[0], out.recovery[1], out.accepted, out.refused
+    );
+    for d in &nodes {
+        let u = up(d);
+        eprintln!(
+            "  node: resent {} duplicates dropped {} gaps {} lost {}",
+            u["cluster_resent"], u["cluster_duplicates"], u["cluster_gaps"], u["cluster_lost"]
+        );
+        assert_eq!(u["cluster_lost"], 0, "{u}");
+    }
+    assert!(
+        out.recovery.iter().all(|r| *r < Duration::from_secs(15)),
+        "recovery took {:?}",
+        out.recovery
+    );
+}
+
+/// A batch the outbox cannot take whole is refused whole: none of its events reaches anyone,
+/// although some would have fit.
+#[test]
+fn a_batch_is_held_whole_or_refused_whole() {
+    const T: Duration = Duration::from_secs(5);
+    let mut redis = RedisServer::start();
+    let (nodes, _) = two_nodes(&[
+        ("REDIS_URL", redis.url()),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
+    ]);
+    let mut a = nodes[0].client();
+    a.subscribe(CH);
+    redis.kill();
+    wait_for(Duration::from_secs(10), "node 0 to see Redis down", || {
+        up(&nodes[0])["redis"] == "disconnected"
+    });
+    let pad = "x".repeat(400);
+    let data = |i: u64| format!(r#"{{"o":0,"i":{i},"pad":"{pad}"}}"#);
+    // Four single events (~620 bytes each as the cluster carries them) are held.
+    for i in 1..=4 {
+        assert_eq!(nodes[0].api().trigger(&[CH], "tick", &data(i)).0, 200);
+        assert_eq!(tick_of(&a.next_event(T)), (0, i));
+    }
+    let held = up(&nodes[0])["cluster_outbox_bytes"].as_u64().unwrap();
+    assert!(held + 620 < 4096 && held + 3 * 620 > 4096, "held {held}");
+    // A batch of three does not fit whole (one would): refused, and none of it delivered.
+    let batch = |from: u64, n: u64| {
+        let items: Vec<Value> = (from..from + n)
+            .map(|i| serde_json::json!({"name":"tick","channel":CH,"data":data(i)}))
+            .collect();
+        serde_json::json!({ "batch": items }).to_string()
+    };
+    let (status, body) = nodes[0].api().post("batch_events", &batch(5, 3));
+    assert_eq!(status, 503, "{body}");
+    a.expect_silence(Duration::from_millis(500));
+    assert_eq!(up(&nodes[0])["cluster_outbox_bytes"], held);
+    // A batch of one fits.
+    assert_eq!(nodes[0].api().post("batch_events", &batch(8, 1)).0, 200);
+    assert_eq!(tick_of(&a.next_event(T)), (0, 8));
+}
