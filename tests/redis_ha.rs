@@ -730,3 +730,371 @@ fn a_batch_is_held_whole_or_refused_whole() {
     assert_eq!(nodes[0].api().post("batch_events", &batch(8, 1)).0, 200);
     assert_eq!(tick_of(&a.next_event(T)), (0, 8));
 }
+
+/// The positioned channel of the resume tests (`BTS_APP_RESUME=sports.*`).
+const POS: &str = "sports.live";
+
+/// What a viewer of the positioned channel received: (origin, number, epoch, offset).
+type SeenAt = Arc<Mutex<Vec<(u64, u64, String, u64)>>>;
+
+fn position_of(ev: &Value) -> (String, u64) {
+    let p = ev["bts_position"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no bts_position: {ev}"));
+    let (e, o) = p.split_once(':').unwrap();
+    (e.to_owned(), o.parse().unwrap())
+}
+
+/// A subscriber of `POS` reading on its own thread until `stop`.
+fn positioned_viewer(d: &Daemon, stop: &Arc<AtomicBool>) -> (SeenAt, JoinHandle<()>) {
+    let mut c = d.client();
+    c.subscribe(POS);
+    let seen: SeenAt = Arc::default();
+    let (out, stop) = (Arc::clone(&seen), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Got::Event(ev) = c.next(Duration::from_millis(100)) {
+                if ev["event"] != "tick" {
+                    continue;
+                }
+                let (o, i) = tick_of(&ev);
+                let (epoch, off) = position_of(&ev);
+                out.lock().unwrap().push((o, i, epoch, off));
+            }
+        }
+    });
+    (seen, h)
+}
+
+/// Publishes `{"o":origin,"i":n}` to `POS` on node `d` every `every` until `stop`.
+fn positioned_publisher(
+    d: &Daemon,
+    origin: usize,
+    every: Duration,
+    stop: &Arc<AtomicBool>,
+) -> (Sent, JoinHandle<()>) {
+    let api = d.api();
+    let sent: Sent = Arc::default();
+    let (out, stop) = (Arc::clone(&sent), Arc::clone(stop));
+    let h = std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let at = Instant::now();
+            let (status, _) = api.trigger(&[POS], "tick", &format!(r#"{{"o":{origin},"i":{n}}}"#));
+            out.lock().unwrap().push((n, at, status));
+            std::thread::sleep(every.saturating_sub(at.elapsed()));
+        }
+    });
+    (sent, h)
+}
+
+/// Positioned channels across a Sentinel failover. Appends are held in the publishing node's
+/// outbox until Redis answers them and sent again (with their idempotency keys) after the
+/// failover, so every event the API accepted reaches both viewers, in order, with the same
+/// position on both. The promoted replica has another replication id, so the channel's next
+/// append starts a new epoch (Redis replicates asynchronously: the replica may lack the last
+/// appends, whose offsets were already delivered): offsets are contiguous within each epoch,
+/// and a client resuming from the old epoch is told `recovered: false`, while one resuming
+/// within the new epoch gets its missed events.
+#[test]
+fn sentinel_failover_keeps_positioned_events_ordered_and_complete() {
+    let mut s = Sentinels::start();
+    let (nodes, _) = two_nodes(&[
+        ("REDIS_SENTINELS", s.env()),
+        ("REDIS_SENTINEL_MASTER", "mymaster".into()),
+        ("BTS_APP_RESUME", "sports.*".into()),
+    ]);
+    let stop_pub = Arc::new(AtomicBool::new(false));
+    let stop_view = Arc::new(AtomicBool::new(false));
+    let viewers: Vec<_> = nodes
+        .iter()
+        .map(|d| positioned_viewer(d, &stop_view))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let pubs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, d)| positioned_publisher(d, i, Duration::from_millis(25), &stop_pub))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    s.primary.kill();
+    let struck = Instant::now();
+    std::thread::sleep(Duration::from_secs(8));
+    stop_pub.store(true, Ordering::Relaxed);
+    let sent: Vec<Vec<(u64, Instant, u16)>> = pubs
+        .into_iter()
+        .map(|(s, h)| {
+            h.join().unwrap();
+            Arc::try_unwrap(s).unwrap().into_inner().unwrap()
+        })
+        .collect();
+    let accepted: Vec<Vec<u64>> = sent
+        .iter()
+        .map(|s| s.iter().filter(|e| e.2 == 200).map(|e| e.0).collect())
+        .collect();
+    let complete = |seen: &SeenAt| {
+        let seen = seen.lock().unwrap();
+        (0..2).all(|o| {
+            let mut got: Vec<u64> = seen.iter().filter(|e| e.0 == o).map(|e| e.1).collect();
+            got.dedup();
+            got.len() >= accepted[o as usize].len()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !viewers.iter().all(|(s, _)| complete(s)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop_view.store(true, Ordering::Relaxed);
+    let mut seen_by = Vec::new();
+    let mut repeats = 0;
+    for (v, (seen, h)) in viewers.into_iter().enumerate() {
+        h.join().unwrap();
+        let seen = Arc::try_unwrap(seen).unwrap().into_inner().unwrap();
+        // Positions: contiguous offsets within an epoch, and exactly two epochs (before and
+        // after the failover).
+        let mut epochs: Vec<&str> = Vec::new();
+        for w in seen.windows(2) {
+            if w[0].2 == w[1].2 {
+                assert_eq!(
+                    w[1].3,
+                    w[0].3 + 1,
+                    "viewer on node {v}: offsets not contiguous: {:?} then {:?}",
+                    w[0],
+                    w[1]
+                );
+            }
+        }
+        for e in &seen {
+            if epochs.last() != Some(&e.2.as_str()) {
+                epochs.push(&e.2);
+            }
+        }
+        assert_eq!(epochs.len(), 2, "viewer on node {v}: epochs {epochs:?}");
+        // Every accepted event, in its origin's order. An event seen twice can only be one
+        // that the dying primary announced and whose answer never came back: sent again, it
+        // is in the new epoch.
+        for (o, acc) in accepted.iter().enumerate() {
+            let mine: Vec<&(u64, u64, String, u64)> =
+                seen.iter().filter(|e| e.0 == o as u64).collect();
+            let mut firsts: Vec<u64> = Vec::new();
+            for e in &mine {
+                if firsts.contains(&e.1) {
+                    assert_eq!(e.2, epochs[1], "a repeat within one epoch: {e:?}");
+                    repeats += 1;
+                } else {
+                    firsts.push(e.1);
+                }
+            }
+            assert_eq!(
+                &firsts,
+                acc,
+                "viewer on node {v}, events of node {o}: got {} of {} accepted (first \
+                 difference at {:?}); node stderr:\n{}",
+                firsts.len(),
+                acc.len(),
+                firsts.iter().zip(acc).position(|(a, b)| a != b),
+                nodes[v]
+                    .stderr()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        seen_by.push(seen);
+    }
+    // The same events at the same positions on both nodes.
+    assert_eq!(seen_by[0], seen_by[1], "the two viewers differ");
+    let seen = &seen_by[0];
+    let new_epoch = seen.last().unwrap().2.clone();
+    let first_new = seen.iter().position(|e| e.2 == new_epoch).unwrap();
+    let old_last = &seen[first_new - 1];
+    let recovery = sent
+        .iter()
+        .flatten()
+        .filter(|e| e.1 >= struck && e.2 == 200)
+        .count();
+    eprintln!(
+        "sentinel failover, positioned channel: accepted {:?} events, refused {:?}; epoch \
+         {} ended at offset {}, epoch {} began at offset {} ({} events after the kill); \
+         repeats across the epoch change: {repeats}; both viewers saw the same {} events at \
+         the same positions",
+        [accepted[0].len(), accepted[1].len()],
+        [
+            sent[0].len() - accepted[0].len(),
+            sent[1].len() - accepted[1].len()
+        ],
+        old_last.2,
+        old_last.3,
+        new_epoch,
+        seen[first_new].3,
+        recovery,
+        seen.len()
+    );
+    // Resuming from the old epoch: recovered false. From within the new one: the events
+    // after it, in order, then `bts:recovered`.
+    let resume = |p: String| {
+        let mut c = nodes[0].client();
+        c.send_json(serde_json::json!({"event":"pusher:subscribe",
+            "data":{"channel":POS,"bts_position":p}}));
+        c.expect_event("pusher_internal:subscription_succeeded");
+        c
+    };
+    let mut old = resume(format!("{}:{}", old_last.2, old_last.3));
+    let rec = old.expect_event("bts:recovered");
+    let data: Value = serde_json::from_str(rec["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["recovered"], false, "{rec}");
+    let from = seen.len() - 5;
+    let mut new = resume(format!("{}:{}", seen[from].2, seen[from].3));
+    for e in &seen[from + 1..] {
+        let ev = new.next_event(Duration::from_secs(5));
+        assert_eq!(tick_of(&ev), (e.0, e.1));
+        assert_eq!(position_of(&ev), (e.2.clone(), e.3));
+    }
+    let rec = new.expect_event("bts:recovered");
+    let data: Value = serde_json::from_str(rec["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data["recovered"], true, "{rec}");
+    for d in &nodes {
+        assert_eq!(up(d)["redis"], "connected");
+    }
+}
+
+/// Positioned channels while Redis is away: their events are ordered by Redis, so they are
+/// held (not delivered, not even locally), counted against the outbox's bounds (503 past
+/// them, with the same body as plain events, and delivered nowhere), and once Redis is back
+/// appended in order and delivered to the viewers of both nodes with contiguous positions.
+#[test]
+fn positioned_events_are_held_while_redis_is_away() {
+    const T: Duration = Duration::from_secs(5);
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let (nodes, _) = two_nodes(&[
+        ("REDIS_URL", redis.url()),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "4096".into()),
+        ("BTS_CLUSTER_OUTBOX_MAX_AGE_SECS", "3".into()),
+        ("BTS_APP_RESUME", "sports.*".into()),
+    ]);
+    let mut a = nodes[0].client();
+    a.subscribe(POS);
+    let mut b = nodes[1].client();
+    b.subscribe(POS);
+    // Before the outage: delivered at once on both, at offset 1.
+    assert_eq!(
+        nodes[0].api().trigger(&[POS], "tick", r#"{"o":0,"i":0}"#).0,
+        200
+    );
+    for c in [&mut a, &mut b] {
+        let ev = c.next_event(T);
+        assert_eq!(tick_of(&ev), (0, 0));
+        assert_eq!(position_of(&ev).1, 1);
+    }
+    redis.kill();
+    let down_at = Instant::now();
+    wait_for(Duration::from_secs(10), "node 0 to see Redis down", || {
+        up(&nodes[0])["redis"] == "disconnected"
+    });
+    let pad = "x".repeat(400);
+    let publish = |i: u64| {
+        nodes[0].api().trigger(
+            &[POS],
+            "tick",
+            &format!(r#"{{"o":0,"i":{i},"pad":"{pad}"}}"#),
+        )
+    };
+    let mut accepted = Vec::new();
+    let mut refused = None;
+    for i in 1..=50 {
+        let (status, body) = publish(i);
+        if status == 200 {
+            accepted.push(i);
+            continue;
+        }
+        assert_eq!(status, 503, "{body}");
+        let msg = body["error"].as_str().unwrap();
+        assert!(
+            msg.contains("outbox is full") && msg.contains("not delivered anywhere"),
+            "{msg}"
+        );
+        refused = Some(i);
+        break;
+    }
+    let refused = refused.expect("the outbox's byte bound was never reached");
+    assert!(accepted.len() >= 3, "{accepted:?}");
+    // Held: no viewer has any of them, not even node 0's own.
+    a.expect_silence(Duration::from_millis(300));
+    b.expect_silence(Duration::from_millis(300));
+    let u = up(&nodes[0]);
+    assert_eq!(u["cluster_outbox_events"], accepted.len(), "{u}");
+    assert!(u["cluster_outbox_bytes"].as_u64().unwrap() > 3000, "{u}");
+    assert_eq!(u["cluster_refused"], 1, "{u}");
+    // Past the age bound a small event is refused too.
+    std::thread::sleep(Duration::from_millis(3300).saturating_sub(down_at.elapsed()));
+    let (status, body) = nodes[0].api().trigger(&[POS], "tick", r#"{"o":0,"i":999}"#);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("limit 3 s"),
+        "{body}"
+    );
+    // Redis back (empty: a new epoch): the held events are appended first, in order.
+    let back = Instant::now();
+    let _redis = RedisServer::start_on(port);
+    let mut after = Vec::new();
+    let mut n = 1000;
+    wait_for(
+        Duration::from_secs(20),
+        "publishes to be accepted again",
+        || {
+            n += 1;
+            if publish(n).0 == 200 {
+                after.push(n);
+            }
+            after.len() >= 3
+        },
+    );
+    let expected: Vec<u64> = accepted.iter().chain(&after).copied().collect();
+    let mut positions = Vec::new();
+    for (name, c) in [("node 0", &mut a), ("node 1", &mut b)] {
+        let mut got = Vec::new();
+        let mut pos = Vec::new();
+        while got.len() < expected.len() {
+            match c.next(Duration::from_secs(10)) {
+                Got::Event(ev) => {
+                    got.push(tick_of(&ev).1);
+                    pos.push(position_of(&ev));
+                }
+                other => panic!(
+                    "{name}'s viewer got {other:?} after {got:?}, expected {expected:?}; \
+                     /up {}; node 0 stderr:\n{}",
+                    up(&nodes[0]),
+                    nodes[0]
+                        .stderr()
+                        .lines()
+                        .rev()
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+        assert_eq!(got, expected, "{name}");
+        assert!(!got.contains(&refused) && !got.contains(&999));
+        c.expect_silence(Duration::from_millis(500));
+        // One epoch (Redis lost the keys: not the one of offset 1), offsets 1, 2, ...
+        assert!(pos.iter().all(|p| p.0 == pos[0].0), "{pos:?}");
+        let offsets: Vec<u64> = pos.iter().map(|p| p.1).collect();
+        assert_eq!(offsets, (1..=expected.len() as u64).collect::<Vec<_>>());
+        positions.push(pos);
+    }
+    assert_eq!(positions[0], positions[1]);
+    eprintln!(
+        "positioned outage: {} events held (not delivered, even locally), then 503 (byte \
+         bound 4096), then 503 (age bound 3 s); Redis back: accepted again after {:?}, the \
+         held ones appended first, in order, offsets 1..{} on both nodes",
+        accepted.len(),
+        back.elapsed(),
+        expected.len()
+    );
+}

@@ -878,4 +878,52 @@ mod tests {
         assert!(outbox.oldest_age().is_some());
         assert!(outbox.fill().0 <= 1024);
     }
+
+    #[test]
+    fn appends_share_the_bound_and_get_idempotency_keys() {
+        let outbox = Outbox::new(
+            OutboxLimits {
+                max_bytes: 2048,
+                max_age: Duration::from_secs(60),
+            },
+            0xab,
+        );
+        let (_, appends, _) = outbox.rx.lock().unwrap().take().unwrap();
+        let append = |n: usize, dedupe: Option<&str>| Append {
+            app_id: "a".into(),
+            channel: "sports.x".into(),
+            json: "x".repeat(n),
+            except: None,
+            cache: false,
+            dedupe: dedupe.map(Into::into),
+        };
+        let ev = Wire::Event {
+            node: 1,
+            app: "a".into(),
+            channel: "c".into(),
+            json: "y".repeat(300).into(),
+            except: None,
+            cache: false,
+            seq: None,
+        };
+        outbox
+            .hold(&[], vec![append(500, None), append(10, Some("laravel.1"))])
+            .unwrap();
+        // An event and an append that do not fit together are refused together.
+        let held = outbox.fill().0;
+        let r = outbox.hold(std::slice::from_ref(&ev), vec![append(1200, None)]);
+        assert!(matches!(r, Err(Refused::Full { .. })), "{r:?}");
+        assert_eq!(outbox.fill().0, held);
+        assert_eq!(outbox.seq.load(Ordering::Relaxed), 0);
+        outbox.hold(&[ev], vec![append(10, None)]).unwrap();
+        let keys: Vec<Option<String>> = appends.try_iter().map(|h| h.append.dedupe).collect();
+        assert_eq!(
+            keys,
+            vec![
+                Some("n00000000000000ab.1".into()),
+                Some("laravel.1".into()),
+                Some("n00000000000000ab.3".into())
+            ]
+        );
+    }
 }

@@ -19,7 +19,7 @@ use crate::fanout::frame::SharedFrame;
 use crate::node::{Event, Shared};
 use crate::protocol::{channel, SocketId};
 use crate::redis_conn::{Keyed, Redis};
-use crate::resume::store;
+use crate::resume::{store, Position};
 
 /// How long an identical payload counts as a repeat (well under the ids' lifetime in Redis,
 /// `store::DEDUPE_SECS`).
@@ -39,6 +39,30 @@ impl Positions {
         self.conns.get_or_insert_with(|| Keyed::new(redis.clone()))
     }
 
+    /// What Redis keeps of one channel (its epoch and its kept events), or `None` (none, or
+    /// Redis unreachable: tried twice, the second time on a new connection).
+    fn read(&mut self, redis: &Redis, app_id: &str, ch: &str) -> Option<(u64, Vec<store::Kept>)> {
+        let key = store::keys(app_id, ch).1;
+        let conns = self.conns(redis);
+        let mut last = None;
+        for _ in 0..2 {
+            let read = conns
+                .get(key.as_bytes())
+                .and_then(|(node, _)| store::history(&mut node.conn, app_id, ch));
+            match read {
+                Ok(h) => return h,
+                Err(e) => {
+                    conns.failed(key.as_bytes());
+                    last = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last {
+            tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
+        }
+        None
+    }
+
     /// What Redis keeps of one channel, as frames.
     fn history(
         &mut self,
@@ -46,31 +70,31 @@ impl Positions {
         app_id: &str,
         ch: &str,
     ) -> Option<(u64, Vec<(u64, SharedFrame)>)> {
-        let key = store::keys(app_id, ch).1;
-        let conns = self.conns(redis);
-        let read = conns
-            .get(key.as_bytes())
-            .and_then(|(node, _)| store::history(&mut node.conn, app_id, ch));
-        match read {
-            Ok(h) => h.map(|(e, kept)| {
-                (
-                    e,
-                    kept.into_iter()
-                        .map(|(o, j)| (o, SharedFrame::text(j.as_bytes())))
-                        .collect(),
-                )
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
-                conns.failed(key.as_bytes());
-                None
-            }
-        }
+        self.read(redis, app_id, ch).map(|(e, kept)| {
+            (
+                e,
+                kept.into_iter()
+                    .map(|k| (k.offset, SharedFrame::text(k.json.as_bytes())))
+                    .collect(),
+            )
+        })
     }
 
-    /// At start (and after a reconnect): every positioned channel's history Redis keeps, into
-    /// this node's, so a client resuming here right away finds it.
+    /// After this node's announcement subscription is made (at start, and after every
+    /// reconnect: a failover, Redis back after an outage): every positioned channel Redis
+    /// keeps. A channel this node holds no history of is loaded (a client resuming here right
+    /// away finds it). A channel it holds events of is caught up: the events Redis appended
+    /// after this node's head (announced while this node was not subscribed: appends held in
+    /// an outbox while Redis was away, sent before this node subscribed again) are delivered
+    /// to its viewers now, in order, at their positions; after a new epoch (a failover, Redis
+    /// restarted), every event of the new epoch Redis keeps is, since this node delivered
+    /// none of them. If Redis trimmed past this node's head, the history restarts and those
+    /// clients are told `recovered: false` when they resume, as before.
     pub fn preload(&mut self, redis: &Redis, shared: &Shared) {
+        // Connections made before the subscription dropped are likely dead.
+        if let Some(c) = self.conns.as_mut() {
+            c.clear();
+        }
         let apps = shared.apps.current();
         // Every primary's keys (a Redis Cluster spreads the channels over its shards).
         let list = redis.primaries().and_then(|nodes| {
@@ -87,7 +111,7 @@ impl Positions {
                 return;
             }
         };
-        let mut loaded = 0;
+        let (mut loaded, mut caught_up) = (0, 0);
         for (app_id, ch) in list {
             let Some(app) = shared.router.app_index(&app_id) else {
                 continue;
@@ -95,14 +119,58 @@ impl Positions {
             if !apps.get(app).positioned(&ch) {
                 continue;
             }
-            if let Some((epoch, kept)) = self.history(redis, &app_id, &ch) {
-                shared.resume.load(app, &ch, epoch, kept, Instant::now());
+            let Some((epoch, kept)) = self.read(redis, &app_id, &ch) else {
+                continue;
+            };
+            let missed: Vec<store::Kept> = match shared.resume.head_of(app, &ch) {
+                Some(head) if head.epoch == epoch => {
+                    let after: Vec<store::Kept> = kept
+                        .iter()
+                        .filter(|k| k.offset > head.offset)
+                        .cloned()
+                        .collect();
+                    match after.first() {
+                        None => continue,
+                        Some(k) if k.offset == head.offset + 1 => after,
+                        // Trimmed past this node's head: restart from what is kept.
+                        Some(_) => Vec::new(),
+                    }
+                }
+                Some(_) => kept.clone(),
+                None => Vec::new(),
+            };
+            if missed.is_empty() {
+                let frames = kept
+                    .into_iter()
+                    .map(|k| (k.offset, SharedFrame::text(k.json.as_bytes())))
+                    .collect();
+                shared.resume.load(app, &ch, epoch, frames, Instant::now());
                 loaded += 1;
+                continue;
             }
+            for k in &missed {
+                shared.deliver_at(
+                    Event {
+                        app,
+                        channel: &ch,
+                        frame: SharedFrame::text(k.json.as_bytes()),
+                        except: k.except.as_deref().and_then(SocketId::parse),
+                        cache: k.cache,
+                        positioned: true,
+                    },
+                    Position {
+                        epoch,
+                        offset: k.offset,
+                    },
+                    || None,
+                );
+            }
+            caught_up += missed.len();
         }
-        if loaded > 0 {
+        if loaded > 0 || caught_up > 0 {
             tracing::info!(
                 channels = loaded,
+                events_caught_up = caught_up,
                 "positioned channels' history loaded from Redis"
             );
         }

@@ -157,8 +157,16 @@ pub fn decode(payload: &[u8]) -> Option<Announced<'_>> {
     })
 }
 
-/// One kept event: (offset, event JSON without position).
-pub type Kept = (u64, String);
+/// One kept event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub offset: u64,
+    /// The event JSON, without its position.
+    pub json: String,
+    /// The excluded socket id.
+    pub except: Option<String>,
+    pub cache: bool,
+}
 
 /// A channel's history as Redis keeps it: its epoch and its last events, oldest first. `None`
 /// when Redis has none.
@@ -181,15 +189,24 @@ pub fn history(
     for (_, fields) in entries {
         let mut off = None;
         let mut json = None;
+        let mut except = None;
+        let mut cache = false;
         for (k, v) in fields {
             match k.as_str() {
                 "o" => off = v.parse().ok(),
                 "j" => json = Some(v),
+                "x" => except = Some(v).filter(|x| !x.is_empty()),
+                "k" => cache = v == "1",
                 _ => {}
             }
         }
-        if let (Some(o), Some(j)) = (off, json) {
-            kept.push((o, j));
+        if let (Some(offset), Some(json)) = (off, json) {
+            kept.push(Kept {
+                offset,
+                json,
+                except,
+                cache,
+            });
         }
     }
     Ok(Some((epoch, kept)))
