@@ -704,7 +704,24 @@ fn render_outbox(o: &mut String, c: &crate::cluster::Cluster) {
         family(o, name, "gauge", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    let counters: [(&str, &str, u64); 5] = [
+    let counters: [(&str, &str, u64); 8] = [
+        (
+            "bts_cluster_appends_total",
+            "Positioned channels' events this node appended to Redis (and Redis announced).",
+            c.outbox.appended.load(Relaxed),
+        ),
+        (
+            "bts_cluster_appends_deduped_total",
+            "Appends Redis had already run (another node's offer of a Laravel event, or a try \
+             again after a lost answer): not appended twice.",
+            c.outbox.appends_deduped.load(Relaxed),
+        ),
+        (
+            "bts_cluster_append_retries_total",
+            "Round trips of appends to Redis that failed (Redis away, a failover); the appends \
+             were held and tried again.",
+            c.outbox.append_retries.load(Relaxed),
+        ),
         (
             "bts_cluster_refused_total",
             "Publishes refused (503) because the outbox was past its bounds.",

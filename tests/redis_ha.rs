@@ -1098,3 +1098,140 @@ fn positioned_events_are_held_while_redis_is_away() {
         expected.len()
     );
 }
+
+/// Positioned channels on a Redis Cluster: each channel's keys and append script go to its
+/// slot's primary (two channels on two different primaries here), the announcements (a plain
+/// PUBLISH in the script) reach both nodes' subscription wherever it is, positions are the
+/// same on both nodes, and a node started later finds both histories (its preload scans every
+/// primary): a client resuming there gets exactly what it missed.
+#[test]
+fn redis_cluster_positioned_channels_live_on_their_slots_primary() {
+    const T: Duration = Duration::from_secs(5);
+    let rc = RedisCluster::start();
+    let env = [
+        ("REDIS_CLUSTER_NODES", rc.env()),
+        ("BTS_APP_RESUME", "sports.*".into()),
+    ];
+    let (nodes, _) = two_nodes(&env);
+    // Both subscriptions of each node are made (the announcements' is Laravel's, which may
+    // come up after the cluster channel's).
+    for d in &nodes {
+        wait_for(Duration::from_secs(10), "both subscriptions", || {
+            up(d)["redis"] == "connected"
+        });
+    }
+    let stream = |ch: &str| format!("bts:resume:{{test-app:{ch}}}:s");
+    // Two channels whose keys live on different primaries.
+    let first = "sports.c0".to_owned();
+    let second = (1..100)
+        .map(|i| format!("sports.c{i}"))
+        .find(|c| rc.owner_of(&stream(c)) != rc.owner_of(&stream(&first)))
+        .unwrap();
+    let chans = [first, second];
+    let mut viewers: Vec<Client> = nodes
+        .iter()
+        .map(|d| {
+            let mut c = d.client();
+            for ch in &chans {
+                c.subscribe(ch);
+            }
+            c
+        })
+        .collect();
+    for i in 1..=10u64 {
+        for ch in &chans {
+            let (status, body) = nodes[(i % 2) as usize].api().trigger(
+                &[ch],
+                "tick",
+                &format!(r#"{{"o":0,"i":{i}}}"#),
+            );
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let mut positions: Vec<Vec<(String, u64, u64, String)>> = Vec::new();
+    for v in &mut viewers {
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            let ev = match v.next(T) {
+                Got::Event(ev) => ev,
+                other => panic!(
+                    "got {other:?} after {got:?}; node 0 stderr:\n{}",
+                    nodes[0]
+                        .stderr()
+                        .lines()
+                        .rev()
+                        .take(25)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            };
+            let (e, o) = position_of(&ev);
+            got.push((
+                ev["channel"].as_str().unwrap().to_owned(),
+                tick_of(&ev).1,
+                o,
+                e,
+            ));
+        }
+        v.expect_silence(Duration::from_millis(300));
+        for ch in &chans {
+            let mine: Vec<_> = got.iter().filter(|g| &g.0 == ch).collect();
+            let offsets: Vec<u64> = mine.iter().map(|g| g.2).collect();
+            assert_eq!(offsets, (1..=10).collect::<Vec<_>>(), "{ch}: {mine:?}");
+            let mut ticks: Vec<u64> = mine.iter().map(|g| g.1).collect();
+            ticks.sort();
+            assert_eq!(ticks, (1..=10).collect::<Vec<_>>());
+        }
+        positions.push(got);
+    }
+    let sorted = |mut v: Vec<(String, u64, u64, String)>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(positions[0].clone()), sorted(positions[1].clone()));
+    // The keys are on each channel's slot primary.
+    for ch in &chans {
+        let owner = rc.nodes[rc.owner_of(&stream(ch))].port;
+        let n: i64 =
+            redis::from_redis_value(redis_cmd(owner, &["XLEN", &stream(ch)]).unwrap()).unwrap();
+        assert_eq!(n, 10, "{ch} on 127.0.0.1:{owner}");
+    }
+    // A third node, started now, loads both histories.
+    let late = Daemon::builder()
+        .env("REDIS_PREFIX", "laravel_database_")
+        .env("REVERB_SCALING_ENABLED", "true")
+        .env(env[0].0, env[0].1.clone())
+        .env(env[1].0, env[1].1.clone())
+        .start();
+    wait_for(Duration::from_secs(15), "the third node to join", || {
+        up(&late)["cluster_nodes"] == 3
+    });
+    for ch in &chans {
+        let epoch = &positions[0].iter().find(|g| &g.0 == ch).unwrap().3;
+        // Its preload runs once its subscriptions are made.
+        wait_for(Duration::from_secs(10), "the third node's preload", || {
+            let mut c = late.client();
+            c.send_json(serde_json::json!({"event":"pusher:subscribe","data":{"channel":ch}}));
+            let ev = c.expect_event("pusher_internal:subscription_succeeded");
+            ev["bts_position"] == format!("{epoch}:10")
+        });
+        let mut c = late.client();
+        c.send_json(serde_json::json!({"event":"pusher:subscribe",
+            "data":{"channel":ch,"bts_position":format!("{epoch}:5")}}));
+        c.expect_event("pusher_internal:subscription_succeeded");
+        for o in 6..=10 {
+            let ev = c.next_event(T);
+            assert_eq!(position_of(&ev), (epoch.clone(), o), "{ev}");
+        }
+        let rec = c.expect_event("bts:recovered");
+        assert_eq!(rec["data"], r#"{"recovered":true,"missed":5}"#, "{rec}");
+    }
+    eprintln!(
+        "redis cluster, positioned: {} and {} on primaries 127.0.0.1:{} and 127.0.0.1:{}; \
+         offsets 1..10 on both nodes; a third node resumed both from offset 5",
+        chans[0],
+        chans[1],
+        rc.nodes[rc.owner_of(&stream(&chans[0]))].port,
+        rc.nodes[rc.owner_of(&stream(&chans[1]))].port
+    );
+}
