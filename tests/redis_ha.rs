@@ -734,8 +734,9 @@ fn a_batch_is_held_whole_or_refused_whole() {
 /// The positioned channel of the resume tests (`BTS_APP_RESUME=sports.*`).
 const POS: &str = "sports.live";
 
-/// What a viewer of the positioned channel received: (origin, number, epoch, offset).
-type SeenAt = Arc<Mutex<Vec<(u64, u64, String, u64)>>>;
+/// What a viewer of the positioned channel received: (origin, number, epoch, offset), and
+/// when.
+type SeenAt = Arc<Mutex<Vec<((u64, u64, String, u64), Instant)>>>;
 
 fn position_of(ev: &Value) -> (String, u64) {
     let p = ev["bts_position"]
@@ -759,7 +760,9 @@ fn positioned_viewer(d: &Daemon, stop: &Arc<AtomicBool>) -> (SeenAt, JoinHandle<
                 }
                 let (o, i) = tick_of(&ev);
                 let (epoch, off) = position_of(&ev);
-                out.lock().unwrap().push((o, i, epoch, off));
+                out.lock()
+                    .unwrap()
+                    .push(((o, i, epoch, off), Instant::now()));
             }
         }
     });
@@ -836,7 +839,11 @@ fn sentinel_failover_keeps_positioned_events_ordered_and_complete() {
     let complete = |seen: &SeenAt| {
         let seen = seen.lock().unwrap();
         (0..2).all(|o| {
-            let mut got: Vec<u64> = seen.iter().filter(|e| e.0 == o).map(|e| e.1).collect();
+            let mut got: Vec<u64> = seen
+                .iter()
+                .filter(|e| e.0 .0 == o)
+                .map(|e| e.0 .1)
+                .collect();
             got.dedup();
             got.len() >= accepted[o as usize].len()
         })
@@ -849,9 +856,15 @@ fn sentinel_failover_keeps_positioned_events_ordered_and_complete() {
     stop_view.store(true, Ordering::Relaxed);
     let mut seen_by = Vec::new();
     let mut repeats = 0;
+    let mut new_epoch_after = None;
     for (v, (seen, h)) in viewers.into_iter().enumerate() {
         h.join().unwrap();
-        let seen = Arc::try_unwrap(seen).unwrap().into_inner().unwrap();
+        let timed = Arc::try_unwrap(seen).unwrap().into_inner().unwrap();
+        if v == 0 {
+            let first_new = timed.iter().position(|e| e.0 .2 != timed[0].0 .2);
+            new_epoch_after = first_new.map(|i| timed[i].1.saturating_duration_since(struck));
+        }
+        let seen: Vec<(u64, u64, String, u64)> = timed.into_iter().map(|e| e.0).collect();
         // Positions: contiguous offsets within an epoch, and exactly two epochs (before and
         // after the failover).
         let mut epochs: Vec<&str> = Vec::new();
@@ -921,7 +934,8 @@ fn sentinel_failover_keeps_positioned_events_ordered_and_complete() {
         "sentinel failover, positioned channel: accepted {:?} events, refused {:?}; epoch \
          {} ended at offset {}, epoch {} began at offset {} ({} events after the kill); \
          repeats across the epoch change: {repeats}; both viewers saw the same {} events at \
-         the same positions",
+         the same positions; the first event of the new epoch reached node 0's viewer {:?} \
+         after the kill",
         [accepted[0].len(), accepted[1].len()],
         [
             sent[0].len() - accepted[0].len(),
@@ -932,7 +946,8 @@ fn sentinel_failover_keeps_positioned_events_ordered_and_complete() {
         new_epoch,
         seen[first_new].3,
         recovery,
-        seen.len()
+        seen.len(),
+        new_epoch_after.unwrap()
     );
     // Resuming from the old epoch: recovered false. From within the new one: the events
     // after it, in order, then `bts:recovered`.
