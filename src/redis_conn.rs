@@ -1,6 +1,6 @@
 //! Finding Redis: the one place that knows where the data nodes are, for every thread that
-//! talks to Redis (the ingest thread, the cluster receiver and publisher; later the resume
-//! history). Three set-ups (`config::Topology`):
+//! talks to Redis (the ingest thread, the cluster receiver and publisher, and the resume
+//! history's appends, reads and preload through `Keyed`). Three set-ups (`config::Topology`):
 //!
 //! - one server: `RedisConfig::url`;
 //! - Redis Sentinel: each sentinel in turn is asked `SENTINEL get-master-addr-by-name`, and the

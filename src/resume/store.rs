@@ -1,7 +1,8 @@
 //! Positioned channels across a cluster: the order and the history live in Redis, so every
 //! node gives an event the same position and any node can replay it. Every Redis call of this
-//! feature is here (a function per command taking the connection), so they can be routed
-//! through another connection (Sentinel, Cluster) without touching their callers.
+//! feature is built here (a function per command taking the connection); the callers run them
+//! on connections from `redis_conn` (`Keyed`: the channel's keys' primary, which follows a
+//! Sentinel failover and, on a Redis Cluster, is the primary of the keys' slot).
 //!
 //! Per positioned channel, two keys with one hash tag (one Redis Cluster slot):
 //! - `bts:resume:{<app>:<channel>}:m`, a hash: `e`, the epoch (16 hex digits, set by the first
