@@ -480,7 +480,7 @@ fn render_traffic(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
         let _ = writeln!(
             o,
             "bts_events_in_total{{source=\"cluster\"}} {}",
-            c.received.load(Relaxed)
+            c.messages.load(Relaxed)
         );
     }
     family(
@@ -662,6 +662,107 @@ fn render_ingest(o: &mut String, shared: &Shared) {
             "bts_redis_malformed_total {}",
             shared.ingest.malformed.load(Relaxed)
         );
+        family(
+            o,
+            "bts_redis_down_seconds",
+            "gauge",
+            "How long Redis has been unreachable (0 while subscribed).",
+        );
+        let down = shared
+            .ingest
+            .down_for()
+            .map_or(0.0, |(d, _)| d.as_secs_f64());
+        let _ = writeln!(o, "bts_redis_down_seconds {down:.3}");
+    }
+    if let Some(c) = &shared.cluster {
+        render_outbox(o, c);
+    }
+}
+
+/// The cluster outbox: how full, and what the exactness machinery did.
+fn render_outbox(o: &mut String, c: &crate::cluster::Cluster) {
+    let (bytes, events) = c.outbox.fill();
+    let limits = c.outbox.limits();
+    let gauges: [(&str, &str, f64); 5] = [
+        (
+            "bts_cluster_outbox_bytes",
+            "Bytes of accepted events held until every live node has them.",
+            bytes as f64,
+        ),
+        (
+            "bts_cluster_outbox_events",
+            "Accepted events held until every live node has them.",
+            events as f64,
+        ),
+        (
+            "bts_cluster_outbox_max_bytes",
+            "The outbox's byte bound (BTS_CLUSTER_OUTBOX_BYTES).",
+            limits.max_bytes as f64,
+        ),
+        (
+            "bts_cluster_outbox_oldest_seconds",
+            "Age of the oldest held event (publishes are refused past \
+             BTS_CLUSTER_OUTBOX_MAX_AGE_SECS).",
+            c.outbox.oldest_age().map_or(0.0, |d| d.as_secs_f64()),
+        ),
+        (
+            "bts_cluster_publisher_connected",
+            "1 while the cluster publisher holds a connection to Redis.",
+            f64::from(u8::from(c.outbox.connected.load(Relaxed))),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    let counters: [(&str, &str, u64); 8] = [
+        (
+            "bts_cluster_appends_total",
+            "Positioned channels' events this node appended to Redis (and Redis announced).",
+            c.outbox.appended.load(Relaxed),
+        ),
+        (
+            "bts_cluster_appends_deduped_total",
+            "Appends Redis had already run (another node's offer of a Laravel event, or a try \
+             again after a lost answer): not appended twice.",
+            c.outbox.appends_deduped.load(Relaxed),
+        ),
+        (
+            "bts_cluster_append_retries_total",
+            "Round trips of appends to Redis that failed (Redis away, a failover); the appends \
+             were held and tried again.",
+            c.outbox.append_retries.load(Relaxed),
+        ),
+        (
+            "bts_cluster_refused_total",
+            "Publishes refused (503) because the outbox was past its bounds.",
+            c.outbox.refused.load(Relaxed),
+        ),
+        (
+            "bts_cluster_resent_total",
+            "Events sent to the cluster again (after a reconnect, a nack or stalled acks).",
+            c.outbox.resent.load(Relaxed),
+        ),
+        (
+            "bts_cluster_duplicates_total",
+            "Events received again from another node and dropped.",
+            c.duplicates.load(Relaxed),
+        ),
+        (
+            "bts_cluster_gaps_total",
+            "Events received after a gap, dropped until the origin resends.",
+            c.gaps.load(Relaxed),
+        ),
+        (
+            "bts_cluster_lost_total",
+            "Events another node gave up on before this node had them (it was dropped as \
+             silent).",
+            c.lost.load(Relaxed),
+        ),
+    ];
+    for (name, help, v) in counters {
+        family(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {v}");
     }
 }
 

@@ -15,6 +15,8 @@
 //!   [`config::Config`]. No sockets, no threads.
 //! - [`apps`]: the app table, replaceable at run time (slots never reused).
 //! - [`tls`]: rustls configuration from PEM files.
+//! - [`redis_conn`]: where the Redis data nodes are (one server, Sentinel, Redis Cluster): a
+//!   connection for the primary or for a key, followed across failovers; pub/sub reading.
 //! - [`metrics`]: plain counters (thread-local write counters, a shard's scrape `Snapshot`).
 //! - [`fanout`]: frames each event once; every shard's bounded inbox and the commands it carries.
 //! - [`webhooks`]: Pusher webhooks on their own thread, bounded per class.
@@ -46,6 +48,7 @@ pub mod ws;
 pub mod config;
 
 pub mod apps;
+pub mod redis_conn;
 pub mod tls;
 
 // Layer 3: plain counters.
@@ -432,8 +435,9 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
     }
     if let (Some(redis), Some(cluster)) = (&shared.cfg.redis, &shared.cluster) {
         tracing::info!(node = cluster.node, channel = %cluster.channel, "cluster mode");
+        let redis = redis_conn::Redis::new(redis.clone());
         cluster::outbox::spawn_publisher(
-            redis.clone(),
+            redis,
             Arc::clone(cluster),
             shards,
             shared.cfg.resume.events,
@@ -445,7 +449,8 @@ pub fn run(cfg: Config) -> Result<Running, StartError> {
         })?;
     }
     if let Some(redis) = shared.cfg.redis.clone() {
-        tracing::info!(redis = %redis.redacted_url(), prefix = %redis.prefix, cpu = redis.cpu, "starting Redis ingest");
+        let redis = redis_conn::Redis::new(redis);
+        tracing::info!(redis = %redis.describe(), prefix = %redis.config().prefix, cpu = redis.config().cpu, "starting Redis ingest");
         ingest::redis::spawn(redis, Arc::clone(&shared)).map_err(|e| StartError::Executor {
             shard: shards,
             cpu: 0,

@@ -13,6 +13,9 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v redis-server >/dev/null || need+=(redis-server)
+# tests/redis_ha.rs creates a Redis Cluster with redis-cli (redis-tools, a dependency of
+# redis-server) and runs sentinels as `redis-server --sentinel` (no redis-sentinel package).
+command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)

@@ -33,6 +33,12 @@ pub enum Wire<'a> {
         /// Keep it as the channel's last event (cache channels).
         #[serde(rename = "k")]
         cache: bool,
+        /// This node's number for it (from 1, no gaps, per process: the node id is the epoch).
+        /// Receivers deliver each origin's events in this order and once. Added later: absent
+        /// from older nodes (their events are delivered as they come), ignored by them.
+        /// Always the last field: `Outbox::publish_event` appends it to the serialized rest.
+        #[serde(rename = "q", default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// A socket of `node` joined a presence channel.
     #[serde(rename = "pj")]
@@ -91,6 +97,23 @@ pub enum Wire<'a> {
         node: u64,
         #[serde(rename = "s")]
         shards: usize,
+        /// Acks: (origin node, the last of its event seqs this node has delivered, with none
+        /// missing). Added later, like `lo`.
+        #[serde(rename = "ak", default, skip_serializing_if = "Option::is_none")]
+        acks: Option<Vec<(u64, u64)>>,
+        /// The oldest seq this node still holds (it resends from there); a receiver behind it
+        /// missed events that were given up (it was dropped as silent) and moves on.
+        #[serde(rename = "lo", default, skip_serializing_if = "Option::is_none")]
+        low: Option<u64>,
+    },
+    /// `node` is missing `to`'s events from seq `from` on: resend them. (Added with `q`: only
+    /// sent to nodes that number their events; older nodes count it as malformed.)
+    #[serde(rename = "nack")]
+    Nack {
+        #[serde(rename = "n")]
+        node: u64,
+        to: u64,
+        from: u64,
     },
     /// An HTTP API read, asked of every node's shards; answered to shard `origin` of `node`.
     #[serde(rename = "q")]
@@ -174,6 +197,7 @@ impl Wire<'_> {
             | Wire::Answer { node, .. }
             | Wire::Terminate { node, .. }
             | Wire::Hook { node, .. }
+            | Wire::Nack { node, .. }
             | Wire::Gone { node, .. } => *node,
         }
     }
@@ -254,8 +278,21 @@ mod tests {
                     json: r#"{"event":"e"}"#.into(),
                     except: Some("1.2".into()),
                     cache: true,
+                    seq: None,
                 },
                 r#"{"t":"ev","n":1,"a":"app","c":"c","j":"{\"event\":\"e\"}","x":"1.2","k":true}"#,
+            ),
+            (
+                Wire::Event {
+                    node: 1,
+                    app: "app".into(),
+                    channel: "c".into(),
+                    json: "{}".into(),
+                    except: None,
+                    cache: false,
+                    seq: Some(7),
+                },
+                r#"{"t":"ev","n":1,"a":"app","c":"c","j":"{}","x":null,"k":false,"q":7}"#,
             ),
             (
                 Wire::Join {
@@ -292,8 +329,30 @@ mod tests {
                 r#"{"t":"hello","n":3,"s":4}"#,
             ),
             (
-                Wire::Heartbeat { node: 3, shards: 4 },
+                Wire::Heartbeat {
+                    node: 3,
+                    shards: 4,
+                    acks: None,
+                    low: None,
+                },
                 r#"{"t":"hb","n":3,"s":4}"#,
+            ),
+            (
+                Wire::Heartbeat {
+                    node: 3,
+                    shards: 4,
+                    acks: Some(vec![(5, 10)]),
+                    low: Some(9),
+                },
+                r#"{"t":"hb","n":3,"s":4,"ak":[[5,10]],"lo":9}"#,
+            ),
+            (
+                Wire::Nack {
+                    node: 3,
+                    to: 5,
+                    from: 11,
+                },
+                r#"{"t":"nack","n":3,"to":5,"from":11}"#,
             ),
             (
                 Wire::Query {

@@ -42,6 +42,48 @@ pub struct RedisConfig {
     /// PEM CA certificate(s) to trust for rediss:// instead of the public web roots
     /// (REDIS_TLS_CA), for Redis servers with a private CA.
     pub tls_ca: Option<Vec<u8>>,
+    /// How the data nodes are found: `url` itself, through sentinels, or a Redis Cluster
+    /// (then `url` is a template: its credentials, database and scheme, at each node's address).
+    pub topology: Topology,
+    /// The cluster outbox's bounds (cluster mode only).
+    pub outbox: OutboxLimits,
+}
+
+/// Where the Redis data nodes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// One server, `RedisConfig::url`.
+    Single,
+    /// A primary with replicas, found through Redis Sentinel.
+    Sentinel {
+        /// (host, port) of every sentinel.
+        sentinels: Vec<(String, u16)>,
+        /// The name the sentinels monitor the primary under.
+        master: String,
+        /// The sentinels' own `requirepass` (REDIS_PASSWORD is the data nodes').
+        password: Option<String>,
+    },
+    /// A Redis Cluster, reached first through these seed nodes.
+    Cluster { seeds: Vec<(String, u16)> },
+}
+
+/// Bounds of the cluster outbox: the events this node accepted and holds until every live peer
+/// has them. Past either, the HTTP API refuses new publishes with 503.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutboxLimits {
+    /// Most bytes held (serialized cluster messages).
+    pub max_bytes: usize,
+    /// Publishes are refused while the oldest held event is older than this.
+    pub max_age: Duration,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> OutboxLimits {
+        OutboxLimits {
+            max_bytes: 64 << 20,
+            max_age: Duration::from_secs(30),
+        }
+    }
 }
 
 impl RedisConfig {
@@ -61,6 +103,32 @@ impl RedisConfig {
 }
 
 impl RedisConfig {
+    /// `url` with its host and port replaced by a data node's (Sentinel, Redis Cluster): the
+    /// scheme, credentials and database stay.
+    pub fn url_at(&self, host: &str, port: u16) -> String {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return format!("redis://{host}:{port}");
+        };
+        let path_at = rest.find('/').unwrap_or(rest.len());
+        let (authority, path) = rest.split_at(path_at);
+        let auth = authority.rfind('@').map_or("", |at| &authority[..=at]);
+        format!("{scheme}://{auth}{host}:{port}{path}")
+    }
+
+    /// A client for the data node at `host:port`, with the configured credentials and TLS.
+    pub fn client_at(&self, host: &str, port: u16) -> redis::RedisResult<redis::Client> {
+        RedisConfig {
+            url: self.url_at(host, port),
+            ..self.clone()
+        }
+        .client()
+    }
+
     /// The URL with any password replaced, for logs.
     pub fn redacted_url(&self) -> String {
         match (self.url.split_once("://"), self.url.rfind('@')) {

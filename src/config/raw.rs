@@ -156,6 +156,19 @@ pub struct RawRedis {
     pub cluster: Option<bool>,
     pub cluster_channel: Option<String>,
     pub tls_ca: Option<PathBuf>,
+    /// Redis Sentinel: `host:port` of each sentinel (REDIS_SENTINELS).
+    pub sentinels: Option<Vec<String>>,
+    /// The sentinels' name of the primary (REDIS_SENTINEL_MASTER).
+    pub sentinel_master: Option<String>,
+    /// The sentinels' own password (REDIS_SENTINEL_PASSWORD).
+    pub sentinel_password: Option<String>,
+    /// Redis Cluster: seed nodes, `host:port` (REDIS_CLUSTER_NODES).
+    pub cluster_nodes: Option<Vec<String>>,
+    /// Most bytes of accepted events held for the other nodes (BTS_CLUSTER_OUTBOX_BYTES).
+    pub outbox_bytes: Option<usize>,
+    /// Oldest held event, in seconds, past which publishes are refused
+    /// (BTS_CLUSTER_OUTBOX_MAX_AGE_SECS).
+    pub outbox_max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -216,6 +216,90 @@ fn redis_settings_like_laravel() {
 }
 
 #[test]
+fn sentinel_cluster_and_outbox_settings() {
+    let base = [
+        ("REVERB_APP_ID", "1"),
+        ("REVERB_APP_KEY", "k"),
+        ("REVERB_APP_SECRET", "s"),
+    ];
+    // Sentinels alone turn Redis on; REDIS_PASSWORD is the data nodes', the sentinels have
+    // their own.
+    let mut e = base.to_vec();
+    e.extend([
+        (
+            "REDIS_SENTINELS",
+            "10.0.0.1:26379, 10.0.0.2:26379,[::1]:26380",
+        ),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+        ("REDIS_SENTINEL_PASSWORD", "sp"),
+        ("REDIS_PASSWORD", "dp"),
+    ]);
+    let r = resolve(&Cli::default(), &e, "").unwrap().redis.unwrap();
+    assert_eq!(
+        r.topology,
+        Topology::Sentinel {
+            sentinels: vec![
+                ("10.0.0.1".into(), 26379),
+                ("10.0.0.2".into(), 26379),
+                ("::1".into(), 26380)
+            ],
+            master: "mymaster".into(),
+            password: Some("sp".into()),
+        }
+    );
+    assert_eq!(r.url_at("10.0.0.9", 6380), "redis://:dp@10.0.0.9:6380/0");
+    assert_eq!(r.outbox, OutboxLimits::default());
+    // The master name is required; a bad address is named.
+    let mut no_master = base.to_vec();
+    no_master.push(("REDIS_SENTINELS", "10.0.0.1:26379"));
+    let err = resolve(&Cli::default(), &no_master, "")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("REDIS_SENTINEL_MASTER"), "{err}");
+    let mut bad = base.to_vec();
+    bad.push(("REDIS_CLUSTER_NODES", "10.0.0.1"));
+    let err = resolve(&Cli::default(), &bad, "").unwrap_err().to_string();
+    assert!(err.contains("REDIS_CLUSTER_NODES"), "{err}");
+    // Redis Cluster from the TOML file, with the outbox's bounds; the environment wins.
+    let file = r#"
+        [redis]
+        cluster_nodes = ["10.0.0.1:7000", "10.0.0.2:7000"]
+        outbox_bytes = 1048576
+        outbox_max_age_secs = 10
+    "#;
+    let mut e = base.to_vec();
+    e.push(("BTS_CLUSTER_OUTBOX_MAX_AGE_SECS", "5"));
+    let r = resolve(&Cli::default(), &e, file).unwrap().redis.unwrap();
+    assert_eq!(
+        r.topology,
+        Topology::Cluster {
+            seeds: vec![("10.0.0.1".into(), 7000), ("10.0.0.2".into(), 7000)]
+        }
+    );
+    assert_eq!(
+        r.outbox,
+        OutboxLimits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(5)
+        }
+    );
+    // Both at once, or a uselessly small outbox: refused.
+    let mut both = base.to_vec();
+    both.extend([
+        ("REDIS_SENTINELS", "a:1"),
+        ("REDIS_SENTINEL_MASTER", "m"),
+        ("REDIS_CLUSTER_NODES", "b:2"),
+    ]);
+    assert!(resolve(&Cli::default(), &both, "").is_err());
+    let mut tiny = base.to_vec();
+    tiny.extend([
+        ("REDIS_URL", "redis://x:1"),
+        ("BTS_CLUSTER_OUTBOX_BYTES", "10"),
+    ]);
+    assert!(resolve(&Cli::default(), &tiny, "").is_err());
+}
+
+#[test]
 fn origins_match_like_reverb() {
     let allowed = vec!["scores.example.com".to_owned(), "*.bts.test".to_owned()];
     assert!(origin_allowed(&allowed, Some("https://scores.example.com")));

@@ -281,7 +281,7 @@ async fn stats(shard: &Shard, app: usize) -> Response {
     let cluster = shared
         .cluster
         .as_ref()
-        .map_or(0, |c| c.received.load(Relaxed));
+        .map_or(0, |c| c.messages.load(Relaxed));
     let a = shard.app(app);
     let mut body = summarize(&snaps, app, redis, cluster);
     body["time_ms"] = json!(std::time::SystemTime::now()

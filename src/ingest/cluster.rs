@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{Cluster, Wire, NODE_TIMEOUT};
+use crate::cluster::{Accept, Cluster, Wire, NODE_TIMEOUT};
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::{
     Answer, ChannelPart, Query, QueryKind, QueryPart, RemoteCmd, ShardCmd,
@@ -197,20 +197,21 @@ fn emit_arbitrated(shared: &Shared, app_id: &str, key: &str, on: bool) {
 }
 
 /// On the ingest thread: a message from the cluster channel. `arbiter` is the ingest thread's
-/// own (it alone decides cluster-wide webhooks, in Redis's delivery order).
-pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) {
+/// own (it alone decides cluster-wide webhooks, in Redis's delivery order). `true` when it was
+/// this node's own message (the subscription works both ways).
+pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) -> bool {
     let Some(cluster) = shared.cluster.as_deref() else {
-        return;
+        return false;
     };
     // Unknown fields are skipped through serde, which recurses once per level.
     if !depth::within(payload, depth::MAX_JSON_DEPTH) {
         shared.ingest.malformed.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     }
     let mut bytes = payload.to_vec();
     let Ok(msg) = simd_json::serde::from_slice::<Wire>(&mut bytes) else {
         shared.ingest.malformed.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     };
     let from = msg.node();
     // Webhook arbitration applies every node's messages, this node's own included, in the
@@ -222,7 +223,15 @@ pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) {
             }
         }
         // A node declared gone came back (it re-announces itself): take its messages again.
-        Wire::Hello { .. } => arbiter.revive(from),
+        Wire::Hello { .. } => {
+            arbiter.revive(from);
+            if from != cluster.node {
+                // It (re)subscribed, maybe after a failover: what it missed of ours goes
+                // again (it drops what it has), and so does who is here.
+                cluster.outbox.request_resend(0);
+                send_all(shared, || ShardCmd::Remote(RemoteCmd::PublishSync));
+            }
+        }
         Wire::Gone { dead, .. } => {
             for (app, key) in arbiter.gone(cluster.node, from, *dead) {
                 emit_arbitrated(shared, &app, &key, false);
@@ -231,9 +240,9 @@ pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) {
         _ => {}
     }
     if from == cluster.node {
-        return;
+        return true;
     }
-    cluster.received.fetch_add(1, Ordering::Relaxed);
+    cluster.messages.fetch_add(1, Ordering::Relaxed);
     // Every node's answer count to queries is its shard count: learn it from any message
     // that says it.
     let shards_hint = match &msg {
@@ -246,7 +255,38 @@ pub fn receive(shared: &Shared, arbiter: &mut Arbiter, payload: &[u8]) {
         // Tell it who is here.
         send_all(shared, || ShardCmd::Remote(RemoteCmd::PublishSync));
     }
+    match &msg {
+        // A numbered event: in its origin's order, once; a gap waits for the resend.
+        Wire::Event { seq: Some(seq), .. } => match cluster.accept(from, *seq) {
+            Accept::Deliver => {}
+            Accept::Duplicate => return false,
+            Accept::Gap { expected, nack } => {
+                if nack {
+                    cluster.publish(&Wire::Nack {
+                        node: cluster.node,
+                        to: from,
+                        from: expected,
+                    });
+                }
+                return false;
+            }
+        },
+        Wire::Heartbeat { acks, low, .. } => {
+            if let Some(low) = low {
+                cluster.origin_low(from, *low);
+            }
+            if let Some(acks) = acks {
+                let mine = acks.iter().find(|(n, _)| *n == cluster.node);
+                cluster.acked_by(from, mine.map(|(_, seq)| *seq));
+            }
+        }
+        Wire::Nack { to, from: seq, .. } if *to == cluster.node => {
+            cluster.outbox.request_resend(*seq);
+        }
+        _ => {}
+    }
     apply(shared, cluster, msg);
+    false
 }
 
 /// Hands another node's message to the shards it concerns.
@@ -338,7 +378,11 @@ fn apply(shared: &Shared, cluster: &Cluster, msg: Wire<'_>) {
                 })
             });
         }
-        Wire::Hello { .. } | Wire::Heartbeat { .. } | Wire::Hook { .. } | Wire::Gone { .. } => {}
+        Wire::Hello { .. }
+        | Wire::Heartbeat { .. }
+        | Wire::Hook { .. }
+        | Wire::Gone { .. }
+        | Wire::Nack { .. } => {}
         Wire::Query {
             node,
             origin,
@@ -443,6 +487,7 @@ pub fn tick(shared: &Shared, arbiter: &mut Arbiter) {
         });
     }
     arbiter.gc();
+    cluster.forget_idle();
 }
 
 /// After the ingest (re)subscribed: announce ourselves and our members.

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
 use crate::node::{Event, Shared};
 use crate::protocol::{channel, SocketId};
-use crate::resume::store;
+use crate::redis_conn::{Keyed, Redis};
+use crate::resume::{store, Position};
 
 /// How long an identical payload counts as a repeat (well under the ids' lifetime in Redis,
 /// `store::DEDUPE_SECS`).
@@ -27,64 +27,91 @@ const WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 pub struct Positions {
-    /// A plain connection for reads (the subscription's cannot send commands).
-    conn: Option<redis::Connection>,
+    /// Plain connections for reads (the subscription's cannot send commands), to the node
+    /// that holds each channel's keys (`redis_conn`: it follows a failover).
+    conns: Option<Keyed>,
     /// (channel, payload digest) → (times seen, last seen).
     seen: HashMap<(String, [u8; 32]), (u64, Instant)>,
 }
 
 impl Positions {
-    fn conn(&mut self, cfg: &RedisConfig) -> Option<&mut redis::Connection> {
-        if self.conn.is_none() {
-            self.conn = cfg
-                .client()
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .ok();
+    fn conns(&mut self, redis: &Redis) -> &mut Keyed {
+        self.conns.get_or_insert_with(|| Keyed::new(redis.clone()))
+    }
+
+    /// What Redis keeps of one channel (its epoch and its kept events), or `None` (none, or
+    /// Redis unreachable: tried twice, the second time on a new connection).
+    fn read(&mut self, redis: &Redis, app_id: &str, ch: &str) -> Option<(u64, Vec<store::Kept>)> {
+        let key = store::keys(app_id, ch).1;
+        let conns = self.conns(redis);
+        let mut last = None;
+        for _ in 0..2 {
+            let read = conns
+                .get(key.as_bytes())
+                .and_then(|(node, _)| store::history(&mut node.conn, app_id, ch));
+            match read {
+                Ok(h) => return h,
+                Err(e) => {
+                    conns.failed(key.as_bytes());
+                    last = Some(e);
+                }
+            }
         }
-        self.conn.as_mut()
+        if let Some(e) = last {
+            tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
+        }
+        None
     }
 
     /// What Redis keeps of one channel, as frames.
     fn history(
         &mut self,
-        cfg: &RedisConfig,
+        redis: &Redis,
         app_id: &str,
         ch: &str,
     ) -> Option<(u64, Vec<(u64, SharedFrame)>)> {
-        let conn = self.conn(cfg)?;
-        match store::history(conn, app_id, ch) {
-            Ok(h) => h.map(|(e, kept)| {
-                (
-                    e,
-                    kept.into_iter()
-                        .map(|(o, j)| (o, SharedFrame::text(j.as_bytes())))
-                        .collect(),
-                )
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, channel = ch, "cannot read a positioned channel's history from Redis");
-                self.conn = None;
-                None
-            }
-        }
+        self.read(redis, app_id, ch).map(|(e, kept)| {
+            (
+                e,
+                kept.into_iter()
+                    .map(|k| (k.offset, SharedFrame::text(k.json.as_bytes())))
+                    .collect(),
+            )
+        })
     }
 
-    /// At start (and after a reconnect): every positioned channel's history Redis keeps, into
-    /// this node's, so a client resuming here right away finds it.
-    pub fn preload(&mut self, cfg: &RedisConfig, shared: &Shared) {
+    /// After this node's announcement subscription is made (at start, and after every
+    /// reconnect: a failover, Redis back after an outage): every positioned channel Redis
+    /// keeps. A channel this node holds no history of is loaded (a client resuming here right
+    /// away finds it). A channel it holds events of is caught up: the events Redis appended
+    /// after this node's head (announced while this node was not subscribed: appends held in
+    /// an outbox while Redis was away, sent before this node subscribed again) are delivered
+    /// to its viewers now, in order, at their positions; after a new epoch (a failover, Redis
+    /// restarted), every event of the new epoch Redis keeps is, since this node delivered
+    /// none of them. If Redis trimmed past this node's head, the history restarts and those
+    /// clients are told `recovered: false` when they resume, as before.
+    pub fn preload(&mut self, redis: &Redis, shared: &Shared) {
+        // Connections made before the subscription dropped are likely dead.
+        if let Some(c) = self.conns.as_mut() {
+            c.clear();
+        }
         let apps = shared.apps.current();
-        let Some(conn) = self.conn(cfg) else {
-            return;
-        };
-        let list = match store::channels(conn) {
+        // Every primary's keys (a Redis Cluster spreads the channels over its shards).
+        let list = redis.primaries().and_then(|nodes| {
+            let mut list = Vec::new();
+            for mut node in nodes {
+                list.extend(store::channels(&mut node.conn)?);
+            }
+            Ok(list)
+        });
+        let list = match list {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list positioned channels in Redis");
-                self.conn = None;
                 return;
             }
         };
-        let mut loaded = 0;
+        let (mut loaded, mut caught_up) = (0, 0);
         for (app_id, ch) in list {
             let Some(app) = shared.router.app_index(&app_id) else {
                 continue;
@@ -92,21 +119,66 @@ impl Positions {
             if !apps.get(app).positioned(&ch) {
                 continue;
             }
-            if let Some((epoch, kept)) = self.history(cfg, &app_id, &ch) {
-                shared.resume.load(app, &ch, epoch, kept, Instant::now());
+            let Some((epoch, kept)) = self.read(redis, &app_id, &ch) else {
+                continue;
+            };
+            let missed: Vec<store::Kept> = match shared.resume.head_of(app, &ch) {
+                Some(head) if head.epoch == epoch => {
+                    let after: Vec<store::Kept> = kept
+                        .iter()
+                        .filter(|k| k.offset > head.offset)
+                        .cloned()
+                        .collect();
+                    match after.first() {
+                        None => continue,
+                        Some(k) if k.offset == head.offset + 1 => after,
+                        // Trimmed past this node's head: restart from what is kept.
+                        Some(_) => Vec::new(),
+                    }
+                }
+                Some(_) => kept.clone(),
+                None => Vec::new(),
+            };
+            if missed.is_empty() {
+                let frames = kept
+                    .into_iter()
+                    .map(|k| (k.offset, SharedFrame::text(k.json.as_bytes())))
+                    .collect();
+                shared.resume.load(app, &ch, epoch, frames, Instant::now());
                 loaded += 1;
+                continue;
             }
+            for k in &missed {
+                shared.deliver_at(
+                    Event {
+                        app,
+                        channel: &ch,
+                        frame: SharedFrame::text(k.json.as_bytes()),
+                        except: k.except.as_deref().and_then(SocketId::parse),
+                        cache: k.cache,
+                        positioned: true,
+                        settings: apps.get(app),
+                    },
+                    Position {
+                        epoch,
+                        offset: k.offset,
+                    },
+                    || None,
+                );
+            }
+            caught_up += missed.len();
         }
-        if loaded > 0 {
+        if loaded > 0 || caught_up > 0 {
             tracing::info!(
                 channels = loaded,
+                events_caught_up = caught_up,
                 "positioned channels' history loaded from Redis"
             );
         }
     }
 
     /// An announcement on `<cluster channel>:resume`: deliver it here at its position.
-    pub fn announced(&mut self, cfg: &RedisConfig, shared: &Shared, payload: &[u8]) {
+    pub fn announced(&mut self, redis: &Redis, shared: &Shared, payload: &[u8]) {
         let Some(a) = store::decode(payload) else {
             shared
                 .ingest
@@ -132,7 +204,7 @@ impl Positions {
                 settings: apps.get(app),
             },
             a.position,
-            || self.history(cfg, a.app_id, a.channel),
+            || self.history(redis, a.app_id, a.channel),
         );
         if dropped > 0 {
             shared

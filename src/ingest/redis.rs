@@ -23,6 +23,7 @@ use crate::config::RedisConfig;
 use crate::fanout::frame::SharedFrame;
 use crate::node::{Event, Shared};
 use crate::protocol::{channel, depth, outbound, SocketId};
+use crate::redis_conn::{subscribe, Message, Redis, Wanted};
 
 /// Why a Redis message was not turned into an event.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -99,23 +100,56 @@ pub fn pattern(prefix: &str) -> String {
     p
 }
 
-/// Starts the ingest thread, pinned to `cfg.cpu`.
-pub fn spawn(
-    cfg: RedisConfig,
-    shared: Arc<Shared>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    shared.ingest.enabled.store(true, Ordering::Relaxed);
-    std::thread::Builder::new()
-        .name("bts-redis-ingest".into())
-        .spawn(move || {
-            if let Err(e) = crate::sys::pin_to_cpu(cfg.cpu) {
-                tracing::warn!(cpu = cfg.cpu, error = %e, "cannot pin the Redis ingest thread");
-            }
-            run(&cfg, &shared)
-        })
+/// What one ingest thread subscribes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Laravel's broadcasts and (in cluster mode) the nodes' channel, on one connection to the
+    /// primary: one server or Sentinel.
+    Both,
+    /// Laravel's broadcasts only (PSUBSCRIBE on any node; on a Redis Cluster every node relays
+    /// every classic PUBLISH).
+    Laravel,
+    /// The nodes' channel only, sharded (SSUBSCRIBE on its slot's primary): Redis Cluster in
+    /// cluster mode.
+    Cluster,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Starts the ingest thread(s), pinned to the configured CPU: one, or on a Redis Cluster in
+/// cluster mode two (Laravel's broadcasts and the nodes' sharded channel live on different
+/// nodes).
+pub fn spawn(redis: Redis, shared: Arc<Shared>) -> std::io::Result<()> {
+    shared.ingest.enabled.store(true, Ordering::Relaxed);
+    let roles: &[Role] = match (&shared.cluster, redis.sharded()) {
+        (Some(_), true) => &[Role::Laravel, Role::Cluster],
+        (Some(_), false) => &[Role::Both],
+        (None, _) => &[Role::Laravel],
+    };
+    shared.ingest.wanted.store(roles.len(), Ordering::Relaxed);
+    shared.ingest.down(true);
+    for &role in roles {
+        let redis = redis.clone();
+        let shared = Arc::clone(&shared);
+        let name = match role {
+            Role::Cluster => "bts-cluster-recv",
+            _ => "bts-redis-ingest",
+        };
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let cpu = redis.config().cpu;
+                if let Err(e) = crate::sys::pin_to_cpu(cpu) {
+                    tracing::warn!(cpu, error = %e, "cannot pin the Redis ingest thread");
+                }
+                run(&redis, &shared, role)
+            })?;
+    }
+    Ok(())
+}
+
+/// Longest wait between two attempts to reach Redis (a failover is followed this fast).
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a subscription's reader wakes up with no message (ticks: silent peers).
+const TICK: Duration = Duration::from_millis(250);
 
 /// Why connecting and subscribing to Redis failed, as the log says it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,47 +190,85 @@ impl Failure {
     }
 }
 
-fn run(cfg: &RedisConfig, shared: &Shared) {
+fn run(redis: &Redis, shared: &Shared, role: Role) {
+    let cfg = redis.config();
     let stats = &shared.ingest;
     let mut backoff = Duration::from_millis(50);
     let mut ever_connected = false;
     let mut last_error_log: Option<Instant> = None;
     let pattern = pattern(&cfg.prefix);
+    let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.clone());
+    // Positioned channels' announcements: a classic channel (the append script PUBLISHes
+    // them; a Redis Cluster relays a classic PUBLISH to every node), with Laravel's.
+    let announce = shared
+        .cluster
+        .as_ref()
+        .map(|c| crate::resume::store::announce_channel(&c.channel));
     // Cluster-wide webhook decisions: this thread's alone, kept across reconnects.
     let mut arbiter = super::cluster::Arbiter::default();
     let mut positions = super::positions::Positions::default();
     loop {
-        let conn = cfg
-            .client()
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)));
-        // The PubSub handle must live as long as the subscription: dropping it unsubscribes.
-        let subscribed = conn.and_then(|mut conn| {
+        let found = match (role, &cluster_channel) {
+            (Role::Cluster, Some(ch)) => redis.sharded_subscriber(ch.as_bytes()),
+            (Role::Both, _) => redis.primary(),
+            _ => redis.any(),
+        };
+        let subscribed = found.and_then(|mut node| {
             // A PING first: a Redis that wants a password answers NOAUTH here, while a
             // PSUBSCRIBE's refusal would only arrive later, looking like a dropped connection.
-            redis::cmd("PING").query::<()>(&mut conn)?;
-            let mut pubsub = conn.as_pubsub();
-            pubsub.psubscribe(&pattern)?;
-            if let Some(cluster) = &shared.cluster {
-                pubsub.subscribe(&cluster.channel)?;
-                pubsub.subscribe(crate::resume::store::announce_channel(&cluster.channel))?;
-                // Wake up at least once a second to notice silent cluster nodes.
-                pubsub.set_read_timeout(Some(Duration::from_secs(1)))?;
-                super::cluster::announce(shared);
+            redis::cmd("PING").query::<()>(&mut node.conn)?;
+            let patterns = [pattern.as_str()];
+            let channel: Vec<&str> = cluster_channel.iter().map(String::as_str).collect();
+            let announced: Vec<&str> = announce.iter().map(String::as_str).collect();
+            let both: Vec<&str> = channel.iter().chain(&announced).copied().collect();
+            let wanted = match role {
+                Role::Both => Wanted {
+                    patterns: &patterns,
+                    channels: &both,
+                    sharded: &[],
+                },
+                Role::Laravel => Wanted {
+                    patterns: &patterns,
+                    channels: &announced,
+                    sharded: &[],
+                },
+                Role::Cluster => Wanted {
+                    sharded: &channel,
+                    ..Wanted::default()
+                },
+            };
+            let addr = node.addr.clone();
+            let mut reader = Reader::new(redis, shared, &mut arbiter, &mut positions, role);
+            let mut started = false;
+            let err = subscribe(&mut node, wanted, TICK, |msg| {
+                if !started {
+                    started = true;
+                    stats.up();
+                    if ever_connected {
+                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ever_connected = true;
+                    backoff = Duration::from_millis(50);
+                    tracing::info!(redis = %redis.describe(), node = %addr, ?role, "Redis ingest subscribed");
+                    if role != Role::Laravel {
+                        if let Some(cluster) = &shared.cluster {
+                            // Nobody could be heard while we were away: give every peer its
+                            // full timeout again before it counts as gone.
+                            cluster.grace();
+                        }
+                        super::cluster::announce(shared);
+                    }
+                    if role != Role::Cluster && shared.cluster.is_some() {
+                        // Subscribed first: what is announced meanwhile waits in the socket,
+                        // and `deliver_at` skips what the preload already holds.
+                        reader.positions.preload(redis, shared);
+                    }
+                }
+                reader.read(msg)
+            })?;
+            if started {
+                stats.down(false);
             }
-            stats.connected.store(true, Ordering::Relaxed);
-            if ever_connected {
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            }
-            ever_connected = true;
-            backoff = Duration::from_millis(50);
-            tracing::info!(redis = %cfg.redacted_url(), %pattern, "Redis ingest subscribed");
-            if shared.cluster.is_some() {
-                // Subscribed first: what is announced meanwhile waits in the socket, and
-                // `deliver_at` skips what the preload already holds.
-                positions.preload(cfg, shared);
-            }
-            let err = consume(cfg, shared, &mut arbiter, &mut positions, &mut pubsub);
-            stats.connected.store(false, Ordering::Relaxed);
             match Failure::of(&err) {
                 Failure::Unreachable => {
                     tracing::warn!(error = %err, "Redis ingest lost its connection; reconnecting")
@@ -215,7 +287,7 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
                 // Log the first failure, then at most every 30 s while it keeps failing.
                 if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(
-                        redis = %cfg.redacted_url(),
+                        redis = %redis.describe(),
                         error = %e,
                         "{}; serving WebSocket and HTTP API locally, retrying",
                         Failure::of(&e).describe()
@@ -229,51 +301,106 @@ fn run(cfg: &RedisConfig, shared: &Shared) {
     }
 }
 
-/// Reads messages until the connection fails; returns the error.
-fn consume(
-    cfg: &RedisConfig,
-    shared: &Shared,
-    arbiter: &mut super::cluster::Arbiter,
-    positions: &mut super::positions::Positions,
-    pubsub: &mut redis::PubSub<'_>,
-) -> redis::RedisError {
-    let stats = &shared.ingest;
-    let mut last_warn: Option<Instant> = None;
-    let mut suppressed = 0u64;
-    // The app's settings, re-read once a second so a reload's new limits apply.
-    let mut apps = shared.apps.current();
-    let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.as_str());
-    let announce_channel = shared
-        .cluster
-        .as_ref()
-        .map(|c| crate::resume::store::announce_channel(&c.channel));
-    let mut last_tick = Instant::now();
-    loop {
-        if last_tick.elapsed() >= Duration::from_secs(1) {
-            super::cluster::tick(shared, arbiter);
-            positions.gc();
-            apps = shared.apps.current();
-            last_tick = Instant::now();
+/// How long a cluster subscription may go without hearing this node's own heartbeat (while
+/// the publisher is connected) before it is made again: a sharded subscription whose slot
+/// moved is ended by the server with a push the reader does not see.
+const OWN_SILENCE: Duration = Duration::from_secs(7);
+
+/// Turns messages into deliveries, per subscription.
+struct Reader<'a> {
+    redis: &'a Redis,
+    cfg: &'a RedisConfig,
+    shared: &'a Shared,
+    arbiter: &'a mut super::cluster::Arbiter,
+    positions: &'a mut super::positions::Positions,
+    /// `<cluster channel>:resume`, in cluster mode.
+    announce: Option<String>,
+    role: Role,
+    last_warn: Option<Instant>,
+    suppressed: u64,
+    /// The app's settings, re-read once a second so a reload's new limits apply.
+    apps: Arc<crate::apps::AppSet>,
+    last_tick: Instant,
+    /// When this node last heard its own message on the cluster channel.
+    heard_self: Instant,
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        redis: &'a Redis,
+        shared: &'a Shared,
+        arbiter: &'a mut super::cluster::Arbiter,
+        positions: &'a mut super::positions::Positions,
+        role: Role,
+    ) -> Reader<'a> {
+        Reader {
+            redis,
+            cfg: redis.config(),
+            shared,
+            arbiter,
+            positions,
+            announce: shared
+                .cluster
+                .as_ref()
+                .map(|c| crate::resume::store::announce_channel(&c.channel)),
+            role,
+            last_warn: None,
+            suppressed: 0,
+            apps: shared.apps.current(),
+            last_tick: Instant::now(),
+            heard_self: Instant::now(),
         }
-        let msg = match pubsub.get_message() {
-            Ok(m) => m,
-            Err(e) if e.is_timeout() => continue,
-            Err(e) => return e,
+    }
+
+    /// One message (or a tick); `Some(error)` ends the subscription.
+    fn read(&mut self, msg: Option<Message>) -> Option<redis::RedisError> {
+        let shared = self.shared;
+        if self.last_tick.elapsed() >= Duration::from_secs(1) {
+            if self.role != Role::Laravel {
+                super::cluster::tick(shared, self.arbiter);
+                if let Some(c) = &shared.cluster {
+                    if !c.outbox.connected.load(Ordering::Relaxed) {
+                        self.heard_self = Instant::now();
+                    } else if self.heard_self.elapsed() > OWN_SILENCE {
+                        return Some(crate::redis_conn::ended(
+                            "this node's own heartbeats stopped arriving",
+                            format!("for {:?}", self.heard_self.elapsed()),
+                        ));
+                    }
+                }
+            }
+            self.positions.gc();
+            self.apps = shared.apps.current();
+            self.last_tick = Instant::now();
+        }
+        let msg = msg?;
+        let cluster_channel = shared.cluster.as_ref().map(|c| c.channel.as_bytes());
+        if Some(msg.channel.as_slice()) == cluster_channel {
+            if super::cluster::receive(shared, self.arbiter, &msg.payload) {
+                self.heard_self = Instant::now();
+            }
+            return None;
+        }
+        if Some(msg.channel.as_slice()) == self.announce.as_deref().map(str::as_bytes) {
+            self.positions.announced(self.redis, shared, &msg.payload);
+            return None;
+        }
+        self.laravel(msg);
+        None
+    }
+
+    /// A message from Laravel's broadcaster.
+    fn laravel(&mut self, msg: Message) {
+        let (cfg, shared) = (self.cfg, self.shared);
+        let stats = &shared.ingest;
+        let Ok(name) = std::str::from_utf8(&msg.channel) else {
+            return;
         };
-        let name = msg.get_channel_name();
-        if Some(name) == cluster_channel {
-            super::cluster::receive(shared, arbiter, msg.get_payload_bytes());
-            continue;
-        }
-        if Some(name) == announce_channel.as_deref() {
-            positions.announced(cfg, shared, msg.get_payload_bytes());
-            continue;
-        }
         let Some(channel) = name.strip_prefix(cfg.prefix.as_str()) else {
-            continue;
+            return;
         };
-        let raw = msg.get_payload_bytes();
-        let mut payload = raw.to_vec();
+        let raw = msg.payload;
+        let mut payload = raw.clone();
         let decoded = if channel::validate(channel).is_err() {
             Err(PayloadError::BadChannel)
         } else {
@@ -284,19 +411,23 @@ fn consume(
             Err(e) => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 // Rate-limited: one line per 10 s, with how many were not logged.
-                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                if self
+                    .last_warn
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+                {
+                    let suppressed = self.suppressed;
                     tracing::warn!(channel = name, error = %e, suppressed, "ignored a Redis message that is not a Laravel broadcast");
-                    last_warn = Some(Instant::now());
-                    suppressed = 0;
+                    self.last_warn = Some(Instant::now());
+                    self.suppressed = 0;
                 } else {
-                    suppressed += 1;
+                    self.suppressed += 1;
                 }
-                continue;
+                return;
             }
         };
-        if ev.data_json.len() > apps.get(cfg.app).max_message_size + 2 {
+        if ev.data_json.len() > self.apps.get(cfg.app).max_message_size + 2 {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
-            continue;
+            return;
         }
         stats.events.fetch_add(1, Ordering::Relaxed);
         let event = Event {
@@ -305,14 +436,19 @@ fn consume(
             frame: SharedFrame::event(&ev.event, channel, &ev.data_json),
             except: ev.except,
             cache: channel::is_cache(channel),
-            positioned: apps.get(cfg.app).positioned(channel),
-            settings: apps.get(cfg.app),
+            positioned: self.apps.get(cfg.app).positioned(channel),
+            settings: self.apps.get(cfg.app),
         };
         if event.positioned && shared.cluster.is_some() {
             // Every node offers it with the same id; Redis appends it once and announces it.
-            let id = positions.dedupe_id(channel, msg.get_payload_bytes());
-            shared.offer(&event, Some(id));
-            continue;
+            let id = self.positions.dedupe_id(channel, &raw);
+            if let Err(refused) = shared.offer(&event, id) {
+                // Past the outbox's bounds (Redis away too long): not appended by this node;
+                // another node that received it may still append it.
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%refused, "a Laravel event on a positioned channel was refused");
+            }
+            return;
         }
         // Every node consumes Redis itself: delivered here only, never replicated.
         let dropped = shared.deliver(event);

@@ -69,10 +69,11 @@ impl Shared {
             .collect();
         let webhooks = Arc::new(crate::webhooks::Webhooks::new(cfg.webhook_queue_capacity));
         let node = crate::cluster::wire::new_node_id();
+        let limits = cfg.redis.as_ref().map(|r| r.outbox).unwrap_or_default();
         let cluster = cfg
             .cluster
             .clone()
-            .map(|channel| Arc::new(crate::cluster::Cluster::new(node, channel)));
+            .map(|channel| Arc::new(crate::cluster::Cluster::new(node, channel, limits)));
         let admission = Admission::new(cfg.fd_reserve, cfg.max_connections_per_ip);
         // A standalone restart must never reuse an epoch: seed from the clock and the node id.
         let seed = node
@@ -105,7 +106,14 @@ impl Shared {
 #[derive(Debug, Default)]
 pub struct IngestStats {
     pub enabled: AtomicBool,
+    /// Every subscription this node needs is up (one, or two on a Redis Cluster in cluster
+    /// mode: Laravel's and the nodes' channel).
     pub connected: AtomicBool,
+    /// Subscriptions up, and how many are needed.
+    live: AtomicUsize,
+    pub wanted: AtomicUsize,
+    /// Since when Redis has been down (Unix ms; 0: up).
+    pub down_since_ms: AtomicU64,
     /// Successful (re)subscriptions after the first.
     pub reconnects: AtomicU64,
     pub events: AtomicU64,
@@ -113,6 +121,47 @@ pub struct IngestStats {
     pub malformed: AtomicU64,
     /// Shard copies dropped because a shard's inbox was full.
     pub dropped: AtomicU64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl IngestStats {
+    /// A subscription is up (`true` when it made all of them up).
+    pub fn up(&self) -> bool {
+        let live = self.live.fetch_add(1, Ordering::AcqRel) + 1;
+        let all = live >= self.wanted.load(Ordering::Relaxed);
+        if all {
+            self.connected.store(true, Ordering::Relaxed);
+            self.down_since_ms.store(0, Ordering::Relaxed);
+        }
+        all
+    }
+
+    /// A subscription is down (or never came up: `first`).
+    pub fn down(&self, first: bool) {
+        if !first {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.connected.store(false, Ordering::Relaxed);
+        let _ =
+            self.down_since_ms
+                .compare_exchange(0, unix_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long Redis has been down, and since when (Unix ms).
+    pub fn down_for(&self) -> Option<(std::time::Duration, u64)> {
+        match self.down_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some((
+                std::time::Duration::from_millis(unix_ms().saturating_sub(since)),
+                since,
+            )),
+        }
+    }
 }
 
 /// The metrics listener's handle, for the drain to close it (`exporter` holds the listener).

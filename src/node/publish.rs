@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
+use crate::cluster::outbox::Refused;
 use crate::cluster::Wire;
 use crate::fanout::frame::SharedFrame;
 use crate::fanout::router::Broadcast;
@@ -86,59 +87,81 @@ impl Shared {
         (compress, conflate)
     }
 
-    /// `deliver`, and in a cluster the same event for the other nodes' subscribers: what this
-    /// node's HTTP API and clients publish. Returns how many of this node's shards dropped it.
-    pub fn publish(&self, event: Event<'_>) -> usize {
-        if event.positioned && self.cluster.is_some() {
-            // Redis orders, keeps and announces it; every node delivers the announcement.
-            self.offer(&event, None);
-            return 0;
-        }
-        if let Some(cluster) = &self.cluster {
+    /// `deliver`, and in a cluster the same events for the other nodes' subscribers: what this
+    /// node's HTTP API and clients publish. In a cluster the outbox takes all of `events` or
+    /// none (`Refused`: past its bounds; then none is delivered here either, so no event is
+    /// half-delivered). Local delivery of a plain channel's event does not wait for the other
+    /// nodes: the outbox holds it until every live peer has it. A positioned channel's event is
+    /// not delivered here at all: the outbox holds it until Redis has appended it (its position,
+    /// its history) and every node, this one included, delivers Redis's announcement
+    /// (`deliver_at`). Returns how many shard copies were dropped (inboxes full).
+    pub fn publish_all(&self, events: Vec<Event<'_>>) -> Result<usize, Refused> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(events.into_iter().map(|e| self.deliver(e)).sum());
+        };
+        let mut msgs = Vec::new();
+        let mut appends = Vec::new();
+        for e in &events {
             // The payload was written from strings and escaped JSON: always UTF-8.
-            match std::str::from_utf8(event.frame.payload()) {
-                Ok(json) => cluster.publish(&Wire::Event {
+            let Ok(json) = std::str::from_utf8(e.frame.payload()) else {
+                continue;
+            };
+            if e.positioned {
+                appends.push(self.append_of(e, json, None));
+            } else {
+                msgs.push(Wire::Event {
                     node: self.node,
-                    app: self.router.app_id(event.app).into(),
-                    channel: event.channel.into(),
+                    app: self.router.app_id(e.app).into(),
+                    channel: e.channel.into(),
                     json: json.into(),
-                    except: event.except.map(|s| s.to_string()),
-                    cache: event.cache,
-                }),
-                Err(_) => {
-                    cluster
-                        .outbox
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                    except: e.except.map(|s| s.to_string()),
+                    cache: e.cache,
+                    seq: None,
+                });
             }
         }
-        self.deliver(event)
+        cluster.outbox.hold(&msgs, appends)?;
+        Ok(events
+            .into_iter()
+            .filter(|e| !e.positioned)
+            .map(|e| self.deliver(e))
+            .sum())
     }
 
-    /// Cluster mode, a positioned channel's event: to Redis through the outbox (never
-    /// blocking), which gives it the channel's next position, keeps it and announces it to
-    /// every node. `dedupe` names an event every node offers (Laravel's): one of them appends.
-    pub fn offer(&self, event: &Event<'_>, dedupe: Option<String>) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        match std::str::from_utf8(event.frame.payload()) {
-            Ok(json) => cluster.outbox.append(crate::resume::store::Append {
-                app_id: self.router.app_id(event.app).into(),
-                channel: event.channel.into(),
-                json: json.into(),
-                except: event.except.map(|s| s.to_string()),
-                cache: event.cache,
-                dedupe,
-            }),
-            Err(_) => {
-                cluster
-                    .outbox
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+    /// `publish_all` for one event.
+    pub fn publish(&self, event: Event<'_>) -> Result<usize, Refused> {
+        self.publish_all(vec![event])
+    }
+
+    fn append_of(
+        &self,
+        e: &Event<'_>,
+        json: &str,
+        dedupe: Option<String>,
+    ) -> crate::resume::store::Append {
+        crate::resume::store::Append {
+            app_id: self.router.app_id(e.app).into(),
+            channel: e.channel.into(),
+            json: json.into(),
+            except: e.except.map(|s| s.to_string()),
+            cache: e.cache,
+            dedupe,
         }
+    }
+
+    /// Cluster mode, a Laravel event on a positioned channel, which every node receives and
+    /// offers with the same `dedupe` id: held in the outbox (under its bounds) until Redis
+    /// appends it (for the first offer of the id only) and announces it to every node.
+    pub fn offer(&self, event: &Event<'_>, dedupe: String) -> Result<(), Refused> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        let Ok(json) = std::str::from_utf8(event.frame.payload()) else {
+            return Ok(());
+        };
+        cluster
+            .outbox
+            .hold(&[], vec![self.append_of(event, json, Some(dedupe))])
     }
 
     /// Cluster mode: a positioned event as Redis announced it, delivered to this node's

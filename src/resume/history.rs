@@ -368,6 +368,18 @@ impl Histories {
         r
     }
 
+    /// The position of the last event this node holds of a channel (`None`: no history, or
+    /// none yet).
+    pub fn head_of(&self, app: usize, channel: &str) -> Option<Position> {
+        let map = self.locks[Self::lock_of(app, channel)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(&app)?
+            .get(channel)
+            .map(ChannelHistory::head)
+            .filter(|p| p.offset > 0)
+    }
+
     /// Cluster mode, at start: takes a channel's history as Redis keeps it, unless this node's
     /// is already as far.
     pub fn load(

@@ -1,7 +1,8 @@
 //! Positioned channels across a cluster: the order and the history live in Redis, so every
 //! node gives an event the same position and any node can replay it. Every Redis call of this
-//! feature is here (a function per command taking the connection), so they can be routed
-//! through another connection (Sentinel, Cluster) without touching their callers.
+//! feature is built here (a function per command taking the connection); the callers run them
+//! on connections from `redis_conn` (`Keyed`: the channel's keys' primary, which follows a
+//! Sentinel failover and, on a Redis Cluster, is the primary of the keys' slot).
 //!
 //! Per positioned channel, two keys with one hash tag (one Redis Cluster slot):
 //! - `bts:resume:{<app>:<channel>}:m`, a hash: `e`, the epoch (16 hex digits, set by the first
@@ -19,7 +20,15 @@ use crate::resume::Position;
 
 /// The append script. KEYS: meta, stream, idempotency key (empty: none). ARGV: event JSON,
 /// max stream length, epoch candidate (hex), resume pub/sub channel, app id, channel, except
-/// socket id (empty: none), cache (`0`/`1`), idempotency key lifetime in seconds.
+/// socket id (empty: none), cache (`0`/`1`), idempotency key lifetime in seconds, the
+/// replication id of the node it runs on (empty: not checked).
+///
+/// The epoch changes (and the stream is emptied) when the channel has none, or when its
+/// history was written by another replication history than the node's (`r`): a replica
+/// promoted by a failover, or a server restarted without its replication state, may have lost
+/// the last appends (Redis replicates and persists asynchronously), so the offsets after what
+/// it kept may already have been given to events the nodes delivered. A new epoch makes those
+/// offsets unambiguous: resuming clients of the old one are told `recovered: false`.
 pub const APPEND: &str = r#"
 if KEYS[3] ~= '' then
   if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[9])) then
@@ -27,9 +36,9 @@ if KEYS[3] ~= '' then
   end
 end
 local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
+if (not epoch) or (ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'r') ~= ARGV[10]) then
   epoch = ARGV[3]
-  redis.call('HSET', KEYS[1], 'e', epoch)
+  redis.call('HSET', KEYS[1], 'e', epoch, 'r', ARGV[10])
   redis.call('DEL', KEYS[2])
 end
 local off = redis.call('HINCRBY', KEYS[1], 'n', 1)
@@ -38,7 +47,8 @@ redis.call('PUBLISH', ARGV[4], ARGV[5] .. '\31' .. ARGV[6] .. '\31' .. epoch .. 
 return {epoch, off}
 "#;
 
-/// How long an idempotency key of a Laravel event lives, seconds.
+/// How long an idempotency key lives, seconds (a Laravel event's, offered by every node; an
+/// HTTP or client event's, sent again after a lost connection).
 pub const DEDUPE_SECS: u64 = 120;
 
 /// Key prefix of this feature's keys.
@@ -73,23 +83,22 @@ pub struct Append {
     pub dedupe: Option<String>,
 }
 
-/// Runs [`APPEND`]: the position the event got, or `None` when another node already
-/// appended it (its idempotency key was taken).
-pub fn append(
-    conn: &mut redis::Connection,
+/// The [`APPEND`] command for `a`, run on a node whose replication id is `replid`.
+pub fn append_cmd(
     a: &Append,
     max_len: usize,
     epoch_candidate: u64,
     announce: &str,
-) -> redis::RedisResult<Option<Position>> {
+    replid: &str,
+) -> redis::Cmd {
     let (meta, stream) = keys(&a.app_id, &a.channel);
     let dedupe = a
         .dedupe
         .as_deref()
         .map(|id| dedupe_key(&a.app_id, &a.channel, id))
         .unwrap_or_default();
-    let got: Option<(String, u64)> = redis::cmd("EVAL")
-        .arg(APPEND)
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(APPEND)
         .arg(3)
         .arg(meta)
         .arg(stream)
@@ -103,13 +112,18 @@ pub fn append(
         .arg(a.except.as_deref().unwrap_or(""))
         .arg(if a.cache { "1" } else { "0" })
         .arg(DEDUPE_SECS)
-        .query(conn)?;
-    Ok(got.and_then(|(e, o)| {
-        Some(Position {
-            epoch: u64::from_str_radix(&e, 16).ok()?,
-            offset: o,
-        })
-    }))
+        .arg(replid);
+    cmd
+}
+
+/// What [`APPEND`] answered: the position the event got, or `None` when it was appended
+/// before (its idempotency key was taken: by another node, or by an earlier try).
+pub fn appended(v: &redis::Value) -> Option<Position> {
+    let (e, o): (String, u64) = redis::from_redis_value(v.clone()).ok()?;
+    Some(Position {
+        epoch: u64::from_str_radix(&e, 16).ok()?,
+        offset: o,
+    })
 }
 
 /// A positioned event as announced.
@@ -144,8 +158,16 @@ pub fn decode(payload: &[u8]) -> Option<Announced<'_>> {
     })
 }
 
-/// One kept event: (offset, event JSON without position).
-pub type Kept = (u64, String);
+/// One kept event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub offset: u64,
+    /// The event JSON, without its position.
+    pub json: String,
+    /// The excluded socket id.
+    pub except: Option<String>,
+    pub cache: bool,
+}
 
 /// A channel's history as Redis keeps it: its epoch and its last events, oldest first. `None`
 /// when Redis has none.
@@ -168,15 +190,24 @@ pub fn history(
     for (_, fields) in entries {
         let mut off = None;
         let mut json = None;
+        let mut except = None;
+        let mut cache = false;
         for (k, v) in fields {
             match k.as_str() {
                 "o" => off = v.parse().ok(),
                 "j" => json = Some(v),
+                "x" => except = Some(v).filter(|x| !x.is_empty()),
+                "k" => cache = v == "1",
                 _ => {}
             }
         }
-        if let (Some(o), Some(j)) = (off, json) {
-            kept.push((o, j));
+        if let (Some(offset), Some(json)) = (off, json) {
+            kept.push(Kept {
+                offset,
+                json,
+                except,
+                cache,
+            });
         }
     }
     Ok(Some((epoch, kept)))

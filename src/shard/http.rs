@@ -342,11 +342,29 @@ fn up(shard: &Shard) -> Reply {
         "redis_malformed": ingest.malformed.load(Relaxed),
         "redis_dropped": ingest.dropped.load(Relaxed),
     });
+    if let Some((down, since_ms)) = ingest.down_for() {
+        body["redis_down_since"] = json!(since_ms / 1000);
+        body["redis_down_secs"] = json!((down.as_secs_f64() * 10.0).round() / 10.0);
+    }
     if let Some(cluster) = &shard.shared.cluster {
+        let outbox = &cluster.outbox;
+        let (bytes, events) = outbox.fill();
         body["cluster_node"] = json!(cluster.node.to_string());
         body["cluster_nodes"] = json!(cluster.peers().len() + 1);
-        body["cluster_published"] = json!(cluster.outbox.published.load(Relaxed));
-        body["cluster_dropped"] = json!(cluster.outbox.dropped.load(Relaxed));
+        body["cluster_published"] = json!(outbox.published.load(Relaxed));
+        body["cluster_dropped"] = json!(outbox.dropped.load(Relaxed));
+        body["cluster_outbox_bytes"] = json!(bytes);
+        body["cluster_outbox_events"] = json!(events);
+        body["cluster_outbox_max_bytes"] = json!(outbox.limits().max_bytes);
+        body["cluster_outbox_oldest_secs"] =
+            json!(outbox
+                .oldest_age()
+                .map_or(0.0, |d| (d.as_secs_f64() * 10.0).round() / 10.0));
+        body["cluster_refused"] = json!(outbox.refused.load(Relaxed));
+        body["cluster_resent"] = json!(outbox.resent.load(Relaxed));
+        body["cluster_duplicates"] = json!(cluster.duplicates.load(Relaxed));
+        body["cluster_gaps"] = json!(cluster.gaps.load(Relaxed));
+        body["cluster_lost"] = json!(cluster.lost.load(Relaxed));
     }
     (200, body.to_string())
 }
@@ -406,10 +424,12 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
             Err((status, msg)) => return err(status, &msg),
         }
     }
-    let mut dropped = 0;
+    // Every event of the request, for every channel, at once: in a cluster the outbox takes
+    // all of them or none (then none is delivered here either).
+    let mut events = Vec::new();
     for c in &checked {
         for ch in &c.channels {
-            dropped += shared.publish(Event {
+            events.push(Event {
                 app: app_idx,
                 channel: ch,
                 frame: SharedFrame::event(&c.name, ch, &c.data_json),
@@ -420,6 +440,10 @@ async fn publish(shard: &Shard, app_idx: usize, body: &[u8], batch: bool) -> Rep
             });
         }
     }
+    let dropped = match shared.publish_all(events) {
+        Ok(dropped) => dropped,
+        Err(refused) => return err(503, &refused.to_string()),
+    };
     shard
         .stats
         .events_http

@@ -393,6 +393,24 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         .events_client
         .set(shard.stats.events_client.get() + 1);
     let json = outbound::client_event(event, channel, data, user_id.as_deref());
+    let published = shard.shared.publish(Event {
+        app: conn.app,
+        channel,
+        frame: SharedFrame::text(&json),
+        // Never echoed to the sender.
+        except: Some(conn.socket_id),
+        // A cache channel's cached event is the last one its server published (in a cluster,
+        // on every node): a client event would otherwise replace it for the whole TTL (Pusher
+        // caches server events only).
+        cache: false,
+        positioned: app.positioned(channel),
+        settings: &app,
+    });
+    if let Err(refused) = published {
+        // The cluster outbox is past its bounds: the event goes nowhere (no webhook either).
+        tracing::debug!(%refused, "client event refused");
+        return;
+    }
     if !app.webhooks.is_empty() && crate::webhooks::wanted(&app, "client_event") {
         let mut hook = serde_json::json!({
             "name": "client_event",
@@ -406,19 +424,6 @@ fn client_event(shard: &Shard, conn: &Conn, event: &str, channel: Option<&str>, 
         }
         shard.shared.webhooks.emit(conn.app, hook);
     }
-    shard.shared.publish(Event {
-        app: conn.app,
-        channel,
-        frame: SharedFrame::text(&json),
-        // Never echoed to the sender.
-        except: Some(conn.socket_id),
-        // A cache channel's cached event is the last one its server published (in a cluster,
-        // on every node): a client event would otherwise replace it for the whole TTL (Pusher
-        // caches server events only).
-        cache: false,
-        positioned: app.positioned(channel),
-        settings: &app,
-    });
 }
 
 fn signin(shard: &Shard, conn: &Conn, auth_token: Option<&str>, user_data: Option<&str>) {

@@ -93,7 +93,7 @@ impl DaemonBuilder {
     }
 }
 
-fn scratch_dir() -> std::path::PathBuf {
+pub fn scratch_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "bts-guru-test-{}-{}",
         std::process::id(),
@@ -678,12 +678,22 @@ impl RedisServer {
         Self::spawn(free_port(), Some(password))
     }
 
+    /// Starts on a free port with extra `redis-server` arguments (`--replicaof`, cluster mode).
+    pub fn start_with_args(args: &[&str]) -> RedisServer {
+        Self::spawn_with(free_port(), None, args)
+    }
+
     fn spawn(port: u16, password: Option<&str>) -> RedisServer {
+        Self::spawn_with(port, password, &[])
+    }
+
+    fn spawn_with(port: u16, password: Option<&str>, args: &[&str]) -> RedisServer {
         let dir = scratch_dir();
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir);
+            .arg(&dir)
+            .args(args);
         if let Some(p) = password {
             cmd.args(["--requirepass", p]);
         }
