@@ -312,3 +312,118 @@ fn a_replay_larger_than_half_the_outbound_bound_is_not_recovered() {
     api.trigger(&["sports.big"], "e", "small");
     assert_eq!(c.next_event(Duration::from_secs(5))["data"], "small");
 }
+
+/// Conflation (issue 16) on a positioned channel: a slow viewer whose superseded `match.update`s
+/// were dropped sees offsets with gaps, yet nothing about it looks like a loss: the history keeps
+/// every offset, a resume from the viewer's last position is `recovered: true` with nothing
+/// missed, and a resume from an offset the viewer never got (conflated away) replays exactly the
+/// events after it.
+#[test]
+fn conflated_updates_do_not_look_like_a_loss_to_resume() {
+    let port = free_port();
+    let d = Daemon::builder()
+        .env("BTS_APP_RESUME", "sports.*")
+        .env("BTS_APP_CONFLATE", "match.update")
+        .env("BTS_RESUME_HISTORY_EVENTS", "1000")
+        .env("BTS_RESUME_MAX_REPLAY", "1000")
+        .env("BTS_CONFLATION_THRESHOLD", "8192")
+        .metrics_port(port)
+        .shards(1)
+        .start();
+    const CH: &str = "sports.match-1";
+    // The slow viewer: a 4 KiB receive buffer, so the kernel cannot hide the backlog.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&d.addr.into()).unwrap();
+    let stream: std::net::TcpStream = sock.into();
+    let url = format!(
+        "ws://{}/app/{APP_KEY}?protocol=7&client=rust&version=0.1",
+        d.addr
+    );
+    let (ws, _) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
+    let mut slow = Client::established(ws);
+    let start = subscribe_at(&mut slow, CH, None);
+    let (epoch, _) = split(&start);
+
+    // 300 updates of ~1 KB and 10 match.events, while the viewer reads nothing.
+    let api = d.api();
+    let pad = "x".repeat(1000);
+    let mut events = Vec::new();
+    let mut published = 0u64;
+    for i in 1..=300u64 {
+        let data = format!("{{\"n\":{i},\"pad\":\"{pad}\"}}");
+        assert_eq!(api.trigger(&[CH], "match.update", &data).0, 200);
+        published += 1;
+        if i % 30 == 0 {
+            assert_eq!(api.trigger(&[CH], "match.event", &format!("e{i}")).0, 200);
+            published += 1;
+            events.push(published);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let conflated = loop {
+        let n = metric(&scrape_metrics(port), "bts_frames_conflated_total");
+        if n > 0.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        conflated > 0.0,
+        "nothing was conflated: the test did not build a backlog"
+    );
+
+    // The viewer now reads everything, up to the last offset.
+    let mut offsets = Vec::new();
+    let mut event_offsets = Vec::new();
+    while offsets.last() != Some(&published) {
+        let v = slow.next_event(Duration::from_secs(10));
+        if v["event"] == "pusher:ping" {
+            continue;
+        }
+        let (e, o) = split(v["bts_position"].as_str().expect("positioned"));
+        assert_eq!(e, epoch);
+        if v["event"] == "match.event" {
+            event_offsets.push(o);
+        }
+        offsets.push(o);
+    }
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "offsets increase: {offsets:?}"
+    );
+    assert_eq!(event_offsets, events, "every match.event arrives, in order");
+    let skipped = published as usize - offsets.len();
+    assert!(skipped > 0, "the viewer got every update: nothing to check");
+    eprintln!(
+        "published {published}, the slow viewer got {} ({skipped} conflated away), \
+         bts_frames_conflated_total {conflated}",
+        offsets.len()
+    );
+
+    // Resume from the viewer's last position: recovered, nothing missed.
+    let last = format!("{epoch}:{published}");
+    let mut again = d.client();
+    subscribe_at(&mut again, CH, Some(&last));
+    assert_eq!(
+        again.expect_event("bts:recovered")["data"],
+        r#"{"recovered":true,"missed":0}"#
+    );
+    // Resume from an offset the viewer never got: exactly what follows it, in order.
+    let gap = (1..published)
+        .find(|o| !offsets.contains(o))
+        .expect("a conflated offset");
+    let mut from_gap = d.client();
+    subscribe_at(&mut from_gap, CH, Some(&format!("{epoch}:{gap}")));
+    for want in gap + 1..=published {
+        let v = from_gap.next_event(Duration::from_secs(10));
+        assert_eq!(
+            split(v["bts_position"].as_str().unwrap()),
+            (epoch.clone(), want),
+            "{v}"
+        );
+    }
+    let rec = from_gap.expect_event("bts:recovered");
+    let data: Value = serde_json::from_str(rec["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data, json!({"recovered": true, "missed": published - gap}));
+}

@@ -26,8 +26,9 @@ pub struct Frame {
     /// When the event is one its app conflates: the length of the plain payload's prefix that
     /// names the event and its channel (`fanout::frame::conflation_key_len`), and where the
     /// payload starts. A newer frame with the same prefix supersedes this one while it waits
-    /// in a slow connection's queue. Resumable (positioned) channels must leave it `None`: see
-    /// ARCHITECTURE.md, "Conflation".
+    /// in a slow connection's queue. Positioned channels conflate too: their history keeps
+    /// every offset, so a superseded event is never a loss to resume (ARCHITECTURE.md,
+    /// "Conflation (issue 16) and resume"; tests/resume.rs).
     pub conflate: Option<Range<usize>>,
 }
 
