@@ -290,13 +290,7 @@ fn subscribe(
             .try_push(owner, ShardCmd::Presence(op))
             .is_err()
         {
-            conn.ext().presence_pending.retain(|c| &**c != channel);
-            conn.send_text(&outbound::subscription_error(
-                channel,
-                "Overloaded",
-                "server is overloaded, try again",
-                503,
-            ));
+            super::subscribe::refuse_overloaded(conn, channel);
         }
         return;
     }

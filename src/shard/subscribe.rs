@@ -322,13 +322,7 @@ impl Shard {
                 )
             });
         if pushed.is_err() {
-            conn.ext().presence_pending.retain(|c| &**c != channel);
-            conn.send_text(&outbound::subscription_error(
-                channel,
-                "Overloaded",
-                "server is overloaded, try again",
-                503,
-            ));
+            refuse_overloaded(conn, channel);
         }
     }
 
@@ -418,4 +412,17 @@ impl Shard {
         self.stats.replay_window.set((start, used + n));
         true
     }
+}
+
+/// A subscription waiting for another shard's answer (a presence join, a positioned channel's
+/// turn) whose request found that inbox full: it is no longer pending, and the client is told
+/// to try again (`pusher:subscription_error`, 503).
+pub(super) fn refuse_overloaded(conn: &Conn, channel: &str) {
+    conn.ext().presence_pending.retain(|c| &**c != channel);
+    conn.send_text(&outbound::subscription_error(
+        channel,
+        "Overloaded",
+        "server is overloaded, try again",
+        503,
+    ));
 }
