@@ -762,17 +762,7 @@ fn proxy_protocol_comes_before_tls() {
         )
         .start();
     let addr = d.addr;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let cfg = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let cfg = tls_client_config(&[ck.cert.der()]);
     // A TLS load balancer passing the client through: the header, then the client's TLS.
     let client: SocketAddr = "203.0.113.7:40000".parse().unwrap();
     let mut sock = connect_from("127.0.0.5", addr).unwrap();

@@ -4,11 +4,10 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
@@ -260,24 +259,10 @@ fn sighup_rereads_the_certificate_and_open_connections_stay() {
 
 /// A TLS client trusting any of `cas` (to see which one the server presents).
 fn tls_connect_any(addr: SocketAddr, cas: &[&CertificateDer<'static>]) -> Tls {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots.add((*ca).clone()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
-            .unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     sock.set_nodelay(true).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut tls = tls_client_over(sock, cas);
     // Finish the handshake now, so a certificate problem shows here.
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");

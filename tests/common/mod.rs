@@ -1126,3 +1126,33 @@ pub fn metric(text: &str, sample: &str) -> f64 {
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
         .map_or(0.0, |v| v.parse().unwrap())
 }
+
+/// A rustls client configuration (ring) trusting exactly `cas`.
+pub fn tls_client_config(
+    cas: &[&rustls::pki_types::CertificateDer<'static>],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add((*ca).clone()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A TLS client for `localhost` over `sock`, trusting exactly `cas`; the handshake runs on first
+/// use.
+pub fn tls_client_over(
+    sock: TcpStream,
+    cas: &[&rustls::pki_types::CertificateDer<'static>],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls_client_config(cas), name).unwrap();
+    rustls::StreamOwned::new(conn, sock)
+}
