@@ -742,8 +742,7 @@ fn position_of(ev: &Value) -> (String, u64) {
     let p = ev["bts_position"]
         .as_str()
         .unwrap_or_else(|| panic!("no bts_position: {ev}"));
-    let (e, o) = p.split_once(':').unwrap();
-    (e.to_owned(), o.parse().unwrap())
+    split_position(p)
 }
 
 /// A subscriber of `POS` reading on its own thread until `stop`.

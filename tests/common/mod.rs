@@ -1156,3 +1156,39 @@ pub fn tls_client_over(
     let conn = rustls::ClientConnection::new(tls_client_config(cas), name).unwrap();
     rustls::StreamOwned::new(conn, sock)
 }
+
+/// Subscribes to a positioned channel, from `position` (`epoch:offset`) or without one, and
+/// returns the position its `subscription_succeeded` carries.
+pub fn subscribe_at(c: &mut Client, channel: &str, position: Option<&str>) -> String {
+    let mut data = serde_json::json!({ "channel": channel });
+    if let Some(p) = position {
+        data["bts_position"] = p.into();
+    }
+    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":data}));
+    let ev = c.expect_event("pusher_internal:subscription_succeeded");
+    assert_eq!(ev["channel"], channel);
+    ev["bts_position"]
+        .as_str()
+        .expect("a positioned channel's subscription_succeeded has bts_position")
+        .to_owned()
+}
+
+/// A position `epoch:offset` split into its epoch and offset.
+pub fn split_position(p: &str) -> (String, u64) {
+    let (e, o) = p
+        .split_once(':')
+        .unwrap_or_else(|| panic!("a position is epoch:offset, got {p:?}"));
+    (e.to_owned(), o.parse().unwrap())
+}
+
+/// The raw text of the client's next message (5 s at most); panics on a close.
+pub fn next_text(c: &mut Client) -> String {
+    c.set_timeout(Duration::from_secs(5));
+    loop {
+        match c.ws.read().expect("read") {
+            Message::Text(t) => return t.to_string(),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
+}
