@@ -771,17 +771,23 @@ impl Drop for RedisServer {
     }
 }
 
+/// The arguments every compat script takes first: `<ip> <port> <app id> <key> <secret>` of the
+/// daemon at `addr` and the test app.
+pub fn script_args(addr: SocketAddr) -> Vec<String> {
+    vec![
+        addr.ip().to_string(),
+        addr.port().to_string(),
+        APP_ID.into(),
+        APP_KEY.into(),
+        APP_SECRET.into(),
+    ]
+}
+
 /// Runs `node tests/compat/<script> <ip> <port> <app id> <key> <secret>` against `d` and returns
 /// the JSON summary line it printed; panics with node's output and the daemon's log tail when the
 /// script fails, hangs past `deadline`, or the Node packages are missing.
 pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value {
-    let args = [
-        d.addr.ip().to_string(),
-        d.addr.port().to_string(),
-        APP_ID.into(),
-        APP_KEY.into(),
-        APP_SECRET.into(),
-    ];
+    let args = script_args(d.addr);
     run_node_script(
         script,
         &args,
