@@ -91,6 +91,15 @@ impl DaemonBuilder {
     pub fn start(self) -> Daemon {
         Daemon::spawn(self)
     }
+    /// Start on `port`, or on a free port when `port` is 0 (a first process, then a second one
+    /// beside it on the first one's port).
+    pub fn start_on(self, port: u16) -> Daemon {
+        if port == 0 {
+            self.start()
+        } else {
+            self.port(port).start()
+        }
+    }
 }
 
 pub fn scratch_dir() -> std::path::PathBuf {
