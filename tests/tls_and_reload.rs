@@ -13,28 +13,6 @@ use tungstenite::{Message, WebSocket};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
-/// A self-signed certificate for localhost / 127.0.0.1, written as PEM files in `dir`.
-struct Cert {
-    der: CertificateDer<'static>,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-}
-
-fn make_cert(dir: &std::path::Path, name: &str) -> Cert {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let cert_path = dir.join(format!("{name}.crt"));
-    let key_path = dir.join(format!("{name}.key"));
-    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
-    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
-    Cert {
-        der: ck.cert.der().clone(),
-        cert_path,
-        key_path,
-    }
-}
-
 fn scratch(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "bts-guru-tls-{tag}-{}-{}",
@@ -115,11 +93,7 @@ fn wss_subscribe(ws: &mut WebSocket<Tls>, channel: &str) {
 }
 
 fn tls_daemon(cert: &Cert) -> Daemon {
-    Daemon::builder()
-        .env("BTS_TLS_CERT", cert.cert_path.to_string_lossy())
-        .env("BTS_TLS_KEY", cert.key_path.to_string_lossy())
-        .shards(2)
-        .start()
+    Daemon::builder().tls(cert).shards(2).start()
 }
 
 #[test]

@@ -91,6 +91,11 @@ impl DaemonBuilder {
     pub fn start(self) -> Daemon {
         Daemon::spawn(self)
     }
+    /// Serve TLS with `cert` (`BTS_TLS_CERT`, `BTS_TLS_KEY`).
+    pub fn tls(self, cert: &Cert) -> Self {
+        self.env("BTS_TLS_CERT", cert.cert_path.to_string_lossy())
+            .env("BTS_TLS_KEY", cert.key_path.to_string_lossy())
+    }
     /// Start on `port`, or on a free port when `port` is 0 (a first process, then a second one
     /// beside it on the first one's port).
     pub fn start_on(self, port: u16) -> Daemon {
@@ -1140,6 +1145,30 @@ pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
         .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A self-signed certificate for localhost / 127.0.0.1, written as PEM files.
+pub struct Cert {
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+/// A fresh self-signed certificate for localhost / 127.0.0.1, written as `<name>.crt` and
+/// `<name>.key` in `dir` (created if missing).
+pub fn make_cert(dir: &std::path::Path, name: &str) -> Cert {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
+    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
+    Cert {
+        der: ck.cert.der().clone(),
+        cert_path,
+        key_path,
+    }
 }
 
 /// A rustls client configuration (ring) trusting exactly `cas`.
