@@ -25,13 +25,7 @@ fn pusher_js_echo_and_node_sdk_interoperate() {
 #[test]
 fn pusher_js_over_ws_negotiates_permessage_deflate() {
     let d = Daemon::start(2);
-    let args = [
-        d.addr.ip().to_string(),
-        d.addr.port().to_string(),
-        APP_ID.into(),
-        APP_KEY.into(),
-        APP_SECRET.into(),
-    ];
+    let args = script_args(d.addr);
     let summary = run_node_script(
         "deflate.mjs",
         &args,

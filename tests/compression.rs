@@ -493,35 +493,13 @@ fn cached_frames_and_redis_events_are_compressed_too() {
 
 #[test]
 fn tls_subscribers_get_the_compressed_bytes_sealed() {
-    use rustls::pki_types::ServerName;
-    use std::sync::Arc;
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let dir = std::env::temp_dir().join(format!("bts-guru-deflate-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("c.crt"), dir.join("c.key"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
-    let d = Daemon::builder()
-        .env("BTS_TLS_CERT", cert.to_string_lossy())
-        .env("BTS_TLS_KEY", key.to_string_lossy())
-        .start();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
-            .unwrap();
+    let cert = make_cert(&dir, "c");
+    let d = Daemon::builder().tls(&cert).start();
     let sock = TcpStream::connect(d.addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let tcp = sock.try_clone().unwrap();
-    let tls = rustls::StreamOwned::new(conn, sock);
+    let tls = tls_client_over(sock, &[&cert.der]);
     let mut c = Raw::upgrade(
         Box::new(tls),
         tcp,

@@ -746,42 +746,21 @@ fn x_forwarded_for_is_believed_from_trusted_proxies_only() {
 
 #[test]
 fn proxy_protocol_comes_before_tls() {
-    use rustls::pki_types::ServerName;
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let dir = std::env::temp_dir().join(format!("bts-guru-fds-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let cert = make_cert(&dir, "c");
     let d = Daemon::builder()
-        .env("BTS_TLS_CERT", cert.to_string_lossy())
-        .env("BTS_TLS_KEY", key.to_string_lossy())
+        .tls(&cert)
         .server_toml(
             "max_connections_per_ip = 1\ntrusted_proxies = [\"127.0.0.5\"]\nproxy_protocol = true",
         )
         .start();
     let addr = d.addr;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let cfg = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
     // A TLS load balancer passing the client through: the header, then the client's TLS.
     let client: SocketAddr = "203.0.113.7:40000".parse().unwrap();
     let mut sock = connect_from("127.0.0.5", addr).unwrap();
     sock.write_all(&bts_guru::proxy::v2_header(client, addr))
         .unwrap();
-    let conn =
-        rustls::ClientConnection::new(Arc::clone(&cfg), ServerName::try_from("localhost").unwrap())
-            .unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut tls = tls_client_over(sock, &[&cert.der]);
     let head = "GET /up HTTP/1.1\r\nHost: localhost\r\n\r\n";
     tls.write_all(head.as_bytes()).unwrap();
     let mut answer = [0u8; 12];

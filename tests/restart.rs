@@ -147,16 +147,12 @@ fn restart_with_shards(shards: usize) {
     // The defaults, metrics on: one metrics port for both processes, as 9601 would be.
     let metrics_port = free_port();
     let start = |port: u16| {
-        let b = Daemon::builder()
+        Daemon::builder()
             .metrics_port(metrics_port)
             .arg("--drain-secs")
             .arg(DRAIN_SECS.to_string())
-            .shards(shards);
-        if port == 0 {
-            b.start()
-        } else {
-            b.port(port).start()
-        }
+            .shards(shards)
+            .start_on(port)
     };
     let mut a = start(0);
     let addr = a.addr;

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tungstenite::Message;
 
 fn daemon(history: usize) -> (Daemon, u16) {
     let port = free_port();
@@ -24,38 +23,6 @@ fn daemon(history: usize) -> (Daemon, u16) {
     (d, port)
 }
 
-/// Subscribes, with a position or without, and returns the position in `subscription_succeeded`.
-fn subscribe_at(c: &mut Client, channel: &str, position: Option<&str>) -> String {
-    let mut data = json!({ "channel": channel });
-    if let Some(p) = position {
-        data["bts_position"] = p.into();
-    }
-    c.send_json(json!({"event":"pusher:subscribe","data":data}));
-    let ev = c.expect_event("pusher_internal:subscription_succeeded");
-    assert_eq!(ev["channel"], channel);
-    ev["bts_position"]
-        .as_str()
-        .expect("a positioned channel's subscription_succeeded has bts_position")
-        .to_owned()
-}
-
-fn split(p: &str) -> (String, u64) {
-    let (e, o) = p.split_once(':').unwrap();
-    (e.to_owned(), o.parse().unwrap())
-}
-
-/// Reads the raw text of the next message.
-fn next_text(c: &mut Client) -> String {
-    c.set_timeout(Duration::from_secs(5));
-    loop {
-        match c.ws.read().expect("read") {
-            Message::Text(t) => return t.to_string(),
-            Message::Close(f) => panic!("closed: {f:?}"),
-            _ => {}
-        }
-    }
-}
-
 #[test]
 fn missed_events_are_replayed_once_in_order_then_live() {
     let (d, metrics) = daemon(5);
@@ -63,7 +30,7 @@ fn missed_events_are_replayed_once_in_order_then_live() {
     let mut a = d.client();
     let mut watcher = d.client();
     let start = subscribe_at(&mut a, "sports.match-1", None);
-    let (epoch, zero) = split(&start);
+    let (epoch, zero) = split_position(&start);
     assert_eq!((epoch.len(), zero), (16, 0));
     subscribe_at(&mut watcher, "sports.match-1", None);
     // A stock subscribe (no position) on a plain channel: today's frames, no position.
@@ -85,7 +52,7 @@ fn missed_events_are_replayed_once_in_order_then_live() {
             (Some("goal"), Some(&*format!("g{i}")))
         );
         last = v["bts_position"].as_str().unwrap().to_owned();
-        assert_eq!(split(&last), (epoch.clone(), i));
+        assert_eq!(split_position(&last), (epoch.clone(), i));
         assert!(
             raw.ends_with(&format!(",\"bts_position\":\"{last}\"}}")),
             "{raw}"
@@ -108,13 +75,13 @@ fn missed_events_are_replayed_once_in_order_then_live() {
     }
     let mut b = d.client();
     let head = subscribe_at(&mut b, "sports.match-1", Some(&last));
-    assert_eq!(split(&head), (epoch.clone(), 6));
+    assert_eq!(split_position(&head), (epoch.clone(), 6));
     for i in 4..=6 {
         let v = b.next_event(Duration::from_secs(5));
         assert_eq!(v["event"], "goal", "{v}");
         assert_eq!(v["data"], format!("g{i}"));
         assert_eq!(
-            split(v["bts_position"].as_str().unwrap()),
+            split_position(v["bts_position"].as_str().unwrap()),
             (epoch.clone(), i)
         );
     }
@@ -127,7 +94,7 @@ fn missed_events_are_replayed_once_in_order_then_live() {
     assert_eq!(
         (
             live["data"].as_str(),
-            split(live["bts_position"].as_str().unwrap()).1
+            split_position(live["bts_position"].as_str().unwrap()).1
         ),
         (Some("g7"), 7)
     );
@@ -136,7 +103,7 @@ fn missed_events_are_replayed_once_in_order_then_live() {
     // Resuming at the head: nothing to replay.
     let mut c = d.client();
     let at = subscribe_at(&mut c, "sports.match-1", Some(&format!("{epoch}:7")));
-    assert_eq!(split(&at).1, 7);
+    assert_eq!(split_position(&at).1, 7);
     let rec = c.expect_event("bts:recovered");
     assert_eq!(rec["data"], r#"{"recovered":true,"missed":0}"#);
 
@@ -222,7 +189,7 @@ fn resumes_while_events_flow_lose_and_repeat_nothing() {
                 let head = subscribe_at(&mut c, "scores-live", pos.as_deref());
                 if pos.is_none() {
                     // First subscribe: the sequence starts after the head it names.
-                    let (_, o) = split(&head);
+                    let (_, o) = split_position(&head);
                     got.extend(1..=o);
                     pos = Some(head);
                 } else {
@@ -239,7 +206,7 @@ fn resumes_while_events_flow_lose_and_repeat_nothing() {
                         Some("tick") => {
                             let p = v["bts_position"].as_str().unwrap().to_owned();
                             let n: u64 = v["data"].as_str().unwrap().parse().unwrap();
-                            assert_eq!(split(&p).1, n, "offset = publish order");
+                            assert_eq!(split_position(&p).1, n, "offset = publish order");
                             got.push(n);
                             pos = Some(p);
                         }
@@ -343,7 +310,7 @@ fn conflated_updates_do_not_look_like_a_loss_to_resume() {
     let (ws, _) = tungstenite::client::client(url.as_str(), stream).expect("ws handshake");
     let mut slow = Client::established(ws);
     let start = subscribe_at(&mut slow, CH, None);
-    let (epoch, _) = split(&start);
+    let (epoch, _) = split_position(&start);
 
     // 300 updates of ~1 KB and 10 match.events, while the viewer reads nothing.
     let api = d.api();
@@ -381,7 +348,7 @@ fn conflated_updates_do_not_look_like_a_loss_to_resume() {
         if v["event"] == "pusher:ping" {
             continue;
         }
-        let (e, o) = split(v["bts_position"].as_str().expect("positioned"));
+        let (e, o) = split_position(v["bts_position"].as_str().expect("positioned"));
         assert_eq!(e, epoch);
         if v["event"] == "match.event" {
             event_offsets.push(o);
@@ -418,7 +385,7 @@ fn conflated_updates_do_not_look_like_a_loss_to_resume() {
     for want in gap + 1..=published {
         let v = from_gap.next_event(Duration::from_secs(10));
         assert_eq!(
-            split(v["bts_position"].as_str().unwrap()),
+            split_position(v["bts_position"].as_str().unwrap()),
             (epoch.clone(), want),
             "{v}"
         );

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tungstenite::Message;
 
 const PREFIX: &str = "laravel_database_";
 
@@ -37,29 +36,8 @@ fn wait_cluster(nodes: &[&Daemon]) {
     }
 }
 
-fn subscribe_at(c: &mut Client, channel: &str, position: Option<&str>) -> String {
-    let mut data = json!({ "channel": channel });
-    if let Some(p) = position {
-        data["bts_position"] = p.into();
-    }
-    c.send_json(json!({"event":"pusher:subscribe","data":data}));
-    let ev = c.expect_event("pusher_internal:subscription_succeeded");
-    ev["bts_position"].as_str().unwrap().to_owned()
-}
-
-fn next_text(c: &mut Client) -> String {
-    c.set_timeout(Duration::from_secs(5));
-    loop {
-        match c.ws.read().expect("read") {
-            Message::Text(t) => return t.to_string(),
-            Message::Close(f) => panic!("closed: {f:?}"),
-            _ => {}
-        }
-    }
-}
-
 fn offset(p: &str) -> u64 {
-    p.split_once(':').unwrap().1.parse().unwrap()
+    split_position(p).1
 }
 
 #[test]

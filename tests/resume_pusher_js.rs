@@ -31,31 +31,21 @@ fn pusher_js_and_echo_resume_through_the_served_script() {
 fn pusher_js_resumes_across_a_drain_to_a_new_process() {
     let redis = RedisServer::start();
     let start = |port: u16| {
-        let b = Daemon::builder()
+        Daemon::builder()
             .env("REDIS_URL", redis.url())
             .env("REVERB_SCALING_ENABLED", "true")
             .env("BTS_APP_RESUME", "sports.*")
             .arg("--drain-secs")
             .arg("1")
-            .shards(2);
-        if port == 0 {
-            b.start()
-        } else {
-            b.port(port).start()
-        }
+            .shards(2)
+            .start_on(port)
     };
     let mut a = start(0);
     let addr = a.addr;
     let marker = std::env::temp_dir().join(format!("bts-resume-drain-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
-    let args = vec![
-        addr.ip().to_string(),
-        addr.port().to_string(),
-        APP_ID.to_owned(),
-        APP_KEY.to_owned(),
-        APP_SECRET.to_owned(),
-        marker.display().to_string(),
-    ];
+    let mut args = script_args(addr);
+    args.push(marker.display().to_string());
     let node = std::thread::spawn(move || {
         run_node_script(
             "resume_drain.mjs",

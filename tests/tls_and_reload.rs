@@ -4,37 +4,14 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tungstenite::{Message, WebSocket};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A self-signed certificate for localhost / 127.0.0.1, written as PEM files in `dir`.
-struct Cert {
-    der: CertificateDer<'static>,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-}
-
-fn make_cert(dir: &std::path::Path, name: &str) -> Cert {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let cert_path = dir.join(format!("{name}.crt"));
-    let key_path = dir.join(format!("{name}.key"));
-    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
-    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
-    Cert {
-        der: ck.cert.der().clone(),
-        cert_path,
-        key_path,
-    }
-}
 
 fn scratch(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -116,11 +93,7 @@ fn wss_subscribe(ws: &mut WebSocket<Tls>, channel: &str) {
 }
 
 fn tls_daemon(cert: &Cert) -> Daemon {
-    Daemon::builder()
-        .env("BTS_TLS_CERT", cert.cert_path.to_string_lossy())
-        .env("BTS_TLS_KEY", cert.key_path.to_string_lossy())
-        .shards(2)
-        .start()
+    Daemon::builder().tls(cert).shards(2).start()
 }
 
 #[test]
@@ -260,24 +233,10 @@ fn sighup_rereads_the_certificate_and_open_connections_stay() {
 
 /// A TLS client trusting any of `cas` (to see which one the server presents).
 fn tls_connect_any(addr: SocketAddr, cas: &[&CertificateDer<'static>]) -> Tls {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in cas {
-        roots.add((*ca).clone()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let conn =
-        rustls::ClientConnection::new(Arc::new(cfg), ServerName::try_from("localhost").unwrap())
-            .unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     sock.set_nodelay(true).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let mut tls = tls_client_over(sock, cas);
     // Finish the handshake now, so a certificate problem shows here.
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");

@@ -91,6 +91,20 @@ impl DaemonBuilder {
     pub fn start(self) -> Daemon {
         Daemon::spawn(self)
     }
+    /// Serve TLS with `cert` (`BTS_TLS_CERT`, `BTS_TLS_KEY`).
+    pub fn tls(self, cert: &Cert) -> Self {
+        self.env("BTS_TLS_CERT", cert.cert_path.to_string_lossy())
+            .env("BTS_TLS_KEY", cert.key_path.to_string_lossy())
+    }
+    /// Start on `port`, or on a free port when `port` is 0 (a first process, then a second one
+    /// beside it on the first one's port).
+    pub fn start_on(self, port: u16) -> Daemon {
+        if port == 0 {
+            self.start()
+        } else {
+            self.port(port).start()
+        }
+    }
 }
 
 pub fn scratch_dir() -> std::path::PathBuf {
@@ -771,17 +785,23 @@ impl Drop for RedisServer {
     }
 }
 
+/// The arguments every compat script takes first: `<ip> <port> <app id> <key> <secret>` of the
+/// daemon at `addr` and the test app.
+pub fn script_args(addr: SocketAddr) -> Vec<String> {
+    vec![
+        addr.ip().to_string(),
+        addr.port().to_string(),
+        APP_ID.into(),
+        APP_KEY.into(),
+        APP_SECRET.into(),
+    ]
+}
+
 /// Runs `node tests/compat/<script> <ip> <port> <app id> <key> <secret>` against `d` and returns
 /// the JSON summary line it printed; panics with node's output and the daemon's log tail when the
 /// script fails, hangs past `deadline`, or the Node packages are missing.
 pub fn run_compat_script(d: &Daemon, script: &str, deadline: Duration) -> Value {
-    let args = [
-        d.addr.ip().to_string(),
-        d.addr.port().to_string(),
-        APP_ID.into(),
-        APP_KEY.into(),
-        APP_SECRET.into(),
-    ];
+    let args = script_args(d.addr);
     run_node_script(
         script,
         &args,
@@ -1125,4 +1145,94 @@ pub fn metric(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
         .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A self-signed certificate for localhost / 127.0.0.1, written as PEM files.
+pub struct Cert {
+    pub der: rustls::pki_types::CertificateDer<'static>,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+/// A fresh self-signed certificate for localhost / 127.0.0.1, written as `<name>.crt` and
+/// `<name>.key` in `dir` (created if missing).
+pub fn make_cert(dir: &std::path::Path, name: &str) -> Cert {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let cert_path = dir.join(format!("{name}.crt"));
+    let key_path = dir.join(format!("{name}.key"));
+    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
+    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
+    Cert {
+        der: ck.cert.der().clone(),
+        cert_path,
+        key_path,
+    }
+}
+
+/// A rustls client configuration (ring) trusting exactly `cas`.
+pub fn tls_client_config(
+    cas: &[&rustls::pki_types::CertificateDer<'static>],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add((*ca).clone()).unwrap();
+    }
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A TLS client for `localhost` over `sock`, trusting exactly `cas`; the handshake runs on first
+/// use.
+pub fn tls_client_over(
+    sock: TcpStream,
+    cas: &[&rustls::pki_types::CertificateDer<'static>],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(tls_client_config(cas), name).unwrap();
+    rustls::StreamOwned::new(conn, sock)
+}
+
+/// Subscribes to a positioned channel, from `position` (`epoch:offset`) or without one, and
+/// returns the position its `subscription_succeeded` carries.
+pub fn subscribe_at(c: &mut Client, channel: &str, position: Option<&str>) -> String {
+    let mut data = serde_json::json!({ "channel": channel });
+    if let Some(p) = position {
+        data["bts_position"] = p.into();
+    }
+    c.send_json(serde_json::json!({"event":"pusher:subscribe","data":data}));
+    let ev = c.expect_event("pusher_internal:subscription_succeeded");
+    assert_eq!(ev["channel"], channel);
+    ev["bts_position"]
+        .as_str()
+        .expect("a positioned channel's subscription_succeeded has bts_position")
+        .to_owned()
+}
+
+/// A position `epoch:offset` split into its epoch and offset.
+pub fn split_position(p: &str) -> (String, u64) {
+    let (e, o) = p
+        .split_once(':')
+        .unwrap_or_else(|| panic!("a position is epoch:offset, got {p:?}"));
+    (e.to_owned(), o.parse().unwrap())
+}
+
+/// The raw text of the client's next message (5 s at most); panics on a close.
+pub fn next_text(c: &mut Client) -> String {
+    c.set_timeout(Duration::from_secs(5));
+    loop {
+        match c.ws.read().expect("read") {
+            Message::Text(t) => return t.to_string(),
+            Message::Close(f) => panic!("closed: {f:?}"),
+            _ => {}
+        }
+    }
 }

@@ -13,7 +13,7 @@ import { isDeepStrictEqual, inspect } from 'node:util';
 import PusherJs from 'pusher-js';
 import PusherServer from 'pusher';
 import EchoModule from 'laravel-echo';
-import { Clients, Run, check, expectResponse, installedVersion, serverFromArgs, sleep } from './harness.mjs';
+import { Clients, Run, check, expectResponse, installedVersion, MATCH_UPDATE, serverFromArgs, sleep } from './harness.mjs';
 
 const Echo = EchoModule.default ?? EchoModule;
 const versions = Object.fromEntries(['pusher-js', 'pusher', 'laravel-echo'].map((p) => [p, installedVersion(p)]));
@@ -27,17 +27,6 @@ const FOOTBALL = 'sports.football';
 const LEAGUE = 'sports.football.leagues.premier-league';
 const MATCH = 'sports.football.leagues.premier-league.matches.12345';
 
-const MATCH_UPDATE = {
-  match_id: 12345,
-  sport_id: 'football',
-  league_id: 'premier-league',
-  status: 'live',
-  home_team: { id: 101, name: 'Team A', score: 2 },
-  away_team: { id: 102, name: 'Team B', score: 1 },
-  period: '2nd Half',
-  time: '75:00',
-  last_updated: '2025-05-14T01:35:00Z',
-};
 const MATCH_EVENT = { match_id: 12345, type: 'goal', team_id: 101, player: 'Player 9', minute: 74 };
 const BATCH = [
   { channel: LEAGUE, name: 'batch.one', data: { seq: 1 } },

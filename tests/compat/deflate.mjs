@@ -17,21 +17,10 @@ import net from 'node:net';
 import PusherJs from 'pusher-js';
 import PusherServer from 'pusher';
 import WebSocket from 'ws';
-import { Clients, Run, check, expectEqual, expectResponse, installedVersion, serverFromArgs } from './harness.mjs';
+import { Clients, Run, check, expectEqual, expectResponse, installedVersion, MATCH_UPDATE, serverFromArgs } from './harness.mjs';
 
 const { host, port, appId, key, secret } = serverFromArgs('deflate.mjs');
 const ANSWER = 'permessage-deflate; server_no_context_takeover; client_no_context_takeover';
-const MATCH_UPDATE = {
-  match_id: 12345,
-  sport_id: 'football',
-  league_id: 'premier-league',
-  status: 'live',
-  home_team: { id: 101, name: 'Team A', score: 2 },
-  away_team: { id: 102, name: 'Team B', score: 1 },
-  period: '2nd Half',
-  time: '75:00',
-  last_updated: '2025-05-14T01:35:00Z',
-};
 const CHANNEL = 'private-sports.football.matches.12345';
 
 const run = new Run({ overallMs: 15_000, stepMs: 5_000, teardown: () => clients.teardown() });

@@ -7,6 +7,20 @@ import { readFileSync } from 'node:fs';
 import net from 'node:net';
 import { inspect, isDeepStrictEqual } from 'node:util';
 
+/// A live match's state, the event payload the scripts publish as `match.update` (nested objects,
+/// numbers and strings, as a sports feed sends it).
+export const MATCH_UPDATE = {
+  match_id: 12345,
+  sport_id: 'football',
+  league_id: 'premier-league',
+  status: 'live',
+  home_team: { id: 101, name: 'Team A', score: 2 },
+  away_team: { id: 102, name: 'Team B', score: 1 },
+  period: '2nd Half',
+  time: '75:00',
+  last_updated: '2025-05-14T01:35:00Z',
+};
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export const show = (v) => inspect(v, { depth: 6, breakLength: Infinity });
