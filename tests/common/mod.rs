@@ -1120,7 +1120,35 @@ fn newer_file(dir: &std::path::Path, than: SystemTime) -> Option<std::path::Path
 }
 
 /// A free loopback port (bound, then released).
+///
+/// Picked below the kernel's ephemeral range (`ip_local_port_range`), never from it: the daemons
+/// the tests start bind their WebSocket port with port 0, which the kernel takes from that range,
+/// and every listener uses SO_REUSEPORT (zero-downtime restarts), so a port picked here, freed,
+/// then handed by the kernel to another daemon's `--port 0` would be *shared* by the two
+/// listeners and a client could reach the wrong one (a metrics listener answering 404 to a
+/// WebSocket upgrade). Ports are handed out once per test process, round-robin from a start
+/// that depends on the process id, and only if nothing is bound there now.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // [10000, low): far from the well-known ports, below the ephemeral range.
+    let (start, span) = if low > 12000 {
+        (10_000, low - 10_000)
+    } else {
+        (1_024, low.saturating_sub(1_024).max(1))
+    };
+    let seed = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (start + (seed.wrapping_add(n)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
