@@ -782,19 +782,25 @@ fn shared_context_deltas_inflate_exactly_over_mixed_traffic() {
 
 #[test]
 fn compression_context_off_answers_server_no_context_takeover() {
-    let d = Daemon::builder()
-        .env("BTS_COMPRESSION_CONTEXT", "false")
-        .metrics_port(free_port())
-        .start();
-    let mut c = Raw::connect(d.addr, Some("permessage-deflate; client_max_window_bits"));
-    assert_eq!(c.extensions.as_deref(), Some(ACCEPT));
-    c.subscribe("match.1", false);
-    for i in 0..3 {
-        d.api().trigger(&["match.1"], "match.update", &update(i));
-    }
-    for i in 0..3 {
-        let f = c.text_frame();
-        assert_eq!(f.first, 0xC1);
-        assert_eq!(f.json()["data"], update(i));
+    for toml in [false, true] {
+        let mut b = Daemon::builder().metrics_port(free_port());
+        b = if toml {
+            b.server_toml("compression_context = false")
+        } else {
+            b.env("BTS_COMPRESSION_CONTEXT", "false")
+        };
+        let d = b.start();
+        let mut c = Raw::connect(d.addr, Some("permessage-deflate; client_max_window_bits"));
+        assert_eq!(c.extensions.as_deref(), Some(ACCEPT), "toml: {toml}");
+        c.subscribe("match.1", false);
+        for i in 0..3 {
+            d.api().trigger(&["match.1"], "match.update", &update(i));
+        }
+        // Each compressed on its own: this client inflates each without context.
+        for i in 0..3 {
+            let f = c.text_frame();
+            assert_eq!(f.first, 0xC1);
+            assert_eq!(f.json()["data"], update(i));
+        }
     }
 }

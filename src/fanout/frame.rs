@@ -9,8 +9,9 @@ use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT, RSV1};
 use crate::ws::deflate::Deflater;
 
 thread_local! {
-    /// One compressor per thread (shards, the ingest thread), reset for every frame: frames are
-    /// compressed without context (`server_no_context_takeover`), so nothing is kept between.
+    /// One compressor per thread (shards, the ingest thread), reset for every frame: a frame is
+    /// compressed on its own or against a dictionary given for it (a delta), so nothing is kept
+    /// between frames.
     static DEFLATER: RefCell<Deflater> = RefCell::new(Deflater::default());
 }
 

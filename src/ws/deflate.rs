@@ -1,7 +1,10 @@
-//! permessage-deflate (RFC 7692) the way a broadcast server can afford it: every server message
-//! compressed on its own (`server_no_context_takeover`), so one compressed frame serves every
-//! subscriber, and every client message too (`client_no_context_takeover`), so one inflater per
-//! thread, reset per message, reads them all. Nothing here is kept per connection.
+//! permessage-deflate (RFC 7692) the way a broadcast server can afford it: server messages
+//! compressed once for every subscriber, either each on its own (`server_no_context_takeover`)
+//! or, when the client keeps its window (shared context, [`ACCEPT_CONTEXT`]), also against the
+//! channel's previous message (`Deflater::compress_with_dictionary`; which connection may get
+//! that form is the shard's tag check, ARCHITECTURE.md "Shared compression context"); and every
+//! client message on its own (`client_no_context_takeover`), so one inflater per thread, reset
+//! per message, reads them all. Nothing here is kept per connection.
 //!
 //! `negotiate` reads the client's offers (`Sec-WebSocket-Extensions`) and picks the first one it
 //! can honour; `Deflater` and `Inflater` do the (de)compression with `flate2`.
