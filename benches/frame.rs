@@ -111,6 +111,39 @@ fn deflate(c: &mut Criterion) {
             })
         });
     }
+    // Shared context: the match.update with a changed score, compressed independently and as a
+    // delta against the previous one (`framed_with`, what `deliver` does in context mode).
+    {
+        let prev_payload = MATCH_UPDATE.replace(r#""score":2"#, r#""score":1"#);
+        let mut prev = Vec::new();
+        outbound::push_json_str(&mut prev, &prev_payload);
+        let prev = SharedFrame::event(
+            "match.update",
+            "sports.football.leagues.premier-league",
+            &prev,
+        );
+        let dict = bytes::Bytes::copy_from_slice(prev.payload());
+        let mut data = Vec::new();
+        outbound::push_json_str(&mut data, MATCH_UPDATE);
+        let build = |data: &[u8]| {
+            SharedFrame::event(
+                "match.update",
+                "sports.football.leagues.premier-league",
+                data,
+            )
+            .framed_with(true, Some(|_p: bytes::Bytes| (2, Some((1, dict.clone())))))
+        };
+        let f = build(&data);
+        eprintln!(
+            "deflate/delta: match.update frame {} B, independent {} B, delta {} B",
+            f.plain_len(),
+            f.deflated_bytes().map_or(0, <[u8]>::len),
+            f.delta_bytes().map_or(0, <[u8]>::len)
+        );
+        g.bench_function("frame_deflate_and_delta/match_update", |b| {
+            b.iter(|| black_box(build(black_box(&data))))
+        });
+    }
     // The DEFLATE level (`ws::deflate::LEVEL`) on the original match.update: time and size.
     let mut data = Vec::new();
     outbound::push_json_str(&mut data, MATCH_UPDATE);

@@ -539,6 +539,17 @@ fn render_traffic(o: &mut String, shared: &Shared, snaps: &[Snapshot]) {
         "bts_frames_conflated_total {}",
         snaps.iter().map(|s| s.frames_conflated).sum::<u64>()
     );
+    family(
+        o,
+        "bts_frames_delta_total",
+        "counter",
+        "Broadcasts queued as delta frames: compressed against the previous compressed message of their channel, which the connection's client holds in its window (shared-context compression).",
+    );
+    let _ = writeln!(
+        o,
+        "bts_frames_delta_total {}",
+        snaps.iter().map(|s| s.frames_delta).sum::<u64>()
+    );
 }
 
 /// What was dropped or refused: queue overflows, webhook events, subscribes; webhook outcomes.

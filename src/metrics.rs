@@ -15,6 +15,18 @@ thread_local! {
     static SLOW_CONSUMERS: Cell<u64> = const { Cell::new(0) };
     /// Queued frames this thread dropped because a newer frame superseded them (conflation).
     static CONFLATED: Cell<u64> = const { Cell::new(0) };
+    /// Broadcasts this thread queued as delta frames (shared-context compression).
+    static DELTAS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one broadcast queued as a delta frame (shard thread only).
+pub fn count_delta() {
+    DELTAS.with(|c| c.set(c.get() + 1));
+}
+
+/// Delta frames queued by this thread.
+pub fn deltas() -> u64 {
+    DELTAS.with(Cell::get)
 }
 
 /// Counts `n` queued frames dropped by conflation (shard thread only).
@@ -75,6 +87,8 @@ pub struct Snapshot {
     pub slow_consumer_closes: u64,
     /// Queued frames dropped by conflation (superseded by a newer frame of the same event).
     pub frames_conflated: u64,
+    /// Broadcasts queued as delta frames (compressed against the channel's previous message).
+    pub frames_delta: u64,
     pub inbox_overflows: u64,
     /// (channel kind, channels, subscriptions) on this shard.
     pub channels: Vec<(&'static str, u64, u64)>,

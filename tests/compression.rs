@@ -17,6 +17,10 @@ use serde_json::{json, Value};
 
 const ACCEPT: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 const ACCEPT_15: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
+/// Shared-context mode (the default): the client keeps its window across server messages.
+const ACCEPT_CTX: &str = "permessage-deflate; client_no_context_takeover";
+const ACCEPT_CTX_15: &str =
+    "permessage-deflate; client_no_context_takeover; server_max_window_bits=15";
 
 /// The original design's `match.update` payload (the load harness's too).
 const MATCH_UPDATE: &str = r#"{"match_id":12345,"sport_id":"football","league_id":"premier-league","status":"live","home_team":{"id":101,"name":"Team A","score":2},"away_team":{"id":102,"name":"Team B","score":1},"period":"2nd Half","time":"75:00","last_updated":"2025-05-14T01:35:00Z"}"#;
@@ -26,6 +30,9 @@ const MATCH_UPDATE: &str = r#"{"match_id":12345,"sport_id":"football","league_id
 struct Frame {
     first: u8,
     payload: Vec<u8>,
+    /// RSV1 set: the payload inflated (by the connection's inflater when the server keeps
+    /// context, else on its own).
+    inflated: Option<Vec<u8>>,
 }
 
 impl Frame {
@@ -37,8 +44,8 @@ impl Frame {
     }
     /// The message's text: inflated when RSV1 is set.
     fn text(&self) -> String {
-        if self.rsv1() {
-            String::from_utf8(inflate(&self.payload)).unwrap()
+        if let Some(text) = &self.inflated {
+            String::from_utf8(text.clone()).unwrap()
         } else {
             String::from_utf8(self.payload.clone()).unwrap()
         }
@@ -49,15 +56,20 @@ impl Frame {
 }
 
 fn inflate(data: &[u8]) -> Vec<u8> {
-    let mut d = Decompress::new(false);
+    inflate_with(&mut Decompress::new(false), data)
+}
+
+/// Inflates one message with `d`, which keeps its window from the messages before.
+fn inflate_with(d: &mut Decompress, data: &[u8]) -> Vec<u8> {
     let mut input = data.to_vec();
     input.extend_from_slice(&[0, 0, 0xff, 0xff]);
     let mut out = Vec::with_capacity(data.len() * 8 + 1024);
+    let start = d.total_in();
     loop {
-        let before = d.total_in() as usize;
+        let before = (d.total_in() - start) as usize;
         d.decompress_vec(&input[before..], &mut out, FlushDecompress::Sync)
             .expect("valid DEFLATE from the server");
-        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+        if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
             return out;
         }
         out.reserve(out.capacity());
@@ -93,6 +105,9 @@ struct Raw {
     buf: Vec<u8>,
     /// The `Sec-WebSocket-Extensions` the server answered, if any.
     extensions: Option<String>,
+    /// The answer has no `server_no_context_takeover`: one inflater for the whole connection,
+    /// as browsers keep (a delta the server got wrong corrupts what follows).
+    context: Option<Decompress>,
     socket_id: String,
 }
 
@@ -137,10 +152,15 @@ impl Raw {
                 .then(|| v.trim().to_owned())
         });
         buf.drain(..head_end);
+        let context = extensions
+            .as_deref()
+            .filter(|e| !e.contains("server_no_context_takeover"))
+            .map(|_| Decompress::new(false));
         let mut r = Raw {
             s,
             tcp,
             buf,
+            context,
             extensions,
             socket_id: String::new(),
         };
@@ -159,8 +179,14 @@ impl Raw {
     fn frame(&mut self, timeout: Duration) -> Option<Frame> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some((f, used)) = parse(&self.buf) {
+            if let Some((mut f, used)) = parse(&self.buf) {
                 self.buf.drain(..used);
+                if f.rsv1() {
+                    f.inflated = Some(match &mut self.context {
+                        Some(d) => inflate_with(d, &f.payload),
+                        None => inflate(&f.payload),
+                    });
+                }
                 return Some(f);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -262,6 +288,7 @@ fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
         Frame {
             first: buf[0],
             payload,
+            inflated: None,
         },
         at + len,
     ))
@@ -270,25 +297,37 @@ fn parse(buf: &[u8]) -> Option<(Frame, usize)> {
 #[test]
 fn each_offer_gets_a_correct_answer_or_a_clean_refusal() {
     let d = Daemon::start(1);
-    let cases: [(Option<&str>, Option<&str>); 12] = [
+    // Shared context is on by default: only an offer demanding server_no_context_takeover
+    // gets it.
+    let cases: [(Option<&str>, Option<&str>); 13] = [
         (None, None),
-        (Some("permessage-deflate"), Some(ACCEPT)),
+        (Some("permessage-deflate"), Some(ACCEPT_CTX)),
         // What Chromium, Firefox and Node's ws send.
-        (Some("permessage-deflate; client_max_window_bits"), Some(ACCEPT)),
-        (Some("permessage-deflate; client_max_window_bits=10"), Some(ACCEPT)),
+        (
+            Some("permessage-deflate; client_max_window_bits"),
+            Some(ACCEPT_CTX),
+        ),
+        (
+            Some("permessage-deflate; client_max_window_bits=10"),
+            Some(ACCEPT_CTX),
+        ),
         (
             Some("permessage-deflate; server_no_context_takeover"),
             Some(ACCEPT),
         ),
         (
             Some("permessage-deflate; server_max_window_bits=15"),
+            Some(ACCEPT_CTX_15),
+        ),
+        (
+            Some("permessage-deflate; server_no_context_takeover; server_max_window_bits=15"),
             Some(ACCEPT_15),
         ),
         // A window under 15 cannot be honoured by frames compressed once for everyone.
         (Some("permessage-deflate; server_max_window_bits=10"), None),
         (
             Some("permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits"),
-            Some(ACCEPT),
+            Some(ACCEPT_CTX),
         ),
         (Some("permessage-deflate; bogus"), None),
         (Some("permessage-deflate; client_max_window_bits=99"), None),
@@ -438,7 +477,7 @@ fn compression_off_for_one_app_and_the_threshold_from_toml() {
     let quiet = Raw::connect_key(d.addr, "quiet-key", offer);
     assert_eq!(quiet.extensions, None);
     let mut c = Raw::connect(d.addr, offer);
-    assert_eq!(c.extensions.as_deref(), Some(ACCEPT));
+    assert_eq!(c.extensions.as_deref(), Some(ACCEPT_CTX));
     c.subscribe("match.1", false);
     // Under the 4,000-byte threshold: plain.
     d.api().trigger(&["match.1"], "match.update", MATCH_UPDATE);
@@ -506,7 +545,7 @@ fn tls_subscribers_get_the_compressed_bytes_sealed() {
         APP_KEY,
         Some("permessage-deflate; client_max_window_bits"),
     );
-    assert_eq!(c.extensions.as_deref(), Some(ACCEPT));
+    assert_eq!(c.extensions.as_deref(), Some(ACCEPT_CTX));
     c.subscribe("match.1", true);
     let (st, _) = d.api().trigger(&["match.1"], "match.update", MATCH_UPDATE);
     assert_eq!(st, 200);
@@ -514,4 +553,232 @@ fn tls_subscribers_get_the_compressed_bytes_sealed() {
     assert_eq!(f.first, 0xC1);
     assert_eq!(f.json()["data"], MATCH_UPDATE);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The original `match.update` with a sequence number and a changing score and clock.
+fn update(seq: u64) -> String {
+    format!(
+        r#"{{"seq":{seq},"match_id":12345,"sport_id":"football","league_id":"premier-league","status":"live","home_team":{{"id":101,"name":"Team A","score":{}}},"away_team":{{"id":102,"name":"Team B","score":1}},"period":"2nd Half","time":"{}:00","last_updated":"2025-05-14T01:35:00Z"}}"#,
+        seq % 5,
+        60 + seq % 30
+    )
+}
+
+/// What a test published: data → (event, channel), each data unique (its `seq`).
+#[derive(Default)]
+struct Published {
+    by_data: std::collections::HashMap<String, (String, String)>,
+    seq: u64,
+}
+
+impl Published {
+    fn next(&mut self, event: &str, channel: &str) -> Value {
+        self.seq += 1;
+        let data = update(self.seq);
+        self.by_data
+            .insert(data.clone(), (event.into(), channel.into()));
+        json!({"name": event, "channel": channel, "channels": [channel], "data": data})
+    }
+}
+
+/// Reads `c` until the `match.event` whose data is `{"done":marker}`; checks every event
+/// against `published` (exact data, its event and channel) and returns them in order.
+fn read_until_marker(
+    c: &mut Raw,
+    published: &Published,
+    marker: u64,
+) -> Vec<(String, String, Value)> {
+    let mut got = Vec::new();
+    loop {
+        let f = c.text_frame();
+        assert_eq!(f.opcode(), 0x1, "closed: {:?}", f.payload);
+        let text = f.text();
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("a message inflated to garbage ({e}): {text:?}"));
+        let event = v["event"].as_str().unwrap().to_owned();
+        if event.starts_with("pusher") || event.starts_with("bts:") {
+            continue;
+        }
+        let data = v["data"].as_str().unwrap();
+        if data == format!("{{\"done\":{marker}}}") {
+            return got;
+        }
+        let (e, ch) = published
+            .by_data
+            .get(data)
+            .unwrap_or_else(|| panic!("not what was published: {text}"));
+        assert_eq!(
+            (e.as_str(), v["channel"].as_str().unwrap()),
+            (event.as_str(), ch.as_str())
+        );
+        got.push((event, ch.clone(), v));
+    }
+}
+
+/// Shared-context compression (delta frames) over mixed traffic, read by a raw client with one
+/// inflater kept for the whole connection, as browsers and `ws` keep it: two channels
+/// interleaved, a positioned channel, events excluding this socket, batches that make
+/// conflation drop queued frames (their deltas must be resent independent), a cache channel's
+/// stored frame, a resume replay (plain) in between. Every message must inflate to exactly
+/// what was published: a delta sent to a client whose window does not end with its
+/// predecessor inflates to garbage or fails. And deltas were really sent.
+#[test]
+fn shared_context_deltas_inflate_exactly_over_mixed_traffic() {
+    let mport = free_port();
+    let d = Daemon::builder()
+        .metrics_port(mport)
+        .env("BTS_APP_CONFLATE", "match.update")
+        .env("BTS_CONFLATION_THRESHOLD", "1")
+        .env("BTS_APP_RESUME", "sports.*")
+        .shards(2)
+        .start();
+    let api = d.api();
+    let offer = Some("permessage-deflate; client_max_window_bits");
+    let mut c = Raw::connect(d.addr, offer);
+    assert_eq!(c.extensions.as_deref(), Some(ACCEPT_CTX));
+    // An independent-only client beside it gets the same events.
+    let mut indep = Raw::connect(
+        d.addr,
+        Some("permessage-deflate; server_no_context_takeover"),
+    );
+    assert_eq!(indep.extensions.as_deref(), Some(ACCEPT));
+    for ch in ["match.1", "match.2", "sports.1"] {
+        c.subscribe(ch, false);
+        indep.subscribe(ch, false);
+    }
+    let mut p = Published::default();
+    let mut events_for_c = Vec::new();
+    let mut excluded = Vec::new();
+    let mut last_sports = String::new();
+    let post = |body: Value| {
+        let (st, b) = api.post("events", &body.to_string());
+        assert_eq!(st, 200, "{b}");
+    };
+    for round in 0..30u64 {
+        for ch in ["match.1", "match.2", "sports.1"] {
+            post(p.next("match.update", ch));
+        }
+        if round % 3 == 0 {
+            let ev = p.next("match.event", "match.1");
+            events_for_c.push(ev["data"].as_str().unwrap().to_owned());
+            post(ev);
+        }
+        if round % 5 == 2 {
+            let mut ev = p.next("match.update", "match.1");
+            ev["socket_id"] = c.socket_id.clone().into();
+            excluded.push(ev["data"].as_str().unwrap().to_owned());
+            post(ev);
+        }
+        if round % 4 == 1 {
+            // One burst: updates superseded while queued (conflated), and a match.event
+            // compressed against an update that conflation then drops.
+            let mut batch = Vec::new();
+            for (e, ch) in [
+                ("match.update", "match.1"),
+                ("match.event", "match.1"),
+                ("match.update", "match.1"),
+                ("match.update", "match.2"),
+                ("match.update", "match.1"),
+                ("match.update", "match.2"),
+            ] {
+                let mut ev = p.next(e, ch);
+                if e == "match.event" {
+                    events_for_c.push(ev["data"].as_str().unwrap().to_owned());
+                }
+                ev.as_object_mut().unwrap().remove("channels");
+                batch.push(ev);
+            }
+            let (st, b) = api.post("batch_events", &json!({ "batch": batch }).to_string());
+            assert_eq!(st, 200, "{b}");
+        }
+    }
+    post(json!({"name":"match.event","channels":["match.1"],"data":json!({"done":1}).to_string()}));
+    let got = read_until_marker(&mut c, &p, 1);
+    let other = read_until_marker(&mut indep, &p, 1);
+    for (who, got) in [("context", &got), ("independent", &other)] {
+        let evs: Vec<&str> = got
+            .iter()
+            .filter(|(e, _, _)| e == "match.event")
+            .map(|(_, _, v)| v["data"].as_str().unwrap())
+            .collect();
+        assert_eq!(evs, events_for_c, "{who}: every match.event, in order");
+    }
+    assert!(got
+        .iter()
+        .all(|(_, _, v)| !excluded.iter().any(|x| v["data"] == **x)));
+    for (_, ch, v) in &got {
+        if ch == "sports.1" {
+            last_sports = v["bts_position"].as_str().unwrap().to_owned();
+        }
+    }
+    // A cache channel's stored frame: compressed against a predecessor this client never had.
+    post(p.next("match.update", "cache-match.1"));
+    post(p.next("match.update", "cache-match.1"));
+    c.subscribe("cache-match.1", false);
+    let cached = c.text_frame();
+    assert_eq!(
+        p.by_data[cached.json()["data"].as_str().unwrap()].1,
+        "cache-match.1"
+    );
+    // A resume replay (plain frames) between compressed ones.
+    c.send_json(
+        &json!({"event":"pusher:unsubscribe","data":{"channel":"sports.1"}}),
+        false,
+    );
+    for _ in 0..3 {
+        post(p.next("match.update", "sports.1"));
+        post(p.next("match.update", "match.1"));
+    }
+    c.send_json(
+        &json!({"event":"pusher:subscribe","data":{"channel":"sports.1","bts_position":last_sports}}),
+        false,
+    );
+    for _ in 0..5 {
+        post(p.next("match.update", "sports.1"));
+        post(p.next("match.update", "match.2"));
+    }
+    post(json!({"name":"match.event","channels":["match.1"],"data":json!({"done":2}).to_string()}));
+    let after = read_until_marker(&mut c, &p, 2);
+    // The replay (3 missed, plain) then live ones (conflatable like any match.update: the
+    // newest always arrives).
+    let offset = |p: &str| p.rsplit_once(':').unwrap().1.parse::<u64>().unwrap();
+    let from = offset(&last_sports);
+    let sports: Vec<u64> = after
+        .iter()
+        .filter(|(_, ch, _)| ch == "sports.1")
+        .map(|(_, _, v)| offset(v["bts_position"].as_str().unwrap()))
+        .collect();
+    assert_eq!(sports[..3], [from + 1, from + 2, from + 3], "{sports:?}");
+    assert_eq!(sports.last(), Some(&(from + 8)), "{sports:?}");
+    assert!(sports.windows(2).all(|w| w[0] < w[1]), "{sports:?}");
+    let text = scrape_metrics(mport);
+    let deltas = metric(&text, "bts_frames_delta_total");
+    let conflated = metric(&text, "bts_frames_conflated_total");
+    assert!(deltas >= 20.0, "deltas sent: {deltas}");
+    assert!(conflated > 0.0, "conflation happened: {conflated}");
+}
+
+#[test]
+fn compression_context_off_answers_server_no_context_takeover() {
+    for toml in [false, true] {
+        let mut b = Daemon::builder().metrics_port(free_port());
+        b = if toml {
+            b.server_toml("compression_context = false")
+        } else {
+            b.env("BTS_COMPRESSION_CONTEXT", "false")
+        };
+        let d = b.start();
+        let mut c = Raw::connect(d.addr, Some("permessage-deflate; client_max_window_bits"));
+        assert_eq!(c.extensions.as_deref(), Some(ACCEPT), "toml: {toml}");
+        c.subscribe("match.1", false);
+        for i in 0..3 {
+            d.api().trigger(&["match.1"], "match.update", &update(i));
+        }
+        // Each compressed on its own: this client inflates each without context.
+        for i in 0..3 {
+            let f = c.text_frame();
+            assert_eq!(f.first, 0xC1);
+            assert_eq!(f.json()["data"], update(i));
+        }
+    }
 }

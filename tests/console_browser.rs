@@ -40,7 +40,13 @@ fn console_shows_live_data_in_chromium() {
     let shot = target.join("console.png");
     let _ = std::fs::remove_file(&shot);
 
-    let demo = Demo::start(&["--shards", "2"], &["--port", "0"], &[]);
+    let metrics_port = free_port().to_string();
+    // An explicit --metrics-port keeps the demo's metrics listener (for the delta count).
+    let demo = Demo::start(
+        &["--shards", "2"],
+        &["--port", "0", "--metrics-port", &metrics_port],
+        &[],
+    );
     let summary = run_node_script(
         "console.mjs",
         &[demo.url.clone(), shot.to_string_lossy().into_owned()],
@@ -54,13 +60,18 @@ fn console_shows_live_data_in_chromium() {
     );
     assert!(summary["tail_rows"].as_u64().unwrap() >= 5, "{summary}");
     assert!(summary["followed_rows"].as_u64().unwrap() >= 1, "{summary}");
-    // Chromium offered permessage-deflate and the server accepted it: every frame the page
-    // decoded above (scoreboard, tail) came over a compressing connection.
+    // Chromium offered permessage-deflate and the server accepted it keeping Chromium's
+    // window (shared context): every frame the page decoded above (scoreboard, tail) came over
+    // a compressing connection, some as delta frames (compressed against the channel's
+    // previous message, which only a window kept across messages inflates).
     assert_eq!(
-        summary["ws_extensions"][0],
-        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        summary["ws_extensions"][0], "permessage-deflate; client_no_context_takeover",
         "{summary}"
     );
+    let metrics = scrape_metrics(metrics_port.parse().unwrap());
+    let deltas = metric(&metrics, "bts_frames_delta_total");
+    eprintln!("delta frames sent: {deltas}");
+    assert!(deltas >= 1.0, "no delta frame reached the page: {deltas}");
     assert!(
         summary["ws_text_frames"].as_u64().unwrap() >= 5,
         "{summary}"

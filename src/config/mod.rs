@@ -409,6 +409,11 @@ pub struct Config {
     /// Frames whose payload is shorter than this many bytes are sent uncompressed even to
     /// compressing clients (BTS_COMPRESSION_THRESHOLD, `[server] compression_threshold`).
     pub compression_threshold: usize,
+    /// Shared-context compression (BTS_COMPRESSION_CONTEXT, `[server] compression_context`;
+    /// default on): clients whose offer allows it keep their window across server messages,
+    /// and a message may be sent to them compressed against its channel's previous one (a
+    /// "delta" frame, still built once per event). Off: every message compressed on its own.
+    pub compression_context: bool,
     /// Unsent bytes a connection's queue must hold before its frames of `conflate` events are
     /// conflated (BTS_CONFLATION_THRESHOLD, `[server] conflation_threshold`).
     pub conflation_threshold: usize,

@@ -210,6 +210,7 @@ pub struct RawServer {
     pub resume_replay_per_shard: Option<usize>,
     pub compression: Option<bool>,
     pub compression_threshold: Option<usize>,
+    pub compression_context: Option<bool>,
     pub conflation_threshold: Option<usize>,
 }
 

@@ -72,6 +72,7 @@ impl Config {
             max_outbound_bytes: io.max_outbound_bytes,
             compression: io.compression,
             compression_threshold: io.compression_threshold,
+            compression_context: io.compression_context,
             conflation_threshold: io.conflation_threshold,
             write_coalesce_ms: io.write_coalesce_ms,
             send_ring: io.send_ring,
@@ -165,6 +166,7 @@ struct Io {
     max_outbound_bytes: usize,
     compression: bool,
     compression_threshold: usize,
+    compression_context: bool,
     conflation_threshold: usize,
     write_coalesce_ms: u32,
     send_ring: bool,
@@ -196,6 +198,9 @@ fn resolve_io(env: &dyn Env, s: &RawServer, apps: &[App]) -> Result<Io, ConfigEr
     let compression_threshold = env_parse(env, "BTS_COMPRESSION_THRESHOLD", "bytes")?
         .or(s.compression_threshold)
         .unwrap_or(DEFAULT_COMPRESSION_THRESHOLD);
+    let compression_context = env_bool(env, "BTS_COMPRESSION_CONTEXT")?
+        .or(s.compression_context)
+        .unwrap_or(true);
     let conflation_threshold = env_parse(env, "BTS_CONFLATION_THRESHOLD", "bytes")?
         .or(s.conflation_threshold)
         .unwrap_or(DEFAULT_CONFLATION_THRESHOLD);
@@ -234,6 +239,7 @@ fn resolve_io(env: &dyn Env, s: &RawServer, apps: &[App]) -> Result<Io, ConfigEr
         max_outbound_bytes,
         compression,
         compression_threshold,
+        compression_context,
         conflation_threshold,
         write_coalesce_ms,
         send_ring,

@@ -504,6 +504,7 @@ mod tests {
                 writes_out: 5,
                 slow_consumer_closes: 0,
                 frames_conflated: 0,
+                frames_delta: 0,
                 inbox_overflows: 0,
                 channels: Vec::new(),
                 http: Default::default(),

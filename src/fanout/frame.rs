@@ -9,8 +9,9 @@ use crate::ws::codec::{encode_header, MAX_SERVER_HEADER, OP_TEXT, RSV1};
 use crate::ws::deflate::Deflater;
 
 thread_local! {
-    /// One compressor per thread (shards, the ingest thread), reset for every frame: frames are
-    /// compressed without context (`server_no_context_takeover`), so nothing is kept between.
+    /// One compressor per thread (shards, the ingest thread), reset for every frame: a frame is
+    /// compressed on its own or against a dictionary given for it (a delta), so nothing is kept
+    /// between frames.
     static DEFLATER: RefCell<Deflater> = RefCell::new(Deflater::default());
 }
 
@@ -123,15 +124,47 @@ impl SharedFrame {
     /// The frame for the shards: with `compress`, its compressed form too, in the same buffer
     /// (compressed here, once for every compressing subscriber of every shard).
     pub fn framed(self, compress: bool) -> Framed {
+        self.framed_with(compress, None::<fn(Bytes) -> FrameContext>)
+    }
+
+    /// [`SharedFrame::framed`], in shared-context mode: when the message is compressed, `ctx`
+    /// is called with its payload (to remember it as its channel's last compressed message)
+    /// and answers this message's tag (unique on the node, non-zero) and its channel's
+    /// previous compressed message (its tag and its plain payload, exactly as clients received
+    /// it) if one is known. The frame then carries the tags, and a third form when it is
+    /// smaller than the independent one: the "delta", compressed with the predecessor's payload
+    /// as preset dictionary, valid only for a connection whose last compressed message was
+    /// that predecessor (ARCHITECTURE.md, "Shared compression context").
+    pub fn framed_with<F>(self, compress: bool, ctx: Option<F>) -> Framed
+    where
+        F: FnOnce(Bytes) -> FrameContext,
+    {
         let plain_len = self.bytes.len();
         if compress {
-            let mut buf = Vec::with_capacity(plain_len * 3 / 2 + 2 * MAX_SERVER_HEADER);
+            let mut buf = Vec::with_capacity(plain_len * 3 / 2 + 3 * MAX_SERVER_HEADER + 32);
             buf.extend_from_slice(&self.bytes);
             if let Some(at) = self.deflate_into(&mut buf) {
+                let mut deflated_at = at as u32;
+                if let Some(ctx) = ctx {
+                    let (tag, pred) = ctx(self.bytes.slice(self.payload_at..));
+                    let independent = buf.len() - at;
+                    let mut delta_at = 0u32;
+                    let mut pred_tag = 0u64;
+                    if let Some((ptag, dict)) = pred {
+                        if let Some(d) = self.delta_into(&dict, independent, &mut buf) {
+                            delta_at = d as u32;
+                            pred_tag = ptag;
+                        }
+                    }
+                    buf.extend_from_slice(&tag.to_le_bytes());
+                    buf.extend_from_slice(&pred_tag.to_le_bytes());
+                    buf.extend_from_slice(&delta_at.to_le_bytes());
+                    deflated_at |= CTX_BIT;
+                }
                 return Framed {
                     bytes: Bytes::from(buf),
                     plain_len: plain_len as u32,
-                    deflated_at: at as u32,
+                    deflated_at,
                 };
             }
         }
@@ -140,6 +173,29 @@ impl SharedFrame {
             plain_len: plain_len as u32,
             deflated_at: 0,
         }
+    }
+
+    /// Appends the delta frame (the payload compressed against `dict`) to `buf` when it is
+    /// shorter than `independent` bytes (the independent frame's length); returns where it
+    /// starts, or `None` and `buf` as it was.
+    fn delta_into(&self, dict: &[u8], independent: usize, buf: &mut Vec<u8>) -> Option<usize> {
+        let payload = self.payload();
+        let at = buf.len();
+        buf.resize(at + MAX_SERVER_HEADER, 0);
+        DEFLATER.with(|d| d.borrow_mut().compress_with_dictionary(dict, payload, buf));
+        let len = buf.len() - at - MAX_SERVER_HEADER;
+        let mut hdr = [0u8; MAX_SERVER_HEADER];
+        let n = encode_header(RSV1 | OP_TEXT, len, &mut hdr);
+        if n + len >= independent {
+            buf.truncate(at);
+            return None;
+        }
+        // Move the delta left so no gap is left before it (the frames are contiguous).
+        let start = at + MAX_SERVER_HEADER - n;
+        buf[start..start + n].copy_from_slice(&hdr[..n]);
+        buf.copy_within(start.., at);
+        buf.truncate(at + n + len);
+        Some(at)
     }
 
     /// The event's name (see [`event_name`]).
@@ -193,16 +249,30 @@ pub fn conflation_key_len(payload: &[u8]) -> Option<usize> {
     None
 }
 
+/// What `SharedFrame::framed_with`'s context answers: the message's tag and its predecessor
+/// (tag, plain payload), if known.
+pub type FrameContext = (u64, Option<(u64, Bytes)>);
+
 /// A frame as it travels to the shards: the plain frame and, when the message was compressed,
 /// the compressed frame after it in the same buffer, so one `Bytes` clone per shard carries
 /// both (and every inbox slot stays as small as it was).
+///
+/// In shared-context mode (`deflated_at` has `CTX_BIT`), a compressed message's buffer also
+/// carries, after the independent compressed frame, the delta frame if any, then a 20-byte
+/// trailer: its tag (u64), its predecessor's tag (u64; 0: no delta) and where the delta
+/// starts (u32; 0: none), little-endian.
 #[derive(Clone, Debug)]
 pub struct Framed {
     bytes: Bytes,
     plain_len: u32,
-    /// Where the compressed frame starts; 0: none.
+    /// Where the compressed frame starts; 0: none. `CTX_BIT`: the context trailer is there.
     deflated_at: u32,
 }
+
+/// `Framed::deflated_at`'s flag: the buffer ends with the context trailer.
+const CTX_BIT: u32 = 1 << 31;
+/// The context trailer's length.
+const CTX_TRAILER: usize = 20;
 
 impl Framed {
     /// A frame with no compressed form.
@@ -221,7 +291,55 @@ impl Framed {
 
     /// The compressed frame, if the message was compressed.
     pub fn deflated(&self) -> Option<Bytes> {
-        (self.deflated_at > 0).then(|| self.bytes.slice(self.deflated_at as usize..))
+        let r = self.deflated_range()?;
+        Some(self.bytes.slice(r))
+    }
+
+    fn deflated_range(&self) -> Option<std::ops::Range<usize>> {
+        let at = (self.deflated_at & !CTX_BIT) as usize;
+        if at == 0 {
+            return None;
+        }
+        if self.deflated_at & CTX_BIT == 0 {
+            return Some(at..self.bytes.len());
+        }
+        let end = match self.delta_at() {
+            0 => self.bytes.len() - CTX_TRAILER,
+            d => d,
+        };
+        Some(at..end)
+    }
+
+    fn trailer(&self) -> Option<&[u8]> {
+        (self.deflated_at & CTX_BIT != 0).then(|| &self.bytes[self.bytes.len() - CTX_TRAILER..])
+    }
+
+    fn delta_at(&self) -> usize {
+        self.trailer().map_or(0, |t| {
+            u32::from_le_bytes(t[16..20].try_into().unwrap()) as usize
+        })
+    }
+
+    /// The compressed message's tag (shared-context mode); 0: none (not compressed, or the
+    /// mode is off).
+    pub fn tag(&self) -> u64 {
+        self.trailer()
+            .map_or(0, |t| u64::from_le_bytes(t[..8].try_into().unwrap()))
+    }
+
+    /// The tag of the message the delta frame was compressed against; 0: there is no delta.
+    pub fn pred_tag(&self) -> u64 {
+        self.trailer()
+            .map_or(0, |t| u64::from_le_bytes(t[8..16].try_into().unwrap()))
+    }
+
+    /// The delta frame, borrowed: valid only for a connection whose last compressed message
+    /// was the one tagged [`Framed::pred_tag`].
+    pub fn delta_bytes(&self) -> Option<&[u8]> {
+        match self.delta_at() {
+            0 => None,
+            d => Some(&self.bytes[d..self.bytes.len() - CTX_TRAILER]),
+        }
     }
 
     pub fn plain_len(&self) -> usize {
@@ -236,7 +354,8 @@ impl Framed {
 
     /// The compressed frame's bytes, borrowed, if the message was compressed.
     pub fn deflated_bytes(&self) -> Option<&[u8]> {
-        (self.deflated_at > 0).then(|| &self.bytes[self.deflated_at as usize..])
+        let r = self.deflated_range()?;
+        Some(&self.bytes[r])
     }
 }
 
@@ -311,6 +430,66 @@ mod tests {
             .map(|i| char::from(b'!' + (i * 37 % 90) as u8))
             .collect();
         assert!(SharedFrame::text(noise.as_bytes()).deflated().is_none());
+    }
+
+    #[test]
+    fn context_frames_carry_tags_and_a_smaller_delta() {
+        let ev = |home: u32| {
+            let data = format!(
+                r#"{{"home":{{"name":"Arsenal","score":{home}}},"away":{{"name":"Chelsea","score":1}},"minute":67,"stats":[1,2,3,4,5,6]}}"#
+            );
+            let mut esc = Vec::new();
+            outbound::push_json_str(&mut esc, &data);
+            SharedFrame::event("match.update", "match.1", &esc)
+        };
+        let (a, b) = (ev(1), ev(2));
+        let fa = a.clone().framed_with(true, Some(|_p: Bytes| (7u64, None)));
+        assert_eq!((fa.tag(), fa.pred_tag(), fa.delta_bytes()), (7, 0, None));
+        // The independent form is exactly what `framed` builds, without the trailer.
+        assert_eq!(fa.deflated(), a.clone().framed(true).deflated());
+        let dict = Bytes::copy_from_slice(a.payload());
+        let fb = b.clone().framed_with(
+            true,
+            Some(|p: Bytes| {
+                assert_eq!(&p[..], b.payload());
+                (8u64, Some((7u64, dict)))
+            }),
+        );
+        assert_eq!((fb.tag(), fb.pred_tag()), (8, 7));
+        let delta = fb.delta_bytes().expect("a delta");
+        let independent = fb.deflated_bytes().unwrap();
+        assert!(
+            delta.len() * 2 < independent.len(),
+            "{} vs {}",
+            delta.len(),
+            independent.len()
+        );
+        assert_eq!(fb.plain_bytes(), &b.bytes[..]);
+        // A client that kept its window inflates a's independent frame, then b's delta.
+        let mut z = flate2::Decompress::new(false);
+        for (frame, want) in [
+            (fa.deflated_bytes().unwrap(), a.payload()),
+            (delta, b.payload()),
+        ] {
+            let mut cur = Cursor::new(frame.to_vec());
+            let (hdr, len) = tungstenite::protocol::frame::FrameHeader::parse(&mut cur)
+                .unwrap()
+                .unwrap();
+            assert!(hdr.rsv1 && hdr.is_final);
+            let mut body = frame[cur.position() as usize..].to_vec();
+            assert_eq!(body.len(), len as usize);
+            body.extend_from_slice(&crate::ws::deflate::TRAILER);
+            let mut out = Vec::with_capacity(4096);
+            z.decompress_vec(&body, &mut out, flate2::FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, want);
+        }
+        // Not compressed: the context is not asked, nothing carried.
+        let tiny = SharedFrame::text(b"{}").framed_with(
+            true,
+            Some(|_p: Bytes| -> FrameContext { panic!("asked for an uncompressed frame") }),
+        );
+        assert_eq!((tiny.tag(), tiny.deflated_bytes()), (0, None));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! touched per event except the router's inboxes.
 
 pub mod admission;
+mod context;
 mod publish;
 
 use std::net::Shutdown;
@@ -52,6 +53,8 @@ pub struct Shared {
     pub admission: Admission,
     /// Positioned channels' positions and history (locked per event on those channels only).
     pub resume: crate::resume::Histories,
+    /// Shared-context compression: each channel's last compressed message (`context`).
+    pub contexts: context::Contexts,
 }
 
 impl Shared {
@@ -82,6 +85,7 @@ impl Shared {
                 .map_or(0, |d| d.as_nanos() as u64);
         let resume = crate::resume::Histories::new(cfg.resume, seed);
         Shared {
+            contexts: Default::default(),
             resume,
             admission,
             cfg,

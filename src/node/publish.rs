@@ -53,7 +53,7 @@ impl Shared {
                     self.router.broadcast(Broadcast {
                         app: event.app,
                         channel: Arc::from(event.channel),
-                        frame: frame.framed(compress),
+                        frame: self.framed(event.app, event.channel, frame, compress),
                         conflate,
                         except: event.except,
                         cache: event.cache,
@@ -64,12 +64,39 @@ impl Shared {
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),
-            frame: event.frame.framed(compress),
+            frame: self.framed(event.app, event.channel, event.frame, compress),
             conflate,
             except: event.except,
             cache: event.cache,
             created: Instant::now(),
         })
+    }
+
+    /// The frame for the shards, compressed when `compress`; in shared-context mode
+    /// (`compression_context`) with its tag and, when the channel's previous compressed message
+    /// is remembered, the delta against it (`fanout::frame::SharedFrame::framed_with`). Called
+    /// once per event and channel, after the position member (if any) was added: the
+    /// dictionary is exactly what clients were sent.
+    fn framed(
+        &self,
+        app: usize,
+        channel: &str,
+        frame: SharedFrame,
+        compress: bool,
+    ) -> crate::fanout::frame::Framed {
+        if !compress || !self.cfg.compression_context {
+            return frame.framed(compress);
+        }
+        frame.framed_with(
+            true,
+            Some(|payload| {
+                let tag = self.contexts.next_tag();
+                let prev = self
+                    .contexts
+                    .swap(app, channel, tag, payload, Instant::now());
+                (tag, prev)
+            }),
+        )
     }
 
     /// Whether `event`'s frame is compressed (the server's and the app's switch, and the
@@ -187,7 +214,7 @@ impl Shared {
                     self.router.broadcast(Broadcast {
                         app: event.app,
                         channel: Arc::from(event.channel),
-                        frame: frame.framed(compress),
+                        frame: self.framed(event.app, event.channel, frame, compress),
                         conflate,
                         except: event.except,
                         cache: event.cache,

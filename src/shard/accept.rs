@@ -243,13 +243,14 @@ pub(super) struct Upgraded {
     pub guard: AppConnGuard,
     /// Bytes the client sent after the request head.
     pub leftover: Vec<u8>,
-    /// permessage-deflate was negotiated.
-    pub deflate: bool,
+    /// permessage-deflate: 0 not negotiated, `DEFLATE` negotiated, `| DEFLATE_CONTEXT` the
+    /// client keeps its window (shared-context mode).
+    pub deflate: u8,
 }
 
 /// The permessage-deflate answer to this upgrade: only when compression is on for the server
 /// and for the app the path names, and the client offered something this server can honour.
-fn deflate_answer(shard: &Shard, req: &Request) -> Option<&'static str> {
+fn deflate_answer(shard: &Shard, req: &Request) -> Option<crate::ws::deflate::Accepted> {
     if !shard.shared.cfg.compression {
         return None;
     }
@@ -258,7 +259,7 @@ fn deflate_answer(shard: &Shard, req: &Request) -> Option<&'static str> {
     if !shard.app(slot).compression {
         return None;
     }
-    crate::ws::deflate::negotiate(offers)
+    crate::ws::deflate::negotiate(offers, shard.shared.cfg.compression_context)
 }
 
 /// HTTP requests, then the WebSocket upgrade with its checks. `Some` when a Pusher session may
@@ -287,7 +288,10 @@ async fn handshake<S: Stream>(
     }
     let extension = deflate_answer(shard, &req);
     stream
-        .write_all(&handshake::switching_protocols(ws_key, extension))
+        .write_all(&handshake::switching_protocols(
+            ws_key,
+            extension.map(|a| a.line),
+        ))
         .await
         .ok()?;
     stream.flush().await.ok()?;
@@ -325,7 +329,13 @@ async fn handshake<S: Stream>(
         app,
         guard,
         leftover,
-        deflate: extension.is_some(),
+        deflate: extension.map_or(0, |a| {
+            if a.context {
+                super::conn::DEFLATE | super::conn::DEFLATE_CONTEXT
+            } else {
+                super::conn::DEFLATE
+            }
+        }),
     })
 }
 

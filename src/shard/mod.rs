@@ -246,6 +246,7 @@ impl Shard {
             writes_out,
             slow_consumer_closes: crate::metrics::slow_consumers(),
             frames_conflated: crate::metrics::conflated(),
+            frames_delta: crate::metrics::deltas(),
             inbox_overflows: self.shared.router.dropped(self.id),
             channels,
             http: self.stats.http.borrow().clone(),

@@ -54,9 +54,36 @@ impl Frame {
     /// The bytes a connection is sent: the compressed frame when it negotiated compression and
     /// there is one.
     pub fn for_conn(&self, deflate: bool) -> &[u8] {
+        self.form(if deflate { Form::Deflated } else { Form::Plain })
+    }
+
+    /// The bytes of one form (a form the frame lacks falls back to the next one it has: delta,
+    /// then independent compressed, then plain).
+    pub fn form(&self, form: Form) -> &[u8] {
+        if form == Form::Delta {
+            if let Some(d) = self.framed.delta_bytes() {
+                return d;
+            }
+        }
         match self.framed.deflated_bytes() {
-            Some(d) if deflate => d,
+            Some(d) if form != Form::Plain => d,
             _ => self.framed.plain_bytes(),
+        }
+    }
+
+    /// The form a connection is sent: `deflate`, whether it negotiated compression; `context`,
+    /// whether it keeps its window and `last_tag`, the tag of the last compressed message
+    /// queued to it (0: unknown). The delta is chosen exactly when its predecessor is that
+    /// message: the client's window then ends with the delta's dictionary.
+    pub fn choose(&self, deflate: bool, context: bool, last_tag: u64) -> Form {
+        if !deflate || !self.is_deflated() {
+            return Form::Plain;
+        }
+        let pred = self.framed.pred_tag();
+        if context && pred != 0 && pred == last_tag {
+            Form::Delta
+        } else {
+            Form::Deflated
         }
     }
 
@@ -71,19 +98,43 @@ impl Frame {
     }
 }
 
-/// A queued frame: shared by every subscriber (broadcasts: the frame and whether this
-/// connection is sent its compressed form) or this connection's own (replies).
+/// Which of a broadcast's forms a connection is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// The plain frame (RSV1 clear: leaves the client's window alone).
+    Plain,
+    /// Compressed on its own (no back-reference before the message).
+    Deflated,
+    /// Compressed against its predecessor (`Framed::pred_tag`): only right after it.
+    Delta,
+}
+
+/// A queued frame: shared by every subscriber (broadcasts: the frame and which of its forms
+/// this connection is sent) or this connection's own (replies).
 pub(super) enum Chunk {
-    Shared(Rc<Frame>, bool),
+    Shared(Rc<Frame>, Form),
     Own(Vec<u8>),
 }
 
 impl Chunk {
     pub(super) fn as_slice(&self) -> &[u8] {
         match self {
-            Chunk::Shared(f, deflate) => f.for_conn(*deflate),
+            Chunk::Shared(f, form) => f.form(*form),
             Chunk::Own(v) => v,
         }
+    }
+
+    /// The tag of the compressed message this chunk is (shared-context mode), or 0.
+    fn compressed_tag(&self) -> u64 {
+        match self {
+            Chunk::Shared(f, Form::Deflated | Form::Delta) => f.framed.tag(),
+            _ => 0,
+        }
+    }
+
+    /// Whether the chunk is sent compressed (RSV1: the client inflates it into its window).
+    fn compressed(&self) -> bool {
+        matches!(self, Chunk::Shared(_, Form::Deflated | Form::Delta))
     }
 }
 
@@ -148,7 +199,13 @@ impl OutQueue {
     /// same channel), except a frame partly sent or possibly being sent (the front one, once
     /// started or while a write waits for the socket) and, with TLS, encrypted records. The
     /// order of what is left is unchanged. Returns how many were dropped.
-    pub(super) fn conflate(&mut self, newer: &Frame) -> u64 {
+    ///
+    /// Shared context: a dropped compressed frame may be the predecessor of the next compressed
+    /// frame queued, a delta; that one is switched to its independent form (the client's window
+    /// will not hold the dropped message). `last_tag` (the tag of the last compressed message
+    /// queued) is corrected when the dropped frame was the last compressed one: the tag of the
+    /// compressed frame before it in the queue, or 0 (unknown) when none is queued.
+    pub(super) fn conflate(&mut self, newer: &Frame, last_tag: &mut u64) -> u64 {
         if newer.conflate.is_none() {
             return 0;
         }
@@ -161,12 +218,42 @@ impl OutQueue {
                 if let Some(c) = self.chunks.remove(i) {
                     self.bytes -= c.as_slice().len();
                     dropped += 1;
+                    if c.compressed() {
+                        self.unlink(i, last_tag);
+                    }
                 }
             } else {
                 i += 1;
             }
         }
         dropped
+    }
+
+    /// A compressed chunk that was at `i` is gone: the next compressed chunk, if a delta, is
+    /// sent independent instead; if there is none, `last_tag` becomes the tag of the compressed
+    /// chunk before `i` (0 if none is queued).
+    fn unlink(&mut self, i: usize, last_tag: &mut u64) {
+        for j in i..self.chunks.len() {
+            if let Chunk::Shared(f, form) = &mut self.chunks[j] {
+                match form {
+                    Form::Plain => continue,
+                    Form::Deflated => return,
+                    Form::Delta => {
+                        let before = f.form(Form::Delta).len();
+                        *form = Form::Deflated;
+                        let after = f.form(Form::Deflated).len();
+                        self.bytes = self.bytes + after - before;
+                        return;
+                    }
+                }
+            }
+        }
+        *last_tag = self
+            .chunks
+            .range(..i)
+            .rev()
+            .find(|c| c.compressed())
+            .map_or(0, Chunk::compressed_tag);
     }
 
     /// Drops every frame not yet started, keeping a partly sent one (and, with TLS, every
@@ -261,10 +348,10 @@ mod tests {
                     let key = conflated.then(|| (&channels[c as usize], &event));
                     let f = frame(seq, len, key);
                     if q.bytes > threshold {
-                        q.conflate(&f);
+                        q.conflate(&f, &mut 0);
                     }
                     pushed.push((seq, conflated.then_some(c), f.plain_bytes().len()));
-                    q.push(Chunk::Shared(f, false));
+                    q.push(Chunk::Shared(f, Form::Plain));
                     if let Some(b) = bound {
                         prop_assert!(q.bytes <= b, "{} queued, bound {}", q.bytes, b);
                     }
@@ -281,6 +368,126 @@ mod tests {
         }
         wire.extend(q.unsent().flatten().copied());
         Ok((pushed, wire))
+    }
+
+    /// Shared context: a connection's queue as `Conn::enqueue_shared` drives it, with real
+    /// frames (independent and delta forms built as `node::Shared::deliver` builds them) on 3
+    /// channels, conflation forced, and a client inflater that keeps its window: every message
+    /// on the wire must inflate to exactly its payload, in order.
+    fn run_context(ops: Vec<Op>, threshold: usize) -> Result<(), TestCaseError> {
+        use crate::fanout::frame::SharedFrame;
+        let mut q = OutQueue {
+            max: usize::MAX,
+            ..OutQueue::default()
+        };
+        let mut last_tag = 0u64;
+        let mut next_tag = 1u64;
+        let mut channel_last: [Option<(u64, Bytes)>; 3] = [None, None, None];
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
+        let mut wire: Vec<u8> = Vec::new();
+        let mut deltas = 0;
+        for op in ops {
+            match op {
+                Op::Push(c, conflated, len) => {
+                    let seq = payloads.len();
+                    let data = format!(
+                        "\"{{\\\"seq\\\":{seq},\\\"home\\\":{},\\\"pad\\\":\\\"{}\\\"}}\"",
+                        len % 7,
+                        "ab".repeat(len / 2)
+                    );
+                    let name = if conflated {
+                        "match.update"
+                    } else {
+                        "match.event"
+                    };
+                    let sf = SharedFrame::event(name, &format!("match.{c}"), data.as_bytes());
+                    payloads.push(sf.payload().to_vec());
+                    let slot = &mut channel_last[c as usize];
+                    let framed = sf.framed_with(
+                        true,
+                        Some(|p: Bytes| {
+                            let tag = next_tag;
+                            next_tag += 1;
+                            (tag, slot.replace((tag, p)))
+                        }),
+                    );
+                    let key = crate::fanout::frame::conflation_key_len(
+                        &framed.plain_bytes()[framed.plain_len() - payloads[seq].len()..],
+                    );
+                    let at = framed.plain_len() - payloads[seq].len();
+                    let f = Rc::new(Frame {
+                        conflate: if conflated {
+                            key.map(|k| at..at + k)
+                        } else {
+                            None
+                        },
+                        framed,
+                    });
+                    if q.bytes > threshold {
+                        q.conflate(&f, &mut last_tag);
+                    }
+                    let form = f.choose(true, true, last_tag);
+                    if form == Form::Delta {
+                        deltas += 1;
+                    }
+                    if form != Form::Plain {
+                        last_tag = f.framed.tag();
+                    }
+                    q.push(Chunk::Shared(f, form));
+                }
+                Op::Send(n) if !q.blocked => {
+                    let n = n.min(q.bytes);
+                    wire.extend(q.unsent().flatten().copied().take(n));
+                    q.advance(n);
+                }
+                Op::Send(_) => {}
+                Op::Block(b) => q.blocked = b,
+            }
+            prop_assert_eq!(q.bytes, q.unsent().map(<[u8]>::len).sum::<usize>());
+        }
+        wire.extend(q.unsent().flatten().copied());
+        // The client: one inflater for the whole connection (context kept).
+        let mut z = flate2::Decompress::new(false);
+        let (mut at, mut last_seq) = (0, None);
+        while at < wire.len() {
+            let (b0, b1) = (wire[at], wire[at + 1]);
+            let (len, hdr) = match b1 & 0x7f {
+                126 => (u16::from_be_bytes([wire[at + 2], wire[at + 3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            let body = &wire[at + hdr..at + hdr + len];
+            at += hdr + len;
+            let text = if b0 & 0x40 != 0 {
+                let mut input = body.to_vec();
+                input.extend_from_slice(&crate::ws::deflate::TRAILER);
+                let mut out = Vec::with_capacity(64 << 10);
+                z.decompress_vec(&input, &mut out, flate2::FlushDecompress::Sync)
+                    .map_err(|e| TestCaseError::fail(format!("corrupt stream: {e}")))?;
+                out
+            } else {
+                body.to_vec()
+            };
+            let v: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| TestCaseError::fail(format!("bad message {e}: {text:?}")))?;
+            let data: serde_json::Value =
+                serde_json::from_str(v["data"].as_str().unwrap()).unwrap();
+            let seq = data["seq"].as_u64().unwrap() as usize;
+            prop_assert_eq!(&text, &payloads[seq], "message {} inflated wrong", seq);
+            prop_assert!(last_seq.is_none_or(|l| l < seq), "order");
+            last_seq = Some(seq);
+        }
+        let _ = deltas;
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn deltas_always_follow_their_predecessor_on_the_wire(
+            ops in proptest::collection::vec(op(false), 1..150),
+            threshold in 0usize..1500,
+        ) {
+            run_context(ops, threshold)?;
+        }
     }
 
     proptest! {

@@ -78,7 +78,7 @@ impl Shard {
                 conn::Enqueued::Yes(bytes) => {
                     queued += 1;
                     let len = frame.for_conn(conn.deflates()).len();
-                    bytes >= full && bytes - len < full
+                    bytes >= full && bytes.saturating_sub(len) < full
                 }
                 // Closing with 4100 (counted by the connection): its close frame is written
                 // with this burst.

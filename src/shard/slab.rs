@@ -75,7 +75,7 @@ impl Shard {
     }
 
     pub fn register(&self, app: usize, fd: std::os::fd::RawFd) -> Rc<Conn> {
-        self.register_with(app, fd, None, false)
+        self.register_with(app, fd, None, 0)
     }
 
     /// Registers a connection, with its TLS state when it came in over wss://.
@@ -84,7 +84,7 @@ impl Shard {
         app: usize,
         fd: std::os::fd::RawFd,
         tls: Option<Box<rustls::ServerConnection>>,
-        deflate: bool,
+        deflate: u8,
     ) -> Rc<Conn> {
         bump(&self.stats.connects);
         let socket_id = self.new_socket_id();

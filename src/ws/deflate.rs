@@ -1,7 +1,10 @@
-//! permessage-deflate (RFC 7692) the way a broadcast server can afford it: every server message
-//! compressed on its own (`server_no_context_takeover`), so one compressed frame serves every
-//! subscriber, and every client message too (`client_no_context_takeover`), so one inflater per
-//! thread, reset per message, reads them all. Nothing here is kept per connection.
+//! permessage-deflate (RFC 7692) the way a broadcast server can afford it: server messages
+//! compressed once for every subscriber, either each on its own (`server_no_context_takeover`)
+//! or, when the client keeps its window (shared context, [`ACCEPT_CONTEXT`]), also against the
+//! channel's previous message (`Deflater::compress_with_dictionary`; which connection may get
+//! that form is the shard's tag check, ARCHITECTURE.md "Shared compression context"); and every
+//! client message on its own (`client_no_context_takeover`), so one inflater per thread, reset
+//! per message, reads them all. Nothing here is kept per connection.
 //!
 //! `negotiate` reads the client's offers (`Sec-WebSocket-Extensions`) and picks the first one it
 //! can honour; `Deflater` and `Inflater` do the (de)compression with `flate2`.
@@ -14,6 +17,22 @@ pub const ACCEPT: &str =
 /// What the 101 answers when the accepted offer said `server_max_window_bits=15`: an offer with
 /// that parameter is accepted only by answering it (RFC 7692 §7.1.2.1).
 pub const ACCEPT_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
+/// Shared-context mode's answer (the offer did not demand `server_no_context_takeover`): the
+/// client keeps its LZ77 window across server messages, so a message may be sent as a "delta"
+/// compressed against the previous compressed message of its channel (`fanout::frame`); client
+/// messages still arrive each on its own.
+pub const ACCEPT_CONTEXT: &str = "permessage-deflate; client_no_context_takeover";
+/// Shared-context mode's answer to an offer with `server_max_window_bits=15`.
+pub const ACCEPT_CONTEXT_WINDOW_15: &str =
+    "permessage-deflate; client_no_context_takeover; server_max_window_bits=15";
+
+/// An accepted offer: the answer line, and whether the client keeps context (the answer has
+/// no `server_no_context_takeover`, so delta frames may be sent to it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub line: &'static str,
+    pub context: bool,
+}
 
 /// The empty stored block a sync flush ends with: removed from every compressed message and put
 /// back before inflating one (RFC 7692 §7.2.1, §7.2.2).
@@ -31,12 +50,15 @@ pub const LEVEL: u32 = 6;
 /// have or without one it needs, a value out of 8..=15, an unknown parameter; RFC 7692 §7.1) or
 /// when it asks for `server_max_window_bits` below 15: frames are compressed once for every
 /// subscriber with a 32 KiB window, which a client limited to less could not inflate.
-pub fn negotiate(offers: &str) -> Option<&'static str> {
-    offers.split(',').find_map(offer)
+///
+/// With `context` (shared-context mode on), an offer that does not demand
+/// `server_no_context_takeover` is answered without it ([`ACCEPT_CONTEXT`]).
+pub fn negotiate(offers: &str, context: bool) -> Option<Accepted> {
+    offers.split(',').find_map(|o| offer(o, context))
 }
 
 /// One offer: `permessage-deflate` and its parameters.
-fn offer(text: &str) -> Option<&'static str> {
+fn offer(text: &str, context: bool) -> Option<Accepted> {
     let mut parts = text.split(';');
     let name = parts.next()?.trim();
     if !name.eq_ignore_ascii_case("permessage-deflate") {
@@ -65,11 +87,15 @@ fn offer(text: &str) -> Option<&'static str> {
             _ => return None,
         }
     }
-    match server_bits {
-        None => Some(ACCEPT),
-        Some(15) => Some(ACCEPT_WINDOW_15),
-        Some(_) => None,
-    }
+    let context = context && !server_nct;
+    let line = match (server_bits, context) {
+        (None, false) => ACCEPT,
+        (Some(15), false) => ACCEPT_WINDOW_15,
+        (None, true) => ACCEPT_CONTEXT,
+        (Some(15), true) => ACCEPT_CONTEXT_WINDOW_15,
+        (Some(_), _) => return None,
+    };
+    Some(Accepted { line, context })
 }
 
 /// A parameter value, its quotes removed (RFC 7692 §7.1: a quoted-string must hold a token).
@@ -106,6 +132,29 @@ impl Deflater {
     /// Appends `payload` compressed to `out` (no context from earlier messages).
     pub fn compress(&mut self, payload: &[u8], out: &mut Vec<u8>) {
         self.c.reset();
+        self.run(payload, out);
+    }
+
+    /// Appends `payload` compressed against `dictionary` (RFC 1951 back-references may reach
+    /// into it, as if it were the message before): only a decompressor whose window ends with
+    /// exactly `dictionary` inflates it correctly. Sync-flushed, no final block, trailer
+    /// removed, like [`Deflater::compress`].
+    pub fn compress_with_dictionary(
+        &mut self,
+        dictionary: &[u8],
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        self.c.reset();
+        // Only the last 32 KiB of a dictionary can be referenced (the window); zlib keeps
+        // exactly those. An error here would be a zlib misuse (a fresh stream always takes one).
+        if self.c.set_dictionary(dictionary).is_err() {
+            self.c.reset();
+        }
+        self.run(payload, out);
+    }
+
+    fn run(&mut self, payload: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
         out.reserve(payload.len() / 2 + 64);
         let mut pos = 0;
@@ -225,6 +274,64 @@ impl Inflater {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn negotiate(offers: &str) -> Option<&'static str> {
+        let plain = super::negotiate(offers, false).map(|a| a.line);
+        // Shared-context mode: the same offers accepted, without server_no_context_takeover
+        // unless the offer demanded it.
+        let ctx = super::negotiate(offers, true);
+        assert_eq!(ctx.is_some(), plain.is_some(), "{offers:?}");
+        if let (Some(c), Some(p)) = (ctx, plain) {
+            if c.context {
+                assert_eq!(c.line, p.replace(" server_no_context_takeover;", ""));
+            } else {
+                assert_eq!(c.line, p);
+            }
+        }
+        plain
+    }
+
+    #[test]
+    fn context_is_kept_unless_the_offer_demands_otherwise() {
+        let a = super::negotiate("permessage-deflate; client_max_window_bits", true).unwrap();
+        assert_eq!((a.line, a.context), (ACCEPT_CONTEXT, true));
+        let a = super::negotiate("permessage-deflate; server_no_context_takeover", true).unwrap();
+        assert_eq!((a.line, a.context), (ACCEPT, false));
+        let a = super::negotiate("permessage-deflate; server_max_window_bits=15", true).unwrap();
+        assert_eq!((a.line, a.context), (ACCEPT_CONTEXT_WINDOW_15, true));
+        let a = super::negotiate("permessage-deflate", false).unwrap();
+        assert_eq!((a.line, a.context), (ACCEPT, false));
+    }
+
+    /// A delta inflates correctly with an inflater that kept the predecessor in its window,
+    /// and is much smaller than the message on its own.
+    #[test]
+    fn a_delta_inflates_after_its_predecessor() {
+        let m1 = br#"{"event":"match.update","channel":"match.1","data":"{\"home\":{\"name\":\"Arsenal\",\"score\":2},\"away\":{\"name\":\"Chelsea\",\"score\":1},\"minute\":67}"}"#;
+        let m2 = br#"{"event":"match.update","channel":"match.1","data":"{\"home\":{\"name\":\"Arsenal\",\"score\":3},\"away\":{\"name\":\"Chelsea\",\"score\":1},\"minute\":68}"}"#;
+        let mut d = Deflater::default();
+        let (mut c1, mut c2, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+        d.compress(m1, &mut c1);
+        d.compress_with_dictionary(m1, m2, &mut c2);
+        d.compress(m2, &mut alone);
+        assert!(
+            c2.len() * 2 < alone.len(),
+            "{} vs {}",
+            c2.len(),
+            alone.len()
+        );
+        // The client's inflater, context kept across messages.
+        let mut z = Decompress::new(false);
+        let mut out = Vec::with_capacity(4096);
+        for (c, m) in [(&c1, &m1[..]), (&c2, &m2[..])] {
+            let mut input = c.clone();
+            input.extend_from_slice(&TRAILER);
+            out.clear();
+            z.decompress_vec(&input, &mut out, FlushDecompress::Sync)
+                .unwrap();
+            assert_eq!(out, m);
+        }
+    }
 
     #[test]
     fn offers_browsers_and_ws_send_are_accepted() {

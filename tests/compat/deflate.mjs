@@ -20,7 +20,9 @@ import WebSocket from 'ws';
 import { Clients, Run, check, expectEqual, expectResponse, installedVersion, MATCH_UPDATE, serverFromArgs } from './harness.mjs';
 
 const { host, port, appId, key, secret } = serverFromArgs('deflate.mjs');
-const ANSWER = 'permessage-deflate; server_no_context_takeover; client_no_context_takeover';
+// Shared context (the server's default): ws keeps its window across server messages, so the
+// server may send a message compressed against the channel's previous one (a delta frame).
+const ANSWER = 'permessage-deflate; client_no_context_takeover';
 const CHANNEL = 'private-sports.football.matches.12345';
 
 const run = new Run({ overallMs: 15_000, stepMs: 5_000, teardown: () => clients.teardown() });
@@ -33,6 +35,7 @@ run.captureLogs(PusherJs, [/disableStats option is deprecated/]);
 function tapFrames(socket) {
   const firsts = [];
   firsts.head = '';
+  firsts.lens = [];
   let buf = Buffer.alloc(0);
   let inHead = true;
   socket.on('data', (chunk) => {
@@ -59,6 +62,7 @@ function tapFrames(socket) {
       }
       if (buf.length < at + len) return;
       firsts.push(buf[0]);
+      firsts.lens.push(len);
       buf = buf.subarray(at + len);
     }
   });
@@ -133,6 +137,30 @@ async function main() {
   const firsts = wsSockets[0].firsts.slice(before, before + 2);
   summary.wire_first_bytes = firsts.map((b) => `0x${b.toString(16)}`);
   expectEqual(firsts, [0xc1, 0x81], 'first bytes of the two frames (RSV1 on the large one only)');
+
+  run.step = 'a stream of similar updates: delta frames, decoded exactly';
+  const updates = [];
+  for (let i = 0; i < 20; i++) {
+    updates.push({ ...MATCH_UPDATE, seq: i, home_team: { ...MATCH_UPDATE.home_team, score: i % 4 }, time: `${60 + i}:00` });
+  }
+  const from = wsSockets[0].firsts.length;
+  for (const u of updates) {
+    await expectResponse(sdk.trigger(CHANNEL, 'match.stream', u), 'trigger match.stream');
+  }
+  for (const t of [z, p]) {
+    await run.until(() => clients.got(t, CHANNEL, 'match.stream').length === updates.length, `${t.label}: ${updates.length} updates`);
+    expectEqual(clients.got(t, CHANNEL, 'match.stream').map((r) => r.data), updates, `${t.label}: every update, exact and in order`);
+  }
+  const lens = wsSockets[0].firsts.lens.slice(from, from + updates.length);
+  const rsv1 = wsSockets[0].firsts.slice(from, from + updates.length);
+  summary.stream_wire_lengths = lens;
+  check(rsv1.every((b) => b === 0xc1), `every update compressed: ${rsv1}`);
+  // The match.update above went compressed on its own (the channel's first compressed
+  // message); these go against their predecessor: much smaller.
+  const independent = wsSockets[0].firsts.lens[before];
+  const median = [...lens].sort((a, b) => a - b)[Math.floor(lens.length / 2)];
+  summary.independent_wire_length = independent;
+  check(median * 2 < independent, `delta frames used: ${independent} bytes on its own, median ${median} in the stream`);
 
   run.step = 'a large client event, compressed by ws (RSV1 from the client)';
   const big = { note: 'x'.repeat(2000), match_id: 12345 };
