@@ -41,7 +41,7 @@ impl Shared {
     /// on every shard (when compression is on for the server and the app and the payload is
     /// at least `compression_threshold` bytes), and where its conflation key is decided.
     pub fn deliver(&self, event: Event<'_>) -> usize {
-        let (compress, conflate) = self.encoding(&event);
+        let encoding = self.encoding(&event);
         // In a cluster, positions come from Redis (`offer`, `deliver_at`), never from here.
         if event.positioned && self.cluster.is_none() {
             // The one point positions are assigned on this node: under the channel's history
@@ -50,25 +50,30 @@ impl Shared {
             return self
                 .resume
                 .append(event.app, event.channel, &event.frame, now, |frame| {
-                    self.router.broadcast(Broadcast {
-                        app: event.app,
-                        channel: Arc::from(event.channel),
-                        frame: self.framed(event.app, event.channel, frame, compress),
-                        conflate,
-                        except: event.except,
-                        cache: event.cache,
-                        created: now,
-                    })
+                    self.broadcast(&event, frame, encoding, now)
                 });
         }
+        let frame = event.frame.clone();
+        self.broadcast(&event, frame, encoding, Instant::now())
+    }
+
+    /// `frame` (the event's, with its position if it has one) to every shard's inbox,
+    /// compressed and conflated as `encoding` says (`encoding`).
+    fn broadcast(
+        &self,
+        event: &Event<'_>,
+        frame: SharedFrame,
+        (compress, conflate): (bool, bool),
+        created: Instant,
+    ) -> usize {
         self.router.broadcast(Broadcast {
             app: event.app,
             channel: Arc::from(event.channel),
-            frame: self.framed(event.app, event.channel, event.frame, compress),
+            frame: self.framed(event.app, event.channel, frame, compress),
             conflate,
             except: event.except,
             cache: event.cache,
-            created: Instant::now(),
+            created,
         })
     }
 
@@ -201,7 +206,7 @@ impl Shared {
         position: crate::resume::Position,
         fill: impl FnOnce() -> Option<(u64, Vec<(u64, SharedFrame)>)>,
     ) -> usize {
-        let (compress, conflate) = self.encoding(&event);
+        let encoding = self.encoding(&event);
         let now = Instant::now();
         self.resume
             .append_at(
@@ -210,17 +215,7 @@ impl Shared {
                 position,
                 &event.frame,
                 fill,
-                |frame| {
-                    self.router.broadcast(Broadcast {
-                        app: event.app,
-                        channel: Arc::from(event.channel),
-                        frame: self.framed(event.app, event.channel, frame, compress),
-                        conflate,
-                        except: event.except,
-                        cache: event.cache,
-                        created: now,
-                    })
-                },
+                |frame| self.broadcast(&event, frame, encoding, now),
             )
             .unwrap_or(0)
     }
