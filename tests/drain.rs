@@ -73,17 +73,41 @@ fn readiness_turns_false_while_draining_and_a_second_signal_exits_at_once() {
     let mut d = Daemon::builder().arg("--drain-secs").arg("30").start();
     let mut c = d.client();
     c.subscribe("sports.football");
-    // Keep an HTTP keep-alive-free probe: a fresh connection is refused once listeners close,
-    // so read readiness over a connection opened before the signal.
-    use std::io::{Read, Write};
+    // A fresh connection is refused once listeners close, so read readiness over a keep-alive
+    // connection the daemon has already accepted and answered before the signal (a connection
+    // still in the listen queue when the listener closes is reset by the kernel).
+    use std::io::{BufRead, BufReader, Read, Write};
     let mut probe = std::net::TcpStream::connect(d.addr).unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    probe
+        .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(probe.try_clone().unwrap());
+    let mut length = 0usize;
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
     d.signal("TERM");
     std::thread::sleep(Duration::from_millis(300));
     probe
         .write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut resp = String::new();
-    probe.read_to_string(&mut resp).unwrap();
+    reader.read_to_string(&mut resp).unwrap();
     assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
     assert!(
         resp.ends_with(r#"{"ready":false,"draining":true}"#),
